@@ -1,0 +1,1 @@
+"""trnft.common: config, run directory, stages shared by both platforms, CLI."""

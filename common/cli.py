@@ -1,0 +1,170 @@
+"""The ``trnft`` command: one subcommand per stage plus ``status``, ``jobspec`` and ``smoke``.
+
+Every stage subcommand takes ``--config FILE`` and ``key.sub=value`` overrides and calls the stage's
+``run(cfg)``. Errors a user can act on print one line and exit non-zero (1, or 2 for config errors and
+for stages this build does not have); nothing here calls ``sys.exit`` except :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+
+from trnft.common.config import load_config
+from trnft.common.env import set_process_defaults
+from trnft.common.errors import NotBuiltError, TrnftError
+from trnft.common.stages import SPECS, STAGES, format_status, resolve_stage
+
+STAGE_HELP = {
+    "tokenize": "Load, format, split and tokenize the dataset into static-shape sequences.",
+    "compile": "Warm the compile cache: neuron_parallel_compile on Trainium, the XLA cache on CPU, a no-op on GPU.",
+    "train": "Train LoRA or the full model, resuming from the newest complete checkpoint.",
+    "consolidate": "Turn the newest complete checkpoint into a PEFT adapter or HF safetensors model.",
+    "merge": "Merge the adapter into the base model (streaming, base dtype).",
+    "evaluate": "Generate on the test split and score with BERTScore and exact match.",
+}
+
+
+# Stages that also run without a run config, on paths given on the command line.
+STANDALONE = {
+    "consolidate": ("trnft.neuron.consolidate", ("checkpoint", "output")),
+    "merge": ("trnft.common.merge", ("base", "adapter", "output")),
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    p.add_argument(
+        "--config",
+        required=config_required,
+        action="append",
+        metavar="FILE",
+        help="Run config YAML; repeat to layer files (later ones win), e.g. a dataset preset.",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="Config overrides, e.g. train.max_steps=100 dataset.max_seq_length=1024.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trnft",
+        description="Fine-tune Hugging Face causal LMs on Trainium (or GPUs): "
+        "tokenize -> compile -> train -> consolidate -> merge -> evaluate.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
+        _add_config_args(p, config_required=stage not in ("consolidate", "merge"))
+        p.add_argument("--force", action="store_true", help="Redo the stage even if it is complete.")
+        if stage == "consolidate":
+            g = p.add_argument_group("standalone (no run config)")
+            g.add_argument("--checkpoint", metavar="PATH", help="Run, train, checkpoint-N or shards folder.")
+            g.add_argument("--output", metavar="DIR", help="Output folder (must not exist).")
+            g.add_argument(
+                "--max-shard-size", default="5GB", help="Largest output safetensors file (e.g. 2GB)."
+            )
+        if stage == "merge":
+            g = p.add_argument_group("standalone (no run config)")
+            g.add_argument("--base", metavar="DIR", help="Base model folder (HF safetensors).")
+            g.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder.")
+            g.add_argument("--output", metavar="DIR", help="Output folder (must not exist).")
+            g.add_argument("--max-shard-size", default="5GB", help="Largest output safetensors file.")
+
+    p = sub.add_parser("status", help="Show every stage of a run.", description="Show every stage of a run.")
+    _add_config_args(p)
+
+    p = sub.add_parser(
+        "jobspec",
+        help="Render (and validate) the Kubernetes specs of every stage.",
+        description="Render one Kubernetes spec per stage into OUTDIR and print the kubectl apply lines.",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", metavar="OUTDIR", default="jobspecs-out", help="Folder for the rendered specs.")
+    p.add_argument("--validate", action="store_true", help="Validate every rendered document offline.")
+    p.add_argument(
+        "--files", nargs="*", metavar="YAML", help="Validate these rendered files instead of rendering."
+    )
+
+    p = sub.add_parser(
+        "smoke",
+        help="Run the whole pipeline locally on a bundled tiny model and dataset.",
+        description="Build a tiny Llama and tokenizer, then run every stage on CPU with the bundled data.",
+    )
+    p.add_argument("--root", default="trnft-smoke", help="Run directory (default ./trnft-smoke).")
+    p.add_argument(
+        "--platform", choices=["neuron", "gpu"], default="neuron", help="Training path to exercise."
+    )
+    p.add_argument("--force", action="store_true", help="Redo every stage.")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="Overrides of the smoke config.")
+    return parser
+
+
+def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    stage = args.command
+    if stage in STANDALONE and args.config is None:
+        module_name, flags = STANDALONE[stage]
+        missing = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is None]
+        if missing:
+            raise TrnftError(f"pass --config FILE, or {' and '.join(missing)} for a standalone {stage}")
+        if importlib.util.find_spec(module_name) is None:
+            raise NotBuiltError(
+                f"standalone {stage} is not built yet ({module_name} is missing); nothing was run"
+            )
+        return importlib.import_module(module_name).standalone(args, log)
+    cfg = load_config(args.config, args.overrides)
+    run = resolve_stage(stage, cfg)
+    run(cfg, force=args.force, log=log)
+    return 0
+
+
+def _jobspec_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    if importlib.util.find_spec("trnft.common.jobspec") is None:
+        raise NotBuiltError("jobspec rendering is not built yet; nothing was written")
+    return importlib.import_module("trnft.common.jobspec").command(args, log)
+
+
+def _smoke_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from trnft.common import smoke
+
+    return smoke.run_smoke(
+        args.root, platform=args.platform, force=args.force, overrides=args.overrides, log=log
+    )
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trnft`` console script; returns the process exit code."""
+    set_process_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in SPECS:
+            return _run_stage_command(args, _log)
+        if args.command == "status":
+            cfg = load_config(args.config, args.overrides)
+            print(format_status(cfg))
+            return 0
+        if args.command == "jobspec":
+            return _jobspec_command(args, _log)
+        if args.command == "smoke":
+            return _smoke_command(args, _log)
+        raise AssertionError(args.command)
+    except TrnftError as exc:
+        print(f"trnft {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"trnft {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

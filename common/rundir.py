@@ -1,0 +1,206 @@
+"""The run directory: the only interface between stages.
+
+Layout::
+
+    <run.root>/
+      <stage>/                 complete output of a stage, with manifest.json written last
+      <stage>.staging-<id>/    a stage at work (renamed to <stage>/ when complete)
+      .trnft/<stage>.failed.json   the last failure of a stage, removed by its next success
+      .trnft/<stage>.lock      held while a stage runs
+
+A stage's output is complete exactly when ``<stage>/manifest.json`` exists. The manifest holds the
+stage's fingerprint (the config keys that decide its output plus the digests of its upstream outputs),
+the inputs with content hashes, library versions, the file list and key figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trnft.common.errors import TrnftError
+from trnft.common.hashing import file_digest, list_files
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+MANIFEST_VERSION = 1
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so readers see the old file or the whole new one, never a prefix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def describe_files(root: Path) -> list[dict[str, Any]]:
+    """File list of a stage output: relative path, size and content digest (manifest excluded)."""
+    out = []
+    for rel in list_files(root):
+        if rel.name in (MANIFEST, PROGRESS):
+            continue
+        p = root / rel
+        out.append({"path": str(rel), "bytes": p.stat().st_size, "digest": file_digest(p)})
+    return out
+
+
+@dataclass(frozen=True)
+class StageState:
+    """What ``trnft status`` shows for one stage."""
+
+    name: str
+    state: str  # complete | stale | incomplete | failed | missing
+    finished_at: str | None
+    summary: str
+    manifest: dict[str, Any] | None
+
+
+class RunDir:
+    """Paths, manifests, staging and locks of one run directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.meta = self.root / ".trnft"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MANIFEST
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        """The stage's manifest if the stage is complete, else None."""
+        path = self.manifest_path(stage)
+        if not path.is_file():
+            return None
+        try:
+            data = read_json(path)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TrnftError(
+                f"{path}: unreadable manifest ({exc}); rerun `trnft {stage}` with --force"
+            ) from None
+        if data.get("status") != "complete":
+            return None
+        return data
+
+    def failure(self, stage: str) -> dict[str, Any] | None:
+        path = self.meta / f"{stage}.failed.json"
+        return read_json(path) if path.is_file() else None
+
+    def record_failure(self, stage: str, message: str) -> None:
+        with contextlib.suppress(OSError):
+            write_json_atomic(
+                self.meta / f"{stage}.failed.json",
+                {"stage": stage, "error": message, "at": now_iso(), "host": socket.gethostname()},
+            )
+
+    def clear_failure(self, stage: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.meta / f"{stage}.failed.json").unlink()
+
+    def staging_dirs(self, stage: str) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob(f"{stage}.staging-*") if p.is_dir())
+
+    def progress(self, stage: str) -> dict[str, Any] | None:
+        path = self.stage_dir(stage) / PROGRESS
+        try:
+            return read_json(path) if path.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @contextlib.contextmanager
+    def lock(self, stage: str) -> Iterator[None]:
+        """Hold ``.trnft/<stage>.lock`` while a stage runs; a second runner gets a clear error."""
+        self.meta.mkdir(parents=True, exist_ok=True)
+        path = self.meta / f"{stage}.lock"
+        fh = open(path, "a+")  # noqa: SIM115 (held open for the whole stage; closed in finally)
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise TrnftError(
+                    f"stage {stage} is already running in {self.root} ({holder}); wait for it or stop it first"
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
+            fh.flush()
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    @contextlib.contextmanager
+    def staging(self, stage: str) -> Iterator[Path]:
+        """A fresh sibling folder for a stage's output; removed again if the body raises.
+
+        The caller renames it into place with :meth:`commit`. Leftovers of crashed runs (other
+        ``<stage>.staging-*`` folders) are removed first; call this only while holding the lock.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        for old in self.staging_dirs(stage):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = self.root / f"{stage}.staging-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def commit(self, stage: str, staged: Path) -> Path:
+        """Rename a staging folder to ``<stage>/``, replacing an older output."""
+        final = self.stage_dir(stage)
+        trash = None
+        if final.exists():
+            trash = self.root / f".{stage}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+        os.rename(staged, final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return final
+
+    def write_manifest(self, out_dir: Path, manifest: dict[str, Any]) -> None:
+        write_json_atomic(out_dir / MANIFEST, manifest)
+
+    def write_progress(self, stage: str, data: dict[str, Any]) -> None:
+        write_json_atomic(self.stage_dir(stage) / PROGRESS, {**data, "at": now_iso()})
+
+
+def output_digest(files: list[dict[str, Any]]) -> str:
+    """Digest of a stage's file list; downstream fingerprints include it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for entry in files:
+        h.update(f"{entry['path']}\0{entry['digest']}\n".encode())
+    return f"sha256:{h.hexdigest()}"

@@ -1,0 +1,88 @@
+"""``trnft smoke``: the whole pipeline on CPU with the bundled tiny model and dataset.
+
+Builds a tiny Llama (GQA) with a locally trained tokenizer under ``<root>/base-model`` (once), writes the
+resolved run config to ``<root>/run.yaml`` and runs every stage as its own process, exactly as the
+Kubernetes jobs do (``trnft <stage> --config run.yaml``), then prints ``trnft status``. Rerunning skips
+complete stages; ``--force`` redoes them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from trnft.common.config import dump_config, load_config
+from trnft.common.errors import NotBuiltError
+from trnft.common.fixtures import build_tiny_model, bundled_dataset_path
+from trnft.common.stages import STAGES, format_status, resolve_stage
+
+
+def smoke_config_path() -> Path:
+    return Path(str(resources.files("trnft.examples") / "smoke.yaml"))
+
+
+def prepare(root: str | Path, *, platform: str = "neuron", overrides: Sequence[str] = ()) -> Path:
+    """Build the tiny base model (if missing) and write ``<root>/run.yaml``; return its path."""
+    root = Path(root).resolve()
+    model_dir = root / "base-model"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_model(model_dir, "llama")
+    cfg = load_config(
+        smoke_config_path(),
+        [
+            f"run.root={root}",
+            f"model.name_or_path={model_dir}",
+            f"dataset.files=[{bundled_dataset_path()}]",
+            f"model.platform={platform}",
+            *overrides,
+        ],
+    )
+    run_yaml = root / "run.yaml"
+    run_yaml.write_text("# Written by `trnft smoke`; every stage reads it.\n" + dump_config(cfg))
+    return run_yaml
+
+
+def stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PJRT_DEVICE", "CPU")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def run_smoke(
+    root: str | Path,
+    *,
+    platform: str = "neuron",
+    force: bool = False,
+    overrides: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> int:
+    """Run every built stage in order in its own process; return the first non-zero exit code or 0."""
+    run_yaml = prepare(root, platform=platform, overrides=overrides)
+    cfg = load_config(run_yaml)
+    log(f"smoke: run config {run_yaml}")
+    not_built = []
+    for stage in STAGES:
+        try:
+            resolve_stage(stage, cfg)
+        except NotBuiltError:
+            not_built.append(stage)
+            log(f"smoke: {stage}: not built yet, skipped")
+            continue
+        cmd = [sys.executable, "-m", "trnft.common.cli", stage, "--config", str(run_yaml)]
+        if force:
+            cmd.append("--force")
+        log(f"smoke: $ trnft {stage} --config {run_yaml}{' --force' if force else ''}")
+        code = subprocess.call(cmd, env=stage_env())
+        if code != 0:
+            log(f"smoke: {stage} failed with exit code {code}")
+            return code
+    log(format_status(cfg))
+    if not_built:
+        log(f"smoke: stages not built yet: {', '.join(not_built)}")
+    return 0

@@ -1,0 +1,433 @@
+"""The six stages, what each one reads, and the machinery every stage runs through.
+
+A stage module exposes ``run(cfg, *, force=False, log=print) -> StageResult`` and implements its work as a
+``body(ctx) -> StageOutcome`` passed to :func:`run_stage`, which:
+
+1. refuses to start while an upstream stage is not complete, naming the command to run first;
+2. skips the stage when its manifest exists with the same fingerprint (``--force`` redoes it);
+3. runs the body in a staging folder, writes ``manifest.json`` last and renames the folder into place;
+4. on failure leaves no visible output and records the error for ``trnft status``.
+
+Stage name = module name = CLI subcommand = output folder = Kubernetes job-name suffix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trnft.common.config import RunConfig, select, stable_hash, to_dict
+from trnft.common.errors import NotBuiltError, TrnftError, UpstreamError
+from trnft.common.hashing import library_versions
+from trnft.common.rundir import (
+    MANIFEST_VERSION,
+    RunDir,
+    StageState,
+    describe_files,
+    now_iso,
+    output_digest,
+)
+
+STAGES = ("tokenize", "compile", "train", "consolidate", "merge", "evaluate")
+
+# Config keys that never change a stage's output; they stay out of fingerprints so that, e.g., changing
+# the logging interval does not redo training.
+_TRAIN_RUNTIME_ONLY = ("logging_steps", "on_recompile", "keep_checkpoints")
+
+
+def _platform_section(cfg: RunConfig) -> str:
+    return "neuron" if cfg.model.platform == "neuron" else "gpu"
+
+
+def _train_keys(cfg: RunConfig) -> tuple[str, ...]:
+    train_keys = tuple(
+        f"train.{k}" for k in to_dict(cfg.train) if k not in _TRAIN_RUNTIME_ONLY and k != "compile_steps"
+    )
+    neuron_keys = (
+        tuple(f"neuron.{k}" for k in to_dict(cfg.neuron) if k not in ("parallel_compile_workers",))
+        if cfg.model.platform == "neuron"
+        else ("gpu",)
+    )
+    return ("model", "lora", *train_keys, *neuron_keys)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage reads and which config keys decide its output."""
+
+    name: str
+    needs: Callable[[RunConfig], tuple[str, ...]]
+    config_keys: Callable[[RunConfig], tuple[str, ...]]
+    # The module implementing the stage for each platform.
+    modules: dict[str, str]
+    # Writes into its final folder as it goes (train: checkpoints) instead of a staging sibling.
+    in_place: bool = False
+    # Redo automatically when config or inputs changed; False refuses without --force (train: hours of work).
+    redo_on_change: bool = True
+
+
+SPECS: dict[str, StageSpec] = {
+    "tokenize": StageSpec(
+        name="tokenize",
+        needs=lambda cfg: (),
+        config_keys=lambda cfg: ("model.name_or_path", "model.tokenizer", "model.revision", "dataset"),
+        modules={"neuron": "trnft.common.tokenize", "gpu": "trnft.common.tokenize"},
+    ),
+    "compile": StageSpec(
+        name="compile",
+        needs=lambda cfg: ("tokenize",),
+        config_keys=lambda cfg: (*_train_keys(cfg), "train.compile_steps"),
+        modules={"neuron": "trnft.neuron.compile", "gpu": "trnft.gpu.compile"},
+    ),
+    "train": StageSpec(
+        name="train",
+        needs=lambda cfg: ("tokenize",),
+        config_keys=_train_keys,
+        modules={"neuron": "trnft.neuron.train", "gpu": "trnft.gpu.train"},
+        in_place=True,
+        redo_on_change=False,
+    ),
+    "consolidate": StageSpec(
+        name="consolidate",
+        needs=lambda cfg: ("train",),
+        config_keys=lambda cfg: ("model.platform", "lora.enabled"),
+        modules={"neuron": "trnft.neuron.consolidate", "gpu": "trnft.gpu.consolidate"},
+    ),
+    "merge": StageSpec(
+        name="merge",
+        needs=lambda cfg: ("consolidate",),
+        config_keys=lambda cfg: ("model.name_or_path", "model.revision", "model.dtype", "lora.enabled"),
+        modules={"neuron": "trnft.neuron.merge", "gpu": "trnft.gpu.merge"},
+    ),
+    "evaluate": StageSpec(
+        name="evaluate",
+        needs=lambda cfg: ("tokenize", "consolidate" if cfg.eval.use_adapter else "merge"),
+        config_keys=lambda cfg: ("model.name_or_path", "eval"),
+        modules={"neuron": "trnft.common.evaluate", "gpu": "trnft.common.evaluate"},
+    ),
+}
+assert tuple(SPECS) == STAGES
+
+
+@dataclass
+class StageOutcome:
+    """What a stage body reports; the framework adds files, hashes and versions to the manifest."""
+
+    summary: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    layout: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """The manifest of the stage's output and whether this call skipped the work."""
+
+    stage: str
+    skipped: bool
+    manifest: dict[str, Any]
+    path: Path
+
+
+@dataclass
+class StageContext:
+    """Everything a stage body may use."""
+
+    cfg: RunConfig
+    spec: StageSpec
+    rundir: RunDir
+    out_dir: Path
+    upstream: dict[str, dict[str, Any]]
+    fingerprint: str
+    previous: dict[str, Any] | None
+    force: bool
+    log: Callable[[str], None]
+    is_main: bool = True
+
+    def upstream_dir(self, stage: str) -> Path:
+        return self.rundir.stage_dir(stage)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job (or a plain process) owns manifests, renames and locks."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _upstream_manifests(spec: StageSpec, cfg: RunConfig, rundir: RunDir) -> dict[str, dict[str, Any]]:
+    upstream = {}
+    for name in spec.needs(cfg):
+        manifest = rundir.manifest(name)
+        if manifest is None:
+            where = rundir.stage_dir(name)
+            state = "is incomplete" if where.exists() or rundir.staging_dirs(name) else "does not exist"
+            raise UpstreamError(
+                f"{spec.name} needs a complete {name} stage ({where} {state}); "
+                f"run `trnft {name} --config <run.yaml>` first"
+            )
+        upstream[name] = manifest
+    return upstream
+
+
+def fingerprint_of(spec: StageSpec, cfg: RunConfig, upstream: dict[str, dict[str, Any]]) -> tuple[str, dict]:
+    """The stage fingerprint and the config subset it covers."""
+    subset = select(cfg, spec.config_keys(cfg))
+    data = {
+        "stage": spec.name,
+        "config": subset,
+        "upstream": {name: m.get("output_digest") for name, m in sorted(upstream.items())},
+    }
+    return stable_hash(data), subset
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config subsets."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = key if not prefix else (key if key.startswith(prefix) else f"{prefix}.{key}")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_keys(a, b, path))
+        elif a != b:
+            out.append(path)
+    return out
+
+
+def _describe_change(previous: dict[str, Any], subset: dict[str, Any], upstream: dict[str, dict]) -> str:
+    keys = changed_keys(previous.get("config", {}), subset)
+    old_up = previous.get("upstream", {})
+    ups = [n for n, m in upstream.items() if old_up.get(n) != m.get("output_digest")]
+    parts = []
+    if keys:
+        parts.append("config changed: " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else ""))
+    if ups:
+        parts.append("newer output of " + ", ".join(ups))
+    return "; ".join(parts) or "fingerprint changed"
+
+
+def run_stage(
+    spec: StageSpec,
+    cfg: RunConfig,
+    body: Callable[[StageContext], StageOutcome],
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> StageResult:
+    """Run one stage body with skip, upstream checks, staging, manifest and failure records."""
+    rundir = RunDir(cfg.run.root)
+    upstream = _upstream_manifests(spec, cfg, rundir)
+    fingerprint, subset = fingerprint_of(spec, cfg, upstream)
+    previous = rundir.manifest(spec.name)
+    final = rundir.stage_dir(spec.name)
+    main = is_main_process()
+
+    if previous is not None and not force:
+        if previous.get("fingerprint") == fingerprint:
+            log(
+                f"{spec.name}: already complete ({previous.get('finished_at')}, {previous.get('summary', '')}); "
+                "use --force to redo"
+            )
+            return StageResult(spec.name, True, previous, final)
+        change = _describe_change(previous, subset, upstream)
+        if not spec.redo_on_change:
+            raise TrnftError(
+                f"{spec.name}: {final} was made with other settings ({change}); "
+                f"pass --force to start {spec.name} over"
+            )
+        log(f"{spec.name}: redoing, {change}")
+
+    started = time.time()
+    started_at = now_iso()
+    stack = _LockOrNothing(rundir, spec.name, main)
+    with stack:
+        try:
+            if spec.in_place:
+                if main and force and final.exists():
+                    shutil.rmtree(final)
+                if main and final.exists() and (final / "manifest.json").exists():
+                    (final / "manifest.json").unlink()
+                final.mkdir(parents=True, exist_ok=True)
+                outcome, manifest = _execute(
+                    spec,
+                    cfg,
+                    body,
+                    rundir,
+                    final,
+                    upstream,
+                    fingerprint,
+                    subset,
+                    previous,
+                    force,
+                    log,
+                    main,
+                    started,
+                    started_at,
+                )
+            else:
+                if not main:
+                    raise AssertionError("staged stages run in one process")
+                with rundir.staging(spec.name) as staged:
+                    outcome, manifest = _execute(
+                        spec,
+                        cfg,
+                        body,
+                        rundir,
+                        staged,
+                        upstream,
+                        fingerprint,
+                        subset,
+                        previous,
+                        force,
+                        log,
+                        main,
+                        started,
+                        started_at,
+                    )
+                    rundir.commit(spec.name, staged)
+        except TrnftError as exc:
+            if main:
+                rundir.record_failure(spec.name, str(exc))
+            raise
+        except BaseException as exc:
+            if main and not isinstance(exc, KeyboardInterrupt):
+                rundir.record_failure(spec.name, f"{type(exc).__name__}: {exc}")
+            raise
+        if main:
+            rundir.clear_failure(spec.name)
+    if main:
+        log(f"{spec.name}: complete in {manifest['duration_s']:.1f}s, {outcome.summary}")
+    return StageResult(spec.name, False, manifest, final)
+
+
+class _LockOrNothing:
+    """The stage lock on the main process; other ranks of a torchrun job take no lock."""
+
+    def __init__(self, rundir: RunDir, stage: str, main: bool) -> None:
+        self._cm = rundir.lock(stage) if main else None
+
+    def __enter__(self) -> None:
+        if self._cm is not None:
+            self._cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+
+
+def _execute(spec, cfg, body, rundir, out_dir, upstream, fingerprint, subset, previous, force, log, main,
+             started, started_at):  # fmt: skip
+    ctx = StageContext(
+        cfg=cfg,
+        spec=spec,
+        rundir=rundir,
+        out_dir=out_dir,
+        upstream=upstream,
+        fingerprint=fingerprint,
+        previous=previous,
+        force=force,
+        log=log,
+        is_main=main,
+    )
+    outcome = body(ctx)
+    manifest: dict[str, Any] = {}
+    if main:
+        files = describe_files(out_dir)
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "stage": spec.name,
+            "status": "complete",
+            "run": cfg.run.name,
+            "platform": cfg.model.platform,
+            "fingerprint": fingerprint,
+            "config_hash": stable_hash(cfg),
+            "config": subset,
+            "upstream": {name: m.get("output_digest") for name, m in sorted(upstream.items())},
+            "inputs": outcome.inputs,
+            "versions": library_versions(),
+            "layout": outcome.layout,
+            "figures": outcome.figures,
+            "summary": outcome.summary,
+            "files": files,
+            "output_digest": output_digest(files),
+            "started_at": started_at,
+            "finished_at": now_iso(),
+            "duration_s": round(time.time() - started, 3),
+            "host": socket.gethostname(),
+            **outcome.extra,
+        }
+        rundir.write_manifest(out_dir, manifest)
+    return outcome, manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch and status
+
+
+def stage_module_name(stage: str, cfg: RunConfig) -> str:
+    return SPECS[stage].modules[cfg.model.platform]
+
+
+def resolve_stage(stage: str, cfg: RunConfig) -> Callable[..., StageResult]:
+    """The ``run`` function of a stage for the config's platform, or NotBuiltError (exit 2)."""
+    module_name = stage_module_name(stage, cfg)
+    if importlib.util.find_spec(module_name) is None:
+        raise NotBuiltError(
+            f"stage {stage} is not built yet for platform {cfg.model.platform} ({module_name} is missing); "
+            "nothing was run"
+        )
+    module = importlib.import_module(module_name)
+    return module.run
+
+
+def stage_states(cfg: RunConfig) -> list[StageState]:
+    """One row per stage: complete / stale / incomplete / failed / missing, with when and key figure."""
+    rundir = RunDir(cfg.run.root)
+    rows = []
+    manifests: dict[str, dict[str, Any] | None] = {}
+    for name in STAGES:
+        spec = SPECS[name]
+        manifest = rundir.manifest(name)
+        manifests[name] = manifest
+        if manifest is not None:
+            upstream = {u: manifests.get(u) or rundir.manifest(u) for u in spec.needs(cfg)}
+            if any(m is None for m in upstream.values()):
+                state = "stale"
+            else:
+                fp, _ = fingerprint_of(spec, cfg, upstream)  # type: ignore[arg-type]
+                state = "complete" if fp == manifest.get("fingerprint") else "stale"
+            rows.append(
+                StageState(name, state, manifest.get("finished_at"), manifest.get("summary", ""), manifest)
+            )
+            continue
+        failure = rundir.failure(name)
+        progress = rundir.progress(name)
+        if rundir.stage_dir(name).exists() or rundir.staging_dirs(name):
+            summary = (progress or {}).get("summary", "started, no manifest yet")
+            if failure:
+                rows.append(
+                    StageState(name, "failed", failure.get("at"), f"{summary}; {failure['error']}", None)
+                )
+            else:
+                rows.append(StageState(name, "incomplete", (progress or {}).get("at"), summary, None))
+        elif failure:
+            rows.append(StageState(name, "failed", failure.get("at"), failure["error"], None))
+        else:
+            rows.append(StageState(name, "missing", None, "", None))
+    return rows
+
+
+def format_status(cfg: RunConfig) -> str:
+    rows = stage_states(cfg)
+    lines = [f"run {cfg.run.name}  root {cfg.run.root}  platform {cfg.model.platform}"]
+    lines.append(f"{'stage':<12} {'state':<11} {'when':<26} key figure")
+    for row in rows:
+        lines.append(f"{row.name:<12} {row.state:<11} {(row.finished_at or '-'):<26} {row.summary or '-'}")
+    return "\n".join(lines)

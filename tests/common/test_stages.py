@@ -1,0 +1,192 @@
+"""The stage machinery: atomic output, skip when complete, --force, upstream refusal, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trnft.common.config import load_config, with_overrides
+from trnft.common.errors import TrnftError, UpstreamError
+from trnft.common.rundir import RunDir
+from trnft.common.stages import SPECS, StageOutcome, format_status, run_stage, stage_states
+
+MINIMAL = {
+    "run": {"name": "t", "root": "RUN"},
+    "model": {"name_or_path": "org/model"},
+    "dataset": {"name": "org/data"},
+}
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    raw = json.loads(json.dumps(MINIMAL).replace("RUN", str(tmp_path / "run")))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def writing_body(text: str = "hello", calls: list | None = None):
+    def body(ctx):
+        if calls is not None:
+            calls.append(ctx.out_dir)
+        (ctx.out_dir / "data.txt").write_text(text)
+        return StageOutcome(summary=f"wrote {len(text)} chars", figures={"chars": len(text)})
+
+    return body
+
+
+def test_stage_output_appears_complete_with_manifest(cfg):
+    result = run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+    out = Path(cfg.run.root) / "tokenize"
+    assert result.path == out and not result.skipped
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["files"] == [{"path": "data.txt", "bytes": 5, "digest": manifest["files"][0]["digest"]}]
+    assert manifest["files"][0]["digest"].startswith("sha256:")
+    assert manifest["figures"] == {"chars": 5}
+    assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
+    assert manifest["config"]["dataset"]["name"] == "org/data"
+    # nothing but the final folder and the bookkeeping folder is left in the run root
+    assert sorted(p.name for p in Path(cfg.run.root).iterdir()) == [".trnft", "tokenize"]
+
+
+def test_crash_inside_the_body_leaves_no_visible_output(cfg):
+    def body(ctx):
+        (ctx.out_dir / "half.txt").write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        run_stage(SPECS["tokenize"], cfg, body, log=lambda m: None)
+    root = Path(cfg.run.root)
+    assert not (root / "tokenize").exists()
+    assert not list(root.glob("tokenize.staging-*"))
+    assert next(r.state for r in stage_states(cfg)) == "failed"
+    assert "disk full" in format_status(cfg)
+
+
+def test_sigkill_before_rename_leaves_no_visible_output(cfg, tmp_path):
+    """A process killed mid-stage (no cleanup runs) leaves only a staging folder; the next run removes it."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal
+            from trnft.common.config import load_config
+            from trnft.common.stages import SPECS, StageOutcome, run_stage
+            cfg = load_config({str(tmp_path / "run.yaml")!r})
+            def body(ctx):
+                (ctx.out_dir / "data.txt").write_text("half")
+                os.kill(os.getpid(), signal.SIGKILL)
+            run_stage(SPECS["tokenize"], cfg, body)
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True)
+    assert proc.returncode == -9
+    root = Path(cfg.run.root)
+    assert not (root / "tokenize").exists()
+    assert len(list(root.glob("tokenize.staging-*"))) == 1
+    assert stage_states(cfg)[0].state == "incomplete"
+    run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+    assert not list(root.glob("tokenize.staging-*"))
+    assert (root / "tokenize" / "data.txt").read_text() == "hello"
+
+
+def test_complete_stage_is_skipped_and_force_redoes_it(cfg):
+    calls: list = []
+    logs: list[str] = []
+    run_stage(SPECS["tokenize"], cfg, writing_body("one", calls), log=logs.append)
+    second = run_stage(SPECS["tokenize"], cfg, writing_body("two", calls), log=logs.append)
+    assert second.skipped and len(calls) == 1
+    assert any("already complete" in m and "--force" in m for m in logs)
+    assert (Path(cfg.run.root) / "tokenize" / "data.txt").read_text() == "one"
+    forced = run_stage(SPECS["tokenize"], cfg, writing_body("two", calls), force=True, log=logs.append)
+    assert not forced.skipped and len(calls) == 2
+    assert (Path(cfg.run.root) / "tokenize" / "data.txt").read_text() == "two"
+
+
+def test_config_change_redoes_a_stage_and_says_why(cfg):
+    logs: list[str] = []
+    run_stage(SPECS["tokenize"], cfg, writing_body("one"), log=logs.append)
+    changed = with_overrides(cfg, ["dataset.max_seq_length=512"])
+    result = run_stage(SPECS["tokenize"], changed, writing_body("two"), log=logs.append)
+    assert not result.skipped
+    assert any("redoing, config changed: dataset.max_seq_length" in m for m in logs)
+    # a key outside the stage's fingerprint does not redo it
+    other = with_overrides(changed, ["train.max_steps=50"])
+    assert run_stage(SPECS["tokenize"], other, writing_body("three"), log=logs.append).skipped
+
+
+def test_missing_upstream_refuses_before_any_work(cfg):
+    calls: list = []
+    with pytest.raises(UpstreamError) as err:
+        run_stage(SPECS["compile"], cfg, writing_body(calls=calls), log=lambda m: None)
+    assert "compile needs a complete tokenize stage" in str(err.value)
+    assert "run `trnft tokenize --config" in str(err.value)
+    assert calls == []
+    assert not (Path(cfg.run.root) / "compile").exists()
+
+
+def test_newer_upstream_output_marks_downstream_stale_and_redoes_it(cfg):
+    quiet = lambda m: None  # noqa: E731
+    run_stage(SPECS["tokenize"], cfg, writing_body("one"), log=quiet)
+    run_stage(SPECS["compile"], cfg, writing_body("c"), log=quiet)
+    assert [r.state for r in stage_states(cfg)][:2] == ["complete", "complete"]
+    run_stage(SPECS["tokenize"], cfg, writing_body("new data"), force=True, log=quiet)
+    assert [r.state for r in stage_states(cfg)][:2] == ["complete", "stale"]
+    logs: list[str] = []
+    assert not run_stage(SPECS["compile"], cfg, writing_body("c"), log=logs.append).skipped
+    assert any("newer output of tokenize" in m for m in logs)
+
+
+def test_in_place_stage_refuses_a_changed_config_without_force(cfg):
+    quiet = lambda m: None  # noqa: E731
+    run_stage(SPECS["tokenize"], cfg, writing_body(), log=quiet)
+    run_stage(SPECS["train"], cfg, writing_body("weights"), log=quiet)
+    changed = with_overrides(cfg, ["train.learning_rate=0.5"])
+    with pytest.raises(
+        TrnftError, match=r"train: .* was made with other settings \(config changed: train.learning_rate\)"
+    ):
+        run_stage(SPECS["train"], changed, writing_body("other"), log=quiet)
+    # keys that do not decide the output (logging) do not count as a change
+    assert run_stage(
+        SPECS["train"], with_overrides(cfg, ["train.logging_steps=1"]), writing_body(), log=quiet
+    ).skipped
+    assert not run_stage(SPECS["train"], changed, writing_body("other"), force=True, log=quiet).skipped
+
+
+def test_status_on_a_partial_run(cfg):
+    quiet = lambda m: None  # noqa: E731
+    run_stage(SPECS["tokenize"], cfg, writing_body(), log=quiet)
+    rundir = RunDir(cfg.run.root)
+    (rundir.stage_dir("train")).mkdir()
+    rundir.write_progress("train", {"summary": "checkpoint-20 of 100 steps"})
+    rows = {r.name: r for r in stage_states(cfg)}
+    assert rows["tokenize"].state == "complete" and rows["tokenize"].summary == "wrote 5 chars"
+    assert rows["compile"].state == "missing"
+    assert rows["train"].state == "incomplete" and rows["train"].summary == "checkpoint-20 of 100 steps"
+    text = format_status(cfg)
+    assert text.splitlines()[2].split()[:2] == ["tokenize", "complete"]
+    assert "checkpoint-20 of 100 steps" in text
+
+
+def test_second_runner_of_a_stage_is_refused(cfg):
+    rundir = RunDir(cfg.run.root)
+    with rundir.lock("tokenize"), pytest.raises(TrnftError, match="already running"):
+        run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+
+
+def test_non_main_ranks_write_no_manifest(cfg, monkeypatch):
+    run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+    monkeypatch.setenv("RANK", "1")
+    result = run_stage(SPECS["train"], cfg, writing_body("w"), log=lambda m: None)
+    assert result.manifest == {}
+    assert not (Path(cfg.run.root) / "train" / "manifest.json").exists()
+    assert os.environ["RANK"] == "1"

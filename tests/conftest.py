@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny model built once per session, run configs in tmp folders, hardware markers."""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before anything imports torch_xla (transformers does): tests run XLA on the CPU device.
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    from trnft.common.env import has_neuron_device
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_trn = pytest.mark.skip(reason="needs a Neuron device and the Neuron SDK")
+    cuda = None
+    for item in items:
+        if "gpu" in item.keywords:
+            cuda = _has_cuda() if cuda is None else cuda
+            if not cuda:
+                item.add_marker(skip_gpu)
+        if "trainium" in item.keywords and not has_neuron_device():
+            item.add_marker(skip_trn)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny Llama with GQA (4 heads, 2 KV heads, hidden 64, 2 layers) and its tokenizer."""
+    from trnft.common.fixtures import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+def smoke_raw(root: Path, model_dir: Path, **sections) -> dict:
+    """The smoke config as a dict, pointed at ``root`` and ``model_dir``, with section overrides merged."""
+    from trnft.common.fixtures import bundled_dataset_path
+
+    raw = yaml.safe_load((EXAMPLES / "smoke.yaml").read_text())
+    raw["run"]["root"] = str(root)
+    raw["model"]["name_or_path"] = str(model_dir)
+    raw["dataset"]["files"] = [str(bundled_dataset_path())]
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_llama):
+    """Factory: write a smoke-like run YAML under tmp_path and return its path."""
+
+    def make(**sections) -> Path:
+        raw = smoke_raw(tmp_path / "run", tiny_llama, **sections)
+        return write_config(tmp_path / "run.yaml", raw)
+
+    return make
