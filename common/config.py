@@ -110,6 +110,10 @@ class DatasetSection:
     max_samples: int | None = opt(None, "Use at most this many source rows.", ge=1)
     max_seq_length: int = opt(2048, "Every training sequence has exactly this many tokens.", ge=16)
     packing: bool = opt(True, "Pack several samples per sequence (else pad each sample).")
+    pad_token: str | None = opt(
+        None,
+        "Token to pad with when the tokenizer has none distinct from EOS (default: picked, see tokenize).",
+    )
     num_proc: int = opt(1, "Worker processes for tokenization; the output does not depend on it.", ge=1)
 
     def _validate(self) -> list[tuple[str, str]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trnft.common import inputs
 from trnft.common.config import RunConfig, select, stable_hash, to_dict
 from trnft.common.errors import NotBuiltError, TrnftError, UpstreamError
 from trnft.common.hashing import library_versions
@@ -72,6 +73,8 @@ class StageSpec:
     in_place: bool = False
     # Redo automatically when config or inputs changed; False refuses without --force (train: hours of work).
     redo_on_change: bool = True
+    # Content digests of external inputs (dataset files, local model/tokenizer folders); part of the fingerprint.
+    inputs: Callable[[RunConfig], list[dict[str, Any]]] = lambda cfg: []
 
 
 SPECS: dict[str, StageSpec] = {
@@ -80,6 +83,7 @@ SPECS: dict[str, StageSpec] = {
         needs=lambda cfg: (),
         config_keys=lambda cfg: ("model.name_or_path", "model.tokenizer", "model.revision", "dataset"),
         modules={"neuron": "trnft.common.tokenize", "gpu": "trnft.common.tokenize"},
+        inputs=inputs.tokenize_inputs,
     ),
     "compile": StageSpec(
         name="compile",
@@ -94,6 +98,7 @@ SPECS: dict[str, StageSpec] = {
         modules={"neuron": "trnft.neuron.train", "gpu": "trnft.gpu.train"},
         in_place=True,
         redo_on_change=False,
+        inputs=inputs.base_model_inputs,
     ),
     "consolidate": StageSpec(
         name="consolidate",
@@ -106,6 +111,7 @@ SPECS: dict[str, StageSpec] = {
         needs=lambda cfg: ("consolidate",),
         config_keys=lambda cfg: ("model.name_or_path", "model.revision", "model.dtype", "lora.enabled"),
         modules={"neuron": "trnft.neuron.merge", "gpu": "trnft.gpu.merge"},
+        inputs=inputs.base_model_inputs,
     ),
     "evaluate": StageSpec(
         name="evaluate",
@@ -177,13 +183,16 @@ def _upstream_manifests(spec: StageSpec, cfg: RunConfig, rundir: RunDir) -> dict
     return upstream
 
 
-def fingerprint_of(spec: StageSpec, cfg: RunConfig, upstream: dict[str, dict[str, Any]]) -> tuple[str, dict]:
-    """The stage fingerprint and the config subset it covers."""
+def fingerprint_of(
+    spec: StageSpec, cfg: RunConfig, upstream: dict[str, dict[str, Any]], external: list[dict[str, Any]]
+) -> tuple[str, dict]:
+    """The stage fingerprint (config subset, upstream outputs, external input digests) and the subset."""
     subset = select(cfg, spec.config_keys(cfg))
     data = {
         "stage": spec.name,
         "config": subset,
         "upstream": {name: m.get("output_digest") for name, m in sorted(upstream.items())},
+        "inputs": sorted((e["name"], e["digest"]) for e in external),
     }
     return stable_hash(data), subset
 
@@ -201,15 +210,26 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def _describe_change(previous: dict[str, Any], subset: dict[str, Any], upstream: dict[str, dict]) -> str:
+def _describe_change(
+    previous: dict[str, Any],
+    subset: dict[str, Any],
+    upstream: dict[str, dict],
+    external: list[dict[str, Any]],
+) -> str:
     keys = changed_keys(previous.get("config", {}), subset)
     old_up = previous.get("upstream", {})
     ups = [n for n, m in upstream.items() if old_up.get(n) != m.get("output_digest")]
+    old_inputs = {
+        (e.get("name"), e.get("path")): e.get("digest") for e in previous.get("external_inputs", [])
+    }
+    files = [e["path"] for e in external if old_inputs.get((e["name"], e["path"])) != e["digest"]]
     parts = []
     if keys:
         parts.append("config changed: " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else ""))
     if ups:
         parts.append("newer output of " + ", ".join(ups))
+    if files:
+        parts.append("input changed: " + ", ".join(files[:3]) + (", ..." if len(files) > 3 else ""))
     return "; ".join(parts) or "fingerprint changed"
 
 
@@ -224,7 +244,8 @@ def run_stage(
     """Run one stage body with skip, upstream checks, staging, manifest and failure records."""
     rundir = RunDir(cfg.run.root)
     upstream = _upstream_manifests(spec, cfg, rundir)
-    fingerprint, subset = fingerprint_of(spec, cfg, upstream)
+    external = spec.inputs(cfg)
+    fingerprint, subset = fingerprint_of(spec, cfg, upstream, external)
     previous = rundir.manifest(spec.name)
     final = rundir.stage_dir(spec.name)
     main = is_main_process()
@@ -236,7 +257,7 @@ def run_stage(
                 "use --force to redo"
             )
             return StageResult(spec.name, True, previous, final)
-        change = _describe_change(previous, subset, upstream)
+        change = _describe_change(previous, subset, upstream, external)
         if not spec.redo_on_change:
             raise TrnftError(
                 f"{spec.name}: {final} was made with other settings ({change}); "
@@ -244,53 +265,36 @@ def run_stage(
             )
         log(f"{spec.name}: redoing, {change}")
 
-    started = time.time()
-    started_at = now_iso()
-    stack = _LockOrNothing(rundir, spec.name, main)
-    with stack:
+    plan = _Plan(external=external, subset=subset, started=time.time(), started_at=now_iso())
+
+    def execute(out_dir: Path) -> tuple[StageOutcome, dict[str, Any]]:
+        ctx = StageContext(
+            cfg=cfg,
+            spec=spec,
+            rundir=rundir,
+            out_dir=out_dir,
+            upstream=upstream,
+            fingerprint=fingerprint,
+            previous=previous,
+            force=force,
+            log=log,
+            is_main=main,
+        )
+        return _execute(ctx, body, plan)
+
+    with _LockOrNothing(rundir, spec.name, main):
         try:
             if spec.in_place:
                 if main and force and final.exists():
                     shutil.rmtree(final)
-                if main and final.exists() and (final / "manifest.json").exists():
+                if main and (final / "manifest.json").exists():
                     (final / "manifest.json").unlink()
                 final.mkdir(parents=True, exist_ok=True)
-                outcome, manifest = _execute(
-                    spec,
-                    cfg,
-                    body,
-                    rundir,
-                    final,
-                    upstream,
-                    fingerprint,
-                    subset,
-                    previous,
-                    force,
-                    log,
-                    main,
-                    started,
-                    started_at,
-                )
+                outcome, manifest = execute(final)
             else:
-                if not main:
-                    raise AssertionError("staged stages run in one process")
+                assert main, "staged stages run in one process"
                 with rundir.staging(spec.name) as staged:
-                    outcome, manifest = _execute(
-                        spec,
-                        cfg,
-                        body,
-                        rundir,
-                        staged,
-                        upstream,
-                        fingerprint,
-                        subset,
-                        previous,
-                        force,
-                        log,
-                        main,
-                        started,
-                        started_at,
-                    )
+                    outcome, manifest = execute(staged)
                     rundir.commit(spec.name, staged)
         except TrnftError as exc:
             if main:
@@ -305,6 +309,16 @@ def run_stage(
     if main:
         log(f"{spec.name}: complete in {manifest['duration_s']:.1f}s, {outcome.summary}")
     return StageResult(spec.name, False, manifest, final)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Facts fixed before a stage body runs that go into its manifest."""
+
+    external: list[dict[str, Any]]
+    subset: dict[str, Any]
+    started: float
+    started_at: str
 
 
 class _LockOrNothing:
@@ -322,34 +336,26 @@ class _LockOrNothing:
             self._cm.__exit__(*exc)
 
 
-def _execute(spec, cfg, body, rundir, out_dir, upstream, fingerprint, subset, previous, force, log, main,
-             started, started_at):  # fmt: skip
-    ctx = StageContext(
-        cfg=cfg,
-        spec=spec,
-        rundir=rundir,
-        out_dir=out_dir,
-        upstream=upstream,
-        fingerprint=fingerprint,
-        previous=previous,
-        force=force,
-        log=log,
-        is_main=main,
-    )
+def _execute(
+    ctx: StageContext, body: Callable[[StageContext], StageOutcome], plan: _Plan
+) -> tuple[StageOutcome, dict[str, Any]]:
+    """Run the body and, on the main process, write the manifest last."""
+    cfg, spec = ctx.cfg, ctx.spec
     outcome = body(ctx)
     manifest: dict[str, Any] = {}
-    if main:
-        files = describe_files(out_dir)
+    if ctx.is_main:
+        files = describe_files(ctx.out_dir)
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "stage": spec.name,
             "status": "complete",
             "run": cfg.run.name,
             "platform": cfg.model.platform,
-            "fingerprint": fingerprint,
+            "fingerprint": ctx.fingerprint,
             "config_hash": stable_hash(cfg),
-            "config": subset,
-            "upstream": {name: m.get("output_digest") for name, m in sorted(upstream.items())},
+            "config": plan.subset,
+            "upstream": {name: m.get("output_digest") for name, m in sorted(ctx.upstream.items())},
+            "external_inputs": plan.external,
             "inputs": outcome.inputs,
             "versions": library_versions(),
             "layout": outcome.layout,
@@ -357,13 +363,13 @@ def _execute(spec, cfg, body, rundir, out_dir, upstream, fingerprint, subset, pr
             "summary": outcome.summary,
             "files": files,
             "output_digest": output_digest(files),
-            "started_at": started_at,
+            "started_at": plan.started_at,
             "finished_at": now_iso(),
-            "duration_s": round(time.time() - started, 3),
+            "duration_s": round(time.time() - plan.started, 3),
             "host": socket.gethostname(),
             **outcome.extra,
         }
-        rundir.write_manifest(out_dir, manifest)
+        ctx.rundir.write_manifest(ctx.out_dir, manifest)
     return outcome, manifest
 
 
@@ -401,7 +407,7 @@ def stage_states(cfg: RunConfig) -> list[StageState]:
             if any(m is None for m in upstream.values()):
                 state = "stale"
             else:
-                fp, _ = fingerprint_of(spec, cfg, upstream)  # type: ignore[arg-type]
+                fp, _ = fingerprint_of(spec, cfg, upstream, spec.inputs(cfg))  # type: ignore[arg-type]
                 state = "complete" if fp == manifest.get("fingerprint") else "stale"
             rows.append(
                 StageState(name, state, manifest.get("finished_at"), manifest.get("summary", ""), manifest)

@@ -1,0 +1,144 @@
+"""Tokenized training data on disk, and how both trainers read it.
+
+The tokenize stage writes one folder per split (``train/``, ``validation/``) holding four ``.npy`` arrays
+of shape ``[num_sequences, max_seq_length]``:
+
+- ``input_ids`` (int32): token ids; padding uses the tokenizer's pad token (distinct from EOS).
+- ``labels`` (int32): the token itself where the loss applies, -100 on prompt tokens, on the first token
+  of every sample and on padding. A label at position t is predicted from position t-1.
+- ``position_ids`` (int32): restart at 0 for every packed sample (RoPE sees each sample alone).
+- ``segment_ids`` (int32): 1, 2, ... for the samples packed in a sequence, 0 on padding. Attention is
+  allowed only inside one segment and causally (:func:`segment_attention_mask`), so no token attends
+  across a sample boundary.
+
+Batches are always full and their order is a pure function of (seed, step): :func:`batch_indices` walks
+through per-epoch permutations of all sequences, continuing into the next epoch instead of emitting a
+partial batch. Resuming at step ``s`` therefore needs nothing but ``s``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ARRAYS = ("input_ids", "labels", "position_ids", "segment_ids")
+IGNORE_INDEX = -100
+SPLIT_DIRS = {"train": "train", "validation": "validation"}
+TEXT_FILES = {"train": "training.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """Memory-mapped arrays of one split; nothing is read until indexed."""
+
+    path: Path
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    segment_ids: np.ndarray
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenizedSplit:
+        p = Path(path)
+        arrays = {name: np.load(p / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        shapes = {a.shape for a in arrays.values()}
+        assert len(shapes) == 1, f"{p}: arrays disagree in shape {shapes}"
+        return cls(path=p, **arrays)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def rows(self, indices: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """The arrays of the given sequences, as fresh int64 arrays (ready for torch)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return {name: np.asarray(getattr(self, name)[idx], dtype=np.int64) for name in ARRAYS}
+
+    def supervised_tokens(self, indices: np.ndarray | list[int]) -> int:
+        """Labelled positions that count in the loss (the first position is never predicted)."""
+        labels = np.asarray(self.labels[np.asarray(indices, dtype=np.int64)])
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def batch_indices(step: int, global_batch: int, num_sequences: int, seed: int) -> np.ndarray:
+    """Sequence indices of optimizer step ``step`` (0-based): always ``global_batch`` of them.
+
+    Position p of the endless stream is element ``p % n`` of epoch ``p // n``'s permutation, and each
+    epoch's permutation comes from its own seed, so any step can be computed without replaying others.
+    """
+    assert num_sequences > 0 and global_batch > 0
+    start = step * global_batch
+    out = np.empty(global_batch, dtype=np.int64)
+    filled = 0
+    while filled < global_batch:
+        position = start + filled
+        epoch, offset = divmod(position, num_sequences)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_sequences)
+        take = min(global_batch - filled, num_sequences - offset)
+        out[filled : filled + take] = perm[offset : offset + take]
+        filled += take
+    return out
+
+
+def shard_for_rank(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """The contiguous slice of a global batch that data-parallel rank ``rank`` of ``world`` trains on."""
+    assert len(indices) % world == 0, "global batch must divide by the data-parallel size"
+    per = len(indices) // world
+    return indices[rank * per : (rank + 1) * per]
+
+
+def segment_attention_mask(segment_ids: Any, dtype: Any = None) -> Any:
+    """Additive 4-D attention mask ``[B, 1, S, S]`` from segment ids ``[B, S]`` (torch tensors).
+
+    Query i may attend key j iff j <= i and both are in the same non-pad segment. Padding positions
+    attend only to themselves so their softmax row stays finite (their labels are -100 anyway).
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    seg = segment_ids
+    s = seg.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
+    same = seg[:, :, None] == seg[:, None, :]
+    eye = torch.eye(s, dtype=torch.bool, device=seg.device)
+    allowed = (same & causal & (seg[:, :, None] != 0)) | eye
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None, :, :]
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+@dataclass(frozen=True)
+class TokenizeOutput:
+    """Paths inside a complete tokenize stage folder."""
+
+    root: Path
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / TOKENIZER_DIR
+
+    def split(self, name: str) -> TokenizedSplit:
+        return TokenizedSplit.open(self.root / SPLIT_DIRS[name])
+
+    def has_split(self, name: str) -> bool:
+        return (self.root / SPLIT_DIRS[name] / "input_ids.npy").is_file()
+
+    def text(self, name: str) -> Path:
+        return self.root / TEXT_FILES[name]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.root / "tokenize_info.json").read_text())

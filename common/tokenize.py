@@ -1,0 +1,570 @@
+"""Tokenize stage: any Hugging Face dataset to cached, static-shape, correctly masked training data.
+
+What it does, in order:
+
+1. Loads a hub dataset (``dataset.name``/``config``/``split``) or local json/jsonl/csv/parquet files through
+   ``datasets.load_dataset``.
+2. Formats every row into ``{"input", "output"}`` with ``input_template``/``output_template`` (``{field}``
+   placeholders, ``field_mapping`` from placeholders to columns) or a ``module:function`` converter.
+   Rows whose output is empty are dropped and counted.
+3. Splits train/validation/test by ratio and seed and writes ``training.jsonl``, ``validation.jsonl`` and
+   ``test.jsonl`` for inspection and evaluation.
+4. Tokenizes (``num_proc`` workers; the output does not depend on their number): prompt tokens are masked
+   (-100), EOS is appended to every response and supervised, the pad token differs from EOS. Over-long
+   samples lose prompt tokens from the left first (BOS kept), then response tokens from the right;
+   samples left with no supervised token are dropped and counted.
+5. Packs samples into sequences of exactly ``max_seq_length`` tokens (best-fit decreasing), or pads each
+   sample, and writes the arrays described in :mod:`trnft.common.data`.
+
+Failures (a template field missing from the data, an empty split, a tokenizer that cannot load, a
+``max_seq_length`` too small for any sample) stop with one line and leave no output.
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+import json
+import multiprocessing
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trnft.common.config import DatasetSection, RunConfig, stable_hash
+from trnft.common.data import ARRAYS, IGNORE_INDEX, SPLIT_DIRS, TEXT_FILES, TOKENIZER_DIR
+from trnft.common.errors import TrnftError
+from trnft.common.hashing import tree_digest
+from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+
+SPLITS = ("train", "validation", "test")
+FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Tokens a tokenizer may already have that make a good pad when its pad is missing or equals EOS,
+# in order of preference (Llama 3.x reserves the first; Qwen has the FIM/vision pads).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|fim_pad|>", "<|vision_pad|>")
+RESERVED_TOKEN = re.compile(r"^<\|reserved_special_token_\d+\|>$")
+ADDED_PAD = "<|pad|>"
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(\w+)\}")
+HISTOGRAM_BINS = 8
+ENCODE_CHUNK = 512
+
+
+def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
+    """Run the tokenize stage of ``cfg`` (skipped when complete and unchanged)."""
+    return run_stage(SPECS["tokenize"], cfg, _body, force=force, log=log)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Loading
+
+
+def load_source(d: DatasetSection) -> Any:
+    """The source rows as a ``datasets.Dataset``; a clear TrnftError if they cannot be read."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    if d.files is not None:
+        missing = [f for f in d.files if not Path(f).is_file()]
+        if missing:
+            raise TrnftError(f"dataset.files: {missing[0]} not found")
+        if d.format != "auto":
+            fmt = d.format
+        else:
+            formats = {FORMAT_BY_SUFFIX.get(Path(f).suffix.lower()) for f in d.files}
+            if None in formats or len(formats) != 1:
+                raise TrnftError(
+                    f"dataset.files: cannot tell one format from {[Path(f).name for f in d.files]}; "
+                    "use .json/.jsonl/.csv/.parquet files of one kind or set dataset.format"
+                )
+            (fmt,) = formats
+        what, load = (
+            f"dataset.files ({fmt})",
+            lambda: datasets.load_dataset(fmt, data_files=list(d.files), split="train", **d.load_kwargs),
+        )
+    else:
+        what, load = (
+            f"dataset.name {d.name!r}",
+            lambda: datasets.load_dataset(d.name, d.config, split=d.split, **d.load_kwargs),
+        )
+    try:
+        ds = load()
+    except Exception as exc:  # datasets raises many types; the user needs the reason in one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrnftError(f"{what}: cannot load ({type(exc).__name__}: {reason})") from None
+    if d.max_samples is not None and len(ds) > d.max_samples:
+        ds = ds.select(range(d.max_samples))
+    if len(ds) == 0:
+        raise TrnftError(f"{what}: has no rows")
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Formatting
+
+
+def placeholders(template: str) -> list[str]:
+    return [m.group(1) for m in _PLACEHOLDER.finditer(template) if m.group(1)]
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Replace ``{name}`` by ``values[name]``; ``{{`` and ``}}`` are literal braces."""
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)] if m.group(1) else m.group(0)[0], template)
+
+
+def _load_converter(spec: str) -> Callable[[dict[str, Any]], Any]:
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise TrnftError(f"dataset.converter: cannot import {module_name!r} ({exc})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise TrnftError(f"dataset.converter: {module_name!r} has no function {func_name!r}")
+    return func
+
+
+@dataclass
+class FormatStats:
+    rows: int = 0
+    formatted: int = 0
+    dropped_empty_output: int = 0
+    dropped_converter: int = 0
+    first_converter_error: str | None = None
+
+
+def format_rows(ds: Any, d: DatasetSection) -> tuple[list[tuple[str, str]], FormatStats]:
+    """``(input, output)`` text pairs in dataset order, and what was dropped."""
+    stats = FormatStats(rows=len(ds))
+    pairs: list[tuple[str, str]] = []
+    if d.converter:
+        convert = _load_converter(d.converter)
+        for row in ds:
+            try:
+                result = convert(row)
+                text_in, text_out = str(result["input"]), str(result["output"])
+            except Exception as exc:  # a row the converter cannot handle is dropped and counted
+                stats.dropped_converter += 1
+                stats.first_converter_error = stats.first_converter_error or f"{type(exc).__name__}: {exc}"
+                continue
+            if not text_out.strip():
+                stats.dropped_empty_output += 1
+                continue
+            pairs.append((text_in, text_out))
+        if not pairs and stats.dropped_converter:
+            raise TrnftError(f"dataset.converter: failed on every row (first: {stats.first_converter_error})")
+    else:
+        columns = list(ds.column_names)
+        needed = {}
+        for key in ("input_template", "output_template"):
+            for name in placeholders(getattr(d, key)):
+                column = d.field_mapping.get(name, name)
+                if column not in columns:
+                    raise TrnftError(
+                        f"dataset.{key}: placeholder {{{name}}} needs column {column!r}, which the dataset "
+                        f"does not have (columns: {', '.join(columns)}); fix the template or dataset.field_mapping"
+                    )
+                needed[name] = column
+        for row in ds:
+            values = {name: "" if row[col] is None else str(row[col]) for name, col in needed.items()}
+            text_out = fill(d.output_template, values)
+            if not text_out.strip():
+                stats.dropped_empty_output += 1
+                continue
+            pairs.append((fill(d.input_template, values), text_out))
+    stats.formatted = len(pairs)
+    if not pairs:
+        raise TrnftError(
+            "dataset: every row has an empty output after formatting; check dataset.output_template"
+        )
+    return pairs, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Splits
+
+
+def split_rows(pairs: Sequence[tuple[str, str]], d: DatasetSection) -> dict[str, list[tuple[str, str]]]:
+    """Deterministic train/validation/test split by ratio and seed; a split with a ratio > 0 is never empty."""
+    n = len(pairs)
+    order = np.random.default_rng(d.seed).permutation(n)
+    n_val = round(n * d.validation_ratio)
+    n_test = round(n * d.test_ratio)
+    n_train = n - n_val - n_test
+    sizes = {"train": n_train, "validation": n_val, "test": n_test}
+    ratios = {"train": d.train_ratio, "validation": d.validation_ratio, "test": d.test_ratio}
+    for name in SPLITS:
+        if ratios[name] > 0 and sizes[name] <= 0:
+            raise TrnftError(
+                f"dataset.{name if name != 'train' else 'train'}_ratio: the {name} split of {n} rows would be "
+                f"empty at ratio {ratios[name]:g}; use more data or a larger ratio"
+            )
+    bounds = np.cumsum([0, n_train, n_val, n_test])
+    return {
+        name: [pairs[i] for i in sorted(order[bounds[k] : bounds[k + 1]])] for k, name in enumerate(SPLITS)
+    }
+
+
+def write_jsonl(path: Path, pairs: Iterable[tuple[str, str]]) -> None:
+    with open(path, "w") as fh:
+        for text_in, text_out in pairs:
+            fh.write(json.dumps({"input": text_in, "output": text_out}, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Tokenizer and tokenization
+
+
+def _load_tokenizer(source: str, cfg: RunConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrnftError(
+            f"{key}: cannot load a tokenizer from {source!r} ({reason}); point it at a folder or hub id with "
+            "tokenizer files"
+        ) from None
+    if not getattr(tok, "is_fast", False):
+        raise TrnftError(f"{key}: {source!r} has no fast tokenizer (tokenizer.json); trnft needs one")
+    if tok.eos_token_id is None:
+        raise TrnftError(f"{key}: the tokenizer of {source!r} has no EOS token; set eos_token in its config")
+    return tok
+
+
+def _model_vocab_size(cfg: RunConfig) -> int | None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except Exception:
+        return None
+    return getattr(config, "vocab_size", None)
+
+
+def ensure_pad_token(tok: Any, cfg: RunConfig) -> dict[str, Any]:
+    """Give ``tok`` a pad token distinct from EOS; return what was done (recorded in the manifest).
+
+    Order: ``dataset.pad_token`` if set; the tokenizer's own pad if it differs from EOS; a known pad-like
+    token already in the vocabulary; a reserved special token; UNK; else a new ``<|pad|>`` token, which
+    must fit in the model's embedding (its vocab_size) because the base model is not resized.
+    """
+    vocab = tok.get_vocab()
+    eos = tok.eos_token_id
+    original = tok.pad_token
+
+    def use(token: str, how: str) -> dict[str, Any]:
+        tok.pad_token = token
+        return {
+            "pad_token": token,
+            "pad_token_id": tok.pad_token_id,
+            "how": how,
+            "original_pad_token": original,
+        }
+
+    if cfg.dataset.pad_token is not None:
+        if cfg.dataset.pad_token not in vocab:
+            raise TrnftError(
+                f"dataset.pad_token: {cfg.dataset.pad_token!r} is not in the tokenizer's vocabulary"
+            )
+        if vocab[cfg.dataset.pad_token] == eos:
+            raise TrnftError(f"dataset.pad_token: {cfg.dataset.pad_token!r} is the EOS token; choose another")
+        return use(cfg.dataset.pad_token, "dataset.pad_token")
+    if tok.pad_token_id is not None and tok.pad_token_id != eos:
+        return {
+            "pad_token": tok.pad_token,
+            "pad_token_id": tok.pad_token_id,
+            "how": "tokenizer",
+            "original_pad_token": original,
+        }
+    for token in PAD_CANDIDATES:
+        if token in vocab and vocab[token] != eos:
+            return use(token, "existing pad-like token")
+    reserved = sorted((t for t in vocab if RESERVED_TOKEN.match(t)), key=lambda t: vocab[t])
+    if reserved:
+        return use(reserved[-1], "reserved special token")
+    if tok.unk_token_id is not None and tok.unk_token_id != eos:
+        return use(tok.unk_token, "unk token")
+    tok.add_special_tokens({"pad_token": ADDED_PAD})
+    limit = _model_vocab_size(cfg)
+    if limit is not None and tok.pad_token_id >= limit:
+        raise TrnftError(
+            f"dataset.pad_token: the tokenizer has no pad token distinct from EOS and a new one (id "
+            f"{tok.pad_token_id}) does not fit the model's vocab_size {limit}; set dataset.pad_token to an "
+            "existing token"
+        )
+    return {
+        "pad_token": ADDED_PAD,
+        "pad_token_id": tok.pad_token_id,
+        "how": "added",
+        "original_pad_token": original,
+    }
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _WORKER_TOKENIZER
+    from transformers import AutoTokenizer
+
+    _WORKER_TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _encode_chunk(chunk: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    # The Rust backend gives the same ids as tokenizer(...)["input_ids"] without building the masks.
+    backend = _WORKER_TOKENIZER.backend_tokenizer
+    prompts = backend.encode_batch([p for p, _ in chunk], add_special_tokens=True)
+    responses = backend.encode_batch([r for _, r in chunk], add_special_tokens=False)
+    return [(p.ids, r.ids) for p, r in zip(prompts, responses)]
+
+
+def encode_pairs(
+    pairs: Sequence[tuple[str, str]], tokenizer_dir: str | Path, num_proc: int
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids with special tokens, response ids without) per pair, in order, for any ``num_proc``."""
+    chunks = [list(pairs[i : i + ENCODE_CHUNK]) for i in range(0, len(pairs), ENCODE_CHUNK)]
+    if num_proc <= 1 or len(chunks) <= 1:
+        _init_worker(str(tokenizer_dir))
+        return [item for chunk in chunks for item in _encode_chunk(chunk)]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(
+        min(num_proc, len(chunks)), initializer=_init_worker, initargs=(str(tokenizer_dir),)
+    ) as pool:
+        return [item for part in pool.imap(_encode_chunk, chunks) for item in part]
+
+
+@dataclass
+class SampleStats:
+    samples: int = 0
+    kept: int = 0
+    truncated_prompt: int = 0
+    truncated_response: int = 0
+    dropped_no_supervised: int = 0
+    fit_whole: int = 0
+    shortest_needed: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+
+def build_samples(
+    encoded: Sequence[tuple[list[int], list[int]]], max_len: int, eos_id: int, bos_id: int | None
+) -> tuple[list[tuple[list[int], list[int]]], SampleStats]:
+    """(input_ids, labels) per kept sample, with EOS appended, masking and truncation applied."""
+    stats = SampleStats(samples=len(encoded))
+    out = []
+    needed = []
+    for prompt, response in encoded:
+        response = [*response, eos_id]
+        needed.append(len(prompt) + len(response))
+        excess = len(prompt) + len(response) - max_len
+        if excess > 0:
+            keep_head = 1 if prompt and bos_id is not None and prompt[0] == bos_id else 0
+            cut = min(excess, len(prompt) - keep_head)
+            if cut > 0:
+                prompt = prompt[:keep_head] + prompt[keep_head + cut :]
+                stats.truncated_prompt += 1
+                excess -= cut
+            if excess > 0:
+                response = response[: len(response) - excess]
+                stats.truncated_response += 1
+        ids = prompt + response
+        labels = [IGNORE_INDEX] * len(prompt) + response
+        # The first token of a sample is never predicted: in a packed sequence the position before it
+        # belongs to another sample.
+        labels[0] = IGNORE_INDEX
+        if all(label == IGNORE_INDEX for label in labels):
+            stats.dropped_no_supervised += 1
+            continue
+        out.append((ids, labels))
+        stats.lengths.append(len(ids))
+    stats.kept = len(out)
+    stats.fit_whole = sum(n <= max_len for n in needed)
+    stats.shortest_needed = min(needed, default=0)
+    return out, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Static shapes
+
+
+def pack_best_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """Group sample indices into bins of total length <= ``max_len`` (best-fit decreasing).
+
+    Deterministic: samples are placed longest first (ties by index) into the bin with the least room
+    that still fits; each bin lists its samples in index order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[tuple[int, int]] = []  # sorted (room left, bin id)
+    bins: list[list[int]] = []
+    for i in order:
+        need = lengths[i]
+        assert 0 < need <= max_len
+        pos = bisect.bisect_left(free, (need, -1))
+        if pos < len(free):
+            room, b = free.pop(pos)
+        else:
+            room, b = max_len, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - need > 0:
+            bisect.insort(free, (room - need, b))
+    return [sorted(b) for b in bins]
+
+
+def to_arrays(
+    samples: Sequence[tuple[list[int], list[int]]], max_len: int, pad_id: int, packing: bool
+) -> dict[str, np.ndarray]:
+    """Sequences of exactly ``max_len`` tokens as the arrays of :mod:`trnft.common.data`."""
+    bins = (
+        pack_best_fit([len(s[0]) for s in samples], max_len)
+        if packing
+        else [[i] for i in range(len(samples))]
+    )
+    n = len(bins)
+    arrays = {
+        "input_ids": np.full((n, max_len), pad_id, dtype=np.int32),
+        "labels": np.full((n, max_len), IGNORE_INDEX, dtype=np.int32),
+        "position_ids": np.zeros((n, max_len), dtype=np.int32),
+        "segment_ids": np.zeros((n, max_len), dtype=np.int32),
+    }
+    for row, members in enumerate(bins):
+        at = 0
+        for segment, i in enumerate(members, start=1):
+            ids, labels = samples[i]
+            end = at + len(ids)
+            arrays["input_ids"][row, at:end] = ids
+            arrays["labels"][row, at:end] = labels
+            arrays["position_ids"][row, at:end] = np.arange(len(ids))
+            arrays["segment_ids"][row, at:end] = segment
+            at = end
+    return arrays
+
+
+def length_histogram(
+    lengths: Sequence[int], max_len: int, bins: int = HISTOGRAM_BINS
+) -> list[dict[str, int]]:
+    edges = np.linspace(0, max_len, bins + 1).astype(int)
+    counts, _ = np.histogram(np.asarray(lengths), bins=edges)
+    return [
+        {"from": int(edges[k]) + 1, "to": int(edges[k + 1]), "count": int(counts[k])} for k in range(bins)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage body
+
+
+def _write_split(out: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    folder = out / SPLIT_DIRS[name]
+    folder.mkdir()
+    for key in ARRAYS:
+        np.save(folder / f"{key}.npy", arrays[key])
+
+
+def _body(ctx: StageContext) -> StageOutcome:
+    cfg, out, d = ctx.cfg, ctx.out_dir, ctx.cfg.dataset
+    source = cfg.model.tokenizer or cfg.model.name_or_path
+    tok = _load_tokenizer(source, cfg)
+    pad = ensure_pad_token(tok, cfg)
+    ctx.log(
+        f"tokenize: tokenizer {source} (pad {pad['pad_token']!r} via {pad['how']}, eos {tok.eos_token!r})"
+    )
+
+    ds = load_source(d)
+    pairs, fmt = format_rows(ds, d)
+    splits = split_rows(pairs, d)
+    for name in SPLITS:
+        write_jsonl(out / TEXT_FILES[name], splits[name])
+    ctx.log(
+        f"tokenize: {fmt.rows} rows, {fmt.formatted} formatted "
+        f"({fmt.dropped_empty_output} empty outputs, {fmt.dropped_converter} converter failures dropped); "
+        + ", ".join(f"{n} {len(splits[n])}" for n in SPLITS)
+    )
+
+    tok_dir = out / TOKENIZER_DIR
+    tok.save_pretrained(tok_dir)
+    max_len = d.max_seq_length
+    figures: dict[str, Any] = {
+        "tokenizer_digest": tree_digest(tok_dir),
+        "template_digest": stable_hash(
+            {
+                "input_template": d.input_template,
+                "output_template": d.output_template,
+                "field_mapping": d.field_mapping,
+                "converter": d.converter,
+            }
+        ),
+        "max_seq_length": max_len,
+        "mode": "packed" if d.packing else "padded",
+        "partial_batches": "never: the trainers fill the last batch of an epoch from the next epoch",
+        "pad_token": pad,
+        "rows": {
+            "loaded": fmt.rows,
+            "formatted": fmt.formatted,
+            "dropped_empty_output": fmt.dropped_empty_output,
+            "dropped_converter": fmt.dropped_converter,
+        },
+        "split_rows": {n: len(splits[n]) for n in SPLITS},
+    }
+    for name in ("train", "validation"):
+        if not splits[name]:
+            continue
+        encoded = encode_pairs(splits[name], tok_dir, d.num_proc)
+        samples, stats = build_samples(encoded, max_len, tok.eos_token_id, tok.bos_token_id)
+        if not samples or stats.fit_whole == 0:
+            raise TrnftError(
+                f"dataset.max_seq_length: {max_len} tokens cannot hold any {name} sample whole (the shortest "
+                f"needs {stats.shortest_needed}); raise dataset.max_seq_length"
+            )
+        arrays = to_arrays(samples, max_len, tok.pad_token_id, d.packing)
+        _write_split(out, name, arrays)
+        non_pad = int((arrays["segment_ids"] != 0).sum())
+        total = int(arrays["input_ids"].size)
+        figures[name] = {
+            "samples": stats.samples,
+            "kept": stats.kept,
+            "truncated_prompt": stats.truncated_prompt,
+            "truncated_response": stats.truncated_response,
+            "dropped_no_supervised": stats.dropped_no_supervised,
+            "fit_whole": stats.fit_whole,
+            "sequences": int(arrays["input_ids"].shape[0]),
+            "tokens": total,
+            "non_pad_tokens": non_pad,
+            "supervised_tokens": int((arrays["labels"] != IGNORE_INDEX).sum()),
+            "non_pad_fraction": round(non_pad / total, 5),
+            "non_pad_fraction_if_padded": round(sum(stats.lengths) / (len(stats.lengths) * max_len), 5),
+            "length_histogram": length_histogram(stats.lengths, max_len),
+        }
+    info = {
+        "max_seq_length": max_len,
+        "mode": figures["mode"],
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "vocab_size": len(tok),
+        "input_template": d.input_template,
+        "output_template": d.output_template,
+        "splits": {n: figures[n]["sequences"] for n in ("train", "validation") if n in figures},
+    }
+    (out / "tokenize_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    train = figures["train"]
+    summary = (
+        f"train {train['kept']} samples -> {train['sequences']} x {max_len} tokens "
+        f"({figures['mode']}, {100 * train['non_pad_fraction']:.1f}% non-pad); "
+        f"validation {len(splits['validation'])}, test {len(splits['test'])} rows"
+    )
+    return StageOutcome(
+        summary=summary,
+        figures=figures,
+        inputs=[{"name": "tokenizer_source", "path": source}],
+        layout={"max_seq_length": max_len, "mode": figures["mode"]},
+    )
