@@ -34,11 +34,11 @@ def pytest_collection_modifyitems(config, items):
     skip_trn = pytest.mark.skip(reason="needs a Neuron device and the Neuron SDK")
     cuda = None
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             cuda = _has_cuda() if cuda is None else cuda
             if not cuda:
                 item.add_marker(skip_gpu)
-        if "trainium" in item.keywords and not has_neuron_device():
+        if item.get_closest_marker("trainium") is not None and not has_neuron_device():
             item.add_marker(skip_trn)
 
 

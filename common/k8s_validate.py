@@ -1,0 +1,416 @@
+"""Offline validation of rendered Kubernetes documents; every problem is reported, not just the first.
+
+Three layers (no API server can run here, see the project's K8S notes):
+
+1. Built-in kinds (ConfigMap, Job, ...) against the upstream Kubernetes JSON schemas shipped by
+   ``kubernetes-validate``, pinned to one minor (:data:`K8S_VERSION`, strict: unknown fields rejected).
+2. PyTorchJob against a schema: the upstream Kubeflow CRD converted to JSON Schema when a CRD file is
+   given (``crd_path`` or ``$TRNFT_PYTORCHJOB_CRD``), else our own schema built on the upstream
+   PodTemplateSpec. Ours is stricter than the server on enums (rdzvBackend, cleanPodPolicy, restartPolicy).
+3. Rules no schema holds: the training operator's webhook (container named ``pytorch``, DNS-1035 names,
+   one Master, elastic needs a Worker, ...), quantities, Job restart policies, secrets only by reference,
+   and trnft's own invariants (CPU stages ask for no accelerator; torchrun, nprocPerNode, replicas and
+   NEURON_RT_NUM_CORES agree with the world size).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+K8S_VERSION = "v1.33.0"
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+QUANTITY = re.compile(
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|ACCESS_KEY|API_KEY|CREDENTIAL)", re.IGNORECASE)
+ACCELERATOR_RESOURCES = (
+    "aws.amazon.com/neuron",
+    "aws.amazon.com/neuroncore",
+    "nvidia.com/gpu",
+    "vpc.amazonaws.com/efa",
+)
+BUILTIN_SCHEMA_FILES = {
+    ("v1", "ConfigMap"): "configmap-v1.json",
+    ("v1", "Secret"): "secret-v1.json",
+    ("v1", "Service"): "service-v1.json",
+    ("batch/v1", "Job"): "job-batch-v1.json",
+}
+
+
+def _schema_dir() -> Path:
+    import kubernetes_validate
+
+    return (
+        Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"{K8S_VERSION}-local-strict"
+    )
+
+
+@functools.cache
+def _registry() -> Any:
+    from referencing import Registry, Resource
+
+    definitions = json.loads((_schema_dir() / "_definitions.json").read_text())
+    return Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
+
+
+@functools.cache
+def _builtin_validator(file: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((_schema_dir() / file).read_text())
+    return Draft202012Validator(schema, registry=_registry())
+
+
+# -- PyTorchJob schemas -------------------------------------------------------------------------------
+
+
+def _pod_template_ref() -> dict[str, str]:
+    return {"$ref": "/api/_definitions.json#/$defs/io.k8s.api.core.v1.PodTemplateSpec"}
+
+
+def own_pytorchjob_schema() -> dict[str, Any]:
+    """A PyTorchJob v1 schema written from the operator's Go types, on the upstream PodTemplateSpec."""
+    integer = {"type": "integer"}
+    replica = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "replicas": {"type": "integer", "minimum": 0},
+            # stricter than the server (no enum in the CRD): the operator's Go constants
+            "restartPolicy": {"enum": ["Always", "OnFailure", "Never", "ExitCode"]},
+            "template": _pod_template_ref(),
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://kubernetes.io/api/trnft/pytorchjob-kubeflow-v1",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "kubeflow.org/v1"},
+            "kind": {"const": "PyTorchJob"},
+            "metadata": {
+                "$ref": "/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+            },
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["pytorchReplicaSpecs"],
+                "properties": {
+                    "pytorchReplicaSpecs": {
+                        "type": "object",
+                        "propertyNames": {"enum": ["Master", "Worker"]},
+                        "additionalProperties": replica,
+                    },
+                    "nprocPerNode": {"type": "string", "pattern": "^(auto|cpu|gpu|[0-9]+)$"},
+                    "runPolicy": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "cleanPodPolicy": {"enum": ["All", "Running", "None"]},
+                            "ttlSecondsAfterFinished": integer,
+                            "activeDeadlineSeconds": integer,
+                            "backoffLimit": integer,
+                            "suspend": {"type": "boolean"},
+                            "managedBy": {"type": "string"},
+                            "schedulingPolicy": {"type": "object"},
+                        },
+                    },
+                    "elasticPolicy": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "minReplicas": integer,
+                            "maxReplicas": integer,
+                            "maxRestarts": integer,
+                            "rdzvBackend": {"enum": ["c10d", "etcd", "etcd-v2"]},
+                            "rdzvHost": {"type": "string"},
+                            "rdzvPort": integer,
+                            "rdzvId": {"type": "string"},
+                            "rdzvConf": {"type": "array"},
+                            "standalone": {"type": "boolean"},
+                            "nProcPerNode": integer,
+                            "metrics": {"type": "array"},
+                        },
+                    },
+                },
+            },
+        },
+    }
+
+
+def crd_to_schema(crd: dict[str, Any], version: str = "v1") -> dict[str, Any]:
+    """JSON Schema of one served version of a CRD, in kubectl's strict mode.
+
+    Drops ``x-kubernetes-validations``, ``default`` and ``description``; turns ``nullable`` into a null
+    type; closes every object that lists ``properties`` (unless it preserves unknown fields); pins
+    ``apiVersion``/``kind`` and requires them with ``metadata`` and ``spec``.
+    """
+    versions = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served", True)}
+    if version not in versions:
+        raise ValueError(f"no served version {version!r} in CRD {crd['metadata']['name']}")
+    schema = copy.deepcopy(versions[version]["schema"]["openAPIV3Schema"])
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        node = {
+            k: walk(v)
+            for k, v in node.items()
+            if k not in ("x-kubernetes-validations", "default", "description")
+        }
+        if node.pop("nullable", False) and "type" in node:
+            node["type"] = [node["type"], "null"]
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            node["additionalProperties"] = False
+        return node
+
+    schema = walk(schema)
+    group = crd["spec"]["group"]
+    schema["properties"]["apiVersion"] = {"const": f"{group}/{version}"}
+    schema["properties"]["kind"] = {"const": crd["spec"]["names"]["kind"]}
+    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    return schema
+
+
+@functools.cache
+def _pytorchjob_validator(crd_path: str | None) -> Any:
+    from jsonschema import Draft7Validator, Draft202012Validator
+
+    if crd_path:
+        crd = yaml.safe_load(Path(crd_path).read_text())
+        return Draft7Validator(crd_to_schema(crd))
+    return Draft202012Validator(own_pytorchjob_schema(), registry=_registry())
+
+
+def default_crd_path() -> str | None:
+    path = os.environ.get("TRNFT_PYTORCHJOB_CRD")
+    return path if path and Path(path).is_file() else None
+
+
+# -- layer 3: rules ---------------------------------------------------------------------------------
+
+
+def _pod_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    kind = doc.get("kind")
+    spec = doc.get("spec") or {}
+    if kind == "Job":
+        return [("spec.template.spec", ((spec.get("template") or {}).get("spec") or {}))]
+    if kind == "PyTorchJob":
+        out = []
+        for rtype, replica in (spec.get("pytorchReplicaSpecs") or {}).items():
+            out.append(
+                (
+                    f"spec.pytorchReplicaSpecs.{rtype}.template.spec",
+                    ((replica or {}).get("template") or {}).get("spec") or {},
+                )
+            )
+        return out
+    return []
+
+
+def _flag(command: list[str], name: str) -> str | None:
+    for part in command:
+        if part.startswith(f"--{name}="):
+            return part.split("=", 1)[1]
+    return None
+
+
+def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """Webhook, naming, quantity, secret and trnft-invariant problems of one document."""
+    problems: list[tuple[str, str]] = []
+    kind = doc.get("kind")
+    meta = doc.get("metadata") or {}
+    name = meta.get("name", "")
+    if kind in ("Job", "PyTorchJob") and not DNS_1035.match(str(name)):
+        problems.append(
+            (
+                "metadata.name",
+                f"{name!r} is not a DNS-1035 label (lower-case letters, digits, '-'; starts with a letter)",
+            )
+        )
+    if len(str(name)) > 63:
+        problems.append(("metadata.name", f"{name!r} is longer than 63 characters"))
+    if kind == "ConfigMap" and not DNS_1123_SUBDOMAIN.match(str(name)):
+        problems.append(("metadata.name", f"{name!r} is not a DNS-1123 subdomain"))
+    if "namespace" in meta and not DNS_1123_LABEL.match(str(meta["namespace"])):
+        problems.append(("metadata.namespace", f"{meta['namespace']!r} is not a DNS-1123 label"))
+
+    spec = doc.get("spec") or {}
+    if kind == "PyTorchJob":
+        replicas = spec.get("pytorchReplicaSpecs") or {}
+        for rtype in replicas:
+            if rtype not in ("Master", "Worker"):
+                problems.append(
+                    (f"spec.pytorchReplicaSpecs.{rtype}", "replica type must be Master or Worker")
+                )
+        master = replicas.get("Master")
+        if master is not None and master.get("replicas", 1) != 1:
+            problems.append(
+                ("spec.pytorchReplicaSpecs.Master.replicas", f"must be 1, got {master.get('replicas')}")
+            )
+        worker = replicas.get("Worker")
+        if worker is not None and (worker.get("replicas") or 0) < 1:
+            problems.append(
+                ("spec.pytorchReplicaSpecs.Worker.replicas", "must be at least 1 when a Worker is given")
+            )
+        if spec.get("elasticPolicy") is not None and worker is None:
+            problems.append(("spec.pytorchReplicaSpecs.Worker", "required when elasticPolicy is used"))
+        if (spec.get("elasticPolicy") or {}).get("nProcPerNode") is not None and spec.get(
+            "nprocPerNode"
+        ) is not None:
+            problems.append(("spec.elasticPolicy.nProcPerNode", "must not be used with spec.nprocPerNode"))
+
+    for path, pod in _pod_specs(doc):
+        containers = pod.get("containers") or []
+        if not containers:
+            problems.append((f"{path}.containers", "at least one container is required"))
+        if kind == "PyTorchJob" and not any(c.get("name") == "pytorch" for c in containers):
+            problems.append((f"{path}.containers", "must have at least one container named pytorch"))
+        if kind == "Job" and pod.get("restartPolicy") not in ("Never", "OnFailure"):
+            problems.append(
+                (
+                    f"{path}.restartPolicy",
+                    f"must be Never or OnFailure for a Job, got {pod.get('restartPolicy')!r}",
+                )
+            )
+        for i, c in enumerate(containers):
+            cpath = f"{path}.containers.{i}"
+            if not c.get("image"):
+                problems.append((f"{cpath}.image", "required"))
+            if c.get("name") and not DNS_1123_LABEL.match(str(c["name"])):
+                problems.append((f"{cpath}.name", f"{c['name']!r} is not a DNS-1123 label"))
+            for section in ("requests", "limits"):
+                for res, qty in ((c.get("resources") or {}).get(section) or {}).items():
+                    if not QUANTITY.match(str(qty)):
+                        problems.append((f"{cpath}.resources.{section}.{res}", f"{qty!r} is not a quantity"))
+            for j, env in enumerate(c.get("env") or []):
+                if SECRET_NAME.search(str(env.get("name", ""))) and "value" in env:
+                    problems.append(
+                        (
+                            f"{cpath}.env.{j}.value",
+                            f"{env['name']} must come from a Secret (valueFrom.secretKeyRef), not a literal",
+                        )
+                    )
+            problems += _trnft_invariants(doc, cpath, c)
+    return problems
+
+
+def _trnft_invariants(doc: dict[str, Any], cpath: str, container: dict[str, Any]) -> list[tuple[str, str]]:
+    """Invariants of specs trnft renders (recognised by their labels and annotations)."""
+    problems = []
+    labels = (doc.get("metadata") or {}).get("labels") or {}
+    annotations = (doc.get("metadata") or {}).get("annotations") or {}
+    resources = container.get("resources") or {}
+    asked = set(resources.get("requests") or {}) | set(resources.get("limits") or {})
+    if labels.get("trnft.dev/accelerator") == "none":
+        for res in sorted(asked & set(ACCELERATOR_RESOURCES)):
+            problems.append((f"{cpath}.resources", f"a CPU stage must not request {res}"))
+    if doc.get("kind") == "PyTorchJob" and "trnft.dev/world-size" in annotations:
+        spec = doc["spec"]
+        world = int(annotations["trnft.dev/world-size"])
+        replicas = sum(int((r or {}).get("replicas") or 0) for r in spec["pytorchReplicaSpecs"].values())
+        nproc = int(spec.get("nprocPerNode", "0"))
+        if replicas * nproc != world:
+            problems.append(
+                ("spec.nprocPerNode", f"{replicas} pods x {nproc} processes != world size {world}")
+            )
+        command = container.get("command") or []
+        if "torchrun" in command:
+            if _flag(command, "nproc_per_node") != str(nproc):
+                problems.append(
+                    (
+                        f"{cpath}.command",
+                        f"torchrun --nproc_per_node={_flag(command, 'nproc_per_node')} != nprocPerNode {nproc}",
+                    )
+                )
+            if _flag(command, "nnodes") != str(replicas):
+                problems.append(
+                    (f"{cpath}.command", f"torchrun --nnodes={_flag(command, 'nnodes')} != {replicas} pods")
+                )
+            if _flag(command, "rdzv_backend") not in ("c10d",):
+                problems.append((f"{cpath}.command", "torchrun must use the c10d rendezvous (no etcd)"))
+        env = {e.get("name"): e.get("value") for e in container.get("env") or []}
+        if "NEURON_RT_NUM_CORES" in env and env["NEURON_RT_NUM_CORES"] != str(nproc):
+            problems.append(
+                (f"{cpath}.env", f"NEURON_RT_NUM_CORES={env['NEURON_RT_NUM_CORES']} != nprocPerNode {nproc}")
+            )
+        tp, pp, dp = (
+            int(kv.split("=")[1]) for kv in annotations.get("trnft.dev/parallel", "tp=1,pp=1,dp=0").split(",")
+        )
+        if tp * pp * dp != world:
+            problems.append(
+                ("metadata.annotations.trnft.dev/parallel", f"TP x PP x DP = {tp}x{pp}x{dp} != world {world}")
+            )
+    return problems
+
+
+# -- entry points -----------------------------------------------------------------------------------
+
+
+def _path(error: Any) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(document)"
+
+
+def document_problems(doc: Any, crd_path: str | None = None) -> list[tuple[str, str]]:
+    """(path, message) for every problem of one parsed document."""
+    if not isinstance(doc, dict):
+        return [("(document)", "not a mapping")]
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if doc.get("kind") == "PyTorchJob":
+        if doc.get("apiVersion") != "kubeflow.org/v1":
+            return [
+                ("apiVersion", f"no served version {doc.get('apiVersion')!r} of PyTorchJob (kubeflow.org/v1)")
+            ]
+        validator = _pytorchjob_validator(crd_path or default_crd_path())
+    elif key in BUILTIN_SCHEMA_FILES:
+        validator = _builtin_validator(BUILTIN_SCHEMA_FILES[key])
+    else:
+        return [("kind", f"no schema for {doc.get('apiVersion')}/{doc.get('kind')}")]
+    schema_problems = sorted(((_path(e), e.message) for e in validator.iter_errors(doc)), key=str)
+    if schema_problems:
+        # Rules assume a well-formed document; report schema problems first, like the API server would.
+        return schema_problems
+    return rule_problems(doc)
+
+
+def validate_documents(docs: Iterable[tuple[str, Any]], crd_path: str | None = None) -> list[str]:
+    """One line per problem: ``<source>: <Kind>/<name>: <path>: <message>``; empty when all are valid."""
+    lines = []
+    for source, doc in docs:
+        label = (
+            f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}" if isinstance(doc, dict) else "?"
+        )
+        for path, message in document_problems(doc, crd_path):
+            lines.append(f"{source}: {label}: {path}: {message}")
+    return lines
+
+
+def validate_files(paths: Iterable[Path], crd_path: str | None = None) -> list[str]:
+    docs = []
+    lines = []
+    for p in paths:
+        try:
+            docs += [(str(p), d) for d in yaml.safe_load_all(p.read_text()) if d is not None]
+        except (OSError, yaml.YAMLError) as exc:
+            lines.append(f"{p}: cannot read as YAML ({exc})")
+    return lines + validate_documents(docs, crd_path)

@@ -1,0 +1,85 @@
+"""How training processes are launched: the torchrun command and the Neuron environment.
+
+One function builds the torchrun command of the train stage. The Kubernetes train spec runs it, and the
+compile stage wraps the very same command in ``neuron_parallel_compile`` (the train stage notices the
+precompilation environment and runs ``train.compile_steps`` steps instead of ``train.max_steps``), so the
+compile cache is filled with exactly the graphs training will ask for.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from trnft.common.config import RunConfig
+from trnft.common.errors import ConfigError
+from trnft.common.instances import InstanceType, Layout
+
+CONFIG_IN_POD = "/config/run.yaml"
+# optimum-neuron parses --cache_dir from NEURON_CC_FLAGS with a pattern of letters, digits, '_', '/', '-'.
+CACHE_DIR_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/-")
+
+
+def cache_dir(cfg: RunConfig) -> str:
+    """The compile cache shared by compile and train: ``neuron.cache_dir`` or ``<run.root>/neuron_cache``.
+
+    Raises:
+        ConfigError: the path is relative or has characters optimum-neuron would cut it at (such as '.').
+    """
+    path = cfg.neuron.cache_dir or f"{cfg.run.root}/neuron_cache"
+    key = "neuron.cache_dir" if cfg.neuron.cache_dir else "neuron.cache_dir (default <run.root>/neuron_cache)"
+    if not PurePosixPath(path).is_absolute():
+        raise ConfigError(f"{key}: must be an absolute path, got {path!r}")
+    bad = sorted(set(path) - CACHE_DIR_CHARS)
+    if bad:
+        raise ConfigError(
+            f"{key}: {path!r} contains {''.join(bad)!r}; optimum-neuron cuts --cache_dir at such characters, "
+            "so compile and train would use different caches. Use letters, digits, '_', '-' and '/' only"
+        )
+    return path
+
+
+def torchrun_argv(
+    layout: Layout, *, rdzv_endpoint: str, rdzv_id: str, config_path: str = CONFIG_IN_POD
+) -> list[str]:
+    """The train command: torchrun with a c10d rendezvous unique to the job (no etcd)."""
+    return [
+        "torchrun",
+        f"--nnodes={layout.nodes}",
+        f"--nproc_per_node={layout.nproc_per_node}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={rdzv_endpoint}",
+        f"--rdzv_id={rdzv_id}",
+        "--module",
+        "trnft.common.cli",
+        "train",
+        "--config",
+        config_path,
+    ]
+
+
+def neuron_cc_flags(cfg: RunConfig, inst: InstanceType) -> str:
+    """NEURON_CC_FLAGS: the configured compiler flags, the instance's target, LNC on trn2, the cache."""
+    flags = [*cfg.neuron.compiler_flags, f"--target={inst.target}"]
+    if inst.target == "trn2":
+        flags.append(f"--logical-nc-config={cfg.neuron.logical_nc_config}")
+    flags.append(f"--cache_dir={cache_dir(cfg)}")
+    return " ".join(flags)
+
+
+def neuron_env(cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
+    """Environment of the Neuron train/compile processes (the same for both, so graphs hash the same)."""
+    env = {
+        "NEURON_RT_NUM_CORES": str(layout.nproc_per_node),
+        "NEURON_CC_FLAGS": neuron_cc_flags(cfg, inst),
+        # glibc arenas grow host memory per thread; optimum-neuron caps them too (host OOM at save time).
+        "MALLOC_ARENA_MAX": "64",
+        "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": "3",
+    }
+    if inst.target == "trn2":
+        env["NEURON_LOGICAL_NC_CONFIG"] = str(cfg.neuron.logical_nc_config)
+    return env
+
+
+def efa_env() -> dict[str, str]:
+    """libfabric over EFA for multi-node collectives."""
+    return {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}

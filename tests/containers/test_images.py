@@ -1,0 +1,284 @@
+"""Images: Dockerfiles parse and COPY only what exists; one Neuron SDK release; ECR logic on moto; dry run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONTAINERS = REPO / "containers"
+SDK = json.loads((CONTAINERS / "neuron-sdk.json").read_text())
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, CONTAINERS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    out, pending = [], ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, "dangling line continuation"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["neuron", "gpu"])
+def test_dockerfile_parses_and_every_copy_source_exists(kind):
+    steps = instructions(CONTAINERS / f"Dockerfile.{kind}")
+    names = [s[0] for s in steps]
+    known = {"ARG", "FROM", "ENV", "COPY", "WORKDIR", "RUN", "ENTRYPOINT", "CMD", "LABEL"}
+    assert set(names) <= known, set(names) - known
+    assert names[: names.index("FROM")] == ["ARG"] * names.index("FROM")  # only ARGs before FROM
+    copies = [shlex.split(args) for word, args in steps if word == "COPY"]
+    assert copies
+    for parts in copies:
+        assert not any(p.startswith("--from") for p in parts)
+        for source in parts[:-1]:
+            assert (REPO / source).exists(), f"Dockerfile.{kind} copies {source}, which is not in the repo"
+    json.loads(next(args for word, args in steps if word == "ENTRYPOINT"))
+    # the installer is what keeps the base image's framework packages in place
+    assert any(
+        word == "RUN" and "install_trnft.py" in args and "--keep torch" in args for word, args in steps
+    )
+
+
+def test_neuron_image_is_one_sdk_release_without_a_driver():
+    text = (CONTAINERS / "Dockerfile.neuron").read_text()
+    steps = instructions(CONTAINERS / "Dockerfile.neuron")
+    base = next(args for word, args in steps if word == "ARG" and args.startswith("NEURON_DLC="))
+    assert base.split("=", 1)[1] == SDK["base_image"]
+    assert f"sdk{SDK['sdk']}" in SDK["base_image"]
+    assert f"optimum-neuron=={SDK['python_packages']['optimum-neuron']}" in text
+    run_lines = " ".join(args for word, args in steps if word == "RUN")
+    assert "dkms" not in run_lines and "apt-get" not in run_lines  # no driver, no extra Neuron debs
+    assert "preflight --image-only" in run_lines
+
+
+def test_gpu_image_pins_vllm_and_flash_attn_for_the_same_torch():
+    steps = instructions(CONTAINERS / "Dockerfile.gpu")
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for w, a in steps if w == "ARG" and "=" in a}
+    assert args["CUDA_TORCH_BASE"].startswith("pytorch/pytorch:2.8.0-")
+    assert "torch2.8" in args["FLASH_ATTN_WHEEL"] and args["VLLM_VERSION"] == "0.11.0"
+
+
+def test_installer_keeps_and_skips_base_packages(capsys):
+    installer = load("install_trnft")
+    deps = ["torch==2.8.0", "torch-xla==2.8.1", "transformers==4.57.1", "peft==0.17.0"]
+    assert installer.plan(deps, keep=["torch"], skip=["torch_xla"]) == [
+        "transformers==4.57.1",
+        "peft==0.17.0",
+    ]
+    assert (
+        installer.main(
+            ["--source", str(REPO), "--keep", "torch", "--skip", "torch-xla", "--extra", "x==1", "--dry-run"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "--constraint" in out
+        and "x==1" in out
+        and "torch-xla" not in out.split("--no-deps")[0].split("--constraint")[1]
+    )
+    assert "--no-deps" in out
+
+
+# -- ECR (in-process moto) ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    from moto import mock_aws
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-west-2",
+    }.items():
+        monkeypatch.setenv(key, value)
+    with mock_aws():
+        yield
+
+
+def test_ensure_repository_creates_with_scan_on_push_once(aws):
+    import boto3
+
+    ecr_helper = load("ecr")
+    ecr = boto3.client("ecr", region_name="us-west-2")
+    uri, created = ecr_helper.ensure_repository(ecr, "trnft-neuron")
+    assert created and uri.endswith(".dkr.ecr.us-west-2.amazonaws.com/trnft-neuron")
+    repo = ecr.describe_repositories(repositoryNames=["trnft-neuron"])["repositories"][0]
+    assert repo["imageScanningConfiguration"]["scanOnPush"] is True
+    assert ecr_helper.ensure_repository(ecr, "trnft-neuron") == (uri, False)
+
+
+def test_existing_repository_gets_scan_on_push(aws):
+    import boto3
+
+    ecr_helper = load("ecr")
+    ecr = boto3.client("ecr", region_name="us-west-2")
+    ecr.create_repository(repositoryName="old", imageScanningConfiguration={"scanOnPush": False})
+    ecr_helper.ensure_repository(ecr, "old")
+    assert ecr.describe_repositories(repositoryNames=["old"])["repositories"][0][
+        "imageScanningConfiguration"
+    ]["scanOnPush"]
+
+
+def test_login_and_account(aws, capsys):
+    import boto3
+
+    ecr_helper = load("ecr")
+    user, password, registry = ecr_helper.login(boto3.client("ecr", region_name="us-west-2"))
+    assert user == "AWS" and password and registry.endswith(".amazonaws.com")
+    assert ecr_helper.account_id(boto3.session.Session()) == "123456789012"
+    assert ecr_helper.main(["ensure-repository", "--region", "us-west-2", "--name", "trnft-gpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "123456789012.dkr.ecr.us-west-2.amazonaws.com/trnft-gpu"
+    assert "created repository trnft-gpu" in out.err
+
+
+# -- build-and-push.sh --dry-run ------------------------------------------------------------------------
+
+
+def test_dry_run_prints_every_step_in_order_and_runs_nothing(tmp_path):
+    marker = tmp_path / "called"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("docker", "aws"):
+        (fake / tool).write_text(f"#!/bin/sh\necho {tool} >> {marker}\nexit 1\n")
+        (fake / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    proc = subprocess.run(
+        [
+            str(CONTAINERS / "build-and-push.sh"),
+            "gpu",
+            "--region",
+            "eu-west-1",
+            "--account",
+            "111122223333",
+            "--tag",
+            "stable",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists(), "dry run called docker or aws"
+    steps = [line[4:].split()[0:2] for line in proc.stdout.splitlines() if line.startswith("==> ")]
+    assert steps == [
+        ["ensure", "ECR"],
+        ["docker", "login"],
+        ["docker", "build"],
+        ["docker", "tag"],
+        ["docker", "push"],
+        ["docker", "push"],
+    ]
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    image = next(line for line in proc.stdout.splitlines() if line.startswith("image: "))
+    assert image.startswith(f"image: 111122223333.dkr.ecr.eu-west-1.amazonaws.com/trnft-gpu:{sha}")
+    dry = [line for line in proc.stdout.splitlines() if line.startswith("DRY-RUN: ")]
+    assert any("Dockerfile.gpu" in line and "docker build" in line for line in dry)
+    assert any(line.endswith(":stable") and "docker push" in line for line in dry)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["tpu"], "first argument must be neuron or gpu"), (["neuron", "--bogus"], "unknown option --bogus")],
+)
+def test_bad_arguments(args, message):
+    proc = subprocess.run([str(CONTAINERS / "build-and-push.sh"), *args], capture_output=True, text=True)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+# -- startup check ----------------------------------------------------------------------------------------
+
+
+def _readings(**changes):
+    from trnft.neuron.preflight import Readings
+
+    found = Readings(
+        python_packages=dict(SDK["python_packages"]),
+        system_packages=dict(SDK["system_packages"]),
+        driver="2.24.7.0",
+    )
+    for key, value in changes.items():
+        if key == "driver":
+            found.driver = value
+        elif key in found.python_packages:
+            found.python_packages[key] = value
+        else:
+            found.system_packages[key] = value
+    return found
+
+
+def test_preflight_passes_when_everything_belongs_to_the_release():
+    from trnft.neuron.preflight import check
+
+    assert check(SDK, _readings(), check_driver=True) == []
+    assert check(SDK, _readings(driver="2.25.1.0"), check_driver=True) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"neuronx-cc": "2.22.1.0"},
+            "neuronx-cc 2.22.1.0 is in the image, but it is built for Neuron SDK 2.26.1 (neuronx-cc 2.21.33363.0)",
+        ),
+        ({"aws-neuronx-runtime-lib": "2.29.40.0"}, "aws-neuronx-runtime-lib 2.29.40.0 is in the image"),
+        (
+            {"driver": "2.19.64.0"},
+            "Neuron driver 2.19.64.0 on this host is older than 2.24.7.0, which runtime 2.28.23.0 of Neuron SDK 2.26.1 needs: upgrade aws-neuronx-dkms",
+        ),
+        ({"driver": None}, "cannot read the Neuron driver version"),
+        ({"neuronx-distributed": None}, "neuronx-distributed is not installed"),
+    ],
+)
+def test_preflight_says_what_to_fix(changes, message):
+    from trnft.neuron.preflight import check
+
+    problems = check(SDK, _readings(**changes), check_driver=True)
+    assert len(problems) == 1 and message in problems[0]
+
+
+def test_preflight_command_fails_in_a_non_neuron_environment():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trnft.neuron.preflight",
+            "--image-only",
+            "--manifest",
+            str(CONTAINERS / "neuron-sdk.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "neuronx-cc is not installed" in proc.stderr

@@ -1,0 +1,409 @@
+"""Kubernetes specs: goldens, offline validation of every document, mutations, invariants, the script."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trnft.common import cli
+from trnft.common.config import load_config
+from trnft.common.errors import ConfigError
+from trnft.common.jobspec import STAGE_FILES, render
+from trnft.common.k8s_validate import ACCELERATOR_RESOURCES, document_problems, validate_documents
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+GOLDEN = Path(__file__).parent / "golden"
+SHARED_CRD = REPO.parent / "shared" / "crds" / "kubeflow.org_pytorchjobs.yaml"
+CRDS = [None] + ([str(SHARED_CRD)] if SHARED_CRD.is_file() else [])
+
+CASES = {
+    "trn1-32xl-x1": ("llama31_8b_lora_trn1.yaml", []),
+    "trn1-32xl-x4": ("llama31_8b_lora_trn1.yaml", ["cluster.num_nodes=4", "run.name=llama31-8b-lora-x4"]),
+    "trn1n-32xl-x2": (
+        "llama31_8b_lora_trn1.yaml",
+        ["cluster.instance_type=trn1n.32xlarge", "cluster.num_nodes=2", "run.name=llama31-8b-trn1n"],
+    ),
+    "trn2-48xl-x1": ("qwen3_8b_lora_trn2.yaml", []),
+    "p5-48xl-x2": ("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2"]),
+}
+
+
+def rendered(case: str) -> dict[str, list[dict]]:
+    example, overrides = CASES[case]
+    files = render(load_config(EXAMPLES / example, overrides))
+    return {name: [d for d in yaml.safe_load_all(text) if d] for name, text in files.items()}
+
+
+def all_docs(files: dict[str, list[dict]]) -> list[tuple[str, dict]]:
+    return [(name, doc) for name, docs in files.items() for doc in docs]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden(case):
+    """Rendered specs equal the committed goldens (parsed YAML). UPDATE_GOLDEN=1 rewrites them."""
+    files = rendered(case)
+    folder = GOLDEN / case
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.yaml"):
+            old.unlink()
+        example, overrides = CASES[case]
+        for name, text in render(load_config(EXAMPLES / example, overrides)).items():
+            (folder / name).write_text(text)
+    assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(files)
+    for name, docs in files.items():
+        assert [d for d in yaml.safe_load_all((folder / name).read_text()) if d] == docs, (
+            f"{case}/{name} differs"
+        )
+
+
+@pytest.mark.parametrize("crd", CRDS, ids=lambda c: "upstream-crd" if c else "own-schema")
+@pytest.mark.parametrize("case", CASES)
+def test_every_rendered_document_is_valid(case, crd):
+    assert validate_documents(all_docs(rendered(case)), crd_path=crd) == []
+
+
+def test_configmap_carries_the_resolved_config(tmp_path):
+    cfg = load_config(EXAMPLES / "llama31_8b_lora_trn1.yaml")
+    (cm,) = rendered("trn1-32xl-x1")["00-config.yaml"]
+    path = tmp_path / "run.yaml"
+    path.write_text(cm["data"]["run.yaml"])
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_stages_request_no_accelerator_and_training_layout_adds_up(case):
+    files = rendered(case)
+    cfg = load_config(EXAMPLES / CASES[case][0], CASES[case][1])
+    for name, doc in all_docs(files):
+        if doc["kind"] == "ConfigMap":
+            continue
+        pods = (
+            [doc["spec"]["template"]["spec"]]
+            if doc["kind"] == "Job"
+            else [r["template"]["spec"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
+        )
+        for pod in pods:
+            (container,) = pod["containers"]
+            asked = set(container["resources"].get("requests", {})) | set(
+                container["resources"].get("limits", {})
+            )
+            accelerated = doc["metadata"]["labels"]["trnft.dev/accelerator"] != "none"
+            assert accelerated == bool(asked & set(ACCELERATOR_RESOURCES)), name
+            if not accelerated:
+                assert "nodeSelector" not in pod or "trn" not in str(pod["nodeSelector"])
+            shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+            assert shm["emptyDir"]["medium"] == "Memory"
+            assert not any(v.get("hostPath") for v in pod["volumes"])
+    train = files[STAGE_FILES["train"]][0]
+    world = int(train["metadata"]["annotations"]["trnft.dev/world-size"])
+    nproc = int(train["spec"]["nprocPerNode"])
+    replicas = sum(r["replicas"] for r in train["spec"]["pytorchReplicaSpecs"].values())
+    assert replicas == cfg.cluster.num_nodes and nproc * replicas == world
+    command = train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert (
+        command[0] == "torchrun"
+        and f"--nproc_per_node={nproc}" in command
+        and f"--nnodes={replicas}" in command
+    )
+    assert "--rdzv_backend=c10d" in command and f"--rdzv_id={train['metadata']['name']}" in command
+    assert not any("etcd" in part for part in command)
+    tp, pp, dp = (
+        int(x.split("=")[1]) for x in train["metadata"]["annotations"]["trnft.dev/parallel"].split(",")
+    )
+    assert tp * pp * dp == world
+    env = {
+        e["name"]: e
+        for e in train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    }
+    if cfg.model.platform == "neuron":
+        assert env["NEURON_RT_NUM_CORES"]["value"] == str(nproc)
+        assert f"--cache_dir={cfg.neuron.cache_dir}" in env["NEURON_CC_FLAGS"]["value"]
+        assert (
+            "--target=trn2" in env["NEURON_CC_FLAGS"]["value"]
+            if "trn2" in case
+            else "--target=trn1" in env["NEURON_CC_FLAGS"]["value"]
+        )
+    resources = train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+        "resources"
+    ]["limits"]
+    assert ("vpc.amazonaws.com/efa" in resources) == (cfg.cluster.num_nodes > 1)
+    assert ("FI_PROVIDER" in env) == (cfg.cluster.num_nodes > 1)
+
+
+def test_trn2_uses_logical_cores():
+    train = rendered("trn2-48xl-x1")[STAGE_FILES["train"]][0]
+    assert train["spec"]["nprocPerNode"] == "64"  # 128 physical cores at LNC=2
+    env = {
+        e["name"]: e.get("value")
+        for e in train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["NEURON_LOGICAL_NC_CONFIG"] == "2" and "--logical-nc-config=2" in env["NEURON_CC_FLAGS"]
+
+
+def test_no_literal_secret_anywhere(monkeypatch):
+    token = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
+    monkeypatch.setenv("HF_TOKEN", token)
+    for case in CASES:
+        example, overrides = CASES[case]
+        texts = render(load_config(EXAMPLES / example, overrides))
+        for name, text in texts.items():
+            assert token not in text and not re.search(r"hf_[A-Za-z0-9]{20,}", text), f"{case}/{name}"
+            for doc in yaml.safe_load_all(text):
+                for line in str(doc).split("'name': 'HF_TOKEN'")[1:]:
+                    assert line.startswith(", 'valueFrom': {'secretKeyRef'"), f"{case}/{name}"
+
+
+def test_job_names_are_stable_dns_1035(tmp_path):
+    first = rendered("trn1-32xl-x1")
+    assert rendered("trn1-32xl-x1") == first
+    names = [doc["metadata"]["name"] for _, doc in all_docs(first)]
+    assert names == ["llama31-8b-lora-config"] + [
+        f"llama31-8b-lora-{s}" for s in ("tokenize", "compile", "train", "consolidate", "merge", "evaluate")
+    ]
+
+
+# -- refusals before rendering ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["neuron.tp=6"],
+            "neuron.tp: 6 does not divide the 32 NeuronCores of a trn1.32xlarge; use one of 1, 2, 4, 8, 16, 32",
+        ),
+        (
+            ["cluster.instance_type=p5.48xlarge"],
+            "cluster.instance_type: p5.48xlarge is a gpu instance but model.platform is neuron",
+        ),
+        (["cluster.instance_type=trn9.big"], "cluster.instance_type: unknown instance type 'trn9.big'"),
+        (["cluster.image="], "cluster.image: not set"),
+        (["run.root=/home/me/run"], "run.root: /home/me/run is not on the shared volume mounted at /fsx"),
+        (["neuron.cache_dir=/fsx/cache-v2/x y"], "neuron.cache_dir: '/fsx/cache-v2/x y' contains ' '"),
+        (
+            ["cluster.eval_instance_type=g6e.12xlarge", "eval.tensor_parallel_size=8"],
+            "eval.tensor_parallel_size: 8 exceeds the 4 GPUs of a g6e.12xlarge",
+        ),
+    ],
+)
+def test_impossible_values_refused_before_rendering(tmp_path, capsys, overrides, message):
+    out = tmp_path / "out"
+    code = cli.main(
+        [
+            "jobspec",
+            "--config",
+            str(EXAMPLES / "llama31_8b_lora_trn1.yaml"),
+            "--out",
+            str(out),
+            "--validate",
+            *overrides,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    with pytest.raises(ConfigError):
+        render(load_config(EXAMPLES / "llama31_8b_lora_trn1.yaml", overrides))
+
+
+# -- mutations: a broken field in each kind is rejected naming its path ---------------------------------
+
+
+def _mutations():
+    def master(doc):
+        return doc["spec"]["pytorchReplicaSpecs"]["Master"]
+
+    def master_container(doc):
+        return master(doc)["template"]["spec"]["containers"][0]
+
+    def job_container(doc):
+        return doc["spec"]["template"]["spec"]["containers"][0]
+
+    return [
+        (
+            "00-config.yaml",
+            lambda d: d["data"].__setitem__("run.yaml", 5),
+            "data.run.yaml: 5 is not of type 'string'",
+        ),
+        (
+            "00-config.yaml",
+            lambda d: d.__setitem__("dta", {}),
+            "Additional properties are not allowed ('dta' was unexpected)",
+        ),
+        (
+            "01-tokenize.yaml",
+            lambda d: job_container(d).__setitem__("imagePullPolicyy", "Always"),
+            "spec.template.spec.containers.0: Additional properties are not allowed ('imagePullPolicyy'",
+        ),
+        (
+            "01-tokenize.yaml",
+            lambda d: job_container(d)["resources"]["requests"].__setitem__("memory", "64 Gi"),
+            "spec.template.spec.containers.0.resources.requests.memory: '64 Gi' is not a quantity",
+        ),
+        (
+            "01-tokenize.yaml",
+            lambda d: d["spec"]["template"]["spec"].__setitem__("restartPolicy", "Always"),
+            "spec.template.spec.restartPolicy: must be Never or OnFailure for a Job",
+        ),
+        (
+            "01-tokenize.yaml",
+            lambda d: d["spec"].__setitem__("backoffLimit", "three"),
+            "spec.backoffLimit: 'three' is not of type 'integer'",
+        ),
+        (
+            "01-tokenize.yaml",
+            lambda d: job_container(d)["env"].append({"name": "HF_TOKEN", "value": "hf_xyz"}),
+            "env.5.value: HF_TOKEN must come from a Secret",
+        ),
+        (
+            "01-tokenize.yaml",
+            lambda d: job_container(d)["resources"]["limits"].__setitem__("nvidia.com/gpu", "1"),
+            "a CPU stage must not request nvidia.com/gpu",
+        ),
+        (
+            "03-train.yaml",
+            lambda d: master(d).__setitem__("replicas", 2),
+            "spec.pytorchReplicaSpecs.Master.replicas: must be 1, got 2",
+        ),
+        (
+            "03-train.yaml",
+            lambda d: master_container(d).__setitem__("name", "trainer"),
+            "must have at least one container named pytorch",
+        ),
+        ("03-train.yaml", lambda d: d["metadata"].__setitem__("name", "Llama_Train"), "metadata.name"),
+        (
+            "03-train.yaml",
+            lambda d: d["spec"].__setitem__("nprocPerNode", 32),
+            "spec.nprocPerNode: 32 is not of type 'string'",
+        ),
+        (
+            "03-train.yaml",
+            lambda d: d["spec"]["runPolicy"].__setitem__("cleanupPolicy", "All"),
+            "spec.runPolicy: Additional properties are not allowed ('cleanupPolicy' was unexpected)",
+        ),
+        (
+            "03-train.yaml",
+            lambda d: d["spec"].__setitem__("elasticPolicy", {"rdzvBackend": "c10d"}),
+            "spec.pytorchReplicaSpecs.Worker: required when elasticPolicy is used",
+        ),
+        (
+            "03-train.yaml",
+            lambda d: master_container(d)["resources"]["limits"].__setitem__("memory", "64GBx"),
+            "resources.limits.memory",
+        ),
+        ("03-train.yaml", lambda d: d.__setitem__("apiVersion", "kubeflow.org/v2"), "apiVersion"),
+        (
+            "03-train.yaml",
+            lambda d: d["spec"].__setitem__("nprocPerNode", "16"),
+            "2 pods" if False else "x 16 processes != world size 32",
+        ),
+        (
+            "03-train.yaml",
+            lambda d: master_container(d)["env"][5].__setitem__("value", "16"),
+            "NEURON_RT_NUM_CORES=16 != nprocPerNode 32",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("crd", CRDS, ids=lambda c: "upstream-crd" if c else "own-schema")
+@pytest.mark.parametrize(
+    ("file", "mutate", "message"), _mutations(), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_mutation_is_rejected_naming_its_path(file, mutate, message, crd):
+    doc = copy.deepcopy(rendered("trn1-32xl-x1")[file][0])
+    assert document_problems(doc, crd) == []
+    mutate(doc)
+    problems = document_problems(doc, crd)
+    assert any(message in f"{path}: {text}" for path, text in problems), problems
+
+
+def test_all_problems_are_reported_not_just_the_first():
+    doc = copy.deepcopy(rendered("trn1-32xl-x1")["01-tokenize.yaml"][0])
+    doc["spec"]["backoffLimit"] = "three"
+    doc["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    doc["spec"]["template"]["spec"]["containers"][0].pop("name")
+    lines = validate_documents([("01-tokenize.yaml", doc)])
+    assert len(lines) == 3 and all(
+        line.startswith("01-tokenize.yaml: Job/llama31-8b-lora-tokenize: ") for line in lines
+    )
+
+
+def test_validate_files_command(tmp_path, capsys):
+    good = tmp_path / "good"
+    assert (
+        cli.main(
+            [
+                "jobspec",
+                "--config",
+                str(EXAMPLES / "llama31_8b_lora_trn1.yaml"),
+                "--out",
+                str(good),
+                "--validate",
+            ]
+        )
+        == 0
+    )
+    files = sorted(good.glob("*.yaml"))
+    assert cli.main(["jobspec", "--config", "x", "--files", *map(str, files)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(files[3].read_text().replace("replicas: 1", "replicas: 3"))
+    assert cli.main(["jobspec", "--config", "x", "--files", str(bad)]) == 1
+    assert "Master.replicas: must be 1, got 3" in capsys.readouterr().out
+
+
+# -- generate-jobspec.sh ------------------------------------------------------------------------------
+
+
+def _script_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+def test_generate_jobspec_script_defaults_to_the_trn1_example(tmp_path):
+    proc = subprocess.run(
+        [str(REPO / "generate-jobspec.sh")], cwd=tmp_path, capture_output=True, text=True, env=_script_env()
+    )
+    out = tmp_path / "rendered"  # the default OUTDIR, relative to the caller
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["00-config.yaml", *sorted(STAGE_FILES.values())]
+    applies = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("kubectl apply")]
+    assert [a.split()[3].split("/")[-1] for a in applies] == ["00-config.yaml", *STAGE_FILES.values()]
+    assert "TP=8 x PP=1 x DP=4" in proc.stdout and "(validated)" in proc.stdout
+
+
+def test_generate_jobspec_script_stops_on_a_missing_value_and_leaves_nothing(tmp_path):
+    config = tmp_path / "run.yaml"
+    raw = yaml.safe_load((EXAMPLES / "llama31_8b_lora_trn1.yaml").read_text())
+    raw["cluster"]["image"] = ""
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "specs"
+    proc = subprocess.run(
+        [str(REPO / "generate-jobspec.sh"), str(config), str(out)],
+        capture_output=True,
+        text=True,
+        env=_script_env(),
+    )
+    assert proc.returncode == 2
+    assert "cluster.image: not set" in proc.stderr
+    assert not out.exists()
+
+
+def test_rerender_replaces_the_folder_and_refuses_foreign_files(tmp_path):
+    out = tmp_path / "specs"
+    args = ["jobspec", "--config", str(EXAMPLES / "llama31_8b_lora_trn1.yaml"), "--out", str(out)]
+    assert cli.main(args) == 0
+    assert cli.main([*args, "cluster.num_nodes=2"]) == 0
+    assert "--nnodes=2" in (out / "03-train.yaml").read_text()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(args) == 1
+    assert (out / "notes.txt").exists()
