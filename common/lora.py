@@ -1,0 +1,82 @@
+"""LoRA set-up shared by both trainers: target checks, the PEFT config, tied LoRA A of fused layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from trnft.common.config import RunConfig
+from trnft.common.errors import ConfigError
+
+ADAPTER = "default"
+
+
+def linear_names(model: Any) -> list[str]:
+    """Leaf names of the model's Linear layers (``q_proj``, ``lm_head``, ...), sorted."""
+    import torch
+
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
+
+
+def check_targets(model: Any, targets: Sequence[str]) -> None:
+    """Every target must name a Linear layer of the model (by its leaf name)."""
+    available = linear_names(model)
+    for target in targets:
+        if target not in available:
+            raise ConfigError(
+                f"lora.target_modules: {target!r} is not a linear layer of {type(model).__name__}; "
+                f"its linear layers are: {', '.join(available)}"
+            )
+
+
+def peft_config(cfg: RunConfig, targets: Sequence[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=sorted(targets),
+        use_rslora=cfg.lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def tie_lora_a(model: Any, groups: Sequence[Sequence[str]], adapter: str = ADAPTER) -> int:
+    """Make the projections of each group share one LoRA A parameter; returns how many were tied.
+
+    On Trainium a fused layer (``gate_up_proj``, a GQA ``qkv_proj``) has one LoRA A for all its parts, so
+    the CPU rehearsal trains the same model: A is shared, each part keeps its own LoRA B.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    tied = 0
+    for _, parent in model.named_modules():
+        for group in groups:
+            members = [getattr(parent, name, None) for name in group]
+            if not all(isinstance(m, LoraLayer) and adapter in m.lora_A for m in members):
+                continue
+            shared = members[0].lora_A[adapter].weight
+            for member in members[1:]:
+                member.lora_A[adapter].weight = shared
+                tied += 1
+    return tied
+
+
+def apply_lora(
+    model: Any, cfg: RunConfig, targets: Sequence[str], tie_groups: Sequence[Sequence[str]] = ()
+) -> Any:
+    """Wrap ``model`` with a PEFT LoRA adapter (fp32 adapter weights) and tie fused groups' LoRA A."""
+    from peft import get_peft_model
+
+    check_targets(model, targets)
+    peft_model = get_peft_model(model, peft_config(cfg, targets), autocast_adapter_dtype=True)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    if tie_groups:
+        tie_lora_a(peft_model, tie_groups)
+    return peft_model

@@ -1,0 +1,214 @@
+"""Train stage on the Neuron path: Trainium through optimum-neuron, or the CPU-XLA rehearsal.
+
+Backends (``neuron.backend``): ``trainium`` drives optimum-neuron's trainer (:mod:`trnft.neuron.trainium`);
+``cpu`` runs :class:`~trnft.neuron.xla_trainer.XlaTrainer` on torch-xla's CPU device; ``auto`` picks
+Trainium when a Neuron device and optimum-neuron are present.
+
+Restart is resume: the stage output ``<root>/train/`` holds ``checkpoint-<step>/`` folders, each complete
+only with its ``done`` marker; on start the newest complete checkpoint written with the same settings is
+resumed (weights, optimizer, step; the data order and dropout follow from the step), staging leftovers
+of an interrupted save are removed and reported, and the newest ``train.keep_checkpoints`` are kept.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trnft.common import checkpoints
+from trnft.common.config import RunConfig
+from trnft.common.data import TokenizeOutput
+from trnft.common.env import has_neuron_device
+from trnft.common.errors import NotBuiltError, TrnftError
+from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.neuron import launch
+
+CPU_CACHE_SUBDIR = "xla_cpu"
+
+
+def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult | None:
+    """The train stage; under ``neuron_parallel_compile`` only the graphs are traced (see compile)."""
+    if is_precompilation():
+        from trnft.neuron import trainium
+
+        trainium.precompile(cfg, log)
+        return None
+    return run_stage(SPECS["train"], cfg, _body, force=force, log=log)
+
+
+def is_precompilation() -> bool:
+    """True inside ``neuron_parallel_compile`` (it sets NEURON_EXTRACT_GRAPHS_ONLY=1)."""
+    return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY") == "1"
+
+
+def select_backend(cfg: RunConfig) -> str:
+    backend = cfg.neuron.backend
+    if backend == "auto":
+        on_trainium = has_neuron_device() and importlib.util.find_spec("optimum") is not None
+        return "trainium" if on_trainium and importlib.util.find_spec("optimum.neuron") is not None else "cpu"
+    if backend == "trainium" and not has_neuron_device():
+        raise NotBuiltError(
+            "neuron.backend: trainium needs a Neuron device (/dev/neuron*); use neuron.backend=cpu here"
+        )
+    return backend
+
+
+def cpu_cache_dir(cfg: RunConfig) -> str:
+    """torch-xla's persistent compilation cache of the CPU backend, inside the shared compile cache."""
+    return str(Path(launch.cache_dir(cfg)) / CPU_CACHE_SUBDIR)
+
+
+def _body(ctx: StageContext) -> StageOutcome:
+    if select_backend(ctx.cfg) == "trainium":
+        from trnft.neuron import trainium
+
+        return trainium.train(ctx)
+    return train_cpu(ctx)
+
+
+def find_resume_point(train_dir: Path, fingerprint: str, log: Callable[[str], None]) -> Path | None:
+    """The newest complete checkpoint of this configuration; reports and removes what cannot be used."""
+    for leftover in checkpoints.staging_leftovers(train_dir):
+        log(f"train: removing {leftover.name}, an interrupted save")
+        shutil.rmtree(leftover, ignore_errors=True)
+    for info in checkpoints.list_checkpoints(train_dir):
+        if not info.complete:
+            log(f"train: ignoring {info.path.name}: incomplete ({info.reason})")
+    newest = checkpoints.newest_complete(train_dir)
+    if newest is None:
+        return None
+    state_file = newest.path / checkpoints.TRNFT_STATE / "state.json"
+    if not state_file.is_file():
+        raise TrnftError(
+            f"{newest.path}: has no {checkpoints.TRNFT_STATE}/state.json, so trnft cannot resume from it; pass --force to start over"
+        )
+    state = json.loads(state_file.read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise TrnftError(
+            f"{newest.path}: was written with other settings than this run's; pass --force to start train over"
+        )
+    return newest.path
+
+
+def train_cpu(ctx: StageContext, *, stop_after: int | None = None, save: bool = True) -> StageOutcome:
+    """Run (or resume) training on torch-xla's CPU device.
+
+    ``stop_after`` and ``save=False`` serve the compile stage: the same steps, no checkpoints, no resume.
+    """
+    from trnft.neuron.xla_trainer import XlaTrainer, compile_count, persistent_cache_counters
+
+    cfg, log = ctx.cfg, ctx.log
+    train_dir = ctx.out_dir
+    cache = cpu_cache_dir(cfg)
+    tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
+    resume = find_resume_point(train_dir, ctx.fingerprint, log) if save else None
+    trainer = XlaTrainer(cfg, tokenized, log)
+    trainer.setup(cache_dir=cache, resume=resume)
+    start = trainer.step
+    if resume is not None:
+        log(f"train: resumed from {resume.name} at step {start}")
+    compiled_with_stage = ctx.rundir.manifest("compile") is not None
+    end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, start + stop_after)
+    writer = _tensorboard(train_dir) if save else None
+    compiles_at_start = compile_count()
+    first_step_compiles = None
+    late_compiles = 0
+    saved: list[str] = []
+    tokens = seconds = 0
+    while trainer.step < end:
+        record = trainer.train_step()
+        if first_step_compiles is None:
+            first_step_compiles = record.compiles - compiles_at_start
+        else:
+            new = record.compiles - compiles_at_start - first_step_compiles - late_compiles
+            if new > 0:
+                late_compiles += new
+                _on_recompile(cfg, compiled_with_stage, record.step, new, log)
+            tokens += record.tokens
+            seconds += record.seconds
+        if record.step % cfg.train.logging_steps == 0 or record.step in (start + 1, end):
+            rate = tokens / seconds if seconds else 0.0
+            log(
+                f"train: step {record.step}/{cfg.train.max_steps} loss {record.loss:.4f} lr {record.lr:.2e} "
+                f"grad_norm {record.grad_norm:.3f} tokens/s {rate:,.0f} compiles {record.compiles - compiles_at_start}"
+            )
+        if writer is not None:
+            writer.add_scalar("train/loss", record.loss, record.step)
+            writer.add_scalar("train/learning_rate", record.lr, record.step)
+            writer.add_scalar("train/grad_norm", record.grad_norm, record.step)
+            if seconds:
+                writer.add_scalar("train/tokens_per_second", tokens / seconds, record.step)
+        if save and (record.step % cfg.train.save_steps == 0 or record.step == end):
+            path = trainer.save(train_dir, ctx.fingerprint, tokenized.tokenizer_dir)
+            saved.append(path.name)
+            checkpoints.prune(train_dir, cfg.train.keep_checkpoints, log)
+            log(f"train: saved {path.name}")
+        if save:
+            ctx.rundir.write_progress(
+                "train", {"summary": f"step {trainer.step} of {cfg.train.max_steps}", "step": trainer.step}
+            )
+    if writer is not None:
+        writer.close()
+    final = checkpoints.newest_complete(train_dir) if save else None
+    if save and (final is None or final.step != cfg.train.max_steps):
+        raise TrnftError(f"train: ended at step {trainer.step} without checkpoint-{cfg.train.max_steps}")
+    losses = trainer.history
+    figures = {
+        "backend": "cpu-xla",
+        "steps_this_run": trainer.step - start,
+        "resumed_from": resume.name if resume else None,
+        "start_step": start,
+        "end_step": trainer.step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "xla_compiles_first_step": first_step_compiles or 0,
+        "xla_compiles_after_first_step": late_compiles,
+        "persistent_cache": persistent_cache_counters(),
+        "compile_stage_ran": compiled_with_stage,
+        "checkpoints_saved": saved,
+        "final_checkpoint": final.path.name if final else None,
+    }
+    layout = {
+        "tp": trainer.tp,
+        "dp": trainer.dp,
+        "devices": trainer.devices,
+        "attention": trainer.layout.attention,
+        "global_batch": trainer.global_batch,
+    }
+    if losses:
+        summary = f"{trainer.step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    else:
+        summary = f"{trainer.step} steps"
+    if final:
+        summary += f", {final.path.name}"
+    return StageOutcome(summary=summary, figures=figures, layout=layout)
+
+
+def _on_recompile(
+    cfg: RunConfig, compiled_with_stage: bool, step: int, count: int, log: Callable[[str], None]
+) -> None:
+    message = (
+        f"train: {count} XLA graph(s) compiled at step {step}, after the first step; shapes or graph structure "
+        "changed between steps"
+    )
+    if not compiled_with_stage or cfg.train.on_recompile == "ignore":
+        log(message)
+        return
+    if cfg.train.on_recompile == "fail":
+        raise TrnftError(f"{message} (train.on_recompile=fail)")
+    log(f"warning: {message}")
+
+
+def _tensorboard(train_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(train_dir / "tensorboard"), flush_secs=30)
