@@ -213,23 +213,22 @@ class XlaTrainer:
 
     # -- setup ------------------------------------------------------------------------------------
 
-    def setup(self, *, cache_dir: str | None = None, resume: Path | None = None) -> None:
-        """Model, LoRA, sharding and optimizer; weights/optimizer/step from ``resume`` when given."""
-        init_runtime(self.devices)
-        import torch
-        import torch_xla
-        import torch_xla.distributed.spmd as xs
-        import torch_xla.runtime as xr
-        from transformers import AutoConfig, AutoModelForCausalLM
+    def check(self) -> None:
+        """Everything that can be refused without starting XLA: layout, LoRA targets, vocabulary."""
+        from transformers import AutoConfig
 
-        if cache_dir:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            xr.initialize_cache(cache_dir, readonly=False)
         cfg = self.cfg
-        source = cfg.model.name_or_path
-        config = AutoConfig.from_pretrained(
-            source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        )
+        try:
+            config = AutoConfig.from_pretrained(
+                cfg.model.name_or_path,
+                revision=cfg.model.revision,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+        except Exception as exc:
+            raise TrnftError(
+                f"model.name_or_path: cannot load the model config of {cfg.model.name_or_path!r} ({exc})"
+            ) from None
+        self.model_config = config
         self.layout = model_layout(cfg, config)
         self.targets = training_targets(cfg, self.layout) if cfg.lora.enabled else []
         if self.tokenized.info["vocab_size"] > config.vocab_size:
@@ -237,10 +236,18 @@ class XlaTrainer:
                 f"model.name_or_path: the tokenizer has {self.tokenized.info['vocab_size']} tokens but the model's "
                 f"vocabulary is {config.vocab_size}; retokenize with a pad token inside the vocabulary (dataset.pad_token)"
             )
+
+    def setup(self, *, cache_dir: str | None = None, resume: Path | None = None) -> None:
+        """Model, LoRA, sharding and optimizer; weights/optimizer/step from ``resume`` when given."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.check()
+        cfg = self.cfg
         base_dtype = getattr(torch, cfg.model.dtype) if cfg.lora.enabled else torch.float32
         torch.manual_seed(cfg.train.seed)
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=cfg.model.revision, dtype=base_dtype, attn_implementation="eager",
+            cfg.model.name_or_path, revision=cfg.model.revision, dtype=base_dtype, attn_implementation="eager",
             trust_remote_code=cfg.model.trust_remote_code,
         )  # fmt: skip
         model.config.use_cache = False
@@ -249,6 +256,15 @@ class XlaTrainer:
         state = None
         if resume is not None:
             state = self._restore_weights(model, resume)
+
+        init_runtime(self.devices)
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+        import torch_xla.runtime as xr
+
+        if cache_dir:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            xr.initialize_cache(cache_dir, readonly=False)
         self.device = torch_xla.device()
         model.to(self.device)
         if cfg.lora.enabled:
@@ -455,6 +471,7 @@ class XlaTrainer:
                 )
                 tag = staged / nxd_format.MODEL_SHARDS
             nxd_format.write_tag(tag, ranks, metadata, encoding=cfg.neuron.checkpoint_format)
+            _fault_point("save", self.step)
             state_dir = staged / checkpoints.TRNFT_STATE
             state_dir.mkdir()
             torch.save(optimizer, state_dir / "optimizer.pt")
@@ -483,7 +500,8 @@ class XlaTrainer:
 
         state = json.loads((checkpoint / checkpoints.TRNFT_STATE / "state.json").read_text())
         tensors = load_checkpoint_tensors(checkpoint)
-        params = dict(model.named_parameters())
+        # Every name, tied aliases included (a fused layer's LoRA A is one parameter under two names).
+        params = dict(model.named_parameters(remove_duplicate=False))
         if self.cfg.lora.enabled:
             wanted = {n for n in params if "lora_" in n}
             loaded = {}
@@ -515,6 +533,19 @@ class XlaTrainer:
             checkpoint / checkpoints.TRNFT_STATE / "optimizer.pt", weights_only=True
         )
         return state
+
+
+def _fault_point(where: str, step: int) -> None:
+    """Fault injection for tests: ``TRNFT_FAULT=kill-during-save:<step>`` SIGKILLs this process mid-save.
+
+    At that point the checkpoint's shards and ``done`` marker are written but the checkpoint folder is
+    still a staging folder, the case a marker-only reader would wrongly accept.
+    """
+    fault = os.environ.get("TRNFT_FAULT", "")
+    if fault == f"kill-during-{where}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def host_copy(tensor: Any) -> Any:

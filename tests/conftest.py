@@ -12,10 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples"
+from helpers import smoke_raw, write_config
 
 
 def _has_cuda() -> bool:
@@ -48,24 +45,6 @@ def tiny_llama(tmp_path_factory) -> Path:
     from trnft.common.fixtures import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
-
-
-def smoke_raw(root: Path, model_dir: Path, **sections) -> dict:
-    """The smoke config as a dict, pointed at ``root`` and ``model_dir``, with section overrides merged."""
-    from trnft.common.fixtures import bundled_dataset_path
-
-    raw = yaml.safe_load((EXAMPLES / "smoke.yaml").read_text())
-    raw["run"]["root"] = str(root)
-    raw["model"]["name_or_path"] = str(model_dir)
-    raw["dataset"]["files"] = [str(bundled_dataset_path())]
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return raw
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 @pytest.fixture

@@ -1,0 +1,59 @@
+"""Helpers shared by the test packages (importable because pytest's pythonpath includes tests/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def smoke_raw(root: Path, model_dir: Path, **sections) -> dict:
+    """The smoke config as a dict, pointed at ``root`` and ``model_dir``, with section overrides merged."""
+    from trnft.common.fixtures import bundled_dataset_path
+
+    raw = yaml.safe_load((EXAMPLES / "smoke.yaml").read_text())
+    raw["run"]["root"] = str(root)
+    raw["model"]["name_or_path"] = str(model_dir)
+    raw["dataset"]["files"] = [str(bundled_dataset_path())]
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+class Run:
+    """A run directory with its config file; stages run as ``python -m trnft.common.cli`` processes."""
+
+    def __init__(self, root: Path, raw: dict) -> None:
+        self.root = root
+        self.raw = raw
+        self.config = write_config(root.parent / f"{root.name}.yaml", raw)
+
+    def stage(
+        self, stage: str, *overrides: str, env: dict[str, str] | None = None, timeout: int = 900
+    ) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "trnft.common.cli", stage, "--config", str(self.config), *overrides]
+        full_env = {**os.environ, "PJRT_DEVICE": "CPU", **(env or {})}
+        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+    def manifest(self, stage: str) -> dict:
+        return json.loads((self.root / stage / "manifest.json").read_text())
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert a stage process succeeded, showing its output when it did not."""
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    )
+    return proc
