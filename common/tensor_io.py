@@ -347,7 +347,8 @@ class SafetensorsFile:
         self.header = header
         self._data_start = 8 + n
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
         return list(self.header)
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
@@ -433,3 +434,41 @@ def row_blocks(a: Array, max_bytes: int = 64 << 20) -> Iterator[Array]:
     step = max(1, max_bytes // row_bytes)
     for start in range(0, a.data.shape[0], step):
         yield a.with_data(a.data[start : start + step])
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def parse_size(text: str, key: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count -> bytes; a TrnftError naming ``key`` otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise TrnftError(f"{key}: cannot read {text!r}; use e.g. 5GB, 500MB or a byte count")
+    base = 1024 if m.group(3) else 1000
+    size = int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+    if size <= 0:
+        raise TrnftError(f"{key}: must be positive, got {text!r}")
+    return size
+
+
+def write_sharded_model(out: Path, tensors: list[PlannedTensor], max_shard_size: int) -> dict[str, Any]:
+    """``model-XXXXX-of-YYYYY.safetensors`` files of at most ``max_shard_size`` bytes (a single larger
+    tensor gets a file of its own) and ``model.safetensors.index.json``; returns the index."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    weight_map = {}
+    for i, group in enumerate(groups, start=1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        write_safetensors(out / name, group)
+        weight_map.update({t.name: name for t in group})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return index

@@ -35,14 +35,22 @@ from trnft.common import checkpoints
 from trnft.common.config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
-from trnft.common.tensor_io import ITEMSIZE, Array, LazyTensor, PlannedTensor, row_blocks, write_safetensors
+from trnft.common.tensor_io import (
+    ITEMSIZE,
+    Array,
+    LazyTensor,
+    PlannedTensor,
+    parse_size,
+    row_blocks,
+    write_safetensors,
+    write_sharded_model,
+)
 from trnft.neuron import nxd_format
 from trnft.neuron.nxd_format import ShardSet, open_shard_set
 from trnft.neuron.parallel_layout import Key, ModelDims, NeuronLayout, parse_key, query_head_sources
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-INDEX = "model.safetensors.index.json"
 COPY_FILES = (
     "config.json",
     "generation_config.json",
@@ -737,21 +745,9 @@ def model_dims_from(path: Path | None) -> ModelDims | None:
 # Writing
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise TrnftError(f"--max-shard-size: cannot read {text!r}; use e.g. 5GB, 500MB or a byte count")
-    unit = m.group(2).upper().rstrip("B").rstrip("I")
-    factor = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
-    if "I" in m.group(2).upper():
-        factor = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
-    size = int(float(m.group(1)) * factor)
-    if size <= 0:
-        raise TrnftError(f"--max-shard-size: must be positive, got {text!r}")
-    return size
-
-
 def _release_after(planned: PlannedTensor, shards: ShardSet) -> PlannedTensor:
+    """Release the input pages once a tensor has been written, so memory stays at one tensor's worth."""
+
     def produce() -> Iterator[Array]:
         try:
             yield from planned.produce()
@@ -760,28 +756,6 @@ def _release_after(planned: PlannedTensor, shards: ShardSet) -> PlannedTensor:
                 f.release()
 
     return PlannedTensor(planned.name, planned.dtype, planned.shape, produce)
-
-
-def write_model(
-    outputs: list[PlannedTensor], out: Path, max_shard_size: int, shards: ShardSet
-) -> dict[str, Any]:
-    """Sharded ``model-XXXXX-of-YYYYY.safetensors`` + ``model.safetensors.index.json``; returns the index."""
-    groups: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in outputs:
-        if groups[-1] and size + t.nbytes > max_shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    weight_map = {}
-    for i, group in enumerate(groups, start=1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        write_safetensors(out / name, [_release_after(t, shards) for t in group])
-        weight_map.update({t.name: name for t in group})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in outputs)}, "weight_map": weight_map}
-    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return index
 
 
 def consolidate_source(
@@ -812,7 +786,7 @@ def consolidate_source(
         write_safetensors(out / ADAPTER_WEIGHTS, [_release_after(t, source.shards) for t in outputs])
         (out / ADAPTER_CONFIG).write_text(json.dumps(source.adapter_config, indent=2) + "\n")
     else:
-        write_model(outputs, out, max_shard_size, source.shards)
+        write_sharded_model(out, [_release_after(t, source.shards) for t in outputs], max_shard_size)
     total = sum(t.nbytes for t in outputs)
     log(
         f"consolidate: {source.kind} {source.adapter_name or ''} {len(outputs)} tensors, {total / 1e6:.1f} MB, "
@@ -880,7 +854,7 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
-    max_size = parse_size(args.max_shard_size)
+    max_size = parse_size(args.max_shard_size, "--max-shard-size")
     sources, where = resolve(args.checkpoint, log)
     staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)

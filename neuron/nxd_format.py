@@ -127,6 +127,20 @@ def write_tag(
 # -- reading ------------------------------------------------------------------------------------------
 
 
+def _declared_tp(metadata: list[dict[str, Any]]) -> int | None:
+    """The TP size NEW metadata states (``num_partitions`` of split parameters, ``tp_size`` of specs)."""
+    sizes = set()
+    for meta in metadata:
+        for attrs in (meta.get("parameters") or {}).values():
+            if attrs.get("tensor_model_parallel") and "num_partitions" in attrs:
+                sizes.add(int(attrs["num_partitions"]))
+        for module in meta.get("model_weight_transformation_specs") or []:
+            for _, fields in module.get("specs", []):
+                if "tp_size" in fields:
+                    sizes.add(int(fields["tp_size"]))
+    return max(sizes) if sizes else None
+
+
 @dataclass
 class ShardFile:
     """One rank's state dict, opened lazily; tensors are read one at a time."""
@@ -264,6 +278,14 @@ def open_shard_set(root: str | Path, *, require_done: bool = True) -> ShardSet:
             )
     if len(eras) != 1:
         raise TrnftError(f"{root}: mixes .json and .pt metadata files")
+    declared = _declared_tp(metadata)
+    if declared is not None and declared != tp_size:
+        names = ", ".join(shard_file_name(tp, pp) for tp in range(tp_size, declared) for pp in range(pp_size))
+        raise TrnftError(
+            f"{model_dir}: missing rank files {names} (the metadata says TP={declared}, the folder has {tp_size} rank(s))"
+            if declared > tp_size
+            else f"{model_dir}: {tp_size} TP ranks but the metadata says TP={declared}"
+        )
     return ShardSet(
         root=root, files=files, tp_size=tp_size, pp_size=pp_size, metadata=metadata, era=eras.pop()
     )

@@ -1,0 +1,589 @@
+"""Merge stage (shared by both platforms): base model + LoRA adapter -> one Hugging Face model.
+
+W' = W + s * (B @ A), computed in float32 and cast back to the base dtype, where s = lora_alpha / r
+(lora_alpha / sqrt(r) with ``use_rslora``), per-module r and alpha from ``rank_pattern`` /
+``alpha_pattern``, the delta transposed for ``fan_in_fan_out`` layers and for embeddings
+(``lora_embedding_A`` [r, V], ``lora_embedding_B`` [H, r]); ``lora_B.bias`` is added to the base bias and
+``modules_to_save`` / ``base_layer`` tensors saved in the adapter replace the base tensor.
+
+Adapter names map to base names through a grammar and a table (optional ``base_model.model.`` prefix,
+optional adapter name such as ``.default``, PEFT's on-disk names and the OLD sample's ``model.safetensors``
+layout), never by string replacement. The merge refuses to guess: an adapter tensor that binds to no base
+tensor, binds twice, lacks its A or B partner, has another rank than adapter_config says, a module the
+config targets without adapter tensors, an unsupported adapter (DoRA, non-LoRA types) -- each is one
+line naming the key. After merging, every targeted module must have changed.
+
+Streaming and bounded memory: the base model is read shard by shard from memory-mapped safetensors and
+written row block by row block; no torch import. The output (safetensors shards + index, config,
+generation config, tokenizer) loads with ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trnft.common.config import RunConfig
+from trnft.common.errors import TrnftError
+from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.tensor_io import (
+    INDEX,
+    Array,
+    PlannedTensor,
+    SafetensorsFile,
+    from_f32,
+    parse_size,
+    to_f32,
+    write_sharded_model,
+)
+
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+ROW_BLOCK_BYTES = 32 << 20
+
+# Adapter key grammar: [base_model.model.]<module>.<part>[.<adapter>][.<param>]
+_ADAPTER_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\."
+    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|base_layer|modules_to_save)"
+    r"(?:\.(?P<adapter>(?!weight$|bias$)[A-Za-z0-9_]+))?(?:\.(?P<param>weight|bias))?$"
+)
+_PLAIN_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<param>weight|bias)$")
+
+# (part, param) of an adapter tensor -> (role, base parameter it binds to)
+ROLES: dict[tuple[str, str | None], tuple[str, str]] = {
+    ("lora_A", "weight"): ("A", "weight"),
+    ("lora_B", "weight"): ("B", "weight"),
+    ("lora_B", "bias"): ("bias", "bias"),
+    ("lora_embedding_A", None): ("embA", "weight"),
+    ("lora_embedding_B", None): ("embB", "weight"),
+    # PEFT saves the base embedding next to its LoRA (save_embedding_layers): the W the delta is added to
+    ("base_layer", "weight"): ("base", "weight"),
+    ("base_layer", "bias"): ("base", "bias"),
+    # modules_to_save: a full trained copy that replaces the base tensor
+    ("modules_to_save", "weight"): ("replace", "weight"),
+    ("modules_to_save", "bias"): ("replace", "bias"),
+}
+SUPPORTED_PEFT_TYPES = ("LORA",)
+
+
+def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
+    """The merge stage: base model + ``<root>/consolidate`` -> ``<root>/merge``."""
+    return run_stage(SPECS["merge"], cfg, _body, force=force, log=log)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the adapter
+
+
+@dataclass
+class ModuleUpdate:
+    """Everything the adapter says about one base module."""
+
+    module: str
+    tensors: dict[str, tuple[str, Any]] = field(default_factory=dict)  # role -> (adapter key, lazy source)
+
+    def get(self, role: str) -> tuple[str, Any] | None:
+        return self.tensors.get(role)
+
+
+@dataclass
+class Adapter:
+    config: dict[str, Any]
+    updates: dict[str, ModuleUpdate]
+    files: list[SafetensorsFile]
+
+
+def _adapter_files(adapter_dir: Path) -> list[Path]:
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (adapter_dir / name).is_file():
+            return [adapter_dir / name]
+    if (adapter_dir / INDEX).is_file():  # the OLD sample writes model.safetensors.index.json shards
+        index = json.loads((adapter_dir / INDEX).read_text())
+        return [adapter_dir / f for f in sorted(set(index["weight_map"].values()))]
+    if (adapter_dir / "adapter_model.bin").is_file():
+        raise TrnftError(
+            f"{adapter_dir}/adapter_model.bin: only safetensors adapters are merged; save with safe_serialization"
+        )
+    raise TrnftError(f"{adapter_dir}: no adapter_model.safetensors (or model.safetensors) found")
+
+
+def read_adapter(adapter_dir: Path) -> Adapter:
+    """Parse and check an adapter folder; every tensor must bind to a module role exactly once."""
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise TrnftError(f"{config_path}: missing; the merge takes r, alpha and targets from it")
+    config = json.loads(config_path.read_text())
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise TrnftError(
+            f"{config_path}: peft_type {peft_type} is not supported; only LoRA adapters are merged"
+        )
+    if config.get("use_dora"):
+        raise TrnftError(
+            f"{config_path}: use_dora is set; DoRA adapters (magnitude vectors) are not supported by this merge"
+        )
+    files = [SafetensorsFile(p) for p in _adapter_files(adapter_dir)]
+    updates: dict[str, ModuleUpdate] = {}
+    for f in files:
+        for key in f.names():
+            m = _ADAPTER_KEY.match(key)
+            if m is None:
+                raise TrnftError(
+                    f"{f.path.name}: adapter key {key} is not a LoRA tensor name (<module>.lora_A.weight, "
+                    "<module>.lora_B.weight, <module>.lora_embedding_A, ...); it would be dropped, so nothing is merged"
+                )
+            part, param = m["part"], m["param"]
+            if part == "lora_magnitude_vector":
+                raise TrnftError(f"{key}: DoRA magnitude vectors are not supported by this merge")
+            role = ROLES.get((part, param))
+            if role is None:
+                raise TrnftError(f"{key}: {part} with {param or 'no parameter'} is not a known LoRA tensor")
+            update = updates.setdefault(m["module"], ModuleUpdate(m["module"]))
+            role_key = f"{role[0]}:{param}" if role[0] in ("base", "replace") else role[0]
+            if role_key in update.tensors:
+                raise TrnftError(
+                    f"{key}: a second {role_key} for module {m['module']} (also {update.tensors[role_key][0]})"
+                )
+            update.tensors[role_key] = (key, f)
+    if not updates:
+        raise TrnftError(f"{adapter_dir}: the adapter holds no tensors")
+    for update in updates.values():
+        roles = set(update.tensors)
+        for a, b in (("A", "B"), ("embA", "embB")):
+            if (a in roles) != (b in roles):
+                have, missing = (a, b) if a in roles else (b, a)
+                raise TrnftError(
+                    f"{update.tensors[have][0]}: no matching {missing} tensor for module {update.module}"
+                )
+    return Adapter(config=config, updates=updates, files=files)
+
+
+def _pattern_value(module: str, patterns: dict[str, Any], default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: the first key matching the end of the module path."""
+    for key, value in patterns.items():
+        if re.search(rf"(^|\.){re.escape(key)}$", module) or re.fullmatch(key, module):
+            return value
+    return default
+
+
+def scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
+    """(r, scale) of ``module`` from an adapter config."""
+    r = int(_pattern_value(module, config.get("rank_pattern") or {}, config.get("r", 8)))
+    alpha = float(_pattern_value(module, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8)))
+    return r, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+
+
+def _targets(config: dict[str, Any]) -> set[str] | None:
+    targets = config.get("target_modules")
+    if targets is None or isinstance(targets, str):
+        return None  # "all-linear" or a regex: coverage is checked through the tensors only
+    return set(targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# The base model
+
+
+@dataclass
+class BaseModel:
+    folder: Path
+    files: list[SafetensorsFile]
+    where: dict[str, SafetensorsFile]  # tensor name -> file
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        return self.where[name].info(name)
+
+
+def open_base(folder: Path) -> BaseModel:
+    if (folder / INDEX).is_file():
+        index = json.loads((folder / INDEX).read_text())
+        names = sorted(set(index["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    elif list(folder.glob("*.bin")):
+        raise TrnftError(
+            f"{folder}: the base model has only .bin weights; the merge streams safetensors (save it with safe_serialization)"
+        )
+    else:
+        raise TrnftError(f"{folder}: no model.safetensors or {INDEX}")
+    files = []
+    where: dict[str, SafetensorsFile] = {}
+    for name in names:
+        if not (folder / name).is_file():
+            raise TrnftError(f"{folder / name}: listed in the index but missing")
+        f = SafetensorsFile(folder / name)
+        files.append(f)
+        for key in f.names():
+            where[key] = f
+    return BaseModel(folder, files, where)
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder with the model files: the path itself, or the hub snapshot (cached or downloaded)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if name_or_path.startswith((".", "/", "~")):
+        raise TrnftError(f"model.name_or_path: {name_or_path} is not a folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                name_or_path,
+                revision=revision,
+                allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:
+        raise TrnftError(
+            f"model.name_or_path: cannot get {name_or_path!r} from the hub or its cache ({exc})"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning the merged tensors
+
+
+@dataclass
+class Binding:
+    """How one base tensor changes."""
+
+    base_name: str
+    update: ModuleUpdate
+    kind: str  # "linear" | "embedding" | "bias" | "replace"
+    scale: float = 1.0
+    fan_in_fan_out: bool = False
+
+
+def bind(adapter: Adapter, base: BaseModel) -> dict[str, Binding]:
+    """Base tensor name -> how it changes; every adapter tensor binds to exactly one base tensor."""
+    config = adapter.config
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    bindings: dict[str, Binding] = {}
+
+    def base_for(update: ModuleUpdate, param: str, key: str) -> str:
+        name = f"{update.module}.{param}"
+        if name not in base.where:
+            raise TrnftError(
+                f"adapter key {key}: the base model has no tensor {name}; the adapter does not fit this model"
+            )
+        if name in bindings and bindings[name].update is not update:
+            raise TrnftError(f"adapter key {key}: {name} is already bound to {bindings[name].update.module}")
+        return name
+
+    for update in adapter.updates.values():
+        if "A" in update.tensors:
+            key_a, file_a = update.tensors["A"]
+            key_b, file_b = update.tensors["B"]
+            r, s = scaling(config, update.module)
+            _, shape_a = file_a.info(key_a)
+            _, shape_b = file_b.info(key_b)
+            name = base_for(update, "weight", key_a)
+            _, w_shape = base.info(name)
+            out_f, in_f = (w_shape[1], w_shape[0]) if fan_in_fan_out else (w_shape[0], w_shape[1])
+            if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != r or shape_b[1] != r:
+                raise TrnftError(
+                    f"adapter key {key_a}: rank {shape_a[0] if shape_a else '?'} (B: {list(shape_b)}) but adapter_config "
+                    f"says r={r} for {update.module}"
+                )
+            if shape_a[1] != in_f or shape_b[0] != out_f:
+                raise TrnftError(
+                    f"adapter key {key_a}: LoRA shapes A {list(shape_a)}, B {list(shape_b)} do not fit {name} {list(w_shape)}"
+                )
+            bindings[name] = Binding(name, update, "linear", s, fan_in_fan_out)
+        if "embA" in update.tensors:
+            key_a, file_a = update.tensors["embA"]
+            key_b, file_b = update.tensors["embB"]
+            r, s = scaling(config, update.module)
+            _, shape_a = file_a.info(key_a)
+            _, shape_b = file_b.info(key_b)
+            name = base_for(update, "weight", key_a)
+            _, w_shape = base.info(name)
+            if shape_a != (r, w_shape[0]) or shape_b != (w_shape[1], r):
+                raise TrnftError(
+                    f"adapter key {key_a}: embedding LoRA A {list(shape_a)}, B {list(shape_b)} do not fit {name} "
+                    f"{list(w_shape)} with r={r}"
+                )
+            bindings[name] = Binding(name, update, "embedding", s)
+        if "bias" in update.tensors:
+            key, _ = update.tensors["bias"]
+            name = base_for(update, "bias", key)
+            bindings[name] = Binding(name, update, "bias", scaling(config, update.module)[1])
+        for role in [r for r in update.tensors if r.startswith("base:")]:
+            key, f = update.tensors[role]
+            name = f"{update.module}.{role.split(':', 1)[1]}"
+            if name in base.where and f.info(key)[1] != base.info(name)[1]:
+                raise TrnftError(
+                    f"adapter key {key}: the saved base layer is {list(f.info(key)[1])} but the base model's {name} is "
+                    f"{list(base.info(name)[1])} (a resized vocabulary is not supported)"
+                )
+        for role in [r for r in update.tensors if r.startswith("replace:")]:
+            key, f = update.tensors[role]
+            param = role.split(":", 1)[1]
+            name = base_for(update, param, key)
+            if f.info(key)[1] != base.info(name)[1]:
+                raise TrnftError(
+                    f"adapter key {key}: shape {list(f.info(key)[1])} but the base {name} is {list(base.info(name)[1])}"
+                )
+            if name in bindings:
+                raise TrnftError(f"adapter key {key}: {name} is both replaced and updated by the adapter")
+            bindings[name] = Binding(name, update, "replace")
+    targets = _targets(config)
+    if targets:
+        covered = {u.module.rsplit(".", 1)[-1] for u in adapter.updates.values()}
+        leaves = {k.rsplit(".", 2)[-2] for k in base.where if k.count(".") >= 2}
+        for target in sorted(targets - covered):
+            if target in leaves:
+                raise TrnftError(
+                    f"adapter_config.json targets {target} but the adapter has no LoRA tensors for any {target} module "
+                    "(missing adapter keys)"
+                )
+    return bindings
+
+
+def _merged_blocks(base_file: SafetensorsFile, binding: Binding, out_dtype: str) -> Iterator[Array]:
+    """The merged tensor in row blocks: W[rows] + s * delta[rows], in float32, cast to ``out_dtype``.
+
+    W is the base model's tensor, or the base layer the adapter saved for this module (embeddings).
+    """
+    update = binding.update
+    param = binding.base_name.rsplit(".", 1)[1]
+    if f"base:{param}" in update.tensors:
+        key, f = update.tensors[f"base:{param}"]
+        w = f.tensor(key)
+    else:
+        w = base_file.tensor(binding.base_name)
+    if binding.kind == "replace":
+        key, f = next(v for r, v in update.tensors.items() if r.startswith("replace:"))
+        yield from _cast_blocks(f.tensor(key), out_dtype)
+        return
+    if binding.kind == "bias":
+        key, f = update.tensors["bias"]
+        yield from_f32(to_f32(w) + binding.scale * to_f32(f.tensor(key)), out_dtype)
+        return
+    if binding.kind == "linear":
+        key_a, fa = update.tensors["A"]
+        key_b, fb = update.tensors["B"]
+        a, b = to_f32(fa.tensor(key_a)), to_f32(fb.tensor(key_b))  # A [r, in], B [out, r]
+        # delta = B @ A is [out, in]; a fan_in_fan_out weight is stored [in, out] and gets delta.T
+        left, right = (a.T, b.T) if binding.fan_in_fan_out else (b, a)
+    else:
+        key_a, fa = update.tensors["embA"]
+        key_b, fb = update.tensors["embB"]
+        a, b = to_f32(fa.tensor(key_a)), to_f32(fb.tensor(key_b))  # A [r, V], B [H, r]
+        left, right = a.T, b.T  # delta = (B @ A).T = A.T @ B.T, [V, H]
+    rows = w.shape[0]
+    step = max(1, ROW_BLOCK_BYTES // max(1, w.data.shape[1] * 4))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = to_f32(w.with_data(w.data[start:stop]))
+        block += binding.scale * (left[start:stop] @ right)
+        yield from_f32(block, out_dtype)
+
+
+def _cast_blocks(a: Array, out_dtype: str) -> Iterator[Array]:
+    if a.dtype == out_dtype:
+        yield a
+    else:
+        yield from_f32(to_f32(a), out_dtype)
+
+
+@dataclass
+class MergeReport:
+    tensors: int = 0
+    merged: dict[str, int] = field(default_factory=dict)  # kind -> count
+    unchanged: list[str] = field(default_factory=list)
+    max_relative_change: float = 0.0
+    bytes: int = 0
+
+
+def plan_merge(adapter: Adapter, base: BaseModel, report: MergeReport) -> list[PlannedTensor]:
+    """Every output tensor, base order and dtype; merged ones computed in row blocks when written."""
+    bindings = bind(adapter, base)
+    planned = []
+    for f in base.files:
+        for name in f.names():
+            dtype, shape = f.info(name)
+            binding = bindings.get(name)
+            if binding is None:
+                planned.append(
+                    PlannedTensor(name, dtype, shape, lambda f=f, name=name: iter([f.tensor(name)]))
+                )
+                continue
+            report.merged[binding.kind] = report.merged.get(binding.kind, 0) + 1
+            planned.append(PlannedTensor(name, dtype, shape, _checked(f, binding, dtype, report)))
+    report.tensors = len(planned)
+    report.bytes = sum(t.nbytes for t in planned)
+    return planned
+
+
+def _checked(
+    f: SafetensorsFile, binding: Binding, dtype: str, report: MergeReport
+) -> Callable[[], Iterator[Array]]:
+    """Produce the merged blocks and record whether the tensor changed at all in the output dtype."""
+
+    def produce() -> Iterator[Array]:
+        base = f.tensor(binding.base_name)
+        offset = 0
+        changed = False
+        diff_sq = base_sq = 0.0
+        for block in _merged_blocks(f, binding, dtype):
+            rows = block.data.shape[0] if block.data.ndim else 1
+            original = base.with_data(base.data[offset : offset + rows]) if block.data.ndim else base
+            if not changed and not np.array_equal(block.data, original.data):
+                changed = True
+            d = to_f32(block) - to_f32(original)
+            diff_sq += float(np.square(d, dtype=np.float64).sum())
+            base_sq += float(np.square(to_f32(original), dtype=np.float64).sum())
+            offset += rows
+            yield block
+        if not changed and binding.kind != "replace":
+            report.unchanged.append(binding.base_name)
+        if base_sq > 0:
+            report.max_relative_change = max(report.max_relative_change, math.sqrt(diff_sq / base_sq))
+        f.release()
+
+    return produce
+
+
+def merge(
+    base_dir: Path,
+    adapter_dir: Path,
+    out: Path,
+    *,
+    max_shard_size: int,
+    tokenizer_dir: Path | None,
+    log: Callable[[str], None],
+) -> MergeReport:
+    """Merge into ``out`` (an empty folder). Raises TrnftError on any mismatch; ``out`` is then partial,
+    so callers write into a staging folder."""
+    adapter = read_adapter(adapter_dir)
+    base = open_base(base_dir)
+    report = MergeReport()
+    planned = plan_merge(adapter, base, report)
+    write_sharded_model(out, planned, max_shard_size)
+    if report.unchanged:
+        raise TrnftError(
+            f"merge: {len(report.unchanged)} targeted tensor(s) are identical to the base after merging (first: "
+            f"{report.unchanged[0]}); the adapter's update is zero or below the base dtype's resolution"
+        )
+    for name in MODEL_FILES:
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out / name)
+    tokenizer_from = (
+        tokenizer_dir if tokenizer_dir and (tokenizer_dir / "tokenizer_config.json").is_file() else base_dir
+    )
+    for name in TOKENIZER_FILES:
+        for folder in (tokenizer_from, adapter_dir, base_dir):
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, out / name)
+                break
+    log(
+        f"merge: {report.tensors} tensors ({', '.join(f'{n} {k}' for k, n in sorted(report.merged.items()))} merged), "
+        f"{report.bytes / 1e6:.1f} MB, largest relative change {report.max_relative_change:.2e}"
+    )
+    return report
+
+
+def _into_new_folder(out: Path, work: Callable[[Path], Any]) -> Any:
+    if out.exists() and any(out.iterdir()):
+        raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
+    staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        result = work(staging)
+        if out.exists():
+            out.rmdir()
+        os.rename(staging, out)
+        return result
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def standalone(args: Any, log: Callable[[str], None]) -> int:
+    """``trnft merge --base DIR --adapter DIR --output DIR [--max-shard-size 5GB]``."""
+    base, adapter, out = Path(args.base), Path(args.adapter), Path(args.output)
+    for key, folder in (("--base", base), ("--adapter", adapter)):
+        if not folder.is_dir():
+            raise TrnftError(f"{key}: {folder} is not a folder")
+    size = parse_size(args.max_shard_size, "--max-shard-size")
+    _into_new_folder(
+        out, lambda staged: merge(base, adapter, staged, max_shard_size=size, tokenizer_dir=None, log=log)
+    )
+    log(f"merge: wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _body(ctx: StageContext) -> StageOutcome:
+    cfg = ctx.cfg
+    consolidated = ctx.upstream_dir("consolidate")
+    tokenizer_dir = ctx.rundir.stage_dir("tokenize") / "tokenizer"
+    base_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
+    if not cfg.lora.enabled:
+        # Full fine-tuning: the consolidated model is the result; link its files, add config and tokenizer.
+        for p in consolidated.iterdir():
+            if p.name != "manifest.json" and p.is_file():
+                _link_or_copy(p, ctx.out_dir / p.name)
+        for name in MODEL_FILES:
+            if not (ctx.out_dir / name).exists() and (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, ctx.out_dir / name)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, ctx.out_dir / name)
+        return StageOutcome(
+            summary="full fine-tuning: the consolidated model, no adapter to merge", figures={"mode": "full"}
+        )
+    report = merge(
+        base_dir,
+        consolidated,
+        ctx.out_dir,
+        max_shard_size=5 * 10**9,
+        tokenizer_dir=tokenizer_dir,
+        log=ctx.log,
+    )
+    return StageOutcome(
+        summary=f"{sum(report.merged.values())} tensors merged of {report.tensors}, {report.bytes / 1e6:.1f} MB",
+        figures={
+            "tensors": report.tensors,
+            "merged": report.merged,
+            "bytes": report.bytes,
+            "max_relative_change": report.max_relative_change,
+        },
+        inputs=[
+            {"name": "base_model", "path": str(base_dir)},
+            {"name": "adapter", "path": str(consolidated)},
+        ],
+    )

@@ -1,0 +1,81 @@
+"""Train -> consolidate -> merge on the Neuron CPU-XLA path: the merged model is the model that trained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import ok
+
+from trnft.common import cli
+from trnft.common.data import IGNORE_INDEX, TokenizeOutput, batch_indices, segment_attention_mask
+
+
+def _loss_on_step_batch(model, split, step: int, global_batch: int, seed: int) -> float:
+    """The trainer's loss definition (sum over the global batch / its supervised tokens), in plain torch."""
+    idx = batch_indices(step, global_batch, len(split), seed)
+    rows = {k: torch.from_numpy(v) for k, v in split.rows(idx).items()}
+    with torch.no_grad():
+        logits = model(
+            input_ids=rows["input_ids"],
+            attention_mask=segment_attention_mask(rows["segment_ids"]),
+            position_ids=rows["position_ids"],
+        ).logits[:, :-1]
+    labels = rows["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total.item() / max(1, int((labels != IGNORE_INDEX).sum()))
+
+
+@pytest.mark.parametrize("tp", [2, 4], ids=["tp2-separate-qkv", "tp4-gqa-qkv"])
+def test_merged_model_reproduces_the_trainers_loss(make_run, tiny_llama, tp):
+    """Weights after 20 steps, consolidated and merged, give the loss the trainer measured at step 21.
+
+    Any slip in un-sharding (a permuted head, a wrong LoRA A/B split, a missed scaling) moves this
+    loss far more than the fp32 tolerance used here.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = make_run(
+        neuron={"tp": tp, "cpu_devices": tp},
+        train={"max_steps": 21, "save_steps": 20, "logging_steps": 20, "keep_checkpoints": 2},
+    )
+    ok(run.stage("train"))
+    losses = run.manifest("train")["figures"]["losses"]
+    ckpt = run.root / "train" / "checkpoint-20"
+    adapter, merged = run.root / "adapter-20", run.root / "merged-20"
+    assert cli.main(["consolidate", "--checkpoint", str(ckpt), "--output", str(adapter)]) == 0
+    assert (
+        cli.main(["merge", "--base", str(tiny_llama), "--adapter", str(adapter), "--output", str(merged)])
+        == 0
+    )
+
+    split = TokenizeOutput(run.root / "tokenize").split("train")
+    train = run.raw["train"]
+    global_batch = train["micro_batch_size"] * train["gradient_accumulation_steps"]
+    seed = train["seed"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base_loss = _loss_on_step_batch(base, split, 20, global_batch, seed)
+    peft_loss = _loss_on_step_batch(PeftModel.from_pretrained(base, adapter), split, 20, global_batch, seed)
+    merged_loss = _loss_on_step_batch(
+        AutoModelForCausalLM.from_pretrained(merged), split, 20, global_batch, seed
+    )
+
+    assert losses[20] < base_loss - 1.0, (losses[20], base_loss)  # training moved the model
+    np.testing.assert_allclose([peft_loss, merged_loss], [losses[20]] * 2, rtol=2e-4)
+
+
+def test_the_stages_take_the_newest_checkpoint_and_rerun_is_a_no_op(make_run):
+    run = make_run(train={"max_steps": 6, "save_steps": 3, "logging_steps": 3, "warmup_steps": 2})
+    ok(run.stage("train"))
+    consolidated = ok(run.stage("consolidate")).stdout
+    assert "using checkpoint-6" in consolidated
+    ok(run.stage("merge"))
+    assert run.manifest("merge")["upstream"]["consolidate"] == run.manifest("consolidate")["output_digest"]
+    again = ok(run.stage("merge")).stdout
+    assert "already complete" in again
