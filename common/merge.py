@@ -43,6 +43,7 @@ from trnft.common.tensor_io import (
     SafetensorsFile,
     from_f32,
     parse_size,
+    row_blocks,
     to_f32,
     write_sharded_model,
 )
@@ -362,10 +363,13 @@ def bind(adapter: Adapter, base: BaseModel) -> dict[str, Binding]:
     return bindings
 
 
-def _merged_blocks(base_file: SafetensorsFile, binding: Binding, out_dtype: str) -> Iterator[Array]:
+def _merged_blocks(
+    base_file: SafetensorsFile, binding: Binding, out_dtype: str, norms: list[float]
+) -> Iterator[Array]:
     """The merged tensor in row blocks: W[rows] + s * delta[rows], in float32, cast to ``out_dtype``.
 
     W is the base model's tensor, or the base layer the adapter saved for this module (embeddings).
+    ``norms`` accumulates [sum W^2, sum (s * delta)^2] for the report.
     """
     update = binding.update
     param = binding.base_name.rsplit(".", 1)[1]
@@ -380,7 +384,10 @@ def _merged_blocks(base_file: SafetensorsFile, binding: Binding, out_dtype: str)
         return
     if binding.kind == "bias":
         key, f = update.tensors["bias"]
-        yield from_f32(to_f32(w) + binding.scale * to_f32(f.tensor(key)), out_dtype)
+        base, delta = to_f32(w), binding.scale * to_f32(f.tensor(key))
+        norms[0] += float(np.vdot(base, base))
+        norms[1] += float(np.vdot(delta, delta))
+        yield from_f32(base + delta, out_dtype)
         return
     if binding.kind == "linear":
         key_a, fa = update.tensors["A"]
@@ -398,7 +405,12 @@ def _merged_blocks(base_file: SafetensorsFile, binding: Binding, out_dtype: str)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         block = to_f32(w.with_data(w.data[start:stop]))
-        block += binding.scale * (left[start:stop] @ right)
+        delta = left[start:stop] @ right
+        delta *= binding.scale
+        norms[0] += float(np.vdot(block, block))
+        norms[1] += float(np.vdot(delta, delta))
+        block += delta
+        del delta
         yield from_f32(block, out_dtype)
 
 
@@ -427,15 +439,23 @@ def plan_merge(adapter: Adapter, base: BaseModel, report: MergeReport) -> list[P
             dtype, shape = f.info(name)
             binding = bindings.get(name)
             if binding is None:
-                planned.append(
-                    PlannedTensor(name, dtype, shape, lambda f=f, name=name: iter([f.tensor(name)]))
-                )
+                planned.append(PlannedTensor(name, dtype, shape, _copied(f, name)))
                 continue
             report.merged[binding.kind] = report.merged.get(binding.kind, 0) + 1
             planned.append(PlannedTensor(name, dtype, shape, _checked(f, binding, dtype, report)))
     report.tensors = len(planned)
     report.bytes = sum(t.nbytes for t in planned)
     return planned
+
+
+def _copied(f: SafetensorsFile, name: str) -> Callable[[], Iterator[Array]]:
+    """An untouched tensor in row blocks; its mapped pages are dropped once written."""
+
+    def produce() -> Iterator[Array]:
+        yield from row_blocks(f.tensor(name), ROW_BLOCK_BYTES)
+        f.release()
+
+    return produce
 
 
 def _checked(
@@ -447,21 +467,19 @@ def _checked(
         base = f.tensor(binding.base_name)
         offset = 0
         changed = False
-        diff_sq = base_sq = 0.0
-        for block in _merged_blocks(f, binding, dtype):
+        norms = [0.0, 0.0]  # sum W^2, sum delta^2 (fp32, before rounding)
+        for block in _merged_blocks(f, binding, dtype, norms):
             rows = block.data.shape[0] if block.data.ndim else 1
             original = base.with_data(base.data[offset : offset + rows]) if block.data.ndim else base
+            # "changed" is judged on what is written: a delta below the output dtype's resolution is no change
             if not changed and not np.array_equal(block.data, original.data):
                 changed = True
-            d = to_f32(block) - to_f32(original)
-            diff_sq += float(np.square(d, dtype=np.float64).sum())
-            base_sq += float(np.square(to_f32(original), dtype=np.float64).sum())
             offset += rows
             yield block
         if not changed and binding.kind != "replace":
             report.unchanged.append(binding.base_name)
-        if base_sq > 0:
-            report.max_relative_change = max(report.max_relative_change, math.sqrt(diff_sq / base_sq))
+        if norms[0] > 0:
+            report.max_relative_change = max(report.max_relative_change, math.sqrt(norms[1] / norms[0]))
         f.release()
 
     return produce

@@ -18,6 +18,7 @@ import mmap
 import os
 import pickle
 import struct
+import sys
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -91,23 +92,37 @@ class Array:
         return Array(data, self.dtype)
 
 
+# Index of a float32's high 16 bits when it is viewed as two uint16 (the bf16 bits).
+_HIGH = 1 if sys.byteorder == "little" else 0
+
+
 def to_f32(a: Array) -> np.ndarray:
-    """float32 values of ``a`` (exact for F16, BF16 and F32)."""
+    """float32 values of ``a`` (exact for F16, BF16 and F32); always a new array."""
     if a.dtype == "BF16":
-        return (a.data.astype(np.uint32) << 16).view(np.float32)
+        # bf16 is the high half of a float32: write the halves side by side (one pass, no shifts)
+        halves = np.zeros((*a.data.shape, 2), dtype=np.uint16)
+        halves[..., _HIGH] = a.data
+        return halves.view(np.float32).reshape(a.data.shape)
     return a.data.astype(np.float32)
 
 
 def from_f32(x: np.ndarray, dtype: str) -> Array:
     """Cast float32 values to ``dtype`` with round-to-nearest-even (NaN stays NaN)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
     if dtype == "BF16":
-        bits = x.view(np.uint32)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        nan = np.isnan(x)
-        if nan.any():
-            rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-        return Array(rounded, "BF16")
+        flat = x.reshape(-1)
+        bits = flat.view(np.uint32)
+        rounded = bits >> 16
+        rounded &= 1  # the lowest kept bit breaks ties to even
+        rounded += bits
+        rounded += 0x7FFF
+        out = np.ascontiguousarray(rounded.view(np.uint16)[_HIGH::2])
+        with np.errstate(invalid="ignore", over="ignore"):
+            screen = np.isfinite(flat.sum())
+        if not screen:  # cheap screen; rounding could turn a NaN into an infinity
+            nan = np.isnan(flat)
+            out[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+        return Array(out.reshape(x.shape), "BF16")
     return Array(x.astype(STORAGE[dtype]), dtype)
 
 

@@ -359,7 +359,20 @@ def shard_state_dict(full: dict[str, Any], layout: NeuronLayout, rank: int) -> d
         else:
             # column fusion (gate_up, MHA qkv): rank r holds [a_r; b_r; ...]
             out[key.render()] = torch.cat([_split(t, 0, tp, rank) for t in ordered]).contiguous()
-    return out
+    return {name: _owning(t) for name, t in out.items()}
+
+
+def _owning(t: Any) -> Any:
+    """``t`` backed by a storage of exactly its own bytes.
+
+    torch.save writes a tensor's whole storage, so a chunk that is still a view of the full tensor would
+    put the full tensor in every rank's file (tp times the bytes; real NxD ranks never hold more).
+    """
+    import torch
+
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ def test_tp2_shard_names_and_local_shapes():
     }
     for rank in ranks:
         assert {k: tuple(v.shape) for k, v in rank.items() if k in expected} == expected
+        # each rank's tensors own exactly their bytes (torch.save writes whole storages)
+        assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in rank.values())
         assert not any(".gate_proj." in k or ".up_proj." in k for k in rank)
     gate_b, up_b = adapter[f"{P}.mlp.gate_proj.lora_B.weight"], adapter[f"{P}.mlp.up_proj.lora_B.weight"]
     assert torch.equal(ranks[1][f"{P}.mlp.gate_up_proj.lora_B.weight"], torch.cat([gate_b[128:], up_b[128:]]))
@@ -149,6 +151,9 @@ def test_tp4_gqa_names_replication_and_permutation():
     ranks = [shard_state_dict(adapter, layout, r) for r in range(4)]
     d = DIMS
     keys = set(ranks[0])
+    assert all(
+        v.untyped_storage().nbytes() == v.numel() * v.element_size() for r in ranks for v in r.values()
+    )
     assert f"{P}.self_attn.qkv_proj.lora_A.weight" in keys
     assert {f"{P}.self_attn.qkv_proj.lora_B.weight_{s}" for s in "qkv"} <= keys
     assert not any(".q_proj." in k or ".k_proj." in k or ".v_proj." in k for k in keys)
