@@ -1,8 +1,9 @@
 """Training checkpoints on disk: which are complete, which is newest, atomic saves and retention.
 
-A checkpoint is ``<train dir>/checkpoint-<step>/``. It counts as complete when every NxD tag folder in it
-(``shards/``, ``adapter_shards/``, ``adapter_<name>/adapter_shards/``) has its ``done`` marker and, for
-checkpoints trnft writes, when it is no longer a staging folder. trnft writes a checkpoint into
+A checkpoint is ``<train dir>/checkpoint-<step>/``. A Neuron one counts as complete when every NxD tag
+folder in it (``shards/``, ``adapter_shards/``, ``adapter_<name>/adapter_shards/``) has its ``done``
+marker; a GPU one (``lightning.ckpt``, a file or a sharded folder) when the checkpoint folder has its own
+``done`` marker; and, for checkpoints trnft writes, when it is no longer a staging folder. trnft writes a checkpoint into
 ``checkpoint-<step>.staging-<id>/`` (``checkpoint`` marker first, ``done`` last) and renames it into place,
 so a reader never sees half of one. Downstream stages always take the newest complete checkpoint; nothing
 names ``checkpoint-<max_steps>``.
@@ -22,6 +23,8 @@ from pathlib import Path
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging-"
 TRNFT_STATE = "trnft_state"
+LIGHTNING_CKPT = "lightning.ckpt"
+DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ def tag_dirs(checkpoint: Path) -> list[Path]:
 def inspect_checkpoint(path: Path) -> CheckpointInfo:
     m = CHECKPOINT_DIR.match(path.name)
     step = int(m.group(1)) if m else -1
+    if (path / LIGHTNING_CKPT).exists():
+        if not (path / DONE).is_file():
+            return CheckpointInfo(path, step, False, f"no '{DONE}' marker beside {LIGHTNING_CKPT}")
+        return CheckpointInfo(path, step, True, "")
     tags = tag_dirs(path)
     if not tags:
         return CheckpointInfo(path, step, False, "no shards/ or adapter_shards/ folder")
@@ -90,14 +97,33 @@ def atomic_checkpoint(train_dir: Path, step: int) -> Iterator[Path]:
     On an exception the staging folder is removed. A process killed inside the body leaves only a
     staging folder, which :func:`list_checkpoints` never reports.
     """
-    final = train_dir / f"checkpoint-{step}"
-    staged = train_dir / f"checkpoint-{step}{STAGING}{uuid.uuid4().hex[:8]}"
+    staged = staging_dir(train_dir, step)
     staged.mkdir(parents=True)
     try:
         yield staged
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+    commit(train_dir, staged, step)
+
+
+def write_done(folder: Path) -> None:
+    """The ``done`` marker of a trnft (GPU) checkpoint: written last, flushed to disk."""
+    path = folder / DONE
+    with open(path, "w") as fh:
+        fh.write("1")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def staging_dir(train_dir: Path, step: int) -> Path:
+    """A fresh staging folder name for checkpoint ``step`` (not created)."""
+    return train_dir / f"checkpoint-{step}{STAGING}{uuid.uuid4().hex[:8]}"
+
+
+def commit(train_dir: Path, staged: Path, step: int) -> None:
+    """Rename a fully written staging folder to ``checkpoint-<step>`` (replacing an older save of it)."""
+    final = train_dir / f"checkpoint-{step}"
     if final.exists():
         # A previous save of the same step (a resumed run saving again); replace it whole.
         trash = train_dir / f".checkpoint-{step}.replaced-{uuid.uuid4().hex[:8]}"
@@ -111,6 +137,50 @@ def atomic_checkpoint(train_dir: Path, step: int) -> Iterator[Path]:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fault_point(where: str, step: int) -> None:
+    """Fault injection for tests: ``TRNFT_FAULT=kill-during-save:<step>`` SIGKILLs this process mid-save.
+
+    Trainers call it when a checkpoint is fully written (shards and ``done`` marker) but still a staging
+    folder: the case a marker-only reader would wrongly accept.
+    """
+    if os.environ.get("TRNFT_FAULT", "") == f"kill-during-{where}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resume_point(train_dir: Path, fingerprint: str, log: Callable[[str], None]) -> Path | None:
+    """The newest complete checkpoint written with these settings; reports and removes what cannot be used.
+
+    Raises TrnftError when the newest complete checkpoint has no trnft state or other settings (resuming
+    it would silently train something else).
+    """
+    import json
+
+    from trnft.common.errors import TrnftError
+
+    for leftover in staging_leftovers(train_dir):
+        log(f"train: removing {leftover.name}, an interrupted save")
+        shutil.rmtree(leftover, ignore_errors=True)
+    for info in list_checkpoints(train_dir):
+        if not info.complete:
+            log(f"train: ignoring {info.path.name}: incomplete ({info.reason})")
+    newest = newest_complete(train_dir)
+    if newest is None:
+        return None
+    state_file = newest.path / TRNFT_STATE / "state.json"
+    if not state_file.is_file():
+        raise TrnftError(
+            f"{newest.path}: has no {TRNFT_STATE}/state.json, so trnft cannot resume from it; pass --force to start over"
+        )
+    state = json.loads(state_file.read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise TrnftError(
+            f"{newest.path}: was written with other settings than this run's; pass --force to start train over"
+        )
+    return newest.path
 
 
 def prune(train_dir: Path, keep: int, log: Callable[[str], None] = print) -> list[Path]:

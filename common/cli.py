@@ -112,6 +112,8 @@ def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> 
         missing = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is None]
         if missing:
             raise TrnftError(f"pass --config FILE, or {' and '.join(missing)} for a standalone {stage}")
+        if stage == "consolidate" and _holds_lightning_checkpoints(args.checkpoint):
+            module_name = "trnft.gpu.consolidate"  # a GPU-path checkpoint, not NxD shards
         if importlib.util.find_spec(module_name) is None:
             raise NotBuiltError(
                 f"standalone {stage} is not built yet ({module_name} is missing); nothing was run"
@@ -121,6 +123,12 @@ def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> 
     run = resolve_stage(stage, cfg)
     run(cfg, force=args.force, log=log)
     return 0
+
+
+def _holds_lightning_checkpoints(path: str) -> bool:
+    from trnft.gpu.consolidate import is_lightning_checkpoint
+
+    return is_lightning_checkpoint(path)
 
 
 def _jobspec_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:

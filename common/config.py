@@ -163,6 +163,11 @@ class TrainSection:
     max_steps: int = opt(1000, "Optimizer steps.", ge=1)
     micro_batch_size: int = opt(1, "Sequences per data-parallel rank per forward pass.", ge=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", ge=1)
+    global_batch_size: int | None = opt(
+        None,
+        "Optional check: sequences per optimizer step must equal micro_batch_size x accumulation x data-parallel ranks.",
+        ge=1,
+    )
     learning_rate: float = opt(2e-4, "Peak learning rate.", gt=0.0)
     min_lr: float = opt(0.0, "Cosine floor of the learning rate.", ge=0.0)
     warmup_steps: int = opt(0, "Linear warmup steps.", ge=0)

@@ -95,24 +95,32 @@ def shard_for_rank(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
     return indices[rank * per : (rank + 1) * per]
 
 
-def segment_attention_mask(segment_ids: Any, dtype: Any = None) -> Any:
-    """Additive 4-D attention mask ``[B, 1, S, S]`` from segment ids ``[B, S]`` (torch tensors).
+def segment_allowed(segment_ids: Any) -> Any:
+    """Boolean ``[B, 1, S, S]``: query i may attend key j (torch tensors; True = attend).
 
     Query i may attend key j iff j <= i and both are in the same non-pad segment. Padding positions
     attend only to themselves so their softmax row stays finite (their labels are -100 anyway).
     """
     import torch
 
-    dtype = dtype or torch.float32
     seg = segment_ids
     s = seg.shape[-1]
     causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
     same = seg[:, :, None] == seg[:, None, :]
     eye = torch.eye(s, dtype=torch.bool, device=seg.device)
     allowed = (same & causal & (seg[:, :, None] != 0)) | eye
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-    mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[:, None, :, :]
+    return allowed[:, None, :, :]
+
+
+def segment_attention_mask(segment_ids: Any, dtype: Any = None) -> Any:
+    """Additive 4-D attention mask ``[B, 1, S, S]`` from segment ids ``[B, S]``: 0 where
+    :func:`segment_allowed`, the dtype's minimum elsewhere (for eager attention)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    allowed = segment_allowed(segment_ids)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -11,13 +11,25 @@ from trnft.common.errors import ConfigError
 ADAPTER = "default"
 
 
-def linear_names(model: Any) -> list[str]:
-    """Leaf names of the model's Linear layers (``q_proj``, ``lm_head``, ...), sorted."""
+def _linear_types() -> tuple[type, ...]:
+    """Layer types LoRA can target: torch Linear and transformers' Conv1D (GPT-2 style, [in, out] weights)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return sorted(
-        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    )
+    return (torch.nn.Linear, Conv1D)
+
+
+def linear_names(model: Any) -> list[str]:
+    """Leaf names of the model's linear layers (``q_proj``, ``c_attn``, ``lm_head``, ...), sorted."""
+    types = _linear_types()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, types)})
+
+
+def stores_weights_transposed(model: Any, targets: Sequence[str]) -> bool:
+    """Whether the targets are Conv1D layers (PEFT's ``fan_in_fan_out``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules())
 
 
 def check_targets(model: Any, targets: Sequence[str]) -> None:
@@ -31,10 +43,11 @@ def check_targets(model: Any, targets: Sequence[str]) -> None:
             )
 
 
-def peft_config(cfg: RunConfig, targets: Sequence[str]) -> Any:
+def peft_config(cfg: RunConfig, targets: Sequence[str], *, fan_in_fan_out: bool = False) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
+        fan_in_fan_out=fan_in_fan_out,
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
@@ -73,7 +86,8 @@ def apply_lora(
     from peft import get_peft_model
 
     check_targets(model, targets)
-    peft_model = get_peft_model(model, peft_config(cfg, targets), autocast_adapter_dtype=True)
+    config = peft_config(cfg, targets, fan_in_fan_out=stores_weights_transposed(model, targets))
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()

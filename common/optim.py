@@ -48,7 +48,27 @@ def decay_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float) -
 
 
 def global_batch(train: TrainSection, data_parallel: int) -> int:
-    """Sequences per optimizer step: micro batch x accumulation x data-parallel ranks."""
+    """Sequences per optimizer step: micro batch x accumulation x data-parallel ranks.
+
+    Raises ConfigError when ``train.global_batch_size`` is set and disagrees, naming the accumulation
+    that would give it (or saying that none can).
+    """
     if data_parallel < 1:
         raise ConfigError(f"data-parallel size must be >= 1, got {data_parallel}")
-    return train.micro_batch_size * train.gradient_accumulation_steps * data_parallel
+    per_pass = train.micro_batch_size * data_parallel
+    actual = per_pass * train.gradient_accumulation_steps
+    wanted = train.global_batch_size
+    if wanted is not None and wanted != actual:
+        where = (
+            f"micro_batch_size {train.micro_batch_size} x {data_parallel} data-parallel rank(s) = {per_pass}"
+        )
+        if wanted % per_pass:
+            raise ConfigError(
+                f"train.global_batch_size: {wanted} is not a multiple of {where}, so no gradient accumulation "
+                "gives it; change global_batch_size or micro_batch_size"
+            )
+        raise ConfigError(
+            f"train.global_batch_size: {wanted} needs train.gradient_accumulation_steps={wanted // per_pass} "
+            f"with {where}, got {train.gradient_accumulation_steps}"
+        )
+    return actual

@@ -164,8 +164,13 @@ class StageContext:
 
 
 def is_main_process() -> bool:
-    """Rank 0 of a torchrun job (or a plain process) owns manifests, renames and locks."""
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 of a torchrun job (or a plain process) owns manifests, renames and locks.
+
+    torchrun sets RANK; processes that Lightning starts itself carry only LOCAL_RANK and NODE_RANK.
+    """
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def _upstream_manifests(spec: StageSpec, cfg: RunConfig, rundir: RunDir) -> dict[str, dict[str, Any]]:

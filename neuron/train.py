@@ -13,9 +13,7 @@ of an interrupted save are removed and reported, and the newest ``train.keep_che
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,30 +69,6 @@ def _body(ctx: StageContext) -> StageOutcome:
     return train_cpu(ctx)
 
 
-def find_resume_point(train_dir: Path, fingerprint: str, log: Callable[[str], None]) -> Path | None:
-    """The newest complete checkpoint of this configuration; reports and removes what cannot be used."""
-    for leftover in checkpoints.staging_leftovers(train_dir):
-        log(f"train: removing {leftover.name}, an interrupted save")
-        shutil.rmtree(leftover, ignore_errors=True)
-    for info in checkpoints.list_checkpoints(train_dir):
-        if not info.complete:
-            log(f"train: ignoring {info.path.name}: incomplete ({info.reason})")
-    newest = checkpoints.newest_complete(train_dir)
-    if newest is None:
-        return None
-    state_file = newest.path / checkpoints.TRNFT_STATE / "state.json"
-    if not state_file.is_file():
-        raise TrnftError(
-            f"{newest.path}: has no {checkpoints.TRNFT_STATE}/state.json, so trnft cannot resume from it; pass --force to start over"
-        )
-    state = json.loads(state_file.read_text())
-    if state.get("fingerprint") != fingerprint:
-        raise TrnftError(
-            f"{newest.path}: was written with other settings than this run's; pass --force to start train over"
-        )
-    return newest.path
-
-
 def train_cpu(ctx: StageContext, *, stop_after: int | None = None, save: bool = True) -> StageOutcome:
     """Run (or resume) training on torch-xla's CPU device.
 
@@ -106,7 +80,7 @@ def train_cpu(ctx: StageContext, *, stop_after: int | None = None, save: bool = 
     train_dir = ctx.out_dir
     cache = cpu_cache_dir(cfg)
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
-    resume = find_resume_point(train_dir, ctx.fingerprint, log) if save else None
+    resume = checkpoints.resume_point(train_dir, ctx.fingerprint, log) if save else None
     trainer = XlaTrainer(cfg, tokenized, log)
     trainer.setup(cache_dir=cache, resume=resume)
     start = trainer.step

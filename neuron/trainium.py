@@ -130,18 +130,19 @@ def train(ctx: StageContext) -> StageOutcome:
     _preflight()
     cfg = ctx.cfg
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
-    from trnft.neuron.train import find_resume_point
+    from trnft.common.checkpoints import resume_point
 
     if ctx.is_main:
-        resume_path = find_resume_point(ctx.out_dir, ctx.fingerprint, ctx.log)
+        resume_path = resume_point(ctx.out_dir, ctx.fingerprint, ctx.log)
     else:
         newest = checkpoints.newest_complete(ctx.out_dir)
         resume_path = newest.path if newest else None
     done = json.loads((resume_path / "trainer_state.json").read_text())["global_step"] if resume_path else 0
     remaining = cfg.train.max_steps - done
     args = _training_arguments(cfg, ctx.out_dir, remaining)
-    world_dp = args.trn_config.data_parallel_size if hasattr(args.trn_config, "data_parallel_size") else 1
-    dataset = _OrderedSequences(tokenized, global_batch(cfg.train, world_dp), cfg.train.seed, done, remaining)
+    dataset = _OrderedSequences(
+        tokenized, global_batch(cfg.train, _data_parallel(args)), cfg.train.seed, done, remaining
+    )
     model = _model_and_adapter(cfg, args, resume_path)
     trainer = NeuronTrainer(model=model, args=args, train_dataset=dataset)
     result = trainer.train()
@@ -157,6 +158,11 @@ def train(ctx: StageContext) -> StageOutcome:
     )
 
 
+def _data_parallel(args: Any) -> int:
+    """Data-parallel ranks of the NxD layout (the same for precompilation and training)."""
+    return int(getattr(args.trn_config, "data_parallel_size", 1) or 1)
+
+
 def precompile(cfg: RunConfig, log: Callable[[str], None]) -> None:
     """Under neuron_parallel_compile: the same training for ``train.compile_steps`` steps, nothing saved."""
     from optimum.neuron import NeuronTrainer
@@ -168,7 +174,7 @@ def precompile(cfg: RunConfig, log: Callable[[str], None]) -> None:
     scratch = Path(cfg.run.root) / ".trnft" / "precompile"
     args = _training_arguments(cfg, scratch, cfg.train.compile_steps)
     dataset = _OrderedSequences(
-        tokenized, global_batch(cfg.train, 1), cfg.train.seed, 0, cfg.train.compile_steps
+        tokenized, global_batch(cfg.train, _data_parallel(args)), cfg.train.seed, 0, cfg.train.compile_steps
     )
     NeuronTrainer(model=_model_and_adapter(cfg, args, None), args=args, train_dataset=dataset).train()
     log(f"precompile: traced {cfg.train.compile_steps} steps")

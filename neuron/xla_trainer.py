@@ -471,7 +471,7 @@ class XlaTrainer:
                 )
                 tag = staged / nxd_format.MODEL_SHARDS
             nxd_format.write_tag(tag, ranks, metadata, encoding=cfg.neuron.checkpoint_format)
-            _fault_point("save", self.step)
+            checkpoints.fault_point("save", self.step)
             state_dir = staged / checkpoints.TRNFT_STATE
             state_dir.mkdir()
             torch.save(optimizer, state_dir / "optimizer.pt")
@@ -533,19 +533,6 @@ class XlaTrainer:
             checkpoint / checkpoints.TRNFT_STATE / "optimizer.pt", weights_only=True
         )
         return state
-
-
-def _fault_point(where: str, step: int) -> None:
-    """Fault injection for tests: ``TRNFT_FAULT=kill-during-save:<step>`` SIGKILLs this process mid-save.
-
-    At that point the checkpoint's shards and ``done`` marker are written but the checkpoint folder is
-    still a staging folder, the case a marker-only reader would wrongly accept.
-    """
-    fault = os.environ.get("TRNFT_FAULT", "")
-    if fault == f"kill-during-{where}:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def host_copy(tensor: Any) -> Any:

@@ -9,10 +9,11 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import shutil
 from pathlib import Path
 
 import pytest
-from helpers import smoke_raw, write_config
+from helpers import Run, smoke_raw, write_config
 
 
 def _has_cuda() -> bool:
@@ -54,5 +55,34 @@ def run_config(tmp_path, tiny_llama):
     def make(**sections) -> Path:
         raw = smoke_raw(tmp_path / "run", tiny_llama, **sections)
         return write_config(tmp_path / "run.yaml", raw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenized(tmp_path_factory, tiny_llama) -> Path:
+    """A complete tokenize stage of the smoke config (copied into each run that needs it)."""
+    from trnft.common import tokenize
+    from trnft.common.config import config_from_dict
+
+    root = tmp_path_factory.mktemp("tokenized")
+    cfg = config_from_dict(smoke_raw(root, tiny_llama))
+    tokenize.run(cfg, log=lambda m: None)
+    return root / "tokenize"
+
+
+@pytest.fixture
+def make_run(tmp_path, tiny_llama, tokenized):
+    """Factory: a run (tokenize already complete) with section overrides of the smoke config."""
+    counter = {"n": 0}
+
+    def make(*, model: Path | None = None, **sections) -> Run:
+        counter["n"] += 1
+        root = tmp_path / f"run{counter['n']}"
+        root.mkdir()
+        raw = smoke_raw(root, model or tiny_llama, **sections)
+        if model is None:
+            shutil.copytree(tokenized, root / "tokenize")
+        return Run(root, raw)
 
     return make

@@ -57,3 +57,27 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     )
     return proc
+
+
+def step_batch_loss(model, split, step: int, global_batch: int, seed: int) -> float:
+    """The trainer's loss definition (sum over the global batch / its supervised tokens), in plain torch."""
+    import torch
+
+    from trnft.common.data import IGNORE_INDEX, batch_indices, segment_attention_mask
+
+    idx = batch_indices(step, global_batch, len(split), seed)
+    rows = {k: torch.from_numpy(v) for k, v in split.rows(idx).items()}
+    with torch.no_grad():
+        logits = model(
+            input_ids=rows["input_ids"],
+            attention_mask=segment_attention_mask(rows["segment_ids"]),
+            position_ids=rows["position_ids"],
+        ).logits[:, :-1]
+    labels = rows["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total.item() / max(1, int((labels != IGNORE_INDEX).sum()))

@@ -4,31 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from helpers import ok
+from helpers import ok, step_batch_loss
 
 from trnft.common import cli
-from trnft.common.data import IGNORE_INDEX, TokenizeOutput, batch_indices, segment_attention_mask
-
-
-def _loss_on_step_batch(model, split, step: int, global_batch: int, seed: int) -> float:
-    """The trainer's loss definition (sum over the global batch / its supervised tokens), in plain torch."""
-    idx = batch_indices(step, global_batch, len(split), seed)
-    rows = {k: torch.from_numpy(v) for k, v in split.rows(idx).items()}
-    with torch.no_grad():
-        logits = model(
-            input_ids=rows["input_ids"],
-            attention_mask=segment_attention_mask(rows["segment_ids"]),
-            position_ids=rows["position_ids"],
-        ).logits[:, :-1]
-    labels = rows["labels"][:, 1:]
-    total = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return total.item() / max(1, int((labels != IGNORE_INDEX).sum()))
+from trnft.common.data import TokenizeOutput
 
 
 @pytest.mark.parametrize("tp", [2, 4], ids=["tp2-separate-qkv", "tp4-gqa-qkv"])
@@ -60,11 +39,9 @@ def test_merged_model_reproduces_the_trainers_loss(make_run, tiny_llama, tp):
     global_batch = train["micro_batch_size"] * train["gradient_accumulation_steps"]
     seed = train["seed"]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    base_loss = _loss_on_step_batch(base, split, 20, global_batch, seed)
-    peft_loss = _loss_on_step_batch(PeftModel.from_pretrained(base, adapter), split, 20, global_batch, seed)
-    merged_loss = _loss_on_step_batch(
-        AutoModelForCausalLM.from_pretrained(merged), split, 20, global_batch, seed
-    )
+    base_loss = step_batch_loss(base, split, 20, global_batch, seed)
+    peft_loss = step_batch_loss(PeftModel.from_pretrained(base, adapter), split, 20, global_batch, seed)
+    merged_loss = step_batch_loss(AutoModelForCausalLM.from_pretrained(merged), split, 20, global_batch, seed)
 
     assert losses[20] < base_loss - 1.0, (losses[20], base_loss)  # training moved the model
     np.testing.assert_allclose([peft_loss, merged_loss], [losses[20]] * 2, rtol=2e-4)
