@@ -131,30 +131,48 @@ def from_f32(x: np.ndarray, dtype: str) -> Array:
 
 
 class MappedFile:
-    """A read-only mapping of a whole file; :meth:`release` drops its resident pages."""
+    """A read-only mapping of a whole file, made on first use; :meth:`release` gives its memory back.
+
+    The mapping (and the file descriptor it holds) exists only while the file is being read, so a
+    checkpoint of many thousand files (xser writes one per tensor) never has them all open at once.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._fh = open(self.path, "rb")  # noqa: SIM115 (lives as long as the mapping)
-        size = os.fstat(self._fh.fileno()).st_size
-        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        self.size = size
+        self.size = os.stat(self.path).st_size
+        self._mm: mmap.mmap | None = None
+
+    def _mapping(self) -> mmap.mmap | None:
+        if self._mm is None and self.size:
+            with open(self.path, "rb") as fh:
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
 
     def view(self, offset: int, count: int, np_dtype: Any) -> np.ndarray:
-        if self._mm is None or offset + count * np.dtype(np_dtype).itemsize > self.size:
+        mm = self._mapping()
+        if mm is None or offset + count * np.dtype(np_dtype).itemsize > self.size:
             raise TrnftError(
                 f"{self.path}: truncated (needs {offset + count * np.dtype(np_dtype).itemsize} bytes)"
             )
-        return np.frombuffer(self._mm, dtype=np_dtype, count=count, offset=offset)
+        return np.frombuffer(mm, dtype=np_dtype, count=count, offset=offset)
 
     def read(self, offset: int, length: int) -> bytes:
-        assert self._mm is not None
-        return self._mm[offset : offset + length]
+        mm = self._mapping()
+        assert mm is not None
+        return mm[offset : offset + length]
 
     def release(self) -> None:
-        """Drop this process's resident pages of the file (they stay in the page cache)."""
-        if self._mm is not None and hasattr(self._mm, "madvise"):
+        """Drop this process's resident pages of the file (they stay in the page cache) and unmap it
+        unless an array still points into it (then it is unmapped at a later release)."""
+        if self._mm is None:
+            return
+        if hasattr(self._mm, "madvise"):
             self._mm.madvise(mmap.MADV_DONTNEED)
+        try:
+            self._mm.close()
+            self._mm = None
+        except BufferError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------------

@@ -205,8 +205,6 @@ class ShardFile:
         """Give back the memory of what was read (pages of mapped files)."""
         for tf in self._files.values():
             tf.release()
-        if self.xser:
-            self._files.clear()
 
 
 @dataclass

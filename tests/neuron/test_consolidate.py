@@ -234,3 +234,35 @@ def test_output_folder_must_be_new(tmp_path, capsys):
     (tmp_path / "out" / "keep.txt").write_text("x")
     assert cli.main(["consolidate", "--checkpoint", str(ckpt), "--output", str(tmp_path / "out")]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("encoding", ["plain", "xser"])
+def test_memory_stays_at_a_block_not_the_model(tmp_path, encoding):
+    """Consolidating a ~270 MB checkpoint peaks far below its size (pages are released per tensor).
+
+    xser puts every tensor in its own file; a reader that keeps those mappings resident grows with the
+    model (it once peaked at the model's size).
+    """
+    import os
+    import subprocess
+    import sys
+
+    dims = Dims(hidden=1024, heads=8, kv_heads=2, intermediate=4096, vocab=8192, layers=4)
+    sd = random_model(dims, dtype=torch.float32)
+    model_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+    ckpt = write_full(tmp_path / "checkpoint-1", sd, dims, Layout(tp=4, encoding=encoding))
+    del sd
+    launcher = (
+        "import os, subprocess, sys\n"
+        "p = subprocess.Popen(sys.argv[1:])\n"
+        "_, status, usage = os.wait4(p.pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n"
+    )
+    cmd = [sys.executable, "-c", launcher, sys.executable, "-m", "trnft.common.cli", "consolidate",
+           "--checkpoint", str(ckpt), "--output", str(tmp_path / "out")]  # fmt: skip
+    code, peak_kib = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-2:]
+    assert code == "0"
+    peak = int(peak_kib) * 1024
+    assert model_bytes > 250e6
+    assert peak < 0.45 * model_bytes, (peak / 1e6, model_bytes / 1e6)
+    assert os.path.getsize(tmp_path / "out" / "model-00001-of-00001.safetensors") >= model_bytes
