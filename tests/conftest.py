@@ -76,11 +76,13 @@ def make_run(tmp_path, tiny_llama, tokenized):
     """Factory: a run (tokenize already complete) with section overrides of the smoke config."""
     counter = {"n": 0}
 
-    def make(*, model: Path | None = None, **sections) -> Run:
+    def make(*, model: Path | None = None, platform: str | None = None, **sections) -> Run:
         counter["n"] += 1
         root = tmp_path / f"run{counter['n']}"
         root.mkdir()
         raw = smoke_raw(root, model or tiny_llama, **sections)
+        if platform:
+            raw["model"]["platform"] = platform
         if model is None:
             shutil.copytree(tokenized, root / "tokenize")
         return Run(root, raw)

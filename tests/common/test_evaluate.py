@@ -1,0 +1,159 @@
+"""Evaluate stage: offline end to end on the tiny model, reproducible, fine-tuned beats base, no-op flagged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from helpers import ok, smoke_raw, write_config
+
+from trnft.common import cli
+from trnft.common.evaluate import normalise, strip_header, template_header, vllm_lora_rank
+
+EVAL = {"max_samples": 16, "batch_size": 8, "max_new_tokens": 12}
+
+
+@pytest.mark.parametrize(
+    "template, header",
+    [
+        ("{response}", ""),
+        ("### Response:\n{output}", "### Response:\n"),
+        ("{{x}} {a}", "{x} "),
+        ("fixed", ""),
+    ],
+)
+def test_template_header(template, header):
+    assert template_header(template) == header
+
+
+def test_references_and_predictions_lose_the_header_only_when_present():
+    assert strip_header("### Response:\nfoo", "### Response:\n") == "foo"
+    assert strip_header("foo", "### Response:\n") == "foo"
+    assert normalise("  a \n b ") == "a b"
+
+
+def test_vllm_lora_rank_comes_from_the_adapter(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 12, "rank_pattern": {"q_proj": 4}}))
+    assert vllm_lora_rank(tmp_path) == 16
+
+
+def _evaluate_base_as_merged(run, tiny_llama):
+    """Evaluate with the base model standing in for the merged model (no training needed)."""
+    merge = run.root / "merge"
+    shutil.copytree(tiny_llama, merge)
+    from trnft.common.rundir import RunDir
+
+    rundir = RunDir(run.root)
+    # A merge manifest so evaluate's upstream check passes; the content is the base model.
+    rundir.write_manifest(merge, {"stage": "merge", "status": "complete", "output_digest": "base-as-merged"})
+
+
+def test_evaluate_runs_offline_and_is_reproducible(make_run, tiny_llama, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = make_run(eval=EVAL)
+    _evaluate_base_as_merged(run, tiny_llama)
+    assert cli.main(["evaluate", "--config", str(run.config)]) == 0
+    out = run.root / "evaluate"
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["samples"] == len(rows) == 16
+    assert 0.0 <= metrics["exact_match"] <= 1.0
+    for key in ("precision", "recall", "f1"):
+        assert 0.0 < metrics["bertscore"][key] <= 1.0
+        mean = sum(r["bertscore"][key] for r in rows) / len(rows)
+        assert abs(mean - metrics["bertscore"][key]) < 1e-6
+    assert metrics["scorer"]["num_layers"] == 6  # the MiniLM's last layer
+    test_rows = [json.loads(x) for x in (run.root / "tokenize" / "test.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [t["input"] for t in test_rows[:16]]
+    assert [r["reference"] for r in rows] == [t["output"] for t in test_rows[:16]]
+    # the merged model here is the base itself: flagged
+    assert metrics["identical_to_base"] is True and metrics["changed_vs_base"] == 0
+    manifest = run.manifest("evaluate")
+    assert "IDENTICAL TO BASE" in manifest["summary"]
+    assert cli.main(["evaluate", "--config", str(run.config), "--force"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    for key in ("bertscore", "exact_match", "mean_words", "mean_new_tokens"):
+        assert again[key] == metrics[key]
+
+
+def test_an_unmerged_zero_adapter_is_evaluated_and_flagged(make_run, tiny_llama):
+    """eval.use_adapter: base + the consolidate stage's adapter through PEFT; a zero adapter is a no-op."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trnft.common.rundir import RunDir
+
+    run = make_run(eval={**EVAL, "use_adapter": True, "max_samples": 8})
+    adapter = run.root / "consolidate"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    model.save_pretrained(adapter)  # PEFT's default init: B = 0
+    RunDir(run.root).write_manifest(
+        adapter, {"stage": "consolidate", "status": "complete", "output_digest": "zero"}
+    )
+    assert cli.main(["evaluate", "--config", str(run.config)]) == 0
+    metrics = json.loads((run.root / "evaluate" / "metrics.json").read_text())
+    assert metrics["model"].startswith("base ") and "adapter" in metrics["model"]
+    assert metrics["identical_to_base"] is True
+
+
+def test_a_bad_scorer_fails_before_generating(make_run, tiny_llama, tmp_path, capsys):
+    run = make_run(eval={**EVAL, "scorer_model": str(tmp_path / "nowhere")})
+    _evaluate_base_as_merged(run, tiny_llama)
+    assert cli.main(["evaluate", "--config", str(run.config)]) != 0
+    err = capsys.readouterr().err
+    assert "eval.scorer_model" in err and err.strip().count("\n") == 0
+    assert not (run.root / "evaluate").exists()
+
+
+@pytest.mark.integration
+def test_after_training_the_model_beats_its_base(tmp_path, tiny_llama):
+    """The smoke recipe (300 LoRA steps, CPU-XLA): BERTScore F1 and exact match above the base model's."""
+    from helpers import Run
+
+    raw = smoke_raw(
+        tmp_path / "run", tiny_llama, eval={"max_samples": 48, "batch_size": 16, "max_new_tokens": 16}
+    )
+    run = Run(tmp_path / "run", raw)
+    write_config(run.config, raw)
+    for stage in ("tokenize", "train", "consolidate", "merge", "evaluate"):
+        ok(run.stage(stage, timeout=1200))
+    metrics = json.loads((run.root / "evaluate" / "metrics.json").read_text())
+    print(
+        "tuned",
+        metrics["bertscore"],
+        metrics["exact_match"],
+        "base",
+        metrics["base"]["bertscore"],
+        metrics["base"]["exact_match"],
+    )
+    assert metrics["bertscore"]["f1"] > metrics["base"]["bertscore"]["f1"] + 0.05
+    assert metrics["exact_match"] > metrics["base"]["exact_match"]
+    assert metrics["identical_to_base"] is False
+    assert metrics["hit_max_new_tokens"] < metrics["samples"]  # it learned to stop (EOS)
+
+
+@pytest.mark.gpu
+def test_vllm_agrees_with_transformers_on_greedy_answers(make_run, tiny_llama):
+    """vLLM (merged model and base + adapter) against the transformers backend on the same prompts."""
+    pytest.importorskip("vllm")
+    answers = {}
+    for backend, use_adapter in (("transformers", False), ("vllm", False), ("vllm", True)):
+        run = make_run(
+            platform="gpu",
+            train={"max_steps": 60, "save_steps": 60},
+            eval={**EVAL, "backend": backend, "use_adapter": use_adapter, "compare_base": False},
+        )
+        for stage in ("train", "consolidate", "merge", "evaluate"):
+            ok(run.stage(stage))
+        metrics = json.loads((run.root / "evaluate" / "metrics.json").read_text())
+        assert metrics["backend"] == backend
+        rows = (run.root / "evaluate" / "predictions.jsonl").read_text().splitlines()
+        answers[(backend, use_adapter)] = [json.loads(r)["prediction"] for r in rows]
+        print(backend, use_adapter, "samples/s", metrics["samples_per_second"])
+    reference = answers[("transformers", False)]
+    for key in (("vllm", False), ("vllm", True)):
+        same = sum(a == b for a, b in zip(answers[key], reference)) / len(reference)
+        assert same >= 0.8, (key, same)

@@ -1,0 +1,31 @@
+"""`trnft smoke` end to end, as a user runs it: every stage in its own process, both platforms (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("platform", ["neuron", "gpu"])
+def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, platform):
+    root = tmp_path / f"smoke-{platform}"
+    cmd = [sys.executable, "-m", "trnft.common.cli", "smoke", "--root", str(root), "--platform", platform]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("tokenize", "compile", "train", "consolidate", "merge", "evaluate"):
+        manifest = json.loads((root / stage / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["platform"] == platform
+    assert "not built yet" not in proc.stdout
+    train = json.loads((root / "train" / "manifest.json").read_text())["figures"]
+    assert train["final_loss"] < 1.0 < train["first_loss"]
+    metrics = json.loads((root / "evaluate" / "metrics.json").read_text())
+    assert metrics["bertscore"]["f1"] > metrics["base"]["bertscore"]["f1"]
+    assert metrics["exact_match"] > metrics["base"]["exact_match"]
+    # a second run skips every stage
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already complete") == 6, again.stdout[-2000:]
