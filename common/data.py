@@ -123,6 +123,23 @@ def segment_attention_mask(segment_ids: Any, dtype: Any = None) -> Any:
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def summed_token_loss(logits: Any, labels: Any) -> Any:
+    """Cross-entropy summed over supervised positions (torch): position t's logits predict label t+1.
+
+    Both trainers divide this by the supervised tokens of the whole global batch, so the loss does not
+    depend on how the batch is split into micro-batches and ranks.
+    """
+    import torch.nn.functional as F
+
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]

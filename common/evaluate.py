@@ -83,7 +83,9 @@ def load_samples(tokenized: TokenizeOutput, limit: int | None) -> tuple[list[Sam
     """The first ``limit`` rows of the tokenize stage's test split, references without the header."""
     path = tokenized.text("test")
     if not path.is_file():
-        raise TrnftError(f"{path}: the tokenize stage wrote no test split; set dataset.test_ratio > 0 and rerun tokenize")
+        raise TrnftError(
+            f"{path}: the tokenize stage wrote no test split; set dataset.test_ratio > 0 and rerun tokenize"
+        )
     rows = read_jsonl(path)
     if not rows:
         raise TrnftError(f"{path}: the test split is empty; set dataset.test_ratio > 0 and rerun tokenize")
@@ -111,7 +113,9 @@ def choose_backend(ev: EvalSection) -> str:
     if ev.backend == "auto":
         return "vllm" if has_vllm and torch.cuda.is_available() else "transformers"
     if ev.backend == "vllm" and not (has_vllm and torch.cuda.is_available()):
-        raise ConfigError("eval.backend: vllm needs CUDA and the vllm package; use transformers (or auto) here")
+        raise ConfigError(
+            "eval.backend: vllm needs CUDA and the vllm package; use transformers (or auto) here"
+        )
     return ev.backend
 
 
@@ -164,7 +168,9 @@ def vllm_lora_rank(adapter_dir: Path) -> int:
     for supported in VLLM_LORA_RANKS:
         if supported >= r:
             return supported
-    raise TrnftError(f"{adapter_dir}/adapter_config.json: r={r} is above the largest LoRA rank vLLM serves (512)")
+    raise TrnftError(
+        f"{adapter_dir}/adapter_config.json: r={r} is above the largest LoRA rank vLLM serves (512)"
+    )
 
 
 def check_vllm_adapter(adapter_dir: Path) -> None:
@@ -377,7 +383,9 @@ def _body(ctx: StageContext) -> StageOutcome:
         base = _generate(backend, base_dir, None, ctx, tokenized, tokenizer, prompts, device)
         base_predictions = [strip_header(t, header) for t in base.texts]
         changed = sum(a != b for a, b in zip(predictions, base_predictions))
-        metrics["base"] = summarise(base_predictions, references, base, scorer.score(base_predictions, references))
+        metrics["base"] = summarise(
+            base_predictions, references, base, scorer.score(base_predictions, references)
+        )
         metrics["changed_vs_base"] = changed
         metrics["identical_to_base"] = changed == 0
         if changed == 0:
@@ -413,6 +421,9 @@ def _body(ctx: StageContext) -> StageOutcome:
     return StageOutcome(
         summary=summary,
         figures=metrics,
-        inputs=[{"name": "model", "path": str(model_dir)}, {"name": "test_split", "path": str(tokenized.text("test"))}]
+        inputs=[
+            {"name": "model", "path": str(model_dir)},
+            {"name": "test_split", "path": str(tokenized.text("test"))},
+        ]
         + ([{"name": "adapter", "path": str(adapter_dir)}] if adapter_dir else []),
     )

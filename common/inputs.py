@@ -11,17 +11,8 @@ from typing import Any
 
 from trnft.common.config import RunConfig
 from trnft.common.hashing import file_digest, tree_digest
+from trnft.common.hf_files import TOKENIZER_FILES
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-)
 MODEL_FILES_SUFFIXES = (".safetensors", ".bin", ".json")
 
 

@@ -29,7 +29,9 @@ def stores_weights_transposed(model: Any, targets: Sequence[str]) -> bool:
     """Whether the targets are Conv1D layers (PEFT's ``fan_in_fan_out``)."""
     from transformers.pytorch_utils import Conv1D
 
-    return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules())
+    return any(
+        isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules()
+    )
 
 
 def check_targets(model: Any, targets: Sequence[str]) -> None:

@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ import numpy as np
 
 from trnft.common.config import RunConfig
 from trnft.common.errors import TrnftError
+from trnft.common.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
+from trnft.common.rundir import into_new_folder
 from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.tensor_io import (
     INDEX,
@@ -49,17 +50,6 @@ from trnft.common.tensor_io import (
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
-MODEL_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 ROW_BLOCK_BYTES = 32 << 20
 
 # Adapter key grammar: [base_model.model.]<module>.<part>[.<adapter>][.<param>]
@@ -506,38 +496,16 @@ def merge(
             f"merge: {len(report.unchanged)} targeted tensor(s) are identical to the base after merging (first: "
             f"{report.unchanged[0]}); the adapter's update is zero or below the base dtype's resolution"
         )
-    for name in MODEL_FILES:
-        if (base_dir / name).is_file():
-            shutil.copy2(base_dir / name, out / name)
+    copy_present(MODEL_CONFIG_FILES, [base_dir], out, overwrite=True)
     tokenizer_from = (
         tokenizer_dir if tokenizer_dir and (tokenizer_dir / "tokenizer_config.json").is_file() else base_dir
     )
-    for name in TOKENIZER_FILES:
-        for folder in (tokenizer_from, adapter_dir, base_dir):
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, out / name)
-                break
+    copy_present(TOKENIZER_FILES, [tokenizer_from, adapter_dir, base_dir], out, overwrite=True)
     log(
         f"merge: {report.tensors} tensors ({', '.join(f'{n} {k}' for k, n in sorted(report.merged.items()))} merged), "
         f"{report.bytes / 1e6:.1f} MB, largest relative change {report.max_relative_change:.2e}"
     )
     return report
-
-
-def _into_new_folder(out: Path, work: Callable[[Path], Any]) -> Any:
-    if out.exists() and any(out.iterdir()):
-        raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
-    staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
-        result = work(staging)
-        if out.exists():
-            out.rmdir()
-        os.rename(staging, out)
-        return result
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def standalone(args: Any, log: Callable[[str], None]) -> int:
@@ -547,7 +515,7 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
         if not folder.is_dir():
             raise TrnftError(f"{key}: {folder} is not a folder")
     size = parse_size(args.max_shard_size, "--max-shard-size")
-    _into_new_folder(
+    into_new_folder(
         out, lambda staged: merge(base, adapter, staged, max_shard_size=size, tokenizer_dir=None, log=log)
     )
     log(f"merge: wrote {out}")
@@ -575,12 +543,8 @@ def _body(ctx: StageContext) -> StageOutcome:
         for p in consolidated.iterdir():
             if p.name != "manifest.json" and p.is_file():
                 _link_or_copy(p, ctx.out_dir / p.name)
-        for name in MODEL_FILES:
-            if not (ctx.out_dir / name).exists() and (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, ctx.out_dir / name)
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, ctx.out_dir / name)
+        copy_present(MODEL_CONFIG_FILES, [base_dir], ctx.out_dir)
+        copy_present(TOKENIZER_FILES, [tokenizer_dir], ctx.out_dir, overwrite=True)
         return StageOutcome(
             summary="full fine-tuning: the consolidated model, no adapter to merge", figures={"mode": "full"}
         )

@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,3 +204,24 @@ def output_digest(files: list[dict[str, Any]]) -> str:
     for entry in files:
         h.update(f"{entry['path']}\0{entry['digest']}\n".encode())
     return f"sha256:{h.hexdigest()}"
+
+
+def into_new_folder(out: Path, work: Callable[[Path], Any]) -> Any:
+    """Run ``work(staging)`` and rename the staging folder to ``out`` when it returns.
+
+    ``out`` must not exist or be empty (a standalone command never mixes into earlier output); on any
+    error the staging folder is removed, so ``out`` either appears complete or not at all.
+    """
+    if out.exists() and any(out.iterdir()):
+        raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
+    staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        result = work(staging)
+        if out.exists():
+            out.rmdir()
+        os.rename(staging, out)
+        return result
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -18,10 +18,8 @@ adapter config fails with one line naming the key, and nothing is written.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,21 +29,14 @@ import numpy as np
 from trnft.common import checkpoints
 from trnft.common.config import RunConfig
 from trnft.common.errors import TrnftError
+from trnft.common.hf_files import TOKENIZER_FILES, copy_present
+from trnft.common.rundir import into_new_folder
 from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.tensor_io import Array, PlannedTensor, parse_size, write_safetensors, write_sharded_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 META_KEY = "trnft"
-COPY_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 
 # Checkpoint key -> PEFT saved key. The LightningModule holds the PeftModel as ``model``; PEFT's saved
 # names drop the adapter name after lora_A/lora_B (and the ``.weight`` stays) or after lora_embedding_A/B.
@@ -134,20 +125,28 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _read_sharded_model(path: Path) -> dict[str, Any]:
-    """The ``model`` entries of a torch.distributed.checkpoint folder, loaded in one process (no workers)."""
+    """The LightningModule state dict in a torch.distributed.checkpoint folder, loaded in one process.
+
+    The whole model is held in memory (full fine-tuning only; LoRA checkpoints are single files).
+    """
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp.FileSystemReader(str(path))
     metadata = reader.read_metadata()
-    state: dict[str, Any] = {}
-    for key, item in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
-            state[key] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
-    nested = {"model": {k[len("model.") :]: v for k, v in state.items()}}
-    dcp.load(nested, storage_reader=reader, no_dist=True)
-    return {f"model.{k}": v for k, v in nested["model"].items()}
+    # Lightning saves {"model": <LightningModule state dict>, "optimizer_0": ...}; DCP flattens the
+    # nesting into "model.<key>". Allocate the model entries at their full size and let DCP fill them.
+    model = {
+        key[len("model.") :]: torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata)
+    }
+    nested = {"model": model}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(nested, storage_reader=reader, no_dist=True)
+    return nested["model"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,30 +264,19 @@ def convert(ckpt_dir: Path, out: Path, *, max_shard_size: int, log: Callable[[st
     return {"kind": mode, "tensors": len(planned), "bytes": total}
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
-    for name in COPY_FILES:
-        if (src / name).is_file() and not (out / name).exists():
-            shutil.copy2(src / name, out / name)
-
-
 def standalone(args: Any, log: Callable[[str], None]) -> int:
     """``trnft consolidate --checkpoint PATH --output DIR`` for a Lightning checkpoint."""
     out = Path(args.output)
+    max_size = parse_size(args.max_shard_size, "--max-shard-size")
     if out.exists() and any(out.iterdir()):
         raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
-    max_size = parse_size(args.max_shard_size, "--max-shard-size")
     ckpt_dir = resolve(args.checkpoint, log)
-    staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
-        convert(ckpt_dir, staging, max_shard_size=max_size, log=log)
-        _copy_tokenizer(ckpt_dir, staging)
-        if out.exists():
-            out.rmdir()
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    def work(staged: Path) -> None:
+        convert(ckpt_dir, staged, max_shard_size=max_size, log=log)
+        copy_present(TOKENIZER_FILES, [ckpt_dir], staged)
+
+    into_new_folder(out, work)
     log(f"consolidate: wrote {out} from {ckpt_dir}")
     return 0
 
@@ -296,7 +284,7 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
 def _body(ctx: StageContext) -> StageOutcome:
     ckpt_dir = resolve(ctx.upstream_dir("train"), ctx.log)
     result = convert(ckpt_dir, ctx.out_dir, max_shard_size=5 * 10**9, log=ctx.log)
-    _copy_tokenizer(ctx.rundir.stage_dir("tokenize") / "tokenizer", ctx.out_dir)
+    copy_present(TOKENIZER_FILES, [ctx.rundir.stage_dir("tokenize") / "tokenizer"], ctx.out_dir)
     return StageOutcome(
         summary=f"{result['kind']} from {ckpt_dir.name}: {result['tensors']} tensors, {result['bytes'] / 1e6:.1f} MB (Lightning)",
         figures={"checkpoint": ckpt_dir.name, **result},

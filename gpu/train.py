@@ -25,7 +25,6 @@ import functools
 import importlib.util
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,21 +41,14 @@ from trnft.common.data import (
     batch_indices,
     segment_allowed,
     segment_attention_mask,
+    summed_token_loss,
 )
 from trnft.common.errors import ConfigError, TrnftError
+from trnft.common.hf_files import TOKENIZER_FILES, copy_present
 from trnft.common.lora import ADAPTER, apply_lora, check_targets
 from trnft.common.optim import decay_groups, global_batch, lr_at
 from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 # What consolidate reads from a checkpoint besides the weights (LoRA settings, model config, base).
 CHECKPOINT_META_KEY = "trnft"
 
@@ -222,7 +214,6 @@ def causal_lm_module_class() -> type:
     if _Lazy.cls is not None:
         return _Lazy.cls
     import torch
-    import torch.nn.functional as F
 
     base = _lightning_module_base()
 
@@ -276,15 +267,8 @@ def causal_lm_module_class() -> type:
                 kwargs["attention_mask"] = segment_allowed(batch["segment_ids"])
             else:
                 kwargs["attention_mask"] = segment_attention_mask(batch["segment_ids"], dtype=torch.float32)
-            logits = self.model(**kwargs).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            total = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            return total, (labels != IGNORE_INDEX).sum()
+            total = summed_token_loss(self.model(**kwargs).logits, batch["labels"])
+            return total, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
         def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
             if batch_idx % self.cfg.train.gradient_accumulation_steps == 0:
@@ -462,9 +446,7 @@ def _callbacks_module() -> Any:
                     "data_position": {"step": step, "rule": "optimizer step s trains on batch_indices(s)"},
                 }
                 (state_dir / "state.json").write_text(json.dumps(state, indent=1))
-                for name in TOKENIZER_FILES:
-                    if (self.tokenizer_dir / name).is_file():
-                        shutil.copy2(self.tokenizer_dir / name, staged / name)
+                copy_present(TOKENIZER_FILES, [self.tokenizer_dir], staged)
                 checkpoints.write_done(staged)
                 checkpoints.fault_point("save", step)
                 checkpoints.commit(train_dir, staged, step)

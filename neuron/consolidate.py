@@ -20,10 +20,7 @@ file, key or tensor, and nothing is left in the output.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,8 @@ import numpy as np
 from trnft.common import checkpoints
 from trnft.common.config import RunConfig
 from trnft.common.errors import TrnftError
+from trnft.common.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
+from trnft.common.rundir import into_new_folder
 from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.tensor_io import (
     ITEMSIZE,
@@ -51,17 +50,6 @@ from trnft.neuron.parallel_layout import Key, ModelDims, NeuronLayout, parse_key
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-COPY_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 BLOCK_BYTES = 32 << 20
 
 
@@ -773,14 +761,10 @@ def consolidate_source(
         )
         if problems:
             raise TrnftError(f"{problems[0]} ({len(problems)} shape problem(s))")
-    copied = []
-    for name in COPY_FILES:
-        for folder in (source.files_dir, model_dir):
-            if folder is not None and (folder / name).is_file() and not (out / name).exists():
-                if source.kind == "lora" and name in ("config.json", "generation_config.json"):
-                    continue  # an adapter folder holds no base-model config
-                shutil.copy2(folder / name, out / name)
-                copied.append(name)
+    folders = [f for f in (source.files_dir, model_dir) if f is not None]
+    # an adapter folder holds no base-model config
+    names = TOKENIZER_FILES if source.kind == "lora" else (*MODEL_CONFIG_FILES, *TOKENIZER_FILES)
+    copied = copy_present(names, folders, out)
     if source.kind == "lora":
         assert source.adapter_config is not None
         write_safetensors(out / ADAPTER_WEIGHTS, [_release_after(t, source.shards) for t in outputs])
@@ -852,20 +836,14 @@ def consolidate_into(
 def standalone(args: Any, log: Callable[[str], None]) -> int:
     """``trnft consolidate --checkpoint PATH --output DIR [--max-shard-size 5GB]``."""
     out = Path(args.output)
+    max_size = parse_size(args.max_shard_size, "--max-shard-size")
     if out.exists() and any(out.iterdir()):
         raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
-    max_size = parse_size(args.max_shard_size, "--max-shard-size")
     sources, where = resolve(args.checkpoint, log)
-    staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
-        consolidate_into(sources, staging, max_shard_size=max_size, model_dir=None, log=log)
-        if out.exists():
-            out.rmdir()
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    into_new_folder(
+        out,
+        lambda staged: consolidate_into(sources, staged, max_shard_size=max_size, model_dir=None, log=log),
+    )
     log(f"consolidate: wrote {out} from {where}")
     return 0
 
@@ -882,10 +860,7 @@ def _body(ctx: StageContext) -> StageOutcome:
     results = consolidate_into(
         sources, ctx.out_dir, max_shard_size=5 * 10**9, model_dir=model_dir, log=ctx.log
     )
-    tokenizer_dir = ctx.rundir.stage_dir("tokenize") / "tokenizer"
-    for name in COPY_FILES:
-        if (tokenizer_dir / name).is_file() and not (ctx.out_dir / name).exists():
-            shutil.copy2(tokenizer_dir / name, ctx.out_dir / name)
+    copy_present(TOKENIZER_FILES, [ctx.rundir.stage_dir("tokenize") / "tokenizer"], ctx.out_dir)
     first = results[0]
     summary = (
         f"{first['kind']} from {checkpoint.name}: {first['tensors']} tensors, {first['bytes'] / 1e6:.1f} MB "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ import numpy as np
 
 from trnft.common import checkpoints
 from trnft.common.config import RunConfig
-from trnft.common.data import IGNORE_INDEX, TokenizeOutput, batch_indices, segment_attention_mask
+from trnft.common.data import TokenizeOutput, batch_indices, segment_attention_mask, summed_token_loss
 from trnft.common.errors import TrnftError
+from trnft.common.hf_files import TOKENIZER_FILES, copy_present
 from trnft.common.lora import ADAPTER, apply_lora, tie_lora_a
 from trnft.common.optim import global_batch, lr_at, wants_decay
 from trnft.common.tensor_io import Array
@@ -44,7 +44,6 @@ from trnft.neuron.parallel_layout import (
 )
 
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def init_runtime(devices: int) -> None:
@@ -326,7 +325,6 @@ class XlaTrainer:
 
     def _loss(self, batch: dict[str, Any], normaliser: Any) -> Any:
         import torch
-        import torch.nn.functional as F
 
         mask = segment_attention_mask(batch["segment_ids"], dtype=self.compute_dtype)
         with torch.autocast(
@@ -335,15 +333,7 @@ class XlaTrainer:
             logits = self.model(
                 input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
             ).logits
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return loss_sum / normaliser
+        return summed_token_loss(logits, batch["labels"]) / normaliser
 
     def _device_batch(self, rows: np.ndarray) -> dict[str, Any]:
         import torch
@@ -487,9 +477,7 @@ class XlaTrainer:
                 )
             )
             if tokenizer_dir is not None:
-                for name in TOKENIZER_FILES:
-                    if (tokenizer_dir / name).is_file():
-                        shutil.copy2(tokenizer_dir / name, staged / name)
+                copy_present(TOKENIZER_FILES, [tokenizer_dir], staged)
         return train_dir / f"checkpoint-{self.step}"
 
     def _restore_weights(self, model: Any, checkpoint: Path) -> dict[str, Any]:

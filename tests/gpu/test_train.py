@@ -115,7 +115,7 @@ def test_converted_adapter_is_a_peft_adapter_and_the_merged_model_is_the_trained
     np.testing.assert_allclose(loss, trained, rtol=2e-4)
 
 
-def test_full_fine_tuning_converts_to_hf_safetensors_in_the_base_dtype(make_run, tiny_llama):
+def test_full_fine_tuning_converts_to_hf_safetensors_in_the_base_dtype(make_run, tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = _gpu_run(
@@ -140,6 +140,26 @@ def test_full_fine_tuning_converts_to_hf_safetensors_in_the_base_dtype(make_run,
     split = TokenizeOutput(run.root / "tokenize").split("train")
     loss = step_batch_loss(model, split, 4, 4, run.raw["train"]["seed"])
     np.testing.assert_allclose(loss, run.manifest("train")["figures"]["losses"][4], rtol=2e-4)
+
+    # The same checkpoint as FSDP's sharded state dict writes it (a torch.distributed.checkpoint folder
+    # plus Lightning's meta.pt) converts to the same files.
+    import torch.distributed.checkpoint as dcp
+
+    from trnft.common.checkpoints import write_done
+
+    sharded = tmp_path / "sharded" / "checkpoint-4"
+    folder = sharded / "lightning.ckpt"
+    folder.mkdir(parents=True)
+    dcp.save({"model": ckpt.pop("state_dict")}, checkpoint_id=str(folder), no_dist=True)
+    torch.save(ckpt, folder / "meta.pt")
+    write_done(sharded)
+    out2 = tmp_path / "from-sharded"
+    assert cli.main(["consolidate", "--checkpoint", str(sharded), "--output", str(out2)]) == 0
+    a, b = (
+        load_file(out / "model-00001-of-00001.safetensors"),
+        load_file(out2 / "model-00001-of-00001.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_first_step_loss_matches_the_neuron_cpu_xla_trainer_and_both_adapters_merge(make_run, tiny_llama):
