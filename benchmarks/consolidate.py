@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -179,11 +178,14 @@ def main() -> None:
         "--workdir", help="Scratch folder (default: a temporary one; needs ~3x the model on disk)."
     )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="trnft-bench-") as tmp:
-        work = Path(tmp)
-        sizes = [one_size(work, args.layers, args.tp, args.encoding, not args.no_verify)]
-        if not args.no_double:
-            sizes.append(one_size(work, 2 * args.layers, args.tp, args.encoding, False))
+    sizes = measure.at_two_sizes(
+        args.workdir,
+        args.layers,
+        not args.no_double,
+        lambda work, layers, verify: one_size(
+            work, layers, args.tp, args.encoding, verify and not args.no_verify
+        ),
+    )
     report(sizes)
 
 

@@ -158,3 +158,16 @@ def warm(path: Path) -> None:
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def at_two_sizes(workdir: str | None, layers: int, double: bool, one_size) -> list:
+    """``one_size(work, layers, verify)`` at ``layers`` (verified) and, with ``double``, at twice the layers,
+    in one scratch folder that is removed afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="trnft-bench-") as tmp:
+        work = Path(tmp)
+        runs = [one_size(work, layers, True)]
+        if double:
+            runs.append(one_size(work, 2 * layers, False))
+    return runs

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -214,11 +213,12 @@ def main() -> None:
         "--workdir", help="Scratch folder (default: a temporary one; needs ~5x the model on disk)."
     )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="trnft-bench-") as tmp:
-        work = Path(tmp)
-        runs = [one_size(work, args.layers, not args.no_verify)]
-        if not args.no_double:
-            runs.append(one_size(work, 2 * args.layers, False))
+    runs = measure.at_two_sizes(
+        args.workdir,
+        args.layers,
+        not args.no_double,
+        lambda work, layers, verify: one_size(work, layers, verify and not args.no_verify),
+    )
     report(runs)
 
 

@@ -355,6 +355,8 @@ class RunConfig:
                     f"must be a multiple of neuron.tp ({self.neuron.tp}), got {self.neuron.cpu_devices}",
                 )
             )
+        if self.eval.use_adapter and not self.lora.enabled:
+            problems.append(("eval.use_adapter", "full fine-tuning has no adapter; set eval.use_adapter=false"))
         return problems
 
 

@@ -352,9 +352,7 @@ def _body(ctx: StageContext) -> StageOutcome:
     tokenizer = AutoTokenizer.from_pretrained(tokenized.tokenizer_dir)
     tokenizer.padding_side = "left"
     base_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
-    if ev.use_adapter:
-        if not cfg.lora.enabled:
-            raise ConfigError("eval.use_adapter: full fine-tuning has no adapter; set eval.use_adapter=false")
+    if ev.use_adapter:  # (the config refuses use_adapter without LoRA)
         model_dir, adapter_dir = base_dir, ctx.upstream_dir("consolidate")
         what = f"base {base_dir} + adapter {adapter_dir}"
     else:

@@ -283,15 +283,17 @@ def bind(adapter: Adapter, base: BaseModel) -> dict[str, Binding]:
             raise TrnftError(f"adapter key {key}: {name} is already bound to {bindings[name].update.module}")
         return name
 
+    def pair(role_a: str, role_b: str, update: ModuleUpdate) -> tuple:
+        """A's key, A's and B's shapes, (r, scale), and the bound base tensor's name and shape."""
+        key_a, file_a = update.tensors[role_a]
+        key_b, file_b = update.tensors[role_b]
+        r, s = scaling(config, update.module)
+        name = base_for(update, "weight", key_a)
+        return key_a, file_a.info(key_a)[1], file_b.info(key_b)[1], r, s, name, base.info(name)[1]
+
     for update in adapter.updates.values():
         if "A" in update.tensors:
-            key_a, file_a = update.tensors["A"]
-            key_b, file_b = update.tensors["B"]
-            r, s = scaling(config, update.module)
-            _, shape_a = file_a.info(key_a)
-            _, shape_b = file_b.info(key_b)
-            name = base_for(update, "weight", key_a)
-            _, w_shape = base.info(name)
+            key_a, shape_a, shape_b, r, s, name, w_shape = pair("A", "B", update)
             out_f, in_f = (w_shape[1], w_shape[0]) if fan_in_fan_out else (w_shape[0], w_shape[1])
             if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != r or shape_b[1] != r:
                 raise TrnftError(
@@ -304,13 +306,7 @@ def bind(adapter: Adapter, base: BaseModel) -> dict[str, Binding]:
                 )
             bindings[name] = Binding(name, update, "linear", s, fan_in_fan_out)
         if "embA" in update.tensors:
-            key_a, file_a = update.tensors["embA"]
-            key_b, file_b = update.tensors["embB"]
-            r, s = scaling(config, update.module)
-            _, shape_a = file_a.info(key_a)
-            _, shape_b = file_b.info(key_b)
-            name = base_for(update, "weight", key_a)
-            _, w_shape = base.info(name)
+            key_a, shape_a, shape_b, r, s, name, w_shape = pair("embA", "embB", update)
             if shape_a != (r, w_shape[0]) or shape_b != (w_shape[1], r):
                 raise TrnftError(
                     f"adapter key {key_a}: embedding LoRA A {list(shape_a)}, B {list(shape_b)} do not fit {name} "

@@ -268,8 +268,6 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
     """``trnft consolidate --checkpoint PATH --output DIR`` for a Lightning checkpoint."""
     out = Path(args.output)
     max_size = parse_size(args.max_shard_size, "--max-shard-size")
-    if out.exists() and any(out.iterdir()):
-        raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
     ckpt_dir = resolve(args.checkpoint, log)
 
     def work(staged: Path) -> None:

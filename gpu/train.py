@@ -1,5 +1,7 @@
 """Train stage on the GPU path: a LightningModule over the tokenize stage's arrays.
 
+This module imports torch and Lightning; only the GPU train stage (and its tests) import it.
+
 Placement (``gpu.strategy``): FSDP over CUDA devices, DDP over gloo for several CPU processes, or one
 device. Under ``torchrun`` (the Kubernetes PyTorchJob) the world comes from its environment; without it,
 ``gpu.devices`` processes are started by Lightning. The training math is the Neuron path's:
@@ -31,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
+import torch
 
 from trnft.common import checkpoints
 from trnft.common.config import RunConfig
@@ -77,8 +81,6 @@ class Placement:
 
 def placement(cfg: RunConfig) -> Placement:
     """The placement for this process's environment; ConfigError for impossible requests."""
-    import torch
-
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:  # under torchrun
         devices = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -158,8 +160,6 @@ class StepBatches:
         return self.train.max_steps * self.accumulation
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
-
         step, micro = divmod(i, self.accumulation)
         step += self.start
         idx = batch_indices(step, self.global_batch, len(self.split), self.train.seed)
@@ -187,8 +187,6 @@ class ValidationBatches:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
-
         b = self.batches[i]
         rows = np.arange(b * self.size, (b + 1) * self.size)
         return {k: torch.from_numpy(v) for k, v in self.split.rows(rows).items()}
@@ -198,178 +196,154 @@ class ValidationBatches:
 # The LightningModule
 
 
-def _lightning_module_base() -> type:
-    import lightning.pytorch as pl
+class CausalLMModule(pl.LightningModule):
+    """A Hugging Face causal LM (PEFT LoRA or full) trained with the shared loss and schedule."""
 
-    return pl.LightningModule
+    def __init__(self, cfg: RunConfig, attn_implementation: str, world: int, fingerprint: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn_implementation = attn_implementation
+        self.world = world
+        self.fingerprint = fingerprint
+        self.model: Any = None
+        self.trainable: set[str] = set()
+        self.strict_loading = False  # LoRA checkpoints hold the adapter only; see on_load_checkpoint
+        self.history: list[float] = []
+        self.val_history: list[dict[str, float]] = []
+        self.grad_norm = 0.0
+        self._step_loss = None
+        self._val_sum = None
+        self._val_tokens = None
 
+    # -- model ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
 
-class _Lazy:
-    """Builds :class:`CausalLMModule` on first use so importing this module does not import Lightning."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # LoRA init; the same rule as the XLA trainer
+        # Frozen base weights in model.dtype; trainable weights are always fp32 masters.
+        dtype = getattr(torch, cfg.model.dtype) if cfg.lora.enabled else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.name_or_path, revision=cfg.model.revision, dtype=dtype,
+            attn_implementation=self.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
+            low_cpu_mem_usage=True,
+        )  # fmt: skip
+        model.config.use_cache = False
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg, cfg.lora.target_modules)
+        model.train()  # from_pretrained returns eval mode (dropout off)
+        self.trainable = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
+        self.model = model
 
-    cls: type | None = None
+    # -- steps ---------------------------------------------------------------------------
+    def _loss_sum(self, batch: dict[str, Any]) -> tuple[Any, Any]:
+        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        if self.attn_implementation == "flash_attention_2":
+            pass  # varlen kernels find the packed samples from the restarting position_ids
+        elif self.attn_implementation == "sdpa":
+            kwargs["attention_mask"] = segment_allowed(batch["segment_ids"])
+        else:
+            kwargs["attention_mask"] = segment_attention_mask(batch["segment_ids"], dtype=torch.float32)
+        total = summed_token_loss(self.model(**kwargs).logits, batch["labels"])
+        return total, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx % self.cfg.train.gradient_accumulation_steps == 0:
+            # Dropout of step s is a function of s alone, so a resumed run draws what the original did.
+            torch.manual_seed(self.cfg.train.seed * 1_000_003 + int(batch["step"]))
 
-def causal_lm_module_class() -> type:
-    if _Lazy.cls is not None:
-        return _Lazy.cls
-    import torch
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        total, _ = self._loss_sum(batch)
+        part = total / batch["normaliser"]
+        self._step_loss = part.detach() if self._step_loss is None else self._step_loss + part.detach()
+        # Lightning divides by the accumulation and DDP/FSDP average over ranks; the sum over all
+        # micro-batches and ranks of total/normaliser is the global-batch loss we want the gradient of.
+        return part * (self.cfg.train.gradient_accumulation_steps * self.world)
 
-    base = _lightning_module_base()
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        loss = self.trainer.strategy.reduce(self._step_loss, reduce_op="sum")
+        self._step_loss = None
+        self.history.append(float(loss))
+        self.log("train/loss", float(loss), on_step=True, on_epoch=False, sync_dist=False)
 
-    class CausalLMModule(base):  # type: ignore[misc, valid-type]
-        """A Hugging Face causal LM (PEFT LoRA or full) trained with the shared loss and schedule."""
+    def configure_gradient_clipping(self, optimizer: Any, *_: Any, **__: Any) -> None:
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        wrapped = self.trainer.strategy.model
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm over every rank's shard
+            norm = wrapped.clip_grad_norm_(max_norm)
+        else:
+            params = [p for p in self.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.grad_norm = float(norm)
+        self.log("train/grad_norm", self.grad_norm, on_step=True, on_epoch=False, sync_dist=False)
 
-        def __init__(self, cfg: RunConfig, attn_implementation: str, world: int, fingerprint: str) -> None:
-            super().__init__()
-            self.cfg = cfg
-            self.attn_implementation = attn_implementation
-            self.world = world
-            self.fingerprint = fingerprint
-            self.model: Any = None
-            self.trainable: set[str] = set()
-            self.strict_loading = False  # LoRA checkpoints hold the adapter only; see on_load_checkpoint
-            self.history: list[float] = []
-            self.val_history: list[dict[str, float]] = []
-            self.grad_norm = 0.0
-            self._step_loss = None
-            self._val_sum = None
-            self._val_tokens = None
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        total, count = self._loss_sum(batch)
+        self._val_sum = total.detach() if self._val_sum is None else self._val_sum + total.detach()
+        self._val_tokens = count if self._val_tokens is None else self._val_tokens + count
 
-        # -- model ---------------------------------------------------------------------------
-        def configure_model(self) -> None:
-            if self.model is not None:
-                return
-            from transformers import AutoModelForCausalLM
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sum is None:
+            return
+        total = self.trainer.strategy.reduce(self._val_sum.float(), reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_tokens.float(), reduce_op="sum")
+        self._val_sum = self._val_tokens = None
+        loss = float(total / count.clamp_min(1))
+        self.val_history.append({"step": int(self.trainer.global_step), "loss": loss})
+        self.log("val_loss", loss, on_step=False, on_epoch=True, sync_dist=False)
 
-            cfg = self.cfg
-            torch.manual_seed(cfg.train.seed)  # LoRA init; the same rule as the XLA trainer
-            # Frozen base weights in model.dtype; trainable weights are always fp32 masters.
-            dtype = getattr(torch, cfg.model.dtype) if cfg.lora.enabled else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.model.name_or_path, revision=cfg.model.revision, dtype=dtype,
-                attn_implementation=self.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
-                low_cpu_mem_usage=True,
-            )  # fmt: skip
-            model.config.use_cache = False
-            if cfg.lora.enabled:
-                model = apply_lora(model, cfg, cfg.lora.target_modules)
-            model.train()  # from_pretrained returns eval mode (dropout off)
-            self.trainable = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
-            self.model = model
+    # -- optimizer -----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        train = self.cfg.train
+        groups = decay_groups(self.named_parameters(), train.weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
+            fused=self.device.type == "cuda",
+        )  # fmt: skip
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, train=train))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-        # -- steps ---------------------------------------------------------------------------
-        def _loss_sum(self, batch: dict[str, Any]) -> tuple[Any, Any]:
-            kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-            if self.attn_implementation == "flash_attention_2":
-                pass  # varlen kernels find the packed samples from the restarting position_ids
-            elif self.attn_implementation == "sdpa":
-                kwargs["attention_mask"] = segment_allowed(batch["segment_ids"])
-            else:
-                kwargs["attention_mask"] = segment_attention_mask(batch["segment_ids"], dtype=torch.float32)
-            total = summed_token_loss(self.model(**kwargs).logits, batch["labels"])
-            return total, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-
-        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-            if batch_idx % self.cfg.train.gradient_accumulation_steps == 0:
-                # Dropout of step s is a function of s alone, so a resumed run draws what the original did.
-                torch.manual_seed(self.cfg.train.seed * 1_000_003 + int(batch["step"]))
-
-        def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
-            total, _ = self._loss_sum(batch)
-            part = total / batch["normaliser"]
-            self._step_loss = part.detach() if self._step_loss is None else self._step_loss + part.detach()
-            # Lightning divides by the accumulation and DDP/FSDP average over ranks; the sum over all
-            # micro-batches and ranks of total/normaliser is the global-batch loss we want the gradient of.
-            return part * (self.cfg.train.gradient_accumulation_steps * self.world)
-
-        def on_before_optimizer_step(self, optimizer: Any) -> None:
-            loss = self.trainer.strategy.reduce(self._step_loss, reduce_op="sum")
-            self._step_loss = None
-            self.history.append(float(loss))
-            self.log("train/loss", float(loss), on_step=True, on_epoch=False, sync_dist=False)
-
-        def configure_gradient_clipping(self, optimizer: Any, *_: Any, **__: Any) -> None:
-            max_norm = self.cfg.train.max_grad_norm or float("inf")
-            wrapped = self.trainer.strategy.model
-            if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm over every rank's shard
-                norm = wrapped.clip_grad_norm_(max_norm)
-            else:
-                params = [p for p in self.parameters() if p.grad is not None]
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            self.grad_norm = float(norm)
-            self.log("train/grad_norm", self.grad_norm, on_step=True, on_epoch=False, sync_dist=False)
-
-        def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-            total, count = self._loss_sum(batch)
-            self._val_sum = total.detach() if self._val_sum is None else self._val_sum + total.detach()
-            self._val_tokens = count if self._val_tokens is None else self._val_tokens + count
-
-        def on_validation_epoch_end(self) -> None:
-            if self._val_sum is None:
-                return
-            total = self.trainer.strategy.reduce(self._val_sum.float(), reduce_op="sum")
-            count = self.trainer.strategy.reduce(self._val_tokens.float(), reduce_op="sum")
-            self._val_sum = self._val_tokens = None
-            loss = float(total / count.clamp_min(1))
-            self.val_history.append({"step": int(self.trainer.global_step), "loss": loss})
-            self.log("val_loss", loss, on_step=False, on_epoch=True, sync_dist=False)
-
-        # -- optimizer -----------------------------------------------------------------------
-        def configure_optimizers(self) -> Any:
-            train = self.cfg.train
-            groups = decay_groups(self.named_parameters(), train.weight_decay)
-            optimizer = torch.optim.AdamW(
-                groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
-                fused=self.device.type == "cuda",
-            )  # fmt: skip
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, functools.partial(_lr_factor, train=train)
-            )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-        # -- checkpoints ---------------------------------------------------------------------
-        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            if self.cfg.lora.enabled and "state_dict" in checkpoint:
-                checkpoint["state_dict"] = {
-                    k: v for k, v in checkpoint["state_dict"].items() if k in self.trainable
-                }
-            checkpoint[CHECKPOINT_META_KEY] = self.checkpoint_meta()
-
-        def checkpoint_meta(self) -> dict[str, Any]:
-            cfg = self.cfg
-            base = self.model.get_base_model() if cfg.lora.enabled else self.model
-            meta = {
-                "format": 1,
-                "mode": "lora" if cfg.lora.enabled else "full",
-                "base_model": cfg.model.name_or_path,
-                "base_dtype": cfg.model.dtype,
-                "model_config": base.config.to_dict(),
-                "module_prefix": "model.",
-                "fingerprint": self.fingerprint,
-                "losses": list(self.history),
-                "validation": list(self.val_history),
+    # -- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.cfg.lora.enabled and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k in self.trainable
             }
-            if cfg.lora.enabled:
-                peft_cfg = self.model.peft_config[ADAPTER]
-                meta["adapter_name"] = ADAPTER
-                meta["peft_config"] = _jsonable(peft_cfg.to_dict())
-            return meta
+        checkpoint[CHECKPOINT_META_KEY] = self.checkpoint_meta()
 
-        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            state = checkpoint.get("state_dict")
-            if state is not None:  # FSDP loads weights itself and pops them before this hook
-                missing = sorted(self.trainable - set(state))
-                if missing:
-                    raise TrnftError(
-                        f"checkpoint lacks trained weight {missing[0]} (and {len(missing) - 1} more)"
-                    )
-            meta = checkpoint.get(CHECKPOINT_META_KEY, {})
-            self.history = list(meta.get("losses", []))
-            self.val_history = list(meta.get("validation", []))
+    def checkpoint_meta(self) -> dict[str, Any]:
+        cfg = self.cfg
+        base = self.model.get_base_model() if cfg.lora.enabled else self.model
+        meta = {
+            "format": 1,
+            "mode": "lora" if cfg.lora.enabled else "full",
+            "base_model": cfg.model.name_or_path,
+            "base_dtype": cfg.model.dtype,
+            "model_config": base.config.to_dict(),
+            "module_prefix": "model.",
+            "fingerprint": self.fingerprint,
+            "losses": list(self.history),
+            "validation": list(self.val_history),
+        }
+        if cfg.lora.enabled:
+            peft_cfg = self.model.peft_config[ADAPTER]
+            meta["adapter_name"] = ADAPTER
+            meta["peft_config"] = _jsonable(peft_cfg.to_dict())
+        return meta
 
-    _Lazy.cls = CausalLMModule
-    return CausalLMModule
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None:  # FSDP loads weights itself and pops them before this hook
+            missing = sorted(self.trainable - set(state))
+            if missing:
+                raise TrnftError(
+                    f"checkpoint lacks trained weight {missing[0]} (and {len(missing) - 1} more)"
+                )
+        meta = checkpoint.get(CHECKPOINT_META_KEY, {})
+        self.history = list(meta.get("losses", []))
+        self.val_history = list(meta.get("validation", []))
 
 
 def _lr_factor(step: int, *, train: Any) -> float:
@@ -393,116 +367,110 @@ def _jsonable(value: Any) -> Any:
 # Callbacks: atomic checkpoints and progress lines
 
 
-def _callbacks_module() -> Any:
-    import lightning.pytorch as pl
+class AtomicCheckpoints(pl.Callback):
+    """``checkpoint-<step>`` every ``train.save_steps`` steps and at the end, staged then renamed."""
 
-    class AtomicCheckpoints(pl.Callback):
-        """``checkpoint-<step>`` every ``train.save_steps`` steps and at the end, staged then renamed."""
+    def __init__(self, ctx: StageContext, tokenizer_dir: Path) -> None:
+        self.ctx = ctx
+        self.tokenizer_dir = tokenizer_dir
+        self.saved: list[str] = []
+        self.last_step = -1
 
-        def __init__(self, ctx: StageContext, tokenizer_dir: Path) -> None:
-            self.ctx = ctx
-            self.tokenizer_dir = tokenizer_dir
-            self.saved: list[str] = []
-            self.last_step = -1
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.last_step = trainer.global_step  # the resumed step is saved already
 
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.last_step = trainer.global_step  # the resumed step is saved already
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *_: Any) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return  # inside an accumulation window
+        self.last_step = step
+        every = self.ctx.cfg.train.save_steps
+        if step % every == 0 or step == self.ctx.cfg.train.max_steps:
+            self.save(trainer, pl_module, step)
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, *_: Any) -> None:
-            step = trainer.global_step
-            if step == self.last_step:
-                return  # inside an accumulation window
-            self.last_step = step
-            every = self.ctx.cfg.train.save_steps
-            if step % every == 0 or step == self.ctx.cfg.train.max_steps:
-                self.save(trainer, pl_module, step)
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        step = trainer.global_step
+        if (
+            step > 0
+            and f"checkpoint-{step}" not in self.saved
+            and not (self.ctx.out_dir / f"checkpoint-{step}").exists()
+        ):
+            self.save(trainer, pl_module, step)  # stopped early: keep what was trained
 
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            step = trainer.global_step
-            if (
-                step > 0
-                and f"checkpoint-{step}" not in self.saved
-                and not (self.ctx.out_dir / f"checkpoint-{step}").exists()
-            ):
-                self.save(trainer, pl_module, step)  # stopped early: keep what was trained
+    def save(self, trainer: Any, pl_module: Any, step: int) -> None:
+        train_dir = self.ctx.out_dir
+        main = trainer.is_global_zero
+        staged = Path(trainer.strategy.broadcast(str(checkpoints.staging_dir(train_dir, step))))
+        if main:
+            staged.mkdir(parents=True)
+        trainer.strategy.barrier("trnft-save-start")
+        trainer.save_checkpoint(staged / checkpoints.LIGHTNING_CKPT)
+        trainer.strategy.barrier("trnft-save-written")
+        if main:
+            state_dir = staged / checkpoints.TRNFT_STATE
+            state_dir.mkdir()
+            state = {
+                "step": step,
+                "fingerprint": self.ctx.fingerprint,
+                "losses": pl_module.history,
+                "validation": pl_module.val_history,
+                "data_position": {"step": step, "rule": "optimizer step s trains on batch_indices(s)"},
+            }
+            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
+            copy_present(TOKENIZER_FILES, [self.tokenizer_dir], staged)
+            checkpoints.write_done(staged)
+            checkpoints.fault_point("save", step)
+            checkpoints.commit(train_dir, staged, step)
+            checkpoints.prune(train_dir, self.ctx.cfg.train.keep_checkpoints, self.ctx.log)
+            self.ctx.log(f"train: saved checkpoint-{step}")
+        self.saved.append(f"checkpoint-{step}")
+        trainer.strategy.barrier("trnft-save-done")
 
-        def save(self, trainer: Any, pl_module: Any, step: int) -> None:
-            train_dir = self.ctx.out_dir
-            main = trainer.is_global_zero
-            staged = Path(trainer.strategy.broadcast(str(checkpoints.staging_dir(train_dir, step))))
-            if main:
-                staged.mkdir(parents=True)
-            trainer.strategy.barrier("trnft-save-start")
-            trainer.save_checkpoint(staged / checkpoints.LIGHTNING_CKPT)
-            trainer.strategy.barrier("trnft-save-written")
-            if main:
-                state_dir = staged / checkpoints.TRNFT_STATE
-                state_dir.mkdir()
-                state = {
-                    "step": step,
-                    "fingerprint": self.ctx.fingerprint,
-                    "losses": pl_module.history,
-                    "validation": pl_module.val_history,
-                    "data_position": {"step": step, "rule": "optimizer step s trains on batch_indices(s)"},
-                }
-                (state_dir / "state.json").write_text(json.dumps(state, indent=1))
-                copy_present(TOKENIZER_FILES, [self.tokenizer_dir], staged)
-                checkpoints.write_done(staged)
-                checkpoints.fault_point("save", step)
-                checkpoints.commit(train_dir, staged, step)
-                checkpoints.prune(train_dir, self.ctx.cfg.train.keep_checkpoints, self.ctx.log)
-                self.ctx.log(f"train: saved checkpoint-{step}")
-            self.saved.append(f"checkpoint-{step}")
-            trainer.strategy.barrier("trnft-save-done")
 
-    class StepLines(pl.Callback):
-        """The Neuron path's progress line every ``train.logging_steps`` steps; tokens/s; progress file."""
+class StepLines(pl.Callback):
+    """The Neuron path's progress line every ``train.logging_steps`` steps; tokens/s; progress file."""
 
-        def __init__(self, ctx: StageContext, start: int) -> None:
-            self.ctx = ctx
-            self.start = start
-            self.tokens = 0
-            self.seconds = 0.0
-            self.window_tokens = 0
-            self._t0 = None
-            self.last_step = start
+    def __init__(self, ctx: StageContext, start: int) -> None:
+        self.ctx = ctx
+        self.start = start
+        self.tokens = 0
+        self.seconds = 0.0
+        self.window_tokens = 0
+        self._t0 = None
+        self.last_step = start
 
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if self._t0 is None:
-                self._t0 = time.perf_counter()
-            self.window_tokens += int(batch["tokens"])
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        self.window_tokens += int(batch["tokens"])
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, *_: Any) -> None:
-            step = trainer.global_step
-            if step == self.last_step:
-                return
-            self.last_step = step
-            elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-            tokens = int(trainer.strategy.reduce(_as_tensor(self.window_tokens, pl_module), reduce_op="sum"))
-            self._t0, self.window_tokens = None, 0
-            if step > self.start + 1:  # the first step includes start-up (allocations, kernels)
-                self.tokens += tokens
-                self.seconds += elapsed
-            cfg = self.ctx.cfg
-            if trainer.is_global_zero:
-                if step % cfg.train.logging_steps == 0 or step in (self.start + 1, cfg.train.max_steps):
-                    rate = self.tokens / self.seconds if self.seconds else 0.0
-                    lr = trainer.optimizers[0].param_groups[0]["lr"]
-                    loss = pl_module.history[-1] if pl_module.history else float("nan")
-                    self.ctx.log(
-                        f"train: step {step}/{cfg.train.max_steps} loss {loss:.4f} lr {lr:.2e} "
-                        f"grad_norm {pl_module.grad_norm:.3f} tokens/s {rate:,.0f}"
-                    )
-                self.ctx.rundir.write_progress(
-                    "train", {"summary": f"step {step} of {cfg.train.max_steps}", "step": step}
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *_: Any) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return
+        self.last_step = step
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        tokens = int(trainer.strategy.reduce(_as_tensor(self.window_tokens, pl_module), reduce_op="sum"))
+        self._t0, self.window_tokens = None, 0
+        if step > self.start + 1:  # the first step includes start-up (allocations, kernels)
+            self.tokens += tokens
+            self.seconds += elapsed
+        cfg = self.ctx.cfg
+        if trainer.is_global_zero:
+            if step % cfg.train.logging_steps == 0 or step in (self.start + 1, cfg.train.max_steps):
+                rate = self.tokens / self.seconds if self.seconds else 0.0
+                lr = trainer.optimizers[0].param_groups[0]["lr"]
+                loss = pl_module.history[-1] if pl_module.history else float("nan")
+                self.ctx.log(
+                    f"train: step {step}/{cfg.train.max_steps} loss {loss:.4f} lr {lr:.2e} "
+                    f"grad_norm {pl_module.grad_norm:.3f} tokens/s {rate:,.0f}"
                 )
-
-    return AtomicCheckpoints, StepLines
+            self.ctx.rundir.write_progress(
+                "train", {"summary": f"step {step} of {cfg.train.max_steps}", "step": step}
+            )
 
 
 def _as_tensor(value: int, module: Any) -> Any:
-    import torch
-
     return torch.tensor(float(value), device=module.device)
 
 
@@ -512,7 +480,6 @@ def _as_tensor(value: int, module: Any) -> Any:
 
 def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int) -> Any:
     """Refuse what cannot work before any weights load: batch, targets, vocabulary, validation split."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     global_batch(cfg.train, world)
@@ -571,7 +538,6 @@ def _strategy(cfg: RunConfig, where: Placement, skeleton: Any) -> Any:
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(process_group_backend="gloo" if where.accelerator == "cpu" else "nccl")
-    import torch
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
 
@@ -626,7 +592,6 @@ def _quiet_lightning() -> None:
 
 
 def _body(ctx: StageContext) -> StageOutcome:
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 
     _quiet_lightning()
@@ -643,8 +608,7 @@ def _body(ctx: StageContext) -> StageOutcome:
         resume = newest.path if newest else None
     start = json.loads((resume / checkpoints.TRNFT_STATE / "state.json").read_text())["step"] if resume else 0
 
-    module = causal_lm_module_class()(cfg, attn, where.world, ctx.fingerprint)
-    AtomicCheckpoints, StepLines = _callbacks_module()
+    module = CausalLMModule(cfg, attn, where.world, ctx.fingerprint)
     saver = AtomicCheckpoints(ctx, tokenized.tokenizer_dir)
     lines = StepLines(ctx, start)
     callbacks: list[Any] = [LearningRateMonitor(logging_interval="step"), saver, lines]

@@ -837,8 +837,6 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
     """``trnft consolidate --checkpoint PATH --output DIR [--max-shard-size 5GB]``."""
     out = Path(args.output)
     max_size = parse_size(args.max_shard_size, "--max-shard-size")
-    if out.exists() and any(out.iterdir()):
-        raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
     sources, where = resolve(args.checkpoint, log)
     into_new_folder(
         out,

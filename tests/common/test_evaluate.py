@@ -108,6 +108,35 @@ def test_a_bad_scorer_fails_before_generating(make_run, tiny_llama, tmp_path, ca
     assert not (run.root / "evaluate").exists()
 
 
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"eval": {**EVAL, "backend": "vllm"}}, "eval.backend: vllm needs CUDA and the vllm package"),
+        (
+            {"eval": {**EVAL, "use_adapter": True}, "lora": {"enabled": False}},
+            "eval.use_adapter: full fine-tuning has no adapter",
+        ),
+        ({"eval": {**EVAL, "scorer_num_layers": 9}}, "eval.scorer_num_layers:"),
+    ],
+    ids=["vllm-on-cpu", "adapter-without-lora", "scorer-layers"],
+)
+def test_bad_eval_settings_are_one_line(make_run, tiny_llama, capsys, sections, message):
+    run = make_run(**sections)
+    _evaluate_base_as_merged(run, tiny_llama)
+    assert cli.main(["evaluate", "--config", str(run.config)]) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0, err
+    assert not (run.root / "evaluate").exists()
+
+
+def test_a_missing_test_split_names_the_setting(make_run, tiny_llama, capsys):
+    run = make_run(eval=EVAL)
+    _evaluate_base_as_merged(run, tiny_llama)
+    (run.root / "tokenize" / "test.jsonl").unlink()
+    assert cli.main(["evaluate", "--config", str(run.config)]) != 0
+    assert "set dataset.test_ratio > 0 and rerun tokenize" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_after_training_the_model_beats_its_base(tmp_path, tiny_llama):
     """The smoke recipe (300 LoRA steps, CPU-XLA): BERTScore F1 and exact match above the base model's."""

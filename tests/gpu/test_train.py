@@ -345,3 +345,46 @@ def test_fsdp_lora_on_two_cuda_devices(make_run):
     fig = run.manifest("train")["figures"]
     assert fig["backend"] == "lightning-fsdp-cuda" and fig["losses"][-1] < fig["losses"][0]
     ok(run.stage("consolidate"))
+
+
+def test_broken_lightning_checkpoints_fail_with_one_line_and_no_output(make_run, tmp_path, capsys):
+    import shutil
+
+    run = _gpu_run(make_run, train={**SHORT, "max_steps": 2, "save_steps": 2, "warmup_steps": 1})
+    ok(run.stage("train"))
+    good = run.root / "train" / "checkpoint-2"
+
+    def tampered(kind):
+        ckpt = tmp_path / kind / "checkpoint-2"
+        shutil.copytree(good, ckpt)
+        if kind == "no-done":
+            (ckpt / "done").unlink()
+            return ckpt, "incomplete checkpoint (no 'done' marker beside lightning.ckpt)"
+        data = torch.load(ckpt / "lightning.ckpt", weights_only=False)
+        first_b = next(k for k in data["state_dict"] if ".lora_B." in k)
+        if kind == "missing-b":
+            del data["state_dict"][first_b]
+            message = "has no lora_B weight"
+        elif kind == "foreign-key":
+            data["state_dict"]["model.something.else.weight"] = torch.zeros(2)
+            message = "checkpoint key model.something.else.weight: not a LoRA tensor"
+        elif kind == "rank":
+            data["trnft"]["peft_config"]["r"] = 4
+            message = "but adapter_config says r=4"
+        elif kind == "no-meta":
+            del data["trnft"]
+            message = "has no 'trnft' entry"
+        torch.save(data, ckpt / "lightning.ckpt")
+        return ckpt, message
+
+    for kind in ("no-done", "missing-b", "foreign-key", "rank", "no-meta"):
+        ckpt, message = tampered(kind)
+        out = tmp_path / f"out-{kind}"
+        code = cli.main(["consolidate", "--checkpoint", str(ckpt), "--output", str(out)])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and err.count("\n") == 1, (kind, err)
+        assert not out.exists() and not list(tmp_path.glob(f".out-{kind}.staging-*")), kind
+    code = cli.main(
+        ["consolidate", "--checkpoint", str(tmp_path / "absent"), "--output", str(tmp_path / "o")]
+    )
+    assert code == 1 and "does not exist" in capsys.readouterr().err
