@@ -356,7 +356,9 @@ class RunConfig:
                 )
             )
         if self.eval.use_adapter and not self.lora.enabled:
-            problems.append(("eval.use_adapter", "full fine-tuning has no adapter; set eval.use_adapter=false"))
+            problems.append(
+                ("eval.use_adapter", "full fine-tuning has no adapter; set eval.use_adapter=false")
+            )
         return problems
 
 
