@@ -218,6 +218,11 @@ class NeuronSection:
         None, "KV-head replication for GQA when tp > kv heads (default tp // kv).", ge=1
     )
     fuse_qkv: bool = opt(False, "Fuse q/k/v into one qkv_proj (optimum-neuron fuse_qkv).")
+    attention: Literal["flash", "eager"] = opt(
+        "flash",
+        "Trainium attention: flash (NxD's NKI kernel; needs dataset.packing=false and max_seq_length a multiple "
+        "of 2048) or eager (keeps packed samples apart with a mask; more device memory).",
+    )
     checkpoint_format: Literal["xser", "plain"] = opt(
         "xser", "Shard encoding: xser (optimum-neuron 0.4.x default) or plain torch.save dicts."
     )

@@ -22,7 +22,7 @@ from trnft.common import checkpoints
 from trnft.common.config import RunConfig
 from trnft.common.data import TokenizeOutput
 from trnft.common.env import has_neuron_device
-from trnft.common.errors import NotBuiltError, TrnftError
+from trnft.common.errors import TrnftError
 from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.neuron import launch
 
@@ -44,16 +44,39 @@ def is_precompilation() -> bool:
     return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY") == "1"
 
 
+REHEARSAL_ENV = "TRNFT_TRAINIUM_REHEARSAL"
+
+
+def trainium_rehearsal() -> bool:
+    """True when the Trainium backend runs on torch-xla's CPU device (``TRNFT_TRAINIUM_REHEARSAL=1``).
+
+    Used by the tests: optimum-neuron's real trainer with test doubles of the Neuron-only packages, no
+    device and no preflight. Never set it on a Trainium node.
+    """
+    return os.environ.get(REHEARSAL_ENV) == "1"
+
+
 def select_backend(cfg: RunConfig) -> str:
     backend = cfg.neuron.backend
     if backend == "auto":
         on_trainium = has_neuron_device() and importlib.util.find_spec("optimum") is not None
         return "trainium" if on_trainium and importlib.util.find_spec("optimum.neuron") is not None else "cpu"
-    if backend == "trainium" and not has_neuron_device():
-        raise NotBuiltError(
+    if backend == "trainium" and not has_neuron_device() and not trainium_rehearsal():
+        raise TrnftError(
             "neuron.backend: trainium needs a Neuron device (/dev/neuron*); use neuron.backend=cpu here"
         )
     return backend
+
+
+def preflight_or_fail() -> None:
+    """The Neuron startup check before anything is compiled or trained (skipped in a rehearsal)."""
+    if trainium_rehearsal():
+        return
+    from trnft.neuron.preflight import run as preflight
+
+    problems = preflight()
+    if problems:
+        raise TrnftError(f"Neuron preflight: {problems[0]}")
 
 
 def cpu_cache_dir(cfg: RunConfig) -> str:
@@ -65,6 +88,7 @@ def _body(ctx: StageContext) -> StageOutcome:
     if select_backend(ctx.cfg) == "trainium":
         from trnft.neuron import trainium
 
+        preflight_or_fail()
         return trainium.train(ctx)
     return train_cpu(ctx)
 

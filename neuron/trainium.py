@@ -1,51 +1,90 @@
-"""Trainium backend: a thin adapter that drives optimum-neuron 0.4.x's trainer on trnft's tokenized data.
+"""Trainium backend: optimum-neuron 0.4.5's own ``NeuronTrainer`` on trnft's data, schedule and checkpoints.
 
 Every Neuron SDK import stays inside these functions (optimum-neuron's training modules import
-neuronx_distributed at import time). What it does:
+neuronx_distributed at import time). What trnft adds to optimum-neuron's trainer (:class:`_TrnftNeuronTrainer`):
 
-- ``NeuronModelForCausalLM`` (optimum-neuron's custom modeling: NxD tensor/pipeline parallel, fused
-  gate_up and GQA qkv layers) with ``neuron.tp`` / ``neuron.pp``, bf16 when ``train.bf16``;
-- LoRA through optimum-neuron's PEFT integration with the run's LoraConfig;
-- ``NeuronTrainer`` over the packed sequences of the tokenize stage, in trnft's batch order
-  (:func:`trnft.common.data.batch_indices`), with the same schedule and optimizer settings;
-- checkpoints are optimum-neuron's own (the layout the consolidator reads), one every ``train.save_steps``;
-- restart is resume: optimum-neuron 0.4.5 refuses ``resume_from_checkpoint``, so the newest complete
-  checkpoint is consolidated and its adapter loaded with PEFT's state-dict loader before training, and
-  the data order skips the steps already done.
+- **batch order**: each data-parallel rank reads exactly its slice of trnft's global batch of every step
+  (:func:`trnft.common.data.batch_indices`), through a ``DistributedSampler`` subclass that the
+  accelerator keeps as it is (it only replaces samplers that are not distributed ones);
+- **loss**: token cross-entropy summed over the micro-batch and divided by the supervised tokens of the
+  *global* batch times the data-parallel size, so the averaged gradient is the gradient of trnft's loss
+  (sum over the global batch / its supervised tokens), as on the CPU and GPU paths;
+- **schedule and decay**: trnft's warmup + cosine (:func:`trnft.common.optim.lr_at`) and decay rule;
+- **checkpoints**: optimum-neuron writes each checkpoint into ``checkpoint-<step>.staging-trn/``; trnft adds
+  ``trnft_state/`` (every tensor/pipeline rank's optimizer moments, which optimum-neuron 0.4.5 does not save
+  under model parallelism, and ``state.json`` written last) and renames the folder into place;
+- **resume**: a restarted run loads each rank's own adapter (or model) shard as saved (fused, sharded,
+  exactly the tensors optimum-neuron wrote, no consolidation), the optimizer moments, continues at the
+  saved step with the scheduler at that step and the data stream at that step's batch.
+  What cannot be restored is named in the log and the manifest (``not_restored``): the XLA RNG state
+  (LoRA dropout masks after a resume differ from an uninterrupted run).
 
-Not verified on Trainium hardware in this repository (no device was available); the CPU-XLA backend
-exercises the same data, LoRA layout and checkpoint format.
+optimum-neuron 0.4.5 facts this relies on are pinned in ``tests/neuron/test_optimum_neuron_contract.py``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trnft.common import checkpoints
 from trnft.common.config import RunConfig
-from trnft.common.data import TokenizeOutput, batch_indices
-from trnft.common.errors import TrnftError
+from trnft.common.data import IGNORE_INDEX, TokenizedSplit, TokenizeOutput, batch_indices, segment_allowed
+from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.stages import StageContext, StageOutcome
 
+ADAPTER = "default"
+# A fixed staging name: every rank of every node must agree on it without talking to each other.
+STAGING_SUFFIX = f"{checkpoints.STAGING}trn"
+NOT_RESTORED = ["xla_rng_state"]
+# NxD's NKI flash-attention kernel refuses other sequence lengths.
+FLASH_SEQUENCE_MULTIPLE = 2048
 
-def _preflight() -> None:
-    from trnft.neuron.preflight import run as preflight
 
-    problems = preflight()
-    if problems:
-        raise TrnftError(f"Neuron preflight: {problems[0]}")
+# --------------------------------------------------------------------------------------------------
+# Settings: every key either reaches optimum-neuron or is refused here with one line
 
 
-def _training_arguments(cfg: RunConfig, output_dir: Path, max_steps: int) -> Any:
+def check_settings(cfg: RunConfig) -> None:
+    """Refuse settings the Trainium path cannot honour (one line each, before anything runs)."""
+    t, n, d = cfg.train, cfg.neuron, cfg.dataset
+    if t.eval_steps:
+        raise ConfigError(
+            "train.eval_steps: optimum-neuron's NeuronTrainer has no evaluation loop; set train.eval_steps=0 "
+            "for neuron.backend=trainium (the evaluate stage scores the trained model)"
+        )
+    if t.early_stopping_patience:
+        raise ConfigError(
+            "train.early_stopping_patience: needs validation, which NeuronTrainer does not run; set it to 0 "
+            "for neuron.backend=trainium"
+        )
+    if n.attention == "flash":
+        if d.packing:
+            raise ConfigError(
+                "dataset.packing: NxD's flash-attention kernel applies a plain causal mask, so packed samples "
+                "would attend to each other; set dataset.packing=false (padded rows) or neuron.attention=eager"
+            )
+        if d.max_seq_length % FLASH_SEQUENCE_MULTIPLE:
+            raise ConfigError(
+                f"dataset.max_seq_length: NxD's flash-attention kernel needs a multiple of "
+                f"{FLASH_SEQUENCE_MULTIPLE}, got {d.max_seq_length}; change it or set neuron.attention=eager"
+            )
+
+
+def training_arguments(cfg: RunConfig, output_dir: Path, *, logging_steps: int | None = None) -> Any:
+    """NeuronTrainingArguments carrying every trnft setting that optimum-neuron has a place for."""
     from optimum.neuron import NeuronTrainingArguments
 
-    t = cfg.train
+    t, n = cfg.train, cfg.neuron
     return NeuronTrainingArguments(
         output_dir=str(output_dir),
-        max_steps=max_steps,
+        max_steps=t.max_steps,
         per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
@@ -55,36 +94,89 @@ def _training_arguments(cfg: RunConfig, output_dir: Path, max_steps: int) -> Any
         adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm,
         warmup_steps=t.warmup_steps,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": t.min_lr},
         bf16=t.bf16,
         seed=t.seed,
+        save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.keep_checkpoints,
-        logging_steps=t.logging_steps,
+        save_total_limit=None,  # trnft prunes (checkpoints.prune keeps train.keep_checkpoints complete ones)
+        logging_steps=logging_steps or t.logging_steps,
         report_to=["tensorboard"],
         logging_dir=str(output_dir / "tensorboard"),
-        tensor_parallel_size=cfg.neuron.tp,
-        pipeline_parallel_size=cfg.neuron.pp,
+        tensor_parallel_size=n.tp,
+        pipeline_parallel_size=n.pp,
+        kv_size_multiplier=n.kv_size_multiplier,
+        fuse_qkv=n.fuse_qkv,
+        use_xser=n.checkpoint_format == "xser",
+        # The packed-sample mask of neuron.attention=eager is an input; only the flash kernel masks by itself.
+        recompute_causal_mask=n.attention == "flash",
+        # trnft saves the optimizer moments per tensor/pipeline rank itself; ZeRO-1 would shard them over DP.
+        zero_1=False,
         dataloader_drop_last=True,
         remove_unused_columns=False,
+        disable_tqdm=True,
+        # Never upload compiled graphs to the Hugging Face Hub cache from a training job.
+        skip_cache_push=True,
     )
 
 
-class _OrderedSequences:
-    """The packed training sequences in trnft's batch order, starting after ``start_step`` steps."""
+def attn_implementation(cfg: RunConfig) -> str:
+    """The attention optimum-neuron's Trainium examples use (NKI flash attention), or eager for packing."""
+    return "flash_attention_2" if cfg.neuron.attention == "flash" else "eager"
 
-    def __init__(
-        self, tokenized: TokenizeOutput, global_batch: int, seed: int, start_step: int, steps: int
-    ) -> None:
-        import numpy as np
 
-        self.split = tokenized.split("train")
-        order = [
-            batch_indices(s, global_batch, len(self.split), seed)
-            for s in range(start_step, start_step + steps)
-        ]
-        self.order = np.concatenate(order) if order else np.empty(0, dtype=np.int64)
+# --------------------------------------------------------------------------------------------------
+# Data: trnft's batch order, split over data-parallel ranks
+
+
+def rank_sequence_order(
+    num_sequences: int,
+    *,
+    seed: int,
+    micro_batch: int,
+    accumulation: int,
+    dp_size: int,
+    dp_rank: int,
+    start_step: int,
+    steps: int,
+) -> np.ndarray:
+    """The sequence indices data-parallel rank ``dp_rank`` reads, micro-batch after micro-batch.
+
+    Optimizer step ``s`` trains on ``batch_indices(s)``; its micro-batch ``m`` is the slice
+    ``[m * micro_batch * dp, (m + 1) * micro_batch * dp)`` and rank ``r`` takes the ``r``-th
+    ``micro_batch`` of it: the same split the CPU-XLA trainer shards over its data-parallel devices.
+    """
+    global_batch = micro_batch * accumulation * dp_size
+    per_step = micro_batch * dp_size
+    out = []
+    for step in range(start_step, start_step + steps):
+        idx = batch_indices(step, global_batch, num_sequences, seed)
+        for m in range(accumulation):
+            lo = m * per_step + dp_rank * micro_batch
+            out.append(idx[lo : lo + micro_batch])
+    return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+def global_supervised_tokens(split: TokenizedSplit, cfg: RunConfig, dp_size: int, step: int) -> int:
+    """Supervised (loss-bearing) tokens of optimizer step ``step``'s global batch."""
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * dp_size
+    labels = split.rows(batch_indices(step, global_batch, len(split), t.seed))["labels"]
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class PackedSequences:
+    """Rows of a tokenized split as model inputs, in the order of :func:`rank_sequence_order`.
+
+    With ``neuron.attention=eager`` each row carries the additive 4-D mask that keeps packed samples
+    apart (optimum-neuron passes a 4-D ``attention_mask`` through unchanged when it does not recompute the
+    causal mask); with flash attention rows hold one padded sample each (see :func:`check_settings`).
+    """
+
+    def __init__(self, split: TokenizedSplit, order: np.ndarray, *, segment_mask: bool, dtype: Any) -> None:
+        self.split = split
+        self.order = order
+        self.segment_mask = segment_mask
+        self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self.order)
@@ -93,88 +185,367 @@ class _OrderedSequences:
         import torch
 
         rows = self.split.rows([int(self.order[i])])
-        return {k: torch.from_numpy(v[0]) for k, v in rows.items() if k != "segment_ids"}
+        item = {
+            "input_ids": torch.from_numpy(rows["input_ids"][0].astype(np.int64)),
+            "labels": torch.from_numpy(rows["labels"][0].astype(np.int64)),
+            "position_ids": torch.from_numpy(rows["position_ids"][0].astype(np.int64)),
+        }
+        if self.segment_mask:
+            allowed = segment_allowed(torch.from_numpy(rows["segment_ids"]))[0]
+            blocked = torch.full(allowed.shape, torch.finfo(self.dtype).min, dtype=self.dtype)
+            item["attention_mask"] = torch.where(allowed, torch.zeros((), dtype=self.dtype), blocked)
+        return item
 
 
-def _model_and_adapter(cfg: RunConfig, args: Any, resume: Path | None) -> Any:
+def ordered_sampler(order_length: int) -> Any:
+    """A sampler the accelerator leaves alone (it is a DistributedSampler) that reads 0, 1, 2, ... in order."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    class _InOrder(DistributedSampler):
+        def __init__(self) -> None:  # no process group needed: the order is already this rank's own
+            self.num_samples = order_length
+            self.total_size = order_length
+            self.epoch = 0
+            self.shuffle = False
+
+        def __iter__(self) -> Iterator[int]:
+            return iter(range(order_length))
+
+        def __len__(self) -> int:
+            return order_length
+
+    return _InOrder()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, resume state
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What a restarted run continues from."""
+
+    checkpoint: Path
+    step: int
+
+
+def read_resume_state(checkpoint: Path | None) -> ResumeState | None:
+    if checkpoint is None:
+        return None
+    state = json.loads((checkpoint / checkpoints.TRNFT_STATE / "state.json").read_text())
+    return ResumeState(checkpoint, int(state["step"]))
+
+
+def _rank_shard_tensors(tag_dir: Path, tp: int, pp: int) -> dict[str, Any]:
+    """This rank's tensors exactly as optimum-neuron saved them (fused and TP-sharded), as torch tensors."""
+    from trnft.neuron.nxd_format import open_shard_set
+    from trnft.neuron.xla_trainer import to_torch
+
+    shard = open_shard_set(tag_dir).file(tp, pp)
+    return {name: to_torch(shard.lazy(name).read()) for name in shard.names()}
+
+
+def load_rank_weights(model: Any, checkpoint: Path, *, lora: bool, tp_rank: int, pp_rank: int) -> int:
+    """Load this rank's saved shard into the (not yet prepared) model; returns the tensors loaded.
+
+    LoRA: the adapter shard goes through PEFT's own state-dict loader, then optimum-neuron's
+    ``get_peft_model_state_dict`` must give back exactly the saved tensors (names, shapes, values).
+    Full fine-tuning: ``load_state_dict(strict=True)`` of the model shard.
+    """
+    import torch
+
+    if lora:
+        from optimum.neuron.peft.utils.save_and_load import get_peft_model_state_dict
+        from peft import set_peft_model_state_dict
+
+        saved = _rank_shard_tensors(checkpoint / f"adapter_{ADAPTER}" / "adapter_shards", tp_rank, pp_rank)
+        result = set_peft_model_state_dict(model, saved, adapter_name=ADAPTER)
+        if getattr(result, "unexpected_keys", None):
+            raise TrnftError(
+                f"{checkpoint}: adapter tensors the model does not have: {result.unexpected_keys[:3]}"
+            )
+        back = {
+            k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()
+        }
+        if set(back) != set(saved):
+            missing = sorted(set(back) - set(saved))[:3]
+            raise TrnftError(f"{checkpoint}: adapter shard lacks {missing}; it does not belong to this model")
+        for name, tensor in saved.items():
+            if back[name].shape != tensor.shape or not torch.equal(back[name].to(tensor.dtype), tensor):
+                raise TrnftError(f"{checkpoint}: {name} did not load exactly (shape {tuple(tensor.shape)})")
+        return len(saved)
+    saved = _rank_shard_tensors(checkpoint / "shards", tp_rank, pp_rank)
+    model.load_state_dict(saved, strict=True)
+    return len(saved)
+
+
+def build_model(cfg: RunConfig, args: Any) -> Any:
     import torch
     from optimum.neuron.models.training import NeuronModelForCausalLM
 
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
-    model = NeuronModelForCausalLM.from_pretrained(cfg.model.name_or_path, args.trn_config, torch_dtype=dtype)
+    model = NeuronModelForCausalLM.from_pretrained(
+        cfg.model.name_or_path,
+        args.trn_config,
+        torch_dtype=dtype,
+        attn_implementation=attn_implementation(cfg),
+    )
     if not cfg.lora.enabled:
         return model
     from optimum.neuron.peft import get_peft_model
-    from peft import set_peft_model_state_dict
 
     from trnft.common.lora import peft_config
 
-    model = get_peft_model(model, peft_config(cfg, cfg.lora.target_modules))
-    if resume is not None:
-        from trnft.neuron.consolidate import load_checkpoint_tensors
-        from trnft.neuron.xla_trainer import to_torch
+    return get_peft_model(model, peft_config(cfg, cfg.lora.target_modules))
 
-        adapter = {name: to_torch(a) for name, a in load_checkpoint_tensors(resume).items()}
-        result = set_peft_model_state_dict(model, adapter)
-        if result.unexpected_keys:
-            raise TrnftError(f"{resume}: adapter keys the model does not have: {result.unexpected_keys[:3]}")
-    return model
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def trainer_class() -> type:
+    """optimum-neuron's NeuronTrainer with trnft's batches, loss normalisation, schedule and checkpoints."""
+    import torch
+    import torch_xla.core.xla_model as xm
+    from neuronx_distributed.parallel_layers import parallel_state
+    from optimum.neuron import NeuronTrainer
+
+    from trnft.common.optim import lr_at, wants_decay
+
+    class _TrnftNeuronTrainer(NeuronTrainer):
+        def __init__(self, *args: Any, trnft: _RunPlan, **kwargs: Any) -> None:
+            self.trnft = trnft
+            super().__init__(*args, **kwargs)
+
+        # Data ------------------------------------------------------------------------------------
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            return ordered_sampler(len(self.train_dataset))
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device=None, prefetch_size=None):
+            batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device, prefetch_size)
+            plan = self.trnft
+            tokens = global_supervised_tokens(plan.split, plan.cfg, plan.dp_size, self.state.global_step)
+            # Gradients are averaged over data-parallel ranks, so each rank divides by tokens / dp.
+            return batches, max(tokens, 1) / plan.dp_size
+
+        # Optimizer and schedule -------------------------------------------------------------------
+        def get_decay_parameter_names(self, model: Any) -> list[str]:
+            return [n for n, p in model.named_parameters() if wants_decay(n, p.ndim)]
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                train, start = self.trnft.cfg.train, self.trnft.start_step
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer if optimizer is not None else self.optimizer,
+                    lambda s: lr_at(start + s, train) / train.learning_rate,
+                )
+            return self.lr_scheduler
+
+        def setup_training(self, *args: Any, **kwargs: Any) -> None:
+            super().setup_training(*args, **kwargs)
+            resume = self.trnft.resume
+            if resume is None:
+                return
+            self.state.global_step = resume.step
+            self.global_step_last_logged = resume.step
+            path = _optimizer_file(resume.checkpoint, _tp_pp())
+            if path.is_file():
+                self.optimizer.load_state_dict(torch.load(path, weights_only=True))
+                self.trnft.restored.append("optimizer_moments")
+            else:
+                self.trnft.log(f"train: {path} is missing; optimizer moments start from zero")
+            self.trnft.restored += ["step", "lr_schedule", "data_position", "weights"]
+
+        # Checkpoints ------------------------------------------------------------------------------
+        def _save_checkpoint(self) -> None:
+            from optimum.neuron.utils.misc import is_precompilation
+
+            if is_precompilation():
+                return
+            plan, step = self.trnft, self.state.global_step
+            staged = plan.train_dir / f"checkpoint-{step}{STAGING_SUFFIX}"
+            if xm.is_master_ordinal(local=False):
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+            xm.rendezvous("trnft_checkpoint_staged")
+            self.save_model(str(staged), _internal_call=True)
+            if parallel_state.get_data_parallel_rank() == 0:
+                target = _optimizer_file(staged, _tp_pp())
+                target.parent.mkdir(parents=True, exist_ok=True)
+                cpu_state = _to_cpu(self.optimizer.state_dict())
+                torch.save(cpu_state, target)
+            xm.rendezvous("trnft_checkpoint_written")
+            if xm.is_master_ordinal(local=False):
+                torch.save(self.lr_scheduler.state_dict(), staged / "scheduler.pt")
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+                checkpoints.fault_point("save", step)
+                state = {
+                    "step": step,
+                    "fingerprint": plan.fingerprint,
+                    "backend": "trainium",
+                    "layout": {"tp": plan.cfg.neuron.tp, "pp": plan.cfg.neuron.pp, "dp": plan.dp_size},
+                    "data_position": {"step": step, "consumed_sequences": step * plan.global_batch},
+                    "not_restored_on_resume": NOT_RESTORED,
+                }
+                (staged / checkpoints.TRNFT_STATE / "state.json").write_text(json.dumps(state, indent=1))
+                checkpoints.commit(plan.train_dir, staged, step)
+                checkpoints.prune(plan.train_dir, plan.cfg.train.keep_checkpoints, plan.log)
+                plan.saved.append(f"checkpoint-{step}")
+                plan.log(f"train: saved checkpoint-{step}")
+            xm.rendezvous("trnft_checkpoint_committed")
+
+    return _TrnftNeuronTrainer
+
+
+def _tp_pp() -> tuple[int, int]:
+    from neuronx_distributed.parallel_layers import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+
+
+def _optimizer_file(checkpoint: Path, ranks: tuple[int, int]) -> Path:
+    tp, pp = ranks
+    return checkpoint / checkpoints.TRNFT_STATE / f"optimizer_tp_rank_{tp:02d}_pp_rank_{pp:02d}.pt"
+
+
+def _to_cpu(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+@dataclass
+class _RunPlan:
+    """What the trainer subclass needs from trnft; lists are filled while it runs."""
+
+    cfg: RunConfig
+    split: TokenizedSplit
+    train_dir: Path
+    fingerprint: str
+    dp_size: int
+    start_step: int
+    resume: ResumeState | None
+    log: Callable[[str], None]
+    saved: list[str]
+    restored: list[str]
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.gradient_accumulation_steps * self.dp_size
+
+
+def _dataset(
+    cfg: RunConfig, split: TokenizedSplit, dp_size: int, dp_rank: int, start: int, steps: int
+) -> Any:
+    import torch
+
+    t = cfg.train
+    order = rank_sequence_order(
+        len(split),
+        seed=t.seed,
+        micro_batch=t.micro_batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        start_step=start,
+        steps=steps,
+    )
+    dtype = torch.bfloat16 if t.bf16 else torch.float32
+    return PackedSequences(split, order, segment_mask=cfg.neuron.attention == "eager", dtype=dtype)
 
 
 def train(ctx: StageContext) -> StageOutcome:
-    """Train (or resume) on Trainium under torchrun; every rank runs this."""
-    from optimum.neuron import NeuronTrainer
+    """Train (or resume) under torchrun with optimum-neuron; every rank runs this."""
+    from neuronx_distributed.parallel_layers import parallel_state
 
-    from trnft.common.optim import global_batch
-
-    _preflight()
-    cfg = ctx.cfg
+    cfg, log = ctx.cfg, ctx.log
+    check_settings(cfg)
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
-    from trnft.common.checkpoints import resume_point
-
+    split = tokenized.split("train")
     if ctx.is_main:
-        resume_path = resume_point(ctx.out_dir, ctx.fingerprint, ctx.log)
+        checkpoint = checkpoints.resume_point(ctx.out_dir, ctx.fingerprint, log)
     else:
         newest = checkpoints.newest_complete(ctx.out_dir)
-        resume_path = newest.path if newest else None
-    done = json.loads((resume_path / "trainer_state.json").read_text())["global_step"] if resume_path else 0
-    remaining = cfg.train.max_steps - done
-    args = _training_arguments(cfg, ctx.out_dir, remaining)
-    dataset = _OrderedSequences(
-        tokenized, global_batch(cfg.train, _data_parallel(args)), cfg.train.seed, done, remaining
-    )
-    model = _model_and_adapter(cfg, args, resume_path)
-    trainer = NeuronTrainer(model=model, args=args, train_dataset=dataset)
-    result = trainer.train()
+        checkpoint = newest.path if newest else None
+    resume = read_resume_state(checkpoint)
+    start = resume.step if resume else 0
+    args = training_arguments(cfg, ctx.out_dir)
+    dp_size, dp_rank = parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank()
+    plan = _RunPlan(cfg, split, ctx.out_dir, ctx.fingerprint, dp_size, start, resume, log, [], [])
+    model = build_model(cfg, args)
+    if resume is not None:
+        tp_rank, pp_rank = _tp_pp()
+        count = load_rank_weights(
+            model, resume.checkpoint, lora=cfg.lora.enabled, tp_rank=tp_rank, pp_rank=pp_rank
+        )
+        log(f"train: resuming from {resume.checkpoint.name} at step {start} ({count} tensors of this rank)")
+        log(
+            f"train: not restored on resume: {', '.join(NOT_RESTORED)} (LoRA dropout masks differ from an uninterrupted run)"
+        )
+    dataset = _dataset(cfg, split, dp_size, dp_rank, start, cfg.train.max_steps - start)
+    trainer = trainer_class()(model=model, args=args, train_dataset=dataset, trnft=plan)
+    trainer.train()  # returns None in every optimum-neuron 0.4.x release; figures come from the state
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     final = checkpoints.newest_complete(ctx.out_dir)
+    if ctx.is_main and (final is None or final.step != cfg.train.max_steps):
+        raise TrnftError(
+            f"train: ended at step {trainer.state.global_step} without checkpoint-{cfg.train.max_steps}"
+        )
+    summary = f"{cfg.train.max_steps} steps on Trainium"
+    if losses:
+        summary += f", loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     return StageOutcome(
-        summary=f"{cfg.train.max_steps} steps on Trainium, final loss {result.training_loss:.3f}",
+        summary=summary,
         figures={
             "backend": "trainium",
-            "resumed_from": resume_path.name if resume_path else None,
+            "resumed_from": resume.checkpoint.name if resume else None,
+            "start_step": start,
+            "end_step": trainer.state.global_step,
+            "logged_losses": losses,
+            "final_loss": losses[-1] if losses else None,
+            "checkpoints_saved": plan.saved,
             "final_checkpoint": final.path.name if final else None,
+            "restored_on_resume": sorted(set(plan.restored)),
+            "not_restored_on_resume": NOT_RESTORED if resume else [],
+            "attention": attn_implementation(cfg),
+            "non_pad_token_fraction": _non_pad_fraction(split),
         },
-        layout={"tp": cfg.neuron.tp, "pp": cfg.neuron.pp},
+        layout={"tp": cfg.neuron.tp, "pp": cfg.neuron.pp, "dp": dp_size, "global_batch": plan.global_batch},
     )
 
 
-def _data_parallel(args: Any) -> int:
-    """Data-parallel ranks of the NxD layout (the same for precompilation and training)."""
-    return int(getattr(args.trn_config, "data_parallel_size", 1) or 1)
+def _non_pad_fraction(split: TokenizedSplit) -> float:
+    rows = split.rows(list(range(len(split))))
+    return round(float((rows["segment_ids"] != 0).mean()), 4)
 
 
 def precompile(cfg: RunConfig, log: Callable[[str], None]) -> None:
-    """Under neuron_parallel_compile: the same training for ``train.compile_steps`` steps, nothing saved."""
-    from optimum.neuron import NeuronTrainer
+    """Under neuron_parallel_compile: the graphs of the real run for ``train.compile_steps`` steps, nothing saved.
 
-    from trnft.common.optim import global_batch
+    The loss-logging graph runs at every ``logging_steps``; the trial run logs at its last step at the latest,
+    so that graph is in the cache before training reaches its first logging step.
+    """
+    from neuronx_distributed.parallel_layers import parallel_state
+
     from trnft.common.rundir import RunDir
 
+    check_settings(cfg)
+    steps = cfg.train.compile_steps
     tokenized = TokenizeOutput(RunDir(cfg.run.root).stage_dir("tokenize"))
+    split = tokenized.split("train")
     scratch = Path(cfg.run.root) / ".trnft" / "precompile"
-    args = _training_arguments(cfg, scratch, cfg.train.compile_steps)
-    dataset = _OrderedSequences(
-        tokenized, global_batch(cfg.train, _data_parallel(args)), cfg.train.seed, 0, cfg.train.compile_steps
-    )
-    NeuronTrainer(model=_model_and_adapter(cfg, args, None), args=args, train_dataset=dataset).train()
-    log(f"precompile: traced {cfg.train.compile_steps} steps")
+    args = training_arguments(cfg, scratch, logging_steps=min(cfg.train.logging_steps, steps))
+    args.max_steps = steps
+    dp_size, dp_rank = parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank()
+    plan = _RunPlan(cfg, split, scratch, "precompile", dp_size, 0, None, log, [], [])
+    dataset = _dataset(cfg, split, dp_size, dp_rank, 0, steps)
+    trainer = trainer_class()(model=build_model(cfg, args), args=args, train_dataset=dataset, trnft=plan)
+    trainer.train()
+    log(f"precompile: traced {steps} steps (logging graph included)")

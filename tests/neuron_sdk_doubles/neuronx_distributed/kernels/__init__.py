@@ -1,0 +1,4 @@
+from .._limits import placeholder_getattr as _placeholder_getattr
+from . import flash_attn  # noqa: F401
+
+__getattr__ = _placeholder_getattr(__name__)
