@@ -463,10 +463,10 @@ def _dataset(
 
 def train(ctx: StageContext) -> StageOutcome:
     """Train (or resume) under torchrun with optimum-neuron; every rank runs this."""
-    from neuronx_distributed.parallel_layers import parallel_state
-
     cfg, log = ctx.cfg, ctx.log
     check_settings(cfg)
+    from neuronx_distributed.parallel_layers import parallel_state
+
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
     split = tokenized.split("train")
     if ctx.is_main:
@@ -514,11 +514,31 @@ def train(ctx: StageContext) -> StageOutcome:
             "final_checkpoint": final.path.name if final else None,
             "restored_on_resume": sorted(set(plan.restored)),
             "not_restored_on_resume": NOT_RESTORED if resume else [],
-            "attention": attn_implementation(cfg),
             "non_pad_token_fraction": _non_pad_fraction(split),
+            "optimum_neuron": effective_settings(args, model),
         },
         layout={"tp": cfg.neuron.tp, "pp": cfg.neuron.pp, "dp": dp_size, "global_batch": plan.global_batch},
     )
+
+
+def effective_settings(args: Any, model: Any) -> dict[str, Any]:
+    """What optimum-neuron actually ran with, read back from its own objects (for the manifest)."""
+    trn = args.trn_config
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {
+        "tensor_parallel_size": trn.tensor_parallel_size,
+        "pipeline_parallel_size": trn.pipeline_parallel_size,
+        "data_parallel_size": trn.data_parallel_size,
+        "kv_size_multiplier": trn.kv_size_multiplier,
+        "fuse_qkv": trn.fuse_qkv,
+        "use_xser": trn.use_xser,
+        "sequence_parallel_enabled": trn.sequence_parallel_enabled,
+        "recompute_causal_mask": trn.recompute_causal_mask,
+        "attn_implementation": base.config._attn_implementation,
+        "zero_1": args.zero_1,
+        "save_steps": args.save_steps,
+        "logging_steps": args.logging_steps,
+    }
 
 
 def _non_pad_fraction(split: TokenizedSplit) -> float:

@@ -1,0 +1,289 @@
+"""The Trainium backend through optimum-neuron 0.4.5's real trainer, model and PEFT code, on torch-xla's CPU.
+
+``trnft train`` runs under torchrun exactly as in the Kubernetes train job, with ``neuron.backend=trainium``.
+Only the packages that are not on PyPI (neuronx-distributed, torch-neuronx, libneuronxla) are replaced, by the
+tensor-parallel-size-1 doubles in ``tests/neuron_sdk_doubles`` (``TRNFT_TRAINIUM_REHEARSAL=1`` skips the device
+check and the preflight). Everything else, optimum-neuron's ``NeuronTrainer``, ``NeuronModelForCausalLM``,
+``get_peft_model``, its accelerator, optimizer wrapper and checkpoint writer, is the real code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import Run, ok, smoke_raw, step_batch_loss
+
+from trnft.common.config import config_from_dict
+from trnft.common.data import TokenizeOutput, batch_indices
+from trnft.common.errors import ConfigError
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.neuron") is None,
+        reason="optimum-neuron 0.4.5 is not installed (dev extra, Python < 3.12)",
+    ),
+]
+
+DOUBLES = Path(__file__).resolve().parents[1] / "neuron_sdk_doubles"
+# Padded rows of 2048 tokens: NxD's flash-attention kernel takes multiples of 2048 and no packing.
+FLASH_DATASET = {"packing": False, "max_seq_length": 2048}
+TRAIN = {
+    "max_steps": 6,
+    "save_steps": 3,
+    "logging_steps": 1,
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "warmup_steps": 2,
+    "keep_checkpoints": 3,
+}
+
+
+def torchrun(run: Run, stage: str, *overrides: str, env: dict[str, str] | None = None):
+    """``torchrun --standalone --nproc_per_node 1 -m trnft.common.cli <stage>``, as the train job runs it."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "trnft.common.cli",
+        stage,
+        "--config",
+        str(run.config),
+        *overrides,
+    ]
+    full = {
+        **os.environ,
+        "PJRT_DEVICE": "CPU",
+        "TRNFT_TRAINIUM_REHEARSAL": "1",
+        "PYTHONPATH": os.pathsep.join([str(DOUBLES), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
+    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def flash_tokenized(tmp_path_factory, tiny_llama) -> Path:
+    from trnft.common import tokenize
+
+    root = tmp_path_factory.mktemp("trn-tokenized")
+    tokenize.run(config_from_dict(smoke_raw(root, tiny_llama, dataset=FLASH_DATASET)), log=lambda m: None)
+    return root / "tokenize"
+
+
+def _trainium_run(root: Path, model: Path, tokenized: Path, **sections) -> Run:
+    root.mkdir()
+    shutil.copytree(tokenized, root / "tokenize")
+    sections = {"dataset": FLASH_DATASET, "train": TRAIN, **sections}
+    sections["neuron"] = {"backend": "trainium", "tp": 1, "cpu_devices": 1, **sections.get("neuron", {})}
+    return Run(root, smoke_raw(root, model, **sections))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama, flash_tokenized) -> Run:
+    """Six steps, checkpoints at 3 and 6, never interrupted."""
+    run = _trainium_run(tmp_path_factory.mktemp("trn") / "run", tiny_llama, flash_tokenized)
+    ok(torchrun(run, "train"))
+    return run
+
+
+def _adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from trnft.neuron.nxd_format import open_shard_set
+    from trnft.neuron.xla_trainer import to_torch
+
+    shard = open_shard_set(checkpoint / "adapter_default" / "adapter_shards").file(0, 0)
+    return {n: to_torch(shard.lazy(n).read()) for n in shard.names()}
+
+
+def _global_batch() -> int:
+    return TRAIN["micro_batch_size"] * TRAIN["gradient_accumulation_steps"]
+
+
+def test_a_full_run_writes_a_manifest_with_what_optimum_neuron_ran(uninterrupted):
+    manifest = uninterrupted.manifest("train")
+    figures = manifest["figures"]
+    assert manifest["status"] == "complete"
+    assert figures["backend"] == "trainium"
+    assert figures["end_step"] == 6 and len(figures["logged_losses"]) == 6
+    assert figures["checkpoints_saved"] == ["checkpoint-3", "checkpoint-6"]
+    assert figures["final_checkpoint"] == "checkpoint-6"
+    # Every setting reached optimum-neuron (read back from its own objects, not from trnft's config).
+    settings = figures["optimum_neuron"]
+    assert settings["attn_implementation"] == "flash_attention_2"
+    assert settings["use_xser"] is True and settings["fuse_qkv"] is False
+    assert settings["recompute_causal_mask"] is True and settings["zero_1"] is False
+    assert (settings["tensor_parallel_size"], settings["data_parallel_size"]) == (1, 1)
+    assert (settings["save_steps"], settings["logging_steps"]) == (3, 1)
+    for step in (3, 6):
+        state = json.loads((uninterrupted.root / "train" / f"checkpoint-{step}" / "trnft_state" / "state.json").read_text())
+        assert state["step"] == step and state["not_restored_on_resume"] == ["xla_rng_state"]
+    assert not list((uninterrupted.root / "train").glob("*staging*"))
+
+
+def test_the_trainer_reads_trnft_batches_and_computes_trnft_loss(uninterrupted, tiny_llama):
+    """Step 1's loss (LoRA B is zero, so the base model's) equals trnft's loss of batch_indices(0)."""
+    from transformers import AutoModelForCausalLM
+
+    split = TokenizeOutput(uninterrupted.root / "tokenize").split("train")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    expected = step_batch_loss(base, split, 0, _global_batch(), TRAIN_SEED(uninterrupted))
+    other = step_batch_loss(base, split, 1, _global_batch(), TRAIN_SEED(uninterrupted))
+    logged = uninterrupted.manifest("train")["figures"]["logged_losses"]
+    assert abs(expected - other) > 1e-2  # batches differ enough that a wrong order would show
+    np.testing.assert_allclose(logged[0], expected, rtol=1e-4)
+
+
+def TRAIN_SEED(run: Run) -> int:  # noqa: N802
+    return run.raw["train"]["seed"]
+
+
+def test_consolidating_its_checkpoint_gives_the_model_that_trained(uninterrupted, tiny_llama, tmp_path):
+    """The adapter of checkpoint-3, consolidated by trnft, reproduces the loss the trainer logged at step 4."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trnft.common import cli
+
+    adapter = tmp_path / "adapter-3"
+    checkpoint = uninterrupted.root / "train" / "checkpoint-3"
+    assert cli.main(["consolidate", "--checkpoint", str(checkpoint), "--output", str(adapter)]) == 0
+    split = TokenizeOutput(uninterrupted.root / "tokenize").split("train")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base_loss = step_batch_loss(base, split, 3, _global_batch(), TRAIN_SEED(uninterrupted))
+    tuned = PeftModel.from_pretrained(base, adapter)
+    loss = step_batch_loss(tuned, split, 3, _global_batch(), TRAIN_SEED(uninterrupted))
+    logged = uninterrupted.manifest("train")["figures"]["logged_losses"]
+    assert abs(base_loss - logged[3]) > 1e-2  # training moved the model
+    np.testing.assert_allclose(loss, logged[3], rtol=2e-4)
+    # The stage form consumes the newest checkpoint.
+    consolidated = ok(uninterrupted.stage("consolidate")).stdout
+    assert "using checkpoint-6" in consolidated
+
+
+def test_sigkill_during_a_save_then_rerun_continues_exactly(tmp_path, tiny_llama, flash_tokenized, uninterrupted):
+    run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized)
+    killed = torchrun(run, "train", env={"TRNFT_FAULT": "kill-during-save:6"})
+    assert killed.returncode != 0
+    train_dir = run.root / "train"
+    assert (train_dir / "checkpoint-3" / "trnft_state" / "state.json").is_file()
+    assert not (train_dir / "checkpoint-6").exists()
+    assert (train_dir / "checkpoint-6.staging-trn").is_dir()  # the half-done save
+
+    resumed = ok(torchrun(run, "train"))
+    assert "removing checkpoint-6.staging-trn, an interrupted save" in resumed.stdout
+    assert "resuming from checkpoint-3 at step 3" in resumed.stdout
+    assert "not restored on resume: xla_rng_state" in resumed.stdout
+    figures = run.manifest("train")["figures"]
+    assert figures["start_step"] == 3 and figures["end_step"] == 6
+    assert figures["checkpoints_saved"] == ["checkpoint-6"]  # names keep increasing
+    assert {"optimizer_moments", "lr_schedule", "data_position", "step", "weights"} <= set(figures["restored_on_resume"])
+    assert figures["not_restored_on_resume"] == ["xla_rng_state"]
+    expected = uninterrupted.manifest("train")["figures"]["logged_losses"][3:]
+    assert figures["logged_losses"] == expected  # same data, LR and optimizer state from step 4 on
+    mine = _adapter_tensors(train_dir / "checkpoint-6")
+    theirs = _adapter_tensors(uninterrupted.root / "train" / "checkpoint-6")
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_eager_attention_keeps_packed_samples_apart(make_run, tiny_llama):
+    """neuron.attention=eager with packed rows: step 1's loss is trnft's segment-masked loss, not causal-only."""
+    from transformers import AutoModelForCausalLM
+
+    from trnft.common.data import IGNORE_INDEX
+
+    run = make_run(
+        neuron={"backend": "trainium", "tp": 1, "cpu_devices": 1, "attention": "eager"},
+        train={**TRAIN, "max_steps": 1, "save_steps": 1, "warmup_steps": 0},
+    )
+    ok(torchrun(run, "train"))
+    logged = run.manifest("train")["figures"]["logged_losses"]
+    assert run.manifest("train")["figures"]["optimum_neuron"]["attn_implementation"] == "eager"
+    split = TokenizeOutput(run.root / "tokenize").split("train")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    seed = run.raw["train"]["seed"]
+    isolated = step_batch_loss(base, split, 0, _global_batch(), seed)
+    rows = {k: torch.from_numpy(v) for k, v in split.rows(batch_indices(0, _global_batch(), len(split), seed)).items()}
+    with torch.no_grad():
+        logits = base(input_ids=rows["input_ids"].long(), position_ids=rows["position_ids"].long()).logits[:, :-1]
+    labels = rows["labels"][:, 1:].long()
+    leaky = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    ).item() / int((labels != IGNORE_INDEX).sum())
+    assert abs(isolated - leaky) > 1e-3  # packing without the mask would be visible
+    np.testing.assert_allclose(logged[0], isolated, rtol=1e-4)
+
+
+def test_precompilation_traces_the_steps_and_saves_nothing(tmp_path, tiny_llama, flash_tokenized):
+    run = _trainium_run(
+        tmp_path / "run", tiny_llama, flash_tokenized, train={**TRAIN, "compile_steps": 2, "logging_steps": 50}
+    )
+    proc = ok(torchrun(run, "train", env={"NEURON_EXTRACT_GRAPHS_ONLY": "1"}))
+    assert "precompile: traced 2 steps (logging graph included)" in proc.stdout
+    train_dir = run.root / "train"
+    assert not train_dir.exists() or not any(train_dir.glob("checkpoint-*"))
+    assert not (train_dir / "manifest.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces that need no trainer
+
+
+def test_each_data_parallel_rank_reads_its_slice_of_trnfts_global_batch():
+    from trnft.neuron.trainium import rank_sequence_order
+
+    micro, accumulation, dp, n, seed = 2, 3, 4, 37, 5
+    per_rank = [
+        rank_sequence_order(
+            n, seed=seed, micro_batch=micro, accumulation=accumulation, dp_size=dp, dp_rank=r, start_step=2, steps=3
+        )
+        for r in range(dp)
+    ]
+    for k, step in enumerate(range(2, 5)):
+        expected = batch_indices(step, micro * accumulation * dp, n, seed)
+        for m in range(accumulation):
+            # The CPU-XLA trainer's micro-batch m is expected[m*micro*dp:(m+1)*micro*dp], sharded over dp.
+            together = np.concatenate(
+                [per_rank[r][(k * accumulation + m) * micro : (k * accumulation + m + 1) * micro] for r in range(dp)]
+            )
+            np.testing.assert_array_equal(together, expected[m * micro * dp : (m + 1) * micro * dp])
+
+
+@pytest.mark.parametrize(
+    ("sections", "words"),
+    [
+        ({"train": {"eval_steps": 5}}, "train.eval_steps"),
+        ({"train": {"early_stopping_patience": 2}}, "train.early_stopping_patience"),
+        ({"dataset": {"packing": True, "max_seq_length": 2048}}, "dataset.packing"),
+        ({"dataset": {"packing": False, "max_seq_length": 1024}}, "multiple of 2048"),
+    ],
+)
+def test_settings_the_trainium_path_cannot_honour_are_refused(tiny_llama, tmp_path, sections, words):
+    from trnft.neuron.trainium import check_settings
+
+    cfg = config_from_dict(smoke_raw(tmp_path / "r", tiny_llama, **sections))
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        check_settings(cfg)
+
+
+def test_a_refused_setting_is_one_line_and_writes_nothing(tmp_path, tiny_llama, flash_tokenized):
+    run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized)
+    proc = run.stage(
+        "train", "train.eval_steps=2", env={"TRNFT_TRAINIUM_REHEARSAL": "1", "PYTHONPATH": str(DOUBLES)}
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("trnft train: error: train.eval_steps:")
+    assert "Traceback" not in proc.stderr
+    assert not any((run.root / "train").glob("checkpoint-*"))
