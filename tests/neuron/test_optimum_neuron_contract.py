@@ -92,7 +92,9 @@ def test_the_accelerator_keeps_a_distributed_sampler():
     A DataLoader whose sampler already is a DistributedSampler is returned unchanged; any other sampler is
     replaced by a shuffling DistributedSampler (which would break trnft's batch order).
     """
-    body = _source("optimum.neuron.accelerate.accelerator", "NeuronAccelerator._prepare_data_loader_for_distributed")
+    body = _source(
+        "optimum.neuron.accelerate.accelerator", "NeuronAccelerator._prepare_data_loader_for_distributed"
+    )
     first = body.body[0]
     assert isinstance(first, ast.If)
     assert ast.unparse(first.test) == "isinstance(data_loader.sampler, DistributedSampler)"
@@ -105,7 +107,9 @@ def test_flash_attention_ignores_the_attention_mask():
     So packed samples cannot be kept apart with flash attention on Trainium: trnft refuses packing there.
     """
     body = _source("optimum.neuron.models.training.masking_utils", "create_causal_mask")
-    flash = next(n for n in ast.walk(body) if isinstance(n, ast.If) and "flash_attention_2" in ast.unparse(n.test))
+    flash = next(
+        n for n in ast.walk(body) if isinstance(n, ast.If) and "flash_attention_2" in ast.unparse(n.test)
+    )
     assert isinstance(flash.body[-1], ast.Return) and ast.unparse(flash.body[-1]) == "return None"
 
 
@@ -156,7 +160,13 @@ def test_trn_config_receives_the_parallel_settings():
     body = _source("optimum.neuron.trainers.training_args", "NeuronTrainingArguments.__post_init__")
     call = next(c for c in _calls(body, "TrainingNeuronConfig"))
     keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
-    for name in ("kv_size_multiplier", "pipeline_parallel_size", "use_xser", "fuse_qkv", "recompute_causal_mask"):
+    for name in (
+        "kv_size_multiplier",
+        "pipeline_parallel_size",
+        "use_xser",
+        "fuse_qkv",
+        "recompute_causal_mask",
+    ):
         assert keywords[name] == f"self.{name}"
 
 

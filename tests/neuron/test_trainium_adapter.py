@@ -110,6 +110,10 @@ def _global_batch() -> int:
     return TRAIN["micro_batch_size"] * TRAIN["gradient_accumulation_steps"]
 
 
+def _seed(run: Run) -> int:
+    return run.raw["train"]["seed"]
+
+
 def test_a_full_run_writes_a_manifest_with_what_optimum_neuron_ran(uninterrupted):
     manifest = uninterrupted.manifest("train")
     figures = manifest["figures"]
@@ -126,7 +130,9 @@ def test_a_full_run_writes_a_manifest_with_what_optimum_neuron_ran(uninterrupted
     assert (settings["tensor_parallel_size"], settings["data_parallel_size"]) == (1, 1)
     assert (settings["save_steps"], settings["logging_steps"]) == (3, 1)
     for step in (3, 6):
-        state = json.loads((uninterrupted.root / "train" / f"checkpoint-{step}" / "trnft_state" / "state.json").read_text())
+        state = json.loads(
+            (uninterrupted.root / "train" / f"checkpoint-{step}" / "trnft_state" / "state.json").read_text()
+        )
         assert state["step"] == step and state["not_restored_on_resume"] == ["xla_rng_state"]
     assert not list((uninterrupted.root / "train").glob("*staging*"))
 
@@ -137,15 +143,11 @@ def test_the_trainer_reads_trnft_batches_and_computes_trnft_loss(uninterrupted, 
 
     split = TokenizeOutput(uninterrupted.root / "tokenize").split("train")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    expected = step_batch_loss(base, split, 0, _global_batch(), TRAIN_SEED(uninterrupted))
-    other = step_batch_loss(base, split, 1, _global_batch(), TRAIN_SEED(uninterrupted))
+    expected = step_batch_loss(base, split, 0, _global_batch(), _seed(uninterrupted))
+    other = step_batch_loss(base, split, 1, _global_batch(), _seed(uninterrupted))
     logged = uninterrupted.manifest("train")["figures"]["logged_losses"]
     assert abs(expected - other) > 1e-2  # batches differ enough that a wrong order would show
     np.testing.assert_allclose(logged[0], expected, rtol=1e-4)
-
-
-def TRAIN_SEED(run: Run) -> int:  # noqa: N802
-    return run.raw["train"]["seed"]
 
 
 def test_consolidating_its_checkpoint_gives_the_model_that_trained(uninterrupted, tiny_llama, tmp_path):
@@ -160,9 +162,9 @@ def test_consolidating_its_checkpoint_gives_the_model_that_trained(uninterrupted
     assert cli.main(["consolidate", "--checkpoint", str(checkpoint), "--output", str(adapter)]) == 0
     split = TokenizeOutput(uninterrupted.root / "tokenize").split("train")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    base_loss = step_batch_loss(base, split, 3, _global_batch(), TRAIN_SEED(uninterrupted))
+    base_loss = step_batch_loss(base, split, 3, _global_batch(), _seed(uninterrupted))
     tuned = PeftModel.from_pretrained(base, adapter)
-    loss = step_batch_loss(tuned, split, 3, _global_batch(), TRAIN_SEED(uninterrupted))
+    loss = step_batch_loss(tuned, split, 3, _global_batch(), _seed(uninterrupted))
     logged = uninterrupted.manifest("train")["figures"]["logged_losses"]
     assert abs(base_loss - logged[3]) > 1e-2  # training moved the model
     np.testing.assert_allclose(loss, logged[3], rtol=2e-4)
@@ -171,7 +173,9 @@ def test_consolidating_its_checkpoint_gives_the_model_that_trained(uninterrupted
     assert "using checkpoint-6" in consolidated
 
 
-def test_sigkill_during_a_save_then_rerun_continues_exactly(tmp_path, tiny_llama, flash_tokenized, uninterrupted):
+def test_sigkill_during_a_save_then_rerun_continues_exactly(
+    tmp_path, tiny_llama, flash_tokenized, uninterrupted
+):
     run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized)
     killed = torchrun(run, "train", env={"TRNFT_FAULT": "kill-during-save:6"})
     assert killed.returncode != 0
@@ -187,7 +191,9 @@ def test_sigkill_during_a_save_then_rerun_continues_exactly(tmp_path, tiny_llama
     figures = run.manifest("train")["figures"]
     assert figures["start_step"] == 3 and figures["end_step"] == 6
     assert figures["checkpoints_saved"] == ["checkpoint-6"]  # names keep increasing
-    assert {"optimizer_moments", "lr_schedule", "data_position", "step", "weights"} <= set(figures["restored_on_resume"])
+    assert {"optimizer_moments", "lr_schedule", "data_position", "step", "weights"} <= set(
+        figures["restored_on_resume"]
+    )
     assert figures["not_restored_on_resume"] == ["xla_rng_state"]
     expected = uninterrupted.manifest("train")["figures"]["logged_losses"][3:]
     assert figures["logged_losses"] == expected  # same data, LR and optimizer state from step 4 on
@@ -215,9 +221,14 @@ def test_eager_attention_keeps_packed_samples_apart(make_run, tiny_llama):
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     seed = run.raw["train"]["seed"]
     isolated = step_batch_loss(base, split, 0, _global_batch(), seed)
-    rows = {k: torch.from_numpy(v) for k, v in split.rows(batch_indices(0, _global_batch(), len(split), seed)).items()}
+    rows = {
+        k: torch.from_numpy(v)
+        for k, v in split.rows(batch_indices(0, _global_batch(), len(split), seed)).items()
+    }
     with torch.no_grad():
-        logits = base(input_ids=rows["input_ids"].long(), position_ids=rows["position_ids"].long()).logits[:, :-1]
+        logits = base(input_ids=rows["input_ids"].long(), position_ids=rows["position_ids"].long()).logits[
+            :, :-1
+        ]
     labels = rows["labels"][:, 1:].long()
     leaky = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -228,7 +239,10 @@ def test_eager_attention_keeps_packed_samples_apart(make_run, tiny_llama):
 
 def test_precompilation_traces_the_steps_and_saves_nothing(tmp_path, tiny_llama, flash_tokenized):
     run = _trainium_run(
-        tmp_path / "run", tiny_llama, flash_tokenized, train={**TRAIN, "compile_steps": 2, "logging_steps": 50}
+        tmp_path / "run",
+        tiny_llama,
+        flash_tokenized,
+        train={**TRAIN, "compile_steps": 2, "logging_steps": 50},
     )
     proc = ok(torchrun(run, "train", env={"NEURON_EXTRACT_GRAPHS_ONLY": "1"}))
     assert "precompile: traced 2 steps (logging graph included)" in proc.stdout
@@ -247,7 +261,14 @@ def test_each_data_parallel_rank_reads_its_slice_of_trnfts_global_batch():
     micro, accumulation, dp, n, seed = 2, 3, 4, 37, 5
     per_rank = [
         rank_sequence_order(
-            n, seed=seed, micro_batch=micro, accumulation=accumulation, dp_size=dp, dp_rank=r, start_step=2, steps=3
+            n,
+            seed=seed,
+            micro_batch=micro,
+            accumulation=accumulation,
+            dp_size=dp,
+            dp_rank=r,
+            start_step=2,
+            steps=3,
         )
         for r in range(dp)
     ]
@@ -256,7 +277,10 @@ def test_each_data_parallel_rank_reads_its_slice_of_trnfts_global_batch():
         for m in range(accumulation):
             # The CPU-XLA trainer's micro-batch m is expected[m*micro*dp:(m+1)*micro*dp], sharded over dp.
             together = np.concatenate(
-                [per_rank[r][(k * accumulation + m) * micro : (k * accumulation + m + 1) * micro] for r in range(dp)]
+                [
+                    per_rank[r][(k * accumulation + m) * micro : (k * accumulation + m + 1) * micro]
+                    for r in range(dp)
+                ]
             )
             np.testing.assert_array_equal(together, expected[m * micro * dp : (m + 1) * micro * dp])
 
