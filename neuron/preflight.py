@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 DRIVER_VERSION_FILE = Path("/sys/module/neuron/version")
 
 
@@ -33,12 +35,31 @@ class Readings:
     driver: str | None = None
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("-")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+def release_of(version: str) -> Version | None:
+    """The release a version string names: PEP 440 local labels (``+e9bf8a50``), Debian epochs (``1:``) and
+    Debian revisions (``-dd5879008``) are build details of the same release and do not count.
+
+    Returns None when the string is not a version at all.
+    """
+    text = version.strip()
+    if ":" in text:  # Debian epoch
+        text = text.split(":", 1)[1]
+    text = text.split("-", 1)[0]  # Debian revision
+    try:
+        parsed = Version(text)
+    except InvalidVersion:
+        return None
+    return Version(parsed.public)
+
+
+def same_release(actual: str, expected: str) -> bool:
+    a, e = release_of(actual), release_of(expected)
+    return a is not None and a == e
+
+
+def at_least(actual: str, minimum: str) -> bool:
+    a, m = release_of(actual), release_of(minimum)
+    return a is not None and m is not None and a >= m
 
 
 def _python_version(name: str) -> str | None:
@@ -54,7 +75,7 @@ def _deb_version(name: str) -> str | None:
     proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", name], capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         return None
-    return proc.stdout.strip().split("-")[0]
+    return proc.stdout.strip()
 
 
 def _driver_version() -> str | None:
@@ -87,7 +108,7 @@ def check(manifest: dict, found: Readings, *, check_driver: bool) -> list[str]:
                     f"{name} is not installed, but Neuron SDK {sdk} needs {expected}: build the image from "
                     "containers/Dockerfile.neuron"
                 )
-            elif _version_key(actual) != _version_key(expected):
+            elif not same_release(actual, expected):
                 problems.append(
                     f"{name} {actual} is in the image, but it is built for Neuron SDK {sdk} ({name} {expected}): "
                     "the image mixes Neuron releases; rebuild it without upgrading Neuron packages"
@@ -100,7 +121,7 @@ def check(manifest: dict, found: Readings, *, check_driver: bool) -> list[str]:
                 f"cannot read the Neuron driver version ({DRIVER_VERSION_FILE}); is aws-neuronx-dkms installed and "
                 "loaded on the host?"
             )
-        elif _version_key(found.driver) < _version_key(minimum):
+        elif not at_least(found.driver, minimum):
             problems.append(
                 f"Neuron driver {found.driver} on this host is older than {minimum}, which runtime {runtime} of "
                 f"Neuron SDK {sdk} needs: upgrade aws-neuronx-dkms on the node (on EKS, a Neuron AMI of SDK >= {sdk}), "

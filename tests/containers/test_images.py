@@ -68,10 +68,22 @@ def test_neuron_image_is_one_sdk_release_without_a_driver():
     base = next(args for word, args in steps if word == "ARG" and args.startswith("NEURON_DLC="))
     assert base.split("=", 1)[1] == SDK["base_image"]
     assert f"sdk{SDK['sdk']}" in SDK["base_image"]
-    assert f"optimum-neuron=={SDK['python_packages']['optimum-neuron']}" in text
+    assert f"'optimum-neuron[training]=={SDK['python_packages']['optimum-neuron']}'" in text
     run_lines = " ".join(args for word, args in steps if word == "RUN")
     assert "dkms" not in run_lines and "apt-get" not in run_lines  # no driver, no extra Neuron debs
     assert "preflight --image-only" in run_lines
+
+
+def test_the_training_extra_pins_what_neuron_trainer_needs():
+    """optimum-neuron's `training` extra (installed by the Neuron image) pins accelerate, peft and trl."""
+    import importlib.metadata
+
+    try:
+        requires = importlib.metadata.requires("optimum-neuron") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("optimum-neuron is not installed (dev extra, Python < 3.12)")
+    training = {r.split(";")[0].replace(" ", "") for r in requires if 'extra == "training"' in r}
+    assert {"accelerate==1.8.1", "peft==0.17.0", "trl==0.24.0"} <= training
 
 
 def test_gpu_image_pins_vllm_and_flash_attn_for_the_same_torch():
@@ -265,6 +277,97 @@ def test_preflight_says_what_to_fix(changes, message):
 
     problems = check(SDK, _readings(**changes), check_driver=True)
     assert len(problems) == 1 and message in problems[0]
+
+
+# What the Neuron training DLC 2.26.1 really reports: PEP 440 local labels on the Python packages, Debian
+# revisions on the system packages. All of them belong to SDK 2.26.1.
+DLC_2_26_1 = {
+    "neuronx-cc": "2.21.33363.0+82129205",
+    "neuronx-distributed": "0.15.22404+1f27bddf",
+    "torch-neuronx": "2.8.0.2.10.16998+e9bf8a50",
+    "libneuronxla": "2.2.12677.0",
+    "optimum-neuron": "0.4.5",
+    "aws-neuronx-runtime-lib": "2.28.23.0-dd5879008",
+    "aws-neuronx-collectives": "2.28.27.0-bc30ece58",
+}
+
+
+def test_preflight_accepts_the_version_strings_the_dlc_ships():
+    from trnft.neuron.preflight import check
+
+    assert check(SDK, _readings(**DLC_2_26_1), check_driver=True) == []
+    assert check(SDK, _readings(**DLC_2_26_1, driver="2.24.7.0"), check_driver=True) == []
+
+
+@pytest.mark.parametrize(
+    ("package", "other_release"),
+    [
+        ("torch-neuronx", "2.8.0.2.9.9357+7ee2cf16"),  # the torch-neuronx of an older SDK
+        ("neuronx-cc", "2.21.18209.0+043b1bf7"),
+        ("neuronx-distributed", "0.14.18461+ac7d1b7b"),
+        ("aws-neuronx-runtime-lib", "2.27.23.0-8deec4dbf"),
+        ("aws-neuronx-collectives", "2.27.34.0-ec8cd5e8b"),
+    ],
+)
+def test_preflight_refuses_a_mixed_sdk(package, other_release):
+    from trnft.neuron.preflight import check
+
+    problems = check(SDK, _readings(**{**DLC_2_26_1, package: other_release}), check_driver=True)
+    assert len(problems) == 1 and problems[0].startswith(f"{package} {other_release} is in the image")
+    assert "mixes Neuron releases" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "same"),
+    [
+        ("2.8.0.2.10.16998+e9bf8a50", "2.8.0.2.10.16998", True),
+        ("2.28.23.0-dd5879008", "2.28.23.0", True),
+        ("1:2.28.23.0-dd5879008", "2.28.23.0", True),
+        ("2.8.0.2.10.169989850", "2.8.0.2.10.16998", False),  # what folding the label into digits gave
+        ("2.8.0.2.10.16998", "2.8.0.2.10.16999", False),
+        ("not-a-version", "2.28.23.0", False),
+    ],
+)
+def test_versions_compare_by_release(actual, expected, same):
+    from trnft.neuron.preflight import same_release
+
+    assert same_release(actual, expected) is same
+
+
+def test_preflight_command_passes_on_the_dlc_packages(tmp_path):
+    """The Dockerfile's own check (``--image-only``) against packages reporting the DLC's exact versions."""
+    site = tmp_path / "site"
+    for name, version in DLC_2_26_1.items():
+        if name.startswith("aws-"):
+            continue
+        info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    dpkg = bin_dir / "dpkg-query"  # stands in for the image's Debian package database
+    cases = "\n".join(f'  *{n}) printf %s "{v}";;' for n, v in DLC_2_26_1.items() if n.startswith("aws-"))
+    dpkg.write_text(f'#!/bin/sh\ncase "$*" in\n{cases}\n  *) exit 1;;\nesac\n')
+    dpkg.chmod(0o755)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trnft.neuron.preflight",
+            "--image-only",
+            "--manifest",
+            str(CONTAINERS / "neuron-sdk.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        },
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "match" in proc.stdout
 
 
 def test_preflight_command_fails_in_a_non_neuron_environment():
