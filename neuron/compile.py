@@ -3,7 +3,9 @@
 Trainium: ``neuron_parallel_compile`` around the very command and environment of the train stage
 (:func:`trnft.neuron.launch.torchrun_argv`); the train stage sees the precompilation environment and
 runs ``train.compile_steps`` steps instead of ``train.max_steps``. Both use the cache in
-``NEURON_CC_FLAGS=--cache_dir=<neuron.cache_dir>`` (absolute, no '.').
+``NEURON_CC_FLAGS=--cache_dir=<neuron.cache_dir>`` (absolute, no '.'). In a multi-node PyTorchJob every pod
+runs ``trnft compile``: each node traces its graphs into the shared cache, and only the Master (``RANK`` 0)
+writes the stage output.
 
 CPU: the same step graphs run for ``train.compile_steps`` steps on torch-xla's CPU device with its
 persistent compilation cache in ``<cache_dir>/xla_cpu``. torch-xla 2.8's CPU client cannot load cached
@@ -17,25 +19,36 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trnft.common.config import RunConfig
+from trnft.common.config import RunConfig, dump_config
 from trnft.common.data import TokenizeOutput
-from trnft.common.errors import TrnftError
-from trnft.common.instances import training_layout
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.errors import TrnftError, UpstreamError
+from trnft.common.instances import instance, training_layout
+from trnft.common.rundir import RunDir
+from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, is_main_process, run_stage
 from trnft.neuron import launch
-from trnft.neuron.train import cpu_cache_dir, select_backend
+from trnft.neuron.train import cpu_cache_dir, preflight_or_fail, select_backend
 
 
-def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
+def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult | None:
+    """The compile stage; on a Worker pod of a multi-node Trainium job, only this node's share of it.
+
+    The PyTorchJob operator starts ``trnft compile`` in every pod with ``RANK`` = the pod's index. Every
+    node must trace its graphs (its torchrun joins the same rendezvous), but only the Master (RANK 0)
+    owns the stage output, so a Worker runs ``neuron_parallel_compile`` and returns None.
+    """
+    launch.cache_dir(cfg)  # validated before anything compiles
+    if select_backend(cfg) == "trainium" and not is_main_process():
+        compile_worker(cfg, log)
+        return None
     return run_stage(SPECS["compile"], cfg, _body, force=force, log=log)
 
 
 def _body(ctx: StageContext) -> StageOutcome:
-    launch.cache_dir(ctx.cfg)  # validated before anything compiles
     if select_backend(ctx.cfg) == "trainium":
         return compile_trainium(ctx)
     return compile_cpu(ctx)
@@ -85,39 +98,66 @@ def compile_cpu(ctx: StageContext) -> StageOutcome:
     )
 
 
-def compile_trainium(ctx: StageContext) -> StageOutcome:
-    """Run ``neuron_parallel_compile`` around the train command (one pod per node in Kubernetes)."""
-    cfg, log = ctx.cfg, ctx.log
-    from trnft.neuron.preflight import run as preflight
-
-    problems = preflight()
-    if problems:
-        raise TrnftError(f"Neuron preflight: {problems[0]}")
+def parallel_compile_command(cfg: RunConfig, config_path: str) -> tuple[list[str], dict[str, str]]:
+    """``neuron_parallel_compile`` around the train stage's torchrun command, and its environment."""
     layout = training_layout(cfg)
-    config_path = ctx.rundir.meta / "run.yaml"
-    from trnft.common.config import dump_config
-
-    config_path.write_text(dump_config(cfg))
     endpoint = f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT', '29500')}"
     rdzv_id = os.environ.get("TRNFT_JOB_NAME", f"{cfg.run.name}-compile")
     argv = [
         "neuron_parallel_compile",
-        *launch.torchrun_argv(layout, rdzv_endpoint=endpoint, rdzv_id=rdzv_id, config_path=str(config_path)),
+        *launch.torchrun_argv(layout, rdzv_endpoint=endpoint, rdzv_id=rdzv_id, config_path=config_path),
     ]
-    env = dict(os.environ)
-    from trnft.common.instances import instance
-
-    env.update(launch.neuron_env(cfg, instance(cfg.cluster.instance_type), layout))
     if cfg.neuron.parallel_compile_workers:
         argv.insert(1, f"--num_parallel={cfg.neuron.parallel_compile_workers}")
-    cache = Path(launch.cache_dir(cfg))
-    before = _cache_files(cache)
-    log(f"compile: {' '.join(argv)}")
-    t0 = time.perf_counter()
-    code = subprocess.call(argv, env=env)
-    seconds = time.perf_counter() - t0
+    env = dict(os.environ)
+    env.update(launch.neuron_env(cfg, instance(cfg.cluster.instance_type), layout))
+    return argv, env
+
+
+def _run_parallel_compile(cfg: RunConfig, log: Callable[[str], None]) -> tuple[list[str], float]:
+    """Run this node's ``neuron_parallel_compile``; the config goes to a node-local file (same on every node)."""
+    preflight_or_fail()
+    with tempfile.TemporaryDirectory(prefix="trnft-compile-") as tmp:
+        config_path = Path(tmp) / "run.yaml"
+        config_path.write_text(dump_config(cfg))
+        argv, env = parallel_compile_command(cfg, str(config_path))
+        log(f"compile: {' '.join(argv)}")
+        t0 = time.perf_counter()
+        try:
+            code = subprocess.call(argv, env=env)
+        except FileNotFoundError:
+            raise TrnftError(
+                "compile: neuron_parallel_compile is not on PATH; run the compile stage in the Neuron image "
+                "(containers/Dockerfile.neuron)"
+            ) from None
+        seconds = time.perf_counter() - t0
     if code != 0:
         raise TrnftError(f"compile: neuron_parallel_compile exited with {code}; see its log above")
+    return argv, seconds
+
+
+def compile_worker(cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """A Worker pod's part: trace this node's graphs into the shared cache; write no stage output."""
+    rank = os.environ.get("RANK", "?")
+    if RunDir(cfg.run.root).manifest("tokenize") is None:
+        raise UpstreamError(
+            f"compile needs a complete tokenize stage ({RunDir(cfg.run.root).stage_dir('tokenize')}); "
+            "run `trnft tokenize --config <run.yaml>` first"
+        )
+    _, seconds = _run_parallel_compile(cfg, log)
+    log(
+        f"compile: worker rank {rank} traced its graphs into {launch.cache_dir(cfg)} in {seconds:.0f}s; "
+        "the master (RANK 0) writes the stage output"
+    )
+
+
+def compile_trainium(ctx: StageContext) -> StageOutcome:
+    """The Master's part: run ``neuron_parallel_compile`` around the train command and record the cache."""
+    cfg = ctx.cfg
+    layout = training_layout(cfg)
+    cache = Path(launch.cache_dir(cfg))
+    before = _cache_files(cache)
+    argv, seconds = _run_parallel_compile(cfg, ctx.log)
     neffs = sum(1 for _ in cache.rglob("*.neff")) if cache.is_dir() else 0
     return StageOutcome(
         summary=f"{neffs} NEFFs in {cache}, {seconds:.0f}s",

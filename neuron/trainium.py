@@ -37,6 +37,7 @@ from trnft.common import checkpoints
 from trnft.common.config import RunConfig
 from trnft.common.data import IGNORE_INDEX, TokenizedSplit, TokenizeOutput, batch_indices, segment_allowed
 from trnft.common.errors import ConfigError, TrnftError
+from trnft.common.optim import global_batch
 from trnft.common.stages import StageContext, StageOutcome
 
 ADAPTER = "default"
@@ -63,6 +64,11 @@ def check_settings(cfg: RunConfig) -> None:
         raise ConfigError(
             "train.early_stopping_patience: needs validation, which NeuronTrainer does not run; set it to 0 "
             "for neuron.backend=trainium"
+        )
+    if t.on_recompile == "fail":
+        raise ConfigError(
+            "train.on_recompile: optimum-neuron does not report graph compilations to trnft, so 'fail' cannot be "
+            "honoured on neuron.backend=trainium; use warn or ignore (the compile stage fills the cache)"
         )
     if n.attention == "flash":
         if d.packing:
@@ -283,12 +289,13 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
     import torch
     from optimum.neuron.models.training import NeuronModelForCausalLM
 
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     model = NeuronModelForCausalLM.from_pretrained(
         cfg.model.name_or_path,
         args.trn_config,
-        torch_dtype=dtype,
+        torch_dtype=getattr(torch, cfg.model.dtype),
         attn_implementation=attn_implementation(cfg),
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     if not cfg.lora.enabled:
         return model
@@ -437,8 +444,7 @@ class _RunPlan:
 
     @property
     def global_batch(self) -> int:
-        t = self.cfg.train
-        return t.micro_batch_size * t.gradient_accumulation_steps * self.dp_size
+        return global_batch(self.cfg.train, self.dp_size)
 
 
 def _dataset(
@@ -478,6 +484,7 @@ def train(ctx: StageContext) -> StageOutcome:
     start = resume.step if resume else 0
     args = training_arguments(cfg, ctx.out_dir)
     dp_size, dp_rank = parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank()
+    global_batch(cfg.train, dp_size)  # train.global_batch_size, when set, must match this layout
     plan = _RunPlan(cfg, split, ctx.out_dir, ctx.fingerprint, dp_size, start, resume, log, [], [])
     model = build_model(cfg, args)
     if resume is not None:
@@ -568,4 +575,7 @@ def precompile(cfg: RunConfig, log: Callable[[str], None]) -> None:
     dataset = _dataset(cfg, split, dp_size, dp_rank, 0, steps)
     trainer = trainer_class()(model=build_model(cfg, args), args=args, train_dataset=dataset, trnft=plan)
     trainer.train()
-    log(f"precompile: traced {steps} steps (logging graph included)")
+    logged = [e["step"] for e in trainer.state.log_history if "loss" in e]
+    if not logged:
+        raise TrnftError("precompile: the loss-logging graph was not traced; training would compile it later")
+    log(f"precompile: traced {steps} steps, loss logged at step(s) {logged} (its graph is cached too)")
