@@ -204,6 +204,27 @@ def test_sigkill_during_a_save_then_rerun_continues_exactly(
         assert torch.equal(mine[name], theirs[name]), name
 
 
+def test_full_fine_tuning_resumes_exactly_and_consolidates(tmp_path, tiny_llama, flash_tokenized):
+    """lora.enabled=false: optimum-neuron's model shards (shards/) are resumed and consolidated the same way."""
+    full = {"lora": {"enabled": False}, "train": {**TRAIN, "learning_rate": 1e-4, "min_lr": 1e-5}}
+    straight = _trainium_run(tmp_path / "straight", tiny_llama, flash_tokenized, **full)
+    ok(torchrun(straight, "train"))
+    run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized, **full)
+    assert torchrun(run, "train", env={"TRNFT_FAULT": "kill-during-save:6"}).returncode != 0
+    resumed = ok(torchrun(run, "train"))
+    assert "resuming from checkpoint-3 at step 3" in resumed.stdout
+    losses = run.manifest("train")["figures"]["logged_losses"]
+    assert losses == straight.manifest("train")["figures"]["logged_losses"][3:]
+    consolidated = ok(run.stage("consolidate")).stdout
+    assert "full from checkpoint-6" in consolidated
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in sorted((run.root / "consolidate").glob("*.safetensors")):
+        weights.update(load_file(f))
+    assert "model.layers.0.mlp.gate_proj.weight" in weights and "model.layers.0.mlp.up_proj.weight" in weights
+
+
 def test_eager_attention_keeps_packed_samples_apart(make_run, tiny_llama):
     """neuron.attention=eager with packed rows: step 1's loss is trnft's segment-masked loss, not causal-only."""
     from transformers import AutoModelForCausalLM
