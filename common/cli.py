@@ -8,14 +8,13 @@ for stages this build does not have); nothing here calls ``sys.exit`` except :fu
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 
+from trnft.common import backend
 from trnft.common.config import load_config
 from trnft.common.env import set_process_defaults
-from trnft.common.errors import NotBuiltError, TrnftError
+from trnft.common.errors import TrnftError
 from trnft.common.stages import SPECS, STAGES, format_status, resolve_stage
 
 STAGE_HELP = {
@@ -28,10 +27,10 @@ STAGE_HELP = {
 }
 
 
-# Stages that also run without a run config, on paths given on the command line.
+# Stages that also run without a run config, on paths given on the command line: the flags they need.
 STANDALONE = {
-    "consolidate": ("trnft.neuron.consolidate", ("checkpoint", "output")),
-    "merge": ("trnft.common.merge", ("base", "adapter", "output")),
+    "consolidate": ("checkpoint", "output"),
+    "merge": ("base", "adapter", "output"),
 }
 
 
@@ -108,33 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     stage = args.command
     if stage in STANDALONE and args.config is None:
-        module_name, flags = STANDALONE[stage]
-        missing = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is None]
+        missing = [f"--{f.replace('_', '-')}" for f in STANDALONE[stage] if getattr(args, f) is None]
         if missing:
             raise TrnftError(f"pass --config FILE, or {' and '.join(missing)} for a standalone {stage}")
-        if stage == "consolidate" and _holds_lightning_checkpoints(args.checkpoint):
-            module_name = "trnft.gpu.consolidate"  # a GPU-path checkpoint, not NxD shards
-        if importlib.util.find_spec(module_name) is None:
-            raise NotBuiltError(
-                f"standalone {stage} is not built yet ({module_name} is missing); nothing was run"
-            )
-        return importlib.import_module(module_name).standalone(args, log)
+        if stage == "consolidate":
+            return backend.for_checkpoint(args.checkpoint).consolidate_standalone(args, log)
+        from trnft.common.merge import standalone
+
+        return standalone(args, log)
     cfg = load_config(args.config, args.overrides)
     run = resolve_stage(stage, cfg)
     run(cfg, force=args.force, log=log)
     return 0
 
 
-def _holds_lightning_checkpoints(path: str) -> bool:
-    from trnft.gpu.consolidate import is_lightning_checkpoint
-
-    return is_lightning_checkpoint(path)
-
-
 def _jobspec_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    if importlib.util.find_spec("trnft.common.jobspec") is None:
-        raise NotBuiltError("jobspec rendering is not built yet; nothing was written")
-    return importlib.import_module("trnft.common.jobspec").command(args, log)
+    from trnft.jobspecs.render import command
+
+    return command(args, log)
 
 
 def _smoke_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:

@@ -13,8 +13,6 @@ Stage name = module name = CLI subcommand = output folder = Kubernetes job-name 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import shutil
 import socket
@@ -24,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trnft.common import inputs
+from trnft.common import backend, inputs
 from trnft.common.config import RunConfig, select, stable_hash, to_dict
-from trnft.common.errors import NotBuiltError, TrnftError, UpstreamError
+from trnft.common.errors import TrnftError, UpstreamError
 from trnft.common.hashing import library_versions
 from trnft.common.rundir import (
     MANIFEST_VERSION,
@@ -44,20 +42,22 @@ STAGES = ("tokenize", "compile", "train", "consolidate", "merge", "evaluate")
 _TRAIN_RUNTIME_ONLY = ("logging_steps", "on_recompile", "keep_checkpoints")
 
 
-def _platform_section(cfg: RunConfig) -> str:
-    return "neuron" if cfg.model.platform == "neuron" else "gpu"
-
-
 def _train_keys(cfg: RunConfig) -> tuple[str, ...]:
+    """Config keys that decide what training produces: model, LoRA, train and the platform's section."""
     train_keys = tuple(
         f"train.{k}" for k in to_dict(cfg.train) if k not in _TRAIN_RUNTIME_ONLY and k != "compile_steps"
     )
-    neuron_keys = (
-        tuple(f"neuron.{k}" for k in to_dict(cfg.neuron) if k not in ("parallel_compile_workers",))
-        if cfg.model.platform == "neuron"
-        else ("gpu",)
+    return ("model", "lora", *train_keys, *_platform_keys(cfg))
+
+
+def _platform_keys(cfg: RunConfig) -> tuple[str, ...]:
+    platform = backend.of(cfg)
+    section = platform.config_section
+    if not platform.runtime_only_keys:
+        return (section,)
+    return tuple(
+        f"{section}.{k}" for k in to_dict(getattr(cfg, section)) if k not in platform.runtime_only_keys
     )
-    return ("model", "lora", *train_keys, *neuron_keys)
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,6 @@ class StageSpec:
     name: str
     needs: Callable[[RunConfig], tuple[str, ...]]
     config_keys: Callable[[RunConfig], tuple[str, ...]]
-    # The module implementing the stage for each platform.
-    modules: dict[str, str]
     # Writes into its final folder as it goes (train: checkpoints) instead of a staging sibling.
     in_place: bool = False
     # Redo automatically when config or inputs changed; False refuses without --force (train: hours of work).
@@ -82,20 +80,17 @@ SPECS: dict[str, StageSpec] = {
         name="tokenize",
         needs=lambda cfg: (),
         config_keys=lambda cfg: ("model.name_or_path", "model.tokenizer", "model.revision", "dataset"),
-        modules={"neuron": "trnft.common.tokenize", "gpu": "trnft.common.tokenize"},
         inputs=inputs.tokenize_inputs,
     ),
     "compile": StageSpec(
         name="compile",
         needs=lambda cfg: ("tokenize",),
         config_keys=lambda cfg: (*_train_keys(cfg), "train.compile_steps"),
-        modules={"neuron": "trnft.neuron.compile", "gpu": "trnft.gpu.compile"},
     ),
     "train": StageSpec(
         name="train",
         needs=lambda cfg: ("tokenize",),
         config_keys=_train_keys,
-        modules={"neuron": "trnft.neuron.train", "gpu": "trnft.gpu.train"},
         in_place=True,
         redo_on_change=False,
         inputs=inputs.base_model_inputs,
@@ -104,20 +99,17 @@ SPECS: dict[str, StageSpec] = {
         name="consolidate",
         needs=lambda cfg: ("train",),
         config_keys=lambda cfg: ("model.platform", "lora.enabled"),
-        modules={"neuron": "trnft.neuron.consolidate", "gpu": "trnft.gpu.consolidate"},
     ),
     "merge": StageSpec(
         name="merge",
         needs=lambda cfg: ("consolidate",),
         config_keys=lambda cfg: ("model.name_or_path", "model.revision", "model.dtype", "lora.enabled"),
-        modules={"neuron": "trnft.neuron.merge", "gpu": "trnft.gpu.merge"},
         inputs=inputs.base_model_inputs,
     ),
     "evaluate": StageSpec(
         name="evaluate",
         needs=lambda cfg: ("tokenize", "consolidate" if cfg.eval.use_adapter else "merge"),
         config_keys=lambda cfg: ("model.name_or_path", "eval"),
-        modules={"neuron": "trnft.common.evaluate", "gpu": "trnft.common.evaluate"},
     ),
 }
 assert tuple(SPECS) == STAGES
@@ -382,20 +374,25 @@ def _execute(
 # Dispatch and status
 
 
-def stage_module_name(stage: str, cfg: RunConfig) -> str:
-    return SPECS[stage].modules[cfg.model.platform]
+def resolve_stage(stage: str, cfg: RunConfig) -> Callable[..., StageResult | None]:
+    """The ``run(cfg, *, force, log)`` of a stage: the platform's backend for compile/train/consolidate,
+    the shared implementation for the others."""
+    if stage in backend.PLATFORM_STAGES:
+        platform = backend.of(cfg)
 
+        def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> Any:
+            return platform.run_stage(stage, cfg, force=force, log=log)
 
-def resolve_stage(stage: str, cfg: RunConfig) -> Callable[..., StageResult]:
-    """The ``run`` function of a stage for the config's platform, or NotBuiltError (exit 2)."""
-    module_name = stage_module_name(stage, cfg)
-    if importlib.util.find_spec(module_name) is None:
-        raise NotBuiltError(
-            f"stage {stage} is not built yet for platform {cfg.model.platform} ({module_name} is missing); "
-            "nothing was run"
-        )
-    module = importlib.import_module(module_name)
-    return module.run
+        return run
+    if stage == "tokenize":
+        from trnft.common import tokenize as shared
+    elif stage == "merge":
+        from trnft.common import merge as shared
+    elif stage == "evaluate":
+        from trnft.common import evaluate as shared
+    else:
+        raise AssertionError(stage)
+    return shared.run
 
 
 def stage_states(cfg: RunConfig) -> list[StageState]:

@@ -1,1 +1,2 @@
-"""trnft.jobspecs: Jinja templates of the Kubernetes specs and the instance-type table (data only)."""
+"""trnft.jobspecs: the Kubernetes specs of every stage: Jinja templates, rendering from a run config
+(:mod:`.render`) and offline validation (:mod:`.validate`). Above the platforms in the dependency order."""

@@ -1,7 +1,7 @@
 """Compile stage on the Neuron path: fill the compile cache with exactly the graphs training will run.
 
 Trainium: ``neuron_parallel_compile`` around the very command and environment of the train stage
-(:func:`trnft.neuron.launch.torchrun_argv`); the train stage sees the precompilation environment and
+(:func:`trnft.common.launch.torchrun_argv`); the train stage sees the precompilation environment and
 runs ``train.compile_steps`` steps instead of ``train.max_steps``. Both use the cache in
 ``NEURON_CC_FLAGS=--cache_dir=<neuron.cache_dir>`` (absolute, no '.'). In a multi-node PyTorchJob every pod
 runs ``trnft compile``: each node traces its graphs into the shared cache, and only the Master (``RANK`` 0)
@@ -28,10 +28,12 @@ from trnft.common.config import RunConfig, dump_config
 from trnft.common.data import TokenizeOutput
 from trnft.common.errors import TrnftError, UpstreamError
 from trnft.common.instances import instance, training_layout
+from trnft.common.launch import torchrun_argv
 from trnft.common.rundir import RunDir
 from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, is_main_process, run_stage
 from trnft.neuron import launch
-from trnft.neuron.train import cpu_cache_dir, preflight_or_fail, select_backend
+from trnft.neuron.backend import device, preflight_or_fail
+from trnft.neuron.train import cpu_cache_dir
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult | None:
@@ -42,14 +44,14 @@ def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = pri
     owns the stage output, so a Worker runs ``neuron_parallel_compile`` and returns None.
     """
     launch.cache_dir(cfg)  # validated before anything compiles
-    if select_backend(cfg) == "trainium" and not is_main_process():
+    if device(cfg) == "trainium" and not is_main_process():
         compile_worker(cfg, log)
         return None
     return run_stage(SPECS["compile"], cfg, _body, force=force, log=log)
 
 
 def _body(ctx: StageContext) -> StageOutcome:
-    if select_backend(ctx.cfg) == "trainium":
+    if device(ctx.cfg) == "trainium":
         return compile_trainium(ctx)
     return compile_cpu(ctx)
 
@@ -105,7 +107,7 @@ def parallel_compile_command(cfg: RunConfig, config_path: str) -> tuple[list[str
     rdzv_id = os.environ.get("TRNFT_JOB_NAME", f"{cfg.run.name}-compile")
     argv = [
         "neuron_parallel_compile",
-        *launch.torchrun_argv(layout, rdzv_endpoint=endpoint, rdzv_id=rdzv_id, config_path=config_path),
+        *torchrun_argv(layout, rdzv_endpoint=endpoint, rdzv_id=rdzv_id, config_path=config_path),
     ]
     if cfg.neuron.parallel_compile_workers:
         argv.insert(1, f"--num_parallel={cfg.neuron.parallel_compile_workers}")

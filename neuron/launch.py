@@ -1,9 +1,9 @@
-"""How training processes are launched: the torchrun command and the Neuron environment.
+"""The Neuron environment of the compile and train processes: compiler flags, the shared compile cache.
 
-One function builds the torchrun command of the train stage. The Kubernetes train spec runs it, and the
-compile stage wraps the very same command in ``neuron_parallel_compile`` (the train stage notices the
-precompilation environment and runs ``train.compile_steps`` steps instead of ``train.max_steps``), so the
-compile cache is filled with exactly the graphs training will ask for.
+The torchrun command itself is platform-neutral (:func:`trnft.common.launch.torchrun_argv`); the compile
+stage wraps the very same command in ``neuron_parallel_compile`` with this environment (the train stage
+notices the precompilation environment and runs ``train.compile_steps`` steps instead of
+``train.max_steps``), so the compile cache is filled with exactly the graphs training will ask for.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from trnft.common.config import RunConfig
 from trnft.common.errors import ConfigError
 from trnft.common.instances import InstanceType, Layout
 
-CONFIG_IN_POD = "/config/run.yaml"
 # optimum-neuron parses --cache_dir from NEURON_CC_FLAGS with a pattern of letters, digits, '_', '/', '-'.
 CACHE_DIR_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/-")
 
@@ -38,25 +37,6 @@ def cache_dir(cfg: RunConfig) -> str:
     return path
 
 
-def torchrun_argv(
-    layout: Layout, *, rdzv_endpoint: str, rdzv_id: str, config_path: str = CONFIG_IN_POD
-) -> list[str]:
-    """The train command: torchrun with a c10d rendezvous unique to the job (no etcd)."""
-    return [
-        "torchrun",
-        f"--nnodes={layout.nodes}",
-        f"--nproc_per_node={layout.nproc_per_node}",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint={rdzv_endpoint}",
-        f"--rdzv_id={rdzv_id}",
-        "--module",
-        "trnft.common.cli",
-        "train",
-        "--config",
-        config_path,
-    ]
-
-
 def neuron_cc_flags(cfg: RunConfig, inst: InstanceType) -> str:
     """NEURON_CC_FLAGS: the configured compiler flags, the instance's target, LNC on trn2, the cache."""
     flags = [*cfg.neuron.compiler_flags, f"--target={inst.target}"]
@@ -78,8 +58,3 @@ def neuron_env(cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, 
     if inst.target == "trn2":
         env["NEURON_LOGICAL_NC_CONFIG"] = str(cfg.neuron.logical_nc_config)
     return env
-
-
-def efa_env() -> dict[str, str]:
-    """libfabric over EFA for multi-node collectives."""
-    return {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}

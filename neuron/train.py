@@ -1,8 +1,9 @@
 """Train stage on the Neuron path: Trainium through optimum-neuron, or the CPU-XLA rehearsal.
 
-Backends (``neuron.backend``): ``trainium`` drives optimum-neuron's trainer (:mod:`trnft.neuron.trainium`);
-``cpu`` runs :class:`~trnft.neuron.xla_trainer.XlaTrainer` on torch-xla's CPU device; ``auto`` picks
-Trainium when a Neuron device and optimum-neuron are present.
+Devices (``neuron.backend``, decided by :func:`trnft.neuron.backend.device`): ``trainium`` drives
+optimum-neuron's trainer (:mod:`trnft.neuron.trainium`); ``cpu`` runs
+:class:`~trnft.neuron.xla_trainer.XlaTrainer` on torch-xla's CPU device; ``auto`` picks Trainium when a
+Neuron device and optimum-neuron are present.
 
 Restart is resume: the stage output ``<root>/train/`` holds ``checkpoint-<step>/`` folders, each complete
 only with its ``done`` marker; on start the newest complete checkpoint written with the same settings is
@@ -12,7 +13,6 @@ of an interrupted save are removed and reported, and the newest ``train.keep_che
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +21,10 @@ from typing import Any
 from trnft.common import checkpoints
 from trnft.common.config import RunConfig
 from trnft.common.data import TokenizeOutput
-from trnft.common.env import has_neuron_device
 from trnft.common.errors import TrnftError
 from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.neuron import launch
+from trnft.neuron.backend import device, preflight_or_fail
 
 CPU_CACHE_SUBDIR = "xla_cpu"
 
@@ -44,48 +44,13 @@ def is_precompilation() -> bool:
     return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY") == "1"
 
 
-REHEARSAL_ENV = "TRNFT_TRAINIUM_REHEARSAL"
-
-
-def trainium_rehearsal() -> bool:
-    """True when the Trainium backend runs on torch-xla's CPU device (``TRNFT_TRAINIUM_REHEARSAL=1``).
-
-    Used by the tests: optimum-neuron's real trainer with test doubles of the Neuron-only packages, no
-    device and no preflight. Never set it on a Trainium node.
-    """
-    return os.environ.get(REHEARSAL_ENV) == "1"
-
-
-def select_backend(cfg: RunConfig) -> str:
-    backend = cfg.neuron.backend
-    if backend == "auto":
-        on_trainium = has_neuron_device() and importlib.util.find_spec("optimum") is not None
-        return "trainium" if on_trainium and importlib.util.find_spec("optimum.neuron") is not None else "cpu"
-    if backend == "trainium" and not has_neuron_device() and not trainium_rehearsal():
-        raise TrnftError(
-            "neuron.backend: trainium needs a Neuron device (/dev/neuron*); use neuron.backend=cpu here"
-        )
-    return backend
-
-
-def preflight_or_fail() -> None:
-    """The Neuron startup check before anything is compiled or trained (skipped in a rehearsal)."""
-    if trainium_rehearsal():
-        return
-    from trnft.neuron.preflight import run as preflight
-
-    problems = preflight()
-    if problems:
-        raise TrnftError(f"Neuron preflight: {problems[0]}")
-
-
 def cpu_cache_dir(cfg: RunConfig) -> str:
     """torch-xla's persistent compilation cache of the CPU backend, inside the shared compile cache."""
     return str(Path(launch.cache_dir(cfg)) / CPU_CACHE_SUBDIR)
 
 
 def _body(ctx: StageContext) -> StageOutcome:
-    if select_backend(ctx.cfg) == "trainium":
+    if device(ctx.cfg) == "trainium":
         from trnft.neuron import trainium
 
         preflight_or_fail()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from trnft.common import cli, stages
+from trnft.common import cli
 from trnft.common.stages import STAGES
 
 
@@ -28,24 +28,39 @@ def test_every_command_has_help(command, capsys):
     assert "usage: trnft" in capsys.readouterr().out
 
 
-def test_unbuilt_stage_exits_2_and_runs_nothing(run_config, monkeypatch, capsys):
-    spec = stages.SPECS["train"]
-    monkeypatch.setitem(
-        stages.SPECS,
-        "train",
-        stages.StageSpec(
-            name="train",
-            needs=spec.needs,
-            config_keys=spec.config_keys,
-            modules={"neuron": "trnft.neuron.not_there", "gpu": "trnft.gpu.not_there"},
-        ),
-    )
-    config = run_config()
-    code = cli.main(["train", "--config", str(config)])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.strip().count("\n") == 0
-    assert "trnft train: error: stage train is not built yet for platform neuron" in err
+@pytest.mark.parametrize("platform", ["neuron", "gpu"])
+def test_every_stage_dispatches_through_one_registry(platform):
+    from trnft.common import backend
+
+    platform_backend = backend.get(platform)
+    assert platform_backend.platform == platform
+    assert set(backend.PLATFORM_STAGES) <= set(STAGES)
+    with pytest.raises(AssertionError):
+        platform_backend.run_stage("tokenize", None, force=False, log=print)  # shared stages are not its own
+
+
+def test_an_unknown_platform_is_one_line():
+    from trnft.common import backend
+    from trnft.common.errors import TrnftError
+
+    with pytest.raises(TrnftError, match=r"model.platform: no backend named 'tpu'; use one of neuron, gpu"):
+        backend.get("tpu")
+
+
+def test_checkpoints_are_claimed_by_the_platform_that_wrote_them(tmp_path):
+    from trnft.common import backend
+
+    lightning = tmp_path / "gpu-run" / "train" / "checkpoint-2"
+    lightning.mkdir(parents=True)
+    (lightning / "lightning.ckpt").write_bytes(b"")
+    (lightning / "done").write_text("1")
+    nxd = tmp_path / "neuron-run" / "train" / "checkpoint-2" / "adapter_default" / "adapter_shards" / "model"
+    nxd.mkdir(parents=True)
+    assert backend.for_checkpoint(tmp_path / "gpu-run").platform == "gpu"
+    assert backend.for_checkpoint(lightning).platform == "gpu"
+    assert backend.for_checkpoint(tmp_path / "neuron-run").platform == "neuron"
+    assert backend.get("neuron").owns_checkpoint(tmp_path / "neuron-run" / "train")
+    assert not backend.get("gpu").owns_checkpoint(tmp_path / "neuron-run")
 
 
 def test_bad_config_value_is_one_line_exit_2(run_config, capsys):

@@ -44,7 +44,7 @@ def _trnft(config: Path, stage: str, env: dict[str, str] | None = None) -> subpr
 
 
 def _train(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The train job's command on one node (trnft.neuron.launch.torchrun_argv with two processes)."""
+    """The train job's command on one node (trnft.common.launch.torchrun_argv with two processes)."""
     cmd = [
         sys.executable,
         "-m",

@@ -15,8 +15,8 @@ import yaml
 from trnft.common import cli
 from trnft.common.config import load_config
 from trnft.common.errors import ConfigError
-from trnft.common.jobspec import STAGE_FILES, render
-from trnft.common.k8s_validate import ACCELERATOR_RESOURCES, document_problems, validate_documents
+from trnft.jobspecs.render import STAGE_FILES, render
+from trnft.jobspecs.validate import ACCELERATOR_RESOURCES, document_problems, validate_documents
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

@@ -36,11 +36,11 @@ from typing import Any
 import jinja2
 import yaml
 
+from trnft.common import backend, launch
 from trnft.common.config import RunConfig, dump_config, load_config, stable_hash
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.instances import InstanceType, Layout, instance, training_layout
 from trnft.common.stages import STAGES
-from trnft.neuron import launch
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "00-config.yaml"
@@ -157,8 +157,7 @@ def check_cluster_config(cfg: RunConfig) -> None:
             paths.append((key, value))
     if cfg.eval.scorer_model:
         paths.append(("eval.scorer_model", cfg.eval.scorer_model))
-    if cfg.model.platform == "neuron":
-        paths.append(("neuron.cache_dir", launch.cache_dir(cfg)))
+    paths += backend.of(cfg).shared_volume_paths(cfg)
     for key, value in paths:
         if not _under(value, mount):
             raise ConfigError(
@@ -304,10 +303,7 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
         kind=cfg.model.platform, instance=inst, devices=inst.neuron_devices or inst.gpus, efa=efa
     )
     name = job_name(cfg, stage)
-    if cfg.model.platform == "neuron":
-        env = launch.neuron_env(cfg, inst, layout)
-    else:
-        env = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    env = backend.of(cfg).launch_env(cfg, inst, layout)
     if efa:
         env.update(launch.efa_env())
     if stage == "train":
@@ -379,7 +375,7 @@ def plan(cfg: RunConfig) -> dict[str, Document]:
     }
     for stage in STAGES:
         file = STAGE_FILES[stage]
-        if stage == "train" or (stage == "compile" and cfg.model.platform == "neuron"):
+        if stage == "train" or (stage == "compile" and backend.of(cfg).compiles_graphs):
             docs[file] = _training_documents(cfg, stage, layout)
         elif stage == "evaluate":
             placement, image = _evaluate_placement(cfg)
@@ -480,7 +476,7 @@ def write_atomically(out: Path, files: dict[str, str]) -> None:
 
 def command(args: Any, log: Callable[[str], None]) -> int:
     """``trnft jobspec``: render (or take ``--files``), validate, write atomically, print apply lines."""
-    from trnft.common import k8s_validate
+    from trnft.jobspecs import validate as k8s_validate
 
     if args.files:
         problems = k8s_validate.validate_files([Path(f) for f in args.files])

@@ -1,0 +1,85 @@
+"""One interface for the training platforms, and the one registry every caller goes through.
+
+A platform (``model.platform``: ``neuron`` for Trainium/XLA, ``gpu`` for Lightning) owns three stages
+(compile, train, consolidate), the environment its training processes are launched with, and the
+checkpoints it writes. Everything else (tokenize, merge, evaluate, the run directory, the config) is
+shared and lives in ``trnft.common``.
+
+Dependencies point one way: ``common`` <- platforms (``neuron``, ``gpu``) <- ``jobspecs`` and the CLI. So this
+module imports no platform: :data:`REGISTRY` names each platform's ``backend`` module, which is imported on
+first use. It is the only place in the code base where a platform is named by a string.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from trnft.common.errors import TrnftError
+
+if TYPE_CHECKING:
+    from trnft.common.config import RunConfig
+    from trnft.common.instances import InstanceType, Layout
+
+# The stages whose implementation depends on the platform; the others are shared.
+PLATFORM_STAGES = ("compile", "train", "consolidate")
+
+REGISTRY: dict[str, str] = {
+    "neuron": "trnft.neuron.backend",
+    "gpu": "trnft.gpu.backend",
+}
+
+Log = Callable[[str], None]
+
+
+class Backend(Protocol):
+    """What a training platform provides. Each platform's ``backend`` module defines ``BACKEND``."""
+
+    platform: str
+    # The config section whose keys decide the training output (part of the train/compile fingerprint).
+    config_section: str
+    # Keys of that section that never change what is trained (left out of fingerprints).
+    runtime_only_keys: tuple[str, ...]
+    # True when the compile stage does work on the accelerator (a PyTorchJob); False for a no-op Job.
+    compiles_graphs: bool
+
+    def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Log) -> Any:
+        """Run one of :data:`PLATFORM_STAGES`; returns its StageResult (None where a process has no output)."""
+
+    def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
+        """Environment variables of the compile/train processes on this platform's nodes."""
+
+    def shared_volume_paths(self, cfg: RunConfig) -> list[tuple[str, str]]:
+        """(config key, path) pairs of this platform that every pod must see on the shared volume."""
+
+    def owns_checkpoint(self, path: Path) -> bool:
+        """True when ``path`` (a run, train or checkpoint folder) holds checkpoints this platform wrote."""
+
+    def consolidate_standalone(self, args: Any, log: Log) -> int:
+        """``trnft consolidate --checkpoint PATH --output DIR`` for this platform's checkpoints."""
+
+
+def get(platform: str) -> Backend:
+    """The backend of ``model.platform`` (imported on first use)."""
+    if platform not in REGISTRY:
+        raise TrnftError(f"model.platform: no backend named {platform!r}; use one of {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[platform]).BACKEND
+
+
+def of(cfg: RunConfig) -> Backend:
+    return get(cfg.model.platform)
+
+
+def for_checkpoint(path: str | Path) -> Backend:
+    """The backend whose checkpoints ``path`` holds; the Neuron layout is the default when none claims it.
+
+    (The Neuron consolidator reads NxD shard folders handed over from other tools too, and says what is
+    missing when a path holds neither.)
+    """
+    for name in REGISTRY:
+        backend = get(name)
+        if backend.owns_checkpoint(Path(path)):
+            return backend
+    return get("neuron")

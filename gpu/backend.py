@@ -1,0 +1,48 @@
+"""The GPU platform: Lightning training (FSDP on CUDA, DDP with gloo or one process on CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trnft.common.config import RunConfig
+from trnft.common.instances import InstanceType, Layout
+
+
+@dataclass(frozen=True)
+class GpuBackend:
+    platform: str = "gpu"
+    config_section: str = "gpu"
+    runtime_only_keys: tuple[str, ...] = ()
+    compiles_graphs: bool = False
+
+    def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Any) -> Any:
+        if stage == "compile":
+            from trnft.gpu import compile as module
+        elif stage == "train":
+            from trnft.gpu import train as module
+        elif stage == "consolidate":
+            from trnft.gpu import consolidate as module
+        else:
+            raise AssertionError(stage)
+        return module.run(cfg, force=force, log=log)
+
+    def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
+        return {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+    def shared_volume_paths(self, cfg: RunConfig) -> list[tuple[str, str]]:
+        return []
+
+    def owns_checkpoint(self, path: Path) -> bool:
+        from trnft.gpu.consolidate import is_lightning_checkpoint
+
+        return is_lightning_checkpoint(path)
+
+    def consolidate_standalone(self, args: Any, log: Any) -> int:
+        from trnft.gpu.consolidate import standalone
+
+        return standalone(args, log)
+
+
+BACKEND = GpuBackend()

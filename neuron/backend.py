@@ -1,0 +1,103 @@
+"""The Neuron platform: Trainium through optimum-neuron, or the same training on torch-xla's CPU device.
+
+:data:`BACKEND` is what ``trnft.common.backend`` hands to every caller. :func:`device` is the one place that
+decides between Trainium and the CPU rehearsal of ``neuron.backend``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from trnft.common import checkpoints
+from trnft.common.config import RunConfig
+from trnft.common.env import has_neuron_device
+from trnft.common.errors import TrnftError
+from trnft.common.instances import InstanceType, Layout
+from trnft.neuron import launch
+
+REHEARSAL_ENV = "TRNFT_TRAINIUM_REHEARSAL"
+# NxD tag folders: where optimum-neuron's shards live inside a checkpoint.
+_TAG_NAMES = ("shards", "adapter_shards")
+
+
+def trainium_rehearsal() -> bool:
+    """True when the Trainium backend runs on torch-xla's CPU device (``TRNFT_TRAINIUM_REHEARSAL=1``).
+
+    Used by the tests: optimum-neuron's real trainer with test doubles of the Neuron-only packages, no
+    device and no preflight. Never set it on a Trainium node.
+    """
+    return os.environ.get(REHEARSAL_ENV) == "1"
+
+
+def device(cfg: RunConfig) -> Literal["trainium", "cpu"]:
+    """Where ``neuron.backend`` trains: ``trainium`` (optimum-neuron) or ``cpu`` (torch-xla's CPU device)."""
+    choice = cfg.neuron.backend
+    if choice == "auto":
+        on_trainium = has_neuron_device() and importlib.util.find_spec("optimum") is not None
+        return "trainium" if on_trainium and importlib.util.find_spec("optimum.neuron") is not None else "cpu"
+    if choice == "trainium" and not has_neuron_device() and not trainium_rehearsal():
+        raise TrnftError(
+            "neuron.backend: trainium needs a Neuron device (/dev/neuron*); use neuron.backend=cpu here"
+        )
+    return choice
+
+
+def preflight_or_fail() -> None:
+    """The Neuron startup check before anything is compiled or trained (skipped in a rehearsal)."""
+    if trainium_rehearsal():
+        return
+    from trnft.neuron.preflight import run as preflight
+
+    problems = preflight()
+    if problems:
+        raise TrnftError(f"Neuron preflight: {problems[0]}")
+
+
+def _holds_nxd_shards(path: Path, depth: int = 3) -> bool:
+    if path.name in _TAG_NAMES and (path / "model").is_dir():
+        return True
+    if depth == 0 or not path.is_dir():
+        return False
+    return bool(checkpoints.tag_dirs(path)) or any(
+        _holds_nxd_shards(child, depth - 1) for child in path.iterdir() if child.is_dir()
+    )
+
+
+@dataclass(frozen=True)
+class NeuronBackend:
+    platform: str = "neuron"
+    config_section: str = "neuron"
+    runtime_only_keys: tuple[str, ...] = ("parallel_compile_workers",)
+    compiles_graphs: bool = True
+
+    def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Any) -> Any:
+        if stage == "compile":
+            from trnft.neuron import compile as module
+        elif stage == "train":
+            from trnft.neuron import train as module
+        elif stage == "consolidate":
+            from trnft.neuron import consolidate as module
+        else:
+            raise AssertionError(stage)
+        return module.run(cfg, force=force, log=log)
+
+    def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
+        return launch.neuron_env(cfg, inst, layout)
+
+    def shared_volume_paths(self, cfg: RunConfig) -> list[tuple[str, str]]:
+        return [("neuron.cache_dir", launch.cache_dir(cfg))]
+
+    def owns_checkpoint(self, path: Path) -> bool:
+        return _holds_nxd_shards(Path(path))
+
+    def consolidate_standalone(self, args: Any, log: Any) -> int:
+        from trnft.neuron.consolidate import standalone
+
+        return standalone(args, log)
+
+
+BACKEND = NeuronBackend()
