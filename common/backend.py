@@ -48,6 +48,9 @@ class Backend(Protocol):
     def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Log) -> Any:
         """Run one of :data:`PLATFORM_STAGES`; returns its StageResult (None where a process has no output)."""
 
+    def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
+        """(tensor-parallel, pipeline-parallel) degrees of training; data parallelism takes the rest."""
+
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
         """Environment variables of the compile/train processes on this platform's nodes."""
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trnft.common.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
 from trnft.common.config import EvalSection, RunConfig
 from trnft.common.data import TokenizeOutput, read_jsonl
 from trnft.common.errors import ConfigError, TrnftError
@@ -163,8 +164,8 @@ def generate_transformers(
 
 def vllm_lora_rank(adapter_dir: Path) -> int:
     """``max_lora_rank`` for vLLM from the adapter's own config (the largest rank, rounded up)."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    r = max([int(config.get("r", 8)), *[int(v) for v in (config.get("rank_pattern") or {}).values()]])
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
+    r = LoraSettings.from_config(config).largest_rank()
     for supported in VLLM_LORA_RANKS:
         if supported >= r:
             return supported

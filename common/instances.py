@@ -13,6 +13,7 @@ from typing import Literal
 
 import yaml
 
+from trnft.common import backend
 from trnft.common.config import RunConfig
 from trnft.common.errors import ConfigError
 
@@ -86,18 +87,19 @@ def training_layout(cfg: RunConfig) -> Layout:
     nodes = cfg.cluster.num_nodes
     per_node = inst.ranks_per_node(cfg.neuron.logical_nc_config)
     world = nodes * per_node
-    if cfg.model.platform == "gpu":
+    platform = backend.of(cfg)
+    tp, pp = platform.model_parallel(cfg)
+    if (tp, pp) == (1, 1):
         return Layout(nodes=nodes, nproc_per_node=per_node, world=world, tp=1, pp=1, dp=world)
-    tp, pp = cfg.neuron.tp, cfg.neuron.pp
     unit = "logical NeuronCores" if inst.target == "trn2" else "NeuronCores"
     if per_node % tp:
         choices = ", ".join(str(d) for d in _divisors(per_node))
         raise ConfigError(
-            f"neuron.tp: {tp} does not divide the {per_node} {unit} of a {inst.name}; use one of {choices}"
+            f"{platform.config_section}.tp: {tp} does not divide the {per_node} {unit} of a {inst.name}; use one of {choices}"
         )
     if world % (tp * pp):
         raise ConfigError(
-            f"neuron.pp: TP x PP = {tp} x {pp} does not divide the world size {world} "
+            f"{platform.config_section}.pp: TP x PP = {tp} x {pp} does not divide the world size {world} "
             f"({nodes} node(s) x {per_node} {unit})"
         )
     dp = world // (tp * pp)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from trnft.common.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
 from trnft.common.config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
@@ -49,7 +50,6 @@ from trnft.common.tensor_io import (
     write_sharded_model,
 )
 
-ADAPTER_CONFIG = "adapter_config.json"
 ROW_BLOCK_BYTES = 32 << 20
 
 # Adapter key grammar: [base_model.model.]<module>.<part>[.<adapter>][.<param>]
@@ -120,7 +120,7 @@ def _adapter_files(adapter_dir: Path) -> list[Path]:
 
 def read_adapter(adapter_dir: Path) -> Adapter:
     """Parse and check an adapter folder; every tensor must bind to a module role exactly once."""
-    config_path = adapter_dir / ADAPTER_CONFIG
+    config_path = adapter_dir / ADAPTER_CONFIG_FILE
     if not config_path.is_file():
         raise TrnftError(f"{config_path}: missing; the merge takes r, alpha and targets from it")
     config = json.loads(config_path.read_text())
@@ -169,19 +169,10 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     return Adapter(config=config, updates=updates, files=files)
 
 
-def _pattern_value(module: str, patterns: dict[str, Any], default: Any) -> Any:
-    """PEFT's rank/alpha pattern lookup: the first key matching the end of the module path."""
-    for key, value in patterns.items():
-        if re.search(rf"(^|\.){re.escape(key)}$", module) or re.fullmatch(key, module):
-            return value
-    return default
-
-
 def scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
     """(r, scale) of ``module`` from an adapter config."""
-    r = int(_pattern_value(module, config.get("rank_pattern") or {}, config.get("r", 8)))
-    alpha = float(_pattern_value(module, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8)))
-    return r, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+    settings = LoraSettings.from_config(config)
+    return settings.rank(module), settings.scale(module)
 
 
 def _targets(config: dict[str, Any]) -> set[str] | None:

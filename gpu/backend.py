@@ -28,6 +28,9 @@ class GpuBackend:
             raise AssertionError(stage)
         return module.run(cfg, force=force, log=log)
 
+    def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
+        return 1, 1  # FSDP shards over every rank; no tensor or pipeline parallelism (yet)
+
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
         return {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from trnft.common import checkpoints
+from trnft.common.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
 from trnft.common.config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.hf_files import TOKENIZER_FILES, copy_present
@@ -35,7 +36,6 @@ from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, 
 from trnft.common.tensor_io import Array, PlannedTensor, parse_size, write_safetensors, write_sharded_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 META_KEY = "trnft"
 
 # Checkpoint key -> PEFT saved key. The LightningModule holds the PeftModel as ``model``; PEFT's saved
@@ -172,8 +172,7 @@ def lora_tensors(state: dict[str, Any], meta: dict[str, Any]) -> list[PlannedTen
     """PEFT-named adapter tensors, checked against the adapter config in the checkpoint."""
     config = meta["peft_config"]
     adapter = meta.get("adapter_name", "default")
-    default_r = int(config.get("r", 8))
-    ranks = config.get("rank_pattern") or {}
+    settings = LoraSettings.from_config(config)
     out: dict[str, Any] = {}
     parts: dict[str, set[str]] = {}
     for key, tensor in state.items():
@@ -189,11 +188,7 @@ def lora_tensors(state: dict[str, Any], meta: dict[str, Any]) -> list[PlannedTen
             )
         name = f"{m['module']}.{m['part']}{m['param'] or ''}"
         leaf = m["module"].rsplit(".", 1)[-1]
-        r = int(
-            next(
-                (v for k, v in ranks.items() if re.search(rf"(^|\.){re.escape(k)}$", m["module"])), default_r
-            )
-        )
+        r = settings.rank(m["module"])
         rank_dim = 0 if m["part"] in ("lora_A", "lora_embedding_A") else 1
         if tensor.ndim != 2 or tensor.shape[rank_dim] != r:
             raise TrnftError(
@@ -250,7 +245,7 @@ def convert(ckpt_dir: Path, out: Path, *, max_shard_size: int, log: Callable[[st
         write_safetensors(out / ADAPTER_WEIGHTS, planned)
         config = {**meta["peft_config"], "inference_mode": True}
         config["base_model_name_or_path"] = meta.get("base_model") or config.get("base_model_name_or_path")
-        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     elif mode == "full":
         planned = full_tensors(state, meta)
         write_sharded_model(out, planned, max_shard_size)

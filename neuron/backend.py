@@ -85,6 +85,9 @@ class NeuronBackend:
             raise AssertionError(stage)
         return module.run(cfg, force=force, log=log)
 
+    def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
+        return cfg.neuron.tp, cfg.neuron.pp
+
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
         return launch.neuron_env(cfg, inst, layout)
 

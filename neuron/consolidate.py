@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from trnft.common import checkpoints
+from trnft.common.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, module_of
 from trnft.common.config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
@@ -49,7 +50,6 @@ from trnft.neuron.nxd_format import ShardSet, open_shard_set
 from trnft.neuron.parallel_layout import Key, ModelDims, NeuronLayout, parse_key, query_head_sources
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 BLOCK_BYTES = 32 << 20
 
 
@@ -97,7 +97,7 @@ def _sources_in_checkpoint(ckpt: Path) -> list[Source]:
                 open_shard_set(adapter_dir / "adapter_shards"),
                 ckpt,
                 name,
-                _read_adapter_config(adapter_dir / ADAPTER_CONFIG),
+                _read_adapter_config(adapter_dir / ADAPTER_CONFIG_FILE),
                 ckpt,
             )
         )
@@ -108,7 +108,7 @@ def _sources_in_checkpoint(ckpt: Path) -> list[Source]:
                 open_shard_set(ckpt / "adapter_shards"),
                 ckpt,
                 "default",
-                _read_adapter_config(ckpt / ADAPTER_CONFIG),
+                _read_adapter_config(ckpt / ADAPTER_CONFIG_FILE),
                 ckpt,
             )
         )
@@ -144,7 +144,7 @@ def resolve(path: str | Path, log: Callable[[str], None] = print) -> tuple[list[
                     open_shard_set(p),
                     adapter_dir.parent,
                     name,
-                    _read_adapter_config(adapter_dir / ADAPTER_CONFIG),
+                    _read_adapter_config(adapter_dir / ADAPTER_CONFIG_FILE),
                     adapter_dir.parent,
                 )
             ], p
@@ -154,7 +154,7 @@ def resolve(path: str | Path, log: Callable[[str], None] = print) -> tuple[list[
                 open_shard_set(p),
                 p.parent,
                 "default",
-                _read_adapter_config(p.parent / ADAPTER_CONFIG),
+                _read_adapter_config(p.parent / ADAPTER_CONFIG_FILE),
                 p.parent,
             )
         ], p
@@ -651,9 +651,7 @@ class Planner:
 # Shape checks against the model config
 
 
-def expected_shapes(
-    outputs: list[PlannedTensor], dims: ModelDims, lora_r: dict[str, int] | None
-) -> list[str]:
+def expected_shapes(outputs: list[PlannedTensor], dims: ModelDims, lora: LoraSettings | None) -> list[str]:
     """Problems: outputs whose shape disagrees with the model config (LoRA ranks from adapter_config)."""
     io = {
         "q_proj": (dims.hidden, dims.heads * dims.head_dim),
@@ -674,17 +672,17 @@ def expected_shapes(
             want = {"weight": (dims.vocab, dims.hidden), "base_layer.weight": (dims.vocab, dims.hidden)}.get(
                 key.param
             )
-            if key.lora_part == "lora_embedding_A" and lora_r:
-                want = (_rank_for(t.name, lora_r), dims.vocab)
-            if key.lora_part == "lora_embedding_B" and lora_r:
-                want = (dims.hidden, _rank_for(t.name, lora_r))
+            if key.lora_part == "lora_embedding_A" and lora:
+                want = (lora.rank(module_of(t.name)), dims.vocab)
+            if key.lora_part == "lora_embedding_B" and lora:
+                want = (dims.hidden, lora.rank(module_of(t.name)))
         elif key.proj in io:
             fan_in, fan_out = io[key.proj]
             part = key.lora_part
-            if part == "lora_A" and lora_r:
-                want = (_rank_for(t.name, lora_r), fan_in)
-            elif part == "lora_B" and lora_r:
-                want = (fan_out, _rank_for(t.name, lora_r))
+            if part == "lora_A" and lora:
+                want = (lora.rank(module_of(t.name)), fan_in)
+            elif part == "lora_B" and lora:
+                want = (fan_out, lora.rank(module_of(t.name)))
             elif part is None and key.tensor_name == "weight":
                 want = (fan_out, fan_in)
             elif part is None and key.tensor_name == "bias":
@@ -698,20 +696,6 @@ def expected_shapes(
                 f"{t.name}: consolidated shape {list(t.shape)} but the model config implies {list(want)}"
             )
     return problems
-
-
-def _rank_for(name: str, lora_r: dict[str, int]) -> int:
-    for pattern, r in lora_r.items():
-        if pattern != "" and re.search(rf"(^|\.){re.escape(pattern)}\.", name):
-            return r
-    return lora_r[""]
-
-
-def lora_ranks(adapter_config: dict[str, Any]) -> dict[str, int]:
-    ranks = {"": int(adapter_config.get("r", 8))}
-    for pattern, r in (adapter_config.get("rank_pattern") or {}).items():
-        ranks[pattern] = int(r)
-    return ranks
 
 
 def model_dims_from(path: Path | None) -> ModelDims | None:
@@ -757,7 +741,7 @@ def consolidate_source(
     outputs = sorted(plan.outputs, key=lambda t: _natural(t.name))
     if dims is not None:
         problems = expected_shapes(
-            outputs, dims, lora_ranks(source.adapter_config) if source.adapter_config else None
+            outputs, dims, LoraSettings.from_config(source.adapter_config) if source.adapter_config else None
         )
         if problems:
             raise TrnftError(f"{problems[0]} ({len(problems)} shape problem(s))")
@@ -768,7 +752,7 @@ def consolidate_source(
     if source.kind == "lora":
         assert source.adapter_config is not None
         write_safetensors(out / ADAPTER_WEIGHTS, [_release_after(t, source.shards) for t in outputs])
-        (out / ADAPTER_CONFIG).write_text(json.dumps(source.adapter_config, indent=2) + "\n")
+        (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(source.adapter_config, indent=2) + "\n")
     else:
         write_sharded_model(out, [_release_after(t, source.shards) for t in outputs], max_shard_size)
     total = sum(t.nbytes for t in outputs)

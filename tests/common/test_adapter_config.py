@@ -1,0 +1,60 @@
+"""One reading of rank_pattern/alpha_pattern, equal to PEFT's own lookup."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from peft.utils.other import get_pattern_key
+
+from trnft.common.adapter_config import LoraSettings, module_of, pattern_key
+
+PATTERNS = {"q_proj": 4, r"layers\.1\.mlp\.down_proj": 32, "model.layers.0.self_attn.v_proj": 2}
+MODULES = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.mlp.down_proj",
+    "model.layers.0.mlp.down_proj",
+    "model.layers.0.self_attn.v_proj",
+    "model.layers.10.self_attn.v_proj",
+    "model.layers.0.self_attn.k_proj",
+    "model.embed_tokens",
+]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_pattern_lookup_is_peft_s(module):
+    peft_key = get_pattern_key(list(PATTERNS), module)
+    ours = pattern_key(PATTERNS, module)
+    assert (ours if ours is not None else module) == peft_key
+
+
+def test_rank_alpha_and_scale_per_module():
+    settings = LoraSettings.from_config(
+        {
+            "r": 16,
+            "lora_alpha": 32,
+            "rank_pattern": PATTERNS,
+            "alpha_pattern": {"q_proj": 8},
+            "use_rslora": True,
+        }
+    )
+    assert settings.rank("model.layers.3.self_attn.q_proj") == 4
+    assert settings.alpha("model.layers.3.self_attn.q_proj") == 8.0
+    assert settings.scale("model.layers.3.self_attn.q_proj") == pytest.approx(8 / math.sqrt(4))
+    assert settings.rank("model.layers.0.mlp.up_proj") == 16
+    assert settings.scale("model.layers.0.mlp.up_proj") == pytest.approx(32 / math.sqrt(16))
+    assert settings.largest_rank() == 32
+    plain = LoraSettings.from_config({"r": 8, "lora_alpha": 16})
+    assert plain.scale("x.q_proj") == 2.0
+
+
+@pytest.mark.parametrize(
+    ("tensor", "module"),
+    [
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.0.self_attn.q_proj"),
+        ("base_model.model.model.embed_tokens.lora_embedding_B", "model.embed_tokens"),
+        ("model.layers.1.mlp.down_proj.lora_B.default.weight", "model.layers.1.mlp.down_proj"),
+    ],
+)
+def test_module_of_a_tensor(tensor, module):
+    assert module_of(tensor) == module
