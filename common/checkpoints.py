@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from trnft.common.atomic import swap_into_place
+
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging-"
 TRNFT_STATE = "trnft_state"
@@ -123,20 +125,7 @@ def staging_dir(train_dir: Path, step: int) -> Path:
 
 def commit(train_dir: Path, staged: Path, step: int) -> None:
     """Rename a fully written staging folder to ``checkpoint-<step>`` (replacing an older save of it)."""
-    final = train_dir / f"checkpoint-{step}"
-    if final.exists():
-        # A previous save of the same step (a resumed run saving again); replace it whole.
-        trash = train_dir / f".checkpoint-{step}.replaced-{uuid.uuid4().hex[:8]}"
-        os.rename(final, trash)
-        os.rename(staged, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(staged, final)
-    fd = os.open(train_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    swap_into_place(staged, train_dir / f"checkpoint-{step}")
 
 
 def fault_point(where: str, step: int) -> None:

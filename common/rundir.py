@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trnft.common.atomic import swap_into_place
 from trnft.common.errors import TrnftError
 from trnft.common.hashing import file_digest, list_files
 
@@ -179,15 +180,7 @@ class RunDir:
 
     def commit(self, stage: str, staged: Path) -> Path:
         """Rename a staging folder to ``<stage>/``, replacing an older output."""
-        final = self.stage_dir(stage)
-        trash = None
-        if final.exists():
-            trash = self.root / f".{stage}.replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-        os.rename(staged, final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return final
+        return swap_into_place(staged, self.stage_dir(stage))
 
     def write_manifest(self, out_dir: Path, manifest: dict[str, Any]) -> None:
         write_json_atomic(out_dir / MANIFEST, manifest)
@@ -218,9 +211,7 @@ def into_new_folder(out: Path, work: Callable[[Path], Any]) -> Any:
     staging.mkdir(parents=True)
     try:
         result = work(staging)
-        if out.exists():
-            out.rmdir()
-        os.rename(staging, out)
+        swap_into_place(staging, out)  # ``out`` is absent or an empty folder here
         return result
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -25,7 +25,6 @@ Face token is only ever a Secret reference.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import jinja2
 import yaml
 
 from trnft.common import backend, launch
+from trnft.common.atomic import swap_into_place
 from trnft.common.config import RunConfig, dump_config, load_config, stable_hash
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.instances import InstanceType, Layout, instance, training_layout
@@ -462,13 +462,7 @@ def write_atomically(out: Path, files: dict[str, str]) -> None:
     try:
         for name, text in files.items():
             (staging / name).write_text(text)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, trash)
-            os.rename(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
