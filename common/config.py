@@ -787,8 +787,3 @@ def with_overrides(cfg: RunConfig, overrides: Sequence[str], base_dir: Path | No
     """
     tree = _preprocess(overrides_tree(overrides), base_dir or Path.cwd())
     return config_from_dict(_deep_merge(to_dict(cfg), tree), preprocess=False)
-
-
-def field_help(section: type) -> dict[str, str]:
-    """Help text of every field in a section, for docs and ``--help`` output."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section)}

@@ -88,13 +88,6 @@ def batch_indices(step: int, global_batch: int, num_sequences: int, seed: int) -
     return out
 
 
-def shard_for_rank(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """The contiguous slice of a global batch that data-parallel rank ``rank`` of ``world`` trains on."""
-    assert len(indices) % world == 0, "global batch must divide by the data-parallel size"
-    per = len(indices) // world
-    return indices[rank * per : (rank + 1) * per]
-
-
 def segment_allowed(segment_ids: Any) -> Any:
     """Boolean ``[B, 1, S, S]``: query i may attend key j (torch tensors; True = attend).
 

@@ -24,9 +24,3 @@ class ConfigError(TrnftError):
 
 class UpstreamError(TrnftError):
     """A stage was started before the stage it reads from completed."""
-
-
-class NotBuiltError(TrnftError):
-    """The requested stage or backend is not part of this build yet."""
-
-    exit_code = 2

@@ -58,7 +58,6 @@ _ADAPTER_KEY = re.compile(
     r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|base_layer|modules_to_save)"
     r"(?:\.(?P<adapter>(?!weight$|bias$)[A-Za-z0-9_]+))?(?:\.(?P<param>weight|bias))?$"
 )
-_PLAIN_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<param>weight|bias)$")
 
 # (part, param) of an adapter tensor -> (role, base parameter it binds to)
 ROLES: dict[tuple[str, str | None], tuple[str, str]] = {

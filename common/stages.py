@@ -146,8 +146,6 @@ class StageContext:
     out_dir: Path
     upstream: dict[str, dict[str, Any]]
     fingerprint: str
-    previous: dict[str, Any] | None
-    force: bool
     log: Callable[[str], None]
     is_main: bool = True
 
@@ -272,8 +270,6 @@ def run_stage(
             out_dir=out_dir,
             upstream=upstream,
             fingerprint=fingerprint,
-            previous=previous,
-            force=force,
             log=log,
             is_main=main,
         )

@@ -70,7 +70,6 @@ TORCH_DTYPES = {
     "bool": "BOOL",
 }
 ITEMSIZE = {name: np.dtype(np_type).itemsize for name, np_type in STORAGE.items()}
-PAGE = mmap.PAGESIZE
 
 
 @dataclass

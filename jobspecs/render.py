@@ -64,12 +64,6 @@ TEMPLATES = {
 }
 # Stages that read only the run directory (and the model cache filled by earlier stages).
 OFFLINE_STAGES = ("consolidate", "merge", "evaluate")
-ACCELERATOR_RESOURCES = (
-    "aws.amazon.com/neuron",
-    "aws.amazon.com/neuroncore",
-    "nvidia.com/gpu",
-    "vpc.amazonaws.com/efa",
-)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ ADAPTER_SHARDS = "adapter_shards"
 SHARD_FILE = re.compile(
     r"^dp_rank_(?P<dp>\d+)(?:_ep_rank_(?P<ep>\d+))?_tp_rank_(?P<tp>\d+)_pp_rank_(?P<pp>\d+)\.pt$"
 )
-XSER_REFERENCE = "torch_xla.utils.serialization.TensorReference"
 
 
 def shard_file_name(tp_rank: int, pp_rank: int, dp_rank: int = 0) -> str:

@@ -36,7 +36,6 @@ ROW_PARALLEL = ("o_proj", "down_proj")
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 # Fused projection -> the Hugging Face projections it replaces, in row order.
-FUSED = {"gate_up_proj": GATE_UP, "qkv_proj": QKV}
 EMBEDDING = "embed_tokens"
 
 AttentionMode = Literal["separate", "gqa", "fused_mha"]
@@ -159,14 +158,6 @@ def gqa_query_heads(tp: int, rank: int, heads: int, kv_heads: int, mult: int) ->
         kv = (rank * kv_per_rank + slot) % kv_heads
         out.append(np.arange(group_per_rank) + kv * group + offset)
     return np.concatenate(out)
-
-
-def query_heads_order(layout: NeuronLayout) -> np.ndarray:
-    """Concatenated local query-head order over all ranks (a permutation of all heads)."""
-    d = layout.dims
-    return np.concatenate(
-        [gqa_query_heads(layout.tp, r, d.heads, d.kv_heads, layout.kv_multiplier) for r in range(layout.tp)]
-    )
 
 
 def query_head_sources(layout: NeuronLayout) -> list[tuple[int, int]]:

@@ -58,26 +58,23 @@ def _body(ctx: StageContext) -> StageOutcome:
     return train_cpu(ctx)
 
 
-def train_cpu(ctx: StageContext, *, stop_after: int | None = None, save: bool = True) -> StageOutcome:
-    """Run (or resume) training on torch-xla's CPU device.
-
-    ``stop_after`` and ``save=False`` serve the compile stage: the same steps, no checkpoints, no resume.
-    """
+def train_cpu(ctx: StageContext) -> StageOutcome:
+    """Run (or resume) training on torch-xla's CPU device."""
     from trnft.neuron.xla_trainer import XlaTrainer, compile_count, persistent_cache_counters
 
     cfg, log = ctx.cfg, ctx.log
     train_dir = ctx.out_dir
     cache = cpu_cache_dir(cfg)
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
-    resume = checkpoints.resume_point(train_dir, ctx.fingerprint, log) if save else None
+    resume = checkpoints.resume_point(train_dir, ctx.fingerprint, log)
     trainer = XlaTrainer(cfg, tokenized, log)
     trainer.setup(cache_dir=cache, resume=resume)
     start = trainer.step
     if resume is not None:
         log(f"train: resumed from {resume.name} at step {start}")
     compiled_with_stage = ctx.rundir.manifest("compile") is not None
-    end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, start + stop_after)
-    writer = _tensorboard(train_dir) if save else None
+    end = cfg.train.max_steps
+    writer = _tensorboard(train_dir)
     compiles_at_start = compile_count()
     first_step_compiles = None
     late_compiles = 0
@@ -106,19 +103,18 @@ def train_cpu(ctx: StageContext, *, stop_after: int | None = None, save: bool = 
             writer.add_scalar("train/grad_norm", record.grad_norm, record.step)
             if seconds:
                 writer.add_scalar("train/tokens_per_second", tokens / seconds, record.step)
-        if save and (record.step % cfg.train.save_steps == 0 or record.step == end):
+        if record.step % cfg.train.save_steps == 0 or record.step == end:
             path = trainer.save(train_dir, ctx.fingerprint, tokenized.tokenizer_dir)
             saved.append(path.name)
             checkpoints.prune(train_dir, cfg.train.keep_checkpoints, log)
             log(f"train: saved {path.name}")
-        if save:
-            ctx.rundir.write_progress(
-                "train", {"summary": f"step {trainer.step} of {cfg.train.max_steps}", "step": trainer.step}
-            )
+        ctx.rundir.write_progress(
+            "train", {"summary": f"step {trainer.step} of {cfg.train.max_steps}", "step": trainer.step}
+        )
     if writer is not None:
         writer.close()
-    final = checkpoints.newest_complete(train_dir) if save else None
-    if save and (final is None or final.step != cfg.train.max_steps):
+    final = checkpoints.newest_complete(train_dir)
+    if final is None or final.step != cfg.train.max_steps:
         raise TrnftError(f"train: ended at step {trainer.step} without checkpoint-{cfg.train.max_steps}")
     losses = trainer.history
     figures = {

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,21 +177,6 @@ class StepLog:
     tokens: int
     seconds: float
     compiles: int
-
-
-@dataclass
-class TrainReport:
-    """What a run did; goes into the train manifest."""
-
-    start_step: int
-    end_step: int
-    losses: list[float] = field(default_factory=list)
-    compiles_step1: int = 0
-    compiles_after_step1: int = 0
-    checkpoints: list[str] = field(default_factory=list)
-    tokens_per_s: float = 0.0
-    resumed_from: str | None = None
-    persistent_cache: dict[str, int] = field(default_factory=dict)
 
 
 class XlaTrainer:
