@@ -26,6 +26,7 @@ import bisect
 import importlib
 import json
 import multiprocessing
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -310,6 +311,7 @@ def ensure_pad_token(tok: Any, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+# A worker process's own tokenizer, loaded once by the pool initializer (never set in the main process).
 _WORKER_TOKENIZER: Any = None
 
 
@@ -320,27 +322,44 @@ def _init_worker(tokenizer_dir: str) -> None:
     _WORKER_TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def _encode_chunk(chunk: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+def _encode_with(tokenizer: Any, chunk: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     # The Rust backend gives the same ids as tokenizer(...)["input_ids"] without building the masks.
-    backend = _WORKER_TOKENIZER.backend_tokenizer
+    backend = tokenizer.backend_tokenizer
     prompts = backend.encode_batch([p for p, _ in chunk], add_special_tokens=True)
     responses = backend.encode_batch([r for _, r in chunk], add_special_tokens=False)
     return [(p.ids, r.ids) for p, r in zip(prompts, responses)]
 
 
-def encode_pairs(
-    pairs: Sequence[tuple[str, str]], tokenizer_dir: str | Path, num_proc: int
-) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids with special tokens, response ids without) per pair, in order, for any ``num_proc``."""
+def _encode_in_worker(chunk: list[tuple[str, str]]) -> tuple[int, list[tuple[list[int], list[int]]]]:
+    return os.getpid(), _encode_with(_WORKER_TOKENIZER, chunk)
+
+
+@dataclass
+class EncodedPairs:
+    """Token ids per (prompt, response) pair, in order, and how many processes encoded them."""
+
+    ids: list[tuple[list[int], list[int]]]
+    workers: int
+
+
+def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer_dir: str | Path, num_proc: int) -> EncodedPairs:
+    """(prompt ids with special tokens, response ids without) per pair, in order, for any ``num_proc``.
+
+    Pairs go in chunks of ``ENCODE_CHUNK``; with ``num_proc`` > 1 and more than one chunk, a pool of up to
+    ``num_proc`` forked workers encodes them (``workers`` counts the distinct processes that did).
+    """
     chunks = [list(pairs[i : i + ENCODE_CHUNK]) for i in range(0, len(pairs), ENCODE_CHUNK)]
     if num_proc <= 1 or len(chunks) <= 1:
-        _init_worker(str(tokenizer_dir))
-        return [item for chunk in chunks for item in _encode_chunk(chunk)]
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        return EncodedPairs([item for chunk in chunks for item in _encode_with(tokenizer, chunk)], workers=1)
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(
         min(num_proc, len(chunks)), initializer=_init_worker, initargs=(str(tokenizer_dir),)
     ) as pool:
-        return [item for part in pool.imap(_encode_chunk, chunks) for item in part]
+        parts = list(pool.imap(_encode_in_worker, chunks))
+    return EncodedPairs([item for _, part in parts for item in part], workers=len({pid for pid, _ in parts}))
 
 
 @dataclass
@@ -519,7 +538,7 @@ def _body(ctx: StageContext) -> StageOutcome:
         if not splits[name]:
             continue
         encoded = encode_pairs(splits[name], tok_dir, d.num_proc)
-        samples, stats = build_samples(encoded, max_len, tok.eos_token_id, tok.bos_token_id)
+        samples, stats = build_samples(encoded.ids, max_len, tok.eos_token_id, tok.bos_token_id)
         if not samples or stats.fit_whole == 0:
             raise TrnftError(
                 f"dataset.max_seq_length: {max_len} tokens cannot hold any {name} sample whole (the shortest "
@@ -537,6 +556,7 @@ def _body(ctx: StageContext) -> StageOutcome:
             "dropped_no_supervised": stats.dropped_no_supervised,
             "fit_whole": stats.fit_whole,
             "sequences": int(arrays["input_ids"].shape[0]),
+            "tokenize_workers": encoded.workers,
             "tokens": total,
             "non_pad_tokens": non_pad,
             "supervised_tokens": int((arrays["labels"] != IGNORE_INDEX).sum()),

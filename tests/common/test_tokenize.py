@@ -118,16 +118,23 @@ def test_packed_samples_do_not_attend_across_boundaries(run_config, tiny_llama):
     assert not torch.allclose(leaky[start:end], packed[start:end], atol=1e-4)
 
 
-def test_output_does_not_depend_on_num_proc(run_config, tmp_path):
+def test_output_does_not_depend_on_num_proc(run_config, tmp_path, monkeypatch):
+    from trnft.common import tokenize as stage
+
+    monkeypatch.setattr(stage, "ENCODE_CHUNK", 64)  # the 384 training rows make 6 chunks: a real pool of 2
     arrays = []
+    workers = []
     for num_proc in (1, 2):
         cfg = load_config(
             run_config(dataset={"num_proc": num_proc, "max_seq_length": 128}),
             [f"run.root={tmp_path}/r{num_proc}"],
         )
-        out = TokenizeOutput(run(cfg, log=QUIET).path)
+        result = run(cfg, log=QUIET)
+        workers.append(result.manifest["figures"]["train"]["tokenize_workers"])
+        out = TokenizeOutput(result.path)
         arrays.append(out.split("train").rows(range(len(out.split("train")))))
         arrays.append(out.text("test").read_text())
+    assert workers == [1, 2]  # the second run really encoded in two processes
     for a, b in zip(arrays[0].values(), arrays[2].values()):
         assert np.array_equal(a, b)
     assert arrays[1] == arrays[3]
