@@ -67,8 +67,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from trnft.common import tokenize as stage
-    from trnft.common.config import load_config
-    from trnft.common.fixtures import build_tiny_model, train_tokenizer
+    from trnft.common.config.run_config import load_config
+    from trnft.common.testing.fixtures import build_tiny_model, train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="trnft-bench-tokenize-"))
     corpus = work / "corpus.jsonl"

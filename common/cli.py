@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from trnft.common import backend
-from trnft.common.config import load_config
+from trnft.common.config.run_config import load_config
 from trnft.common.env import set_process_defaults
 from trnft.common.errors import TrnftError
-from trnft.common.stages import SPECS, STAGES, format_status, resolve_stage
+from trnft.common.pipeline import backend
+from trnft.common.pipeline.stages import SPECS, STAGES, format_status, resolve_stage
 
 STAGE_HELP = {
     "tokenize": "Load, format, split and tokenize the dataset into static-shape sequences.",

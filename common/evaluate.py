@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
-from trnft.common.config import EvalSection, RunConfig
-from trnft.common.data import TokenizeOutput, read_jsonl
+from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
+from trnft.common.config.run_config import EvalSection, RunConfig
 from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.training.data import TokenizeOutput, read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"

@@ -32,13 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
-from trnft.common.config import RunConfig
+from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
-from trnft.common.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
-from trnft.common.rundir import into_new_folder
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
-from trnft.common.tensor_io import (
+from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
+from trnft.common.io.tensor_io import (
     INDEX,
     Array,
     PlannedTensor,
@@ -49,6 +47,8 @@ from trnft.common.tensor_io import (
     to_f32,
     write_sharded_model,
 )
+from trnft.common.pipeline.rundir import into_new_folder
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 
 ROW_BLOCK_BYTES = 32 << 20
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from trnft.common.config import dump_config, load_config
-from trnft.common.fixtures import build_tiny_model, bundled_dataset_path
-from trnft.common.stages import STAGES, format_status
+from trnft.common.config.run_config import dump_config, load_config
+from trnft.common.pipeline.stages import STAGES, format_status
+from trnft.common.testing.fixtures import build_tiny_model, bundled_dataset_path
 
 
 def smoke_config_path() -> Path:

@@ -14,7 +14,7 @@ What it does, in order:
    samples lose prompt tokens from the left first (BOS kept), then response tokens from the right;
    samples left with no supervised token are dropped and counted.
 5. Packs samples into sequences of exactly ``max_seq_length`` tokens (best-fit decreasing), or pads each
-   sample, and writes the arrays described in :mod:`trnft.common.data`.
+   sample, and writes the arrays described in :mod:`trnft.common.training.data`.
 
 Failures (a template field missing from the data, an empty split, a tokenizer that cannot load, a
 ``max_seq_length`` too small for any sample) stop with one line and leave no output.
@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common.config import DatasetSection, RunConfig, stable_hash
-from trnft.common.data import ARRAYS, IGNORE_INDEX, SPLIT_DIRS, TEXT_FILES, TOKENIZER_DIR
+from trnft.common.config.run_config import DatasetSection, RunConfig, stable_hash
 from trnft.common.errors import TrnftError
-from trnft.common.hashing import tree_digest
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.hashing import tree_digest
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.training.data import ARRAYS, IGNORE_INDEX, SPLIT_DIRS, TEXT_FILES, TOKENIZER_DIR
 
 SPLITS = ("train", "validation", "test")
 FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -442,7 +442,7 @@ def pack_best_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
 def to_arrays(
     samples: Sequence[tuple[list[int], list[int]]], max_len: int, pad_id: int, packing: bool
 ) -> dict[str, np.ndarray]:
-    """Sequences of exactly ``max_len`` tokens as the arrays of :mod:`trnft.common.data`."""
+    """Sequences of exactly ``max_len`` tokens as the arrays of :mod:`trnft.common.training.data`."""
     bins = (
         pack_best_fit([len(s[0]) for s in samples], max_len)
         if packing

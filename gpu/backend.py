@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.config import RunConfig
-from trnft.common.instances import InstanceType, Layout
+from trnft.common.cluster.instances import InstanceType, Layout
+from trnft.common.config.run_config import RunConfig
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from trnft.common.config import RunConfig
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.config.run_config import RunConfig
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:

@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common import checkpoints
-from trnft.common.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
-from trnft.common.config import RunConfig
+from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
-from trnft.common.hf_files import TOKENIZER_FILES, copy_present
-from trnft.common.rundir import into_new_folder
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
-from trnft.common.tensor_io import Array, PlannedTensor, parse_size, write_safetensors, write_sharded_model
+from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
+from trnft.common.io.tensor_io import Array, PlannedTensor, parse_size, write_safetensors, write_sharded_model
+from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.rundir import into_new_folder
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META_KEY = "trnft"

@@ -37,9 +37,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from trnft.common import checkpoints
-from trnft.common.config import RunConfig
-from trnft.common.data import (
+from trnft.common.config.run_config import RunConfig
+from trnft.common.errors import ConfigError, TrnftError
+from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
+from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.training.data import (
     IGNORE_INDEX,
     TokenizeOutput,
     batch_indices,
@@ -47,11 +50,8 @@ from trnft.common.data import (
     segment_attention_mask,
     summed_token_loss,
 )
-from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.hf_files import TOKENIZER_FILES, copy_present
-from trnft.common.lora import ADAPTER, apply_lora, check_targets
-from trnft.common.optim import decay_groups, global_batch, lr_at
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.training.lora import ADAPTER, apply_lora, check_targets
+from trnft.common.training.optim import decay_groups, global_batch, lr_at
 
 # What consolidate reads from a checkpoint besides the weights (LoRA settings, model config, base).
 CHECKPOINT_META_KEY = "trnft"

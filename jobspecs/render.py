@@ -17,7 +17,7 @@ merge       Job (CPU)                Job (CPU)
 evaluate    Job (GPU if cluster.eval_instance_type, else CPU)
 =========== ======================== ======================================================
 
-Instance facts come from ``jobspecs/instances.yaml``; processes, world size and TP x PP x DP are derived
+Instance facts come from ``common/cluster/instances.yaml``; processes, world size and TP x PP x DP are derived
 and checked (:func:`trnft.common.instances.training_layout`) before anything is rendered. The Hugging
 Face token is only ever a Secret reference.
 """
@@ -35,12 +35,13 @@ from typing import Any
 import jinja2
 import yaml
 
-from trnft.common import backend, launch
-from trnft.common.atomic import swap_into_place
-from trnft.common.config import RunConfig, dump_config, load_config, stable_hash
+from trnft.common.cluster import launch
+from trnft.common.cluster.instances import InstanceType, Layout, instance, training_layout
+from trnft.common.config.run_config import RunConfig, dump_config, load_config, stable_hash
 from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.instances import InstanceType, Layout, instance, training_layout
-from trnft.common.stages import STAGES
+from trnft.common.pipeline import backend
+from trnft.common.pipeline.atomic import swap_into_place
+from trnft.common.pipeline.stages import STAGES
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "00-config.yaml"

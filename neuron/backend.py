@@ -1,6 +1,6 @@
 """The Neuron platform: Trainium through optimum-neuron, or the same training on torch-xla's CPU device.
 
-:data:`BACKEND` is what ``trnft.common.backend`` hands to every caller. :func:`device` is the one place that
+:data:`BACKEND` is what ``trnft.common.pipeline.backend`` hands to every caller. :func:`device` is the one place that
 decides between Trainium and the CPU rehearsal of ``neuron.backend``.
 """
 
@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trnft.common import checkpoints
-from trnft.common.config import RunConfig
+from trnft.common.cluster.instances import InstanceType, Layout
+from trnft.common.config.run_config import RunConfig
 from trnft.common.env import has_neuron_device
 from trnft.common.errors import TrnftError
-from trnft.common.instances import InstanceType, Layout
+from trnft.common.pipeline import checkpoints
 from trnft.neuron import launch
 
 REHEARSAL_ENV = "TRNFT_TRAINIUM_REHEARSAL"

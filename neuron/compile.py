@@ -24,13 +24,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trnft.common.config import RunConfig, dump_config
-from trnft.common.data import TokenizeOutput
+from trnft.common.cluster.instances import instance, training_layout
+from trnft.common.cluster.launch import torchrun_argv
+from trnft.common.config.run_config import RunConfig, dump_config
 from trnft.common.errors import TrnftError, UpstreamError
-from trnft.common.instances import instance, training_layout
-from trnft.common.launch import torchrun_argv
-from trnft.common.rundir import RunDir
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, is_main_process, run_stage
+from trnft.common.pipeline.rundir import RunDir
+from trnft.common.pipeline.stages import (
+    SPECS,
+    StageContext,
+    StageOutcome,
+    StageResult,
+    is_main_process,
+    run_stage,
+)
+from trnft.common.training.data import TokenizeOutput
 from trnft.neuron import launch
 from trnft.neuron.backend import device, preflight_or_fail
 from trnft.neuron.train import cpu_cache_dir

@@ -28,14 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common import checkpoints
-from trnft.common.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, module_of
-from trnft.common.config import RunConfig
+from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, module_of
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
-from trnft.common.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
-from trnft.common.rundir import into_new_folder
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
-from trnft.common.tensor_io import (
+from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
+from trnft.common.io.tensor_io import (
     ITEMSIZE,
     Array,
     LazyTensor,
@@ -45,6 +42,9 @@ from trnft.common.tensor_io import (
     write_safetensors,
     write_sharded_model,
 )
+from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.rundir import into_new_folder
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.neuron import nxd_format
 from trnft.neuron.nxd_format import ShardSet, open_shard_set
 from trnft.neuron.parallel_layout import Key, ModelDims, NeuronLayout, parse_key, query_head_sources

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from trnft.common.config import RunConfig
+from trnft.common.cluster.instances import InstanceType, Layout
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError
-from trnft.common.instances import InstanceType, Layout
 
 # optimum-neuron parses --cache_dir from NEURON_CC_FLAGS with a pattern of letters, digits, '_', '/', '-'.
 CACHE_DIR_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/-")

@@ -9,7 +9,7 @@ A *tag* folder (``shards/`` for a model, ``adapter_shards/`` for an adapter) hol
     in ``<file>.tensors/tensor_<tid>.pt`` and ``<file>.info.pt`` = ``{tid: {dtype, shape, ...}}``;
 - ``mp_metadata_pp_rank_P.json`` (optimum-neuron >= 0.3) or ``.pt`` (older) with partition facts.
 
-Reading needs neither torch nor torch_xla (:mod:`trnft.common.tensor_io`) and never loads more than the
+Reading needs neither torch nor torch_xla (:mod:`trnft.common.io.tensor_io`) and never loads more than the
 tensor asked for: files are memory-mapped, xser tensors are one file each. Writing uses torch.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trnft.common.errors import TrnftError
-from trnft.common.tensor_io import LazyTensor, TensorRef, TorchFile, load_pickle_only
+from trnft.common.io.tensor_io import LazyTensor, TensorRef, TorchFile, load_pickle_only
 
 MODEL_SHARDS = "shards"
 ADAPTER_SHARDS = "adapter_shards"

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trnft.common import checkpoints
-from trnft.common.config import RunConfig
-from trnft.common.data import TokenizeOutput
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
-from trnft.common.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.training.data import TokenizeOutput
 from trnft.neuron import launch
 from trnft.neuron.backend import device, preflight_or_fail
 

@@ -33,12 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common import checkpoints
-from trnft.common.config import RunConfig
-from trnft.common.data import IGNORE_INDEX, TokenizedSplit, TokenizeOutput, batch_indices, segment_allowed
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.optim import global_batch
-from trnft.common.stages import StageContext, StageOutcome
+from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.stages import StageContext, StageOutcome
+from trnft.common.training.data import (
+    IGNORE_INDEX,
+    TokenizedSplit,
+    TokenizeOutput,
+    batch_indices,
+    segment_allowed,
+)
+from trnft.common.training.optim import global_batch
 
 ADAPTER = "default"
 # A fixed staging name: every rank of every node must agree on it without talking to each other.
@@ -301,7 +307,7 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
         return model
     from optimum.neuron.peft import get_peft_model
 
-    from trnft.common.lora import peft_config
+    from trnft.common.training.lora import peft_config
 
     return get_peft_model(model, peft_config(cfg, cfg.lora.target_modules))
 
@@ -317,7 +323,7 @@ def trainer_class() -> type:
     from neuronx_distributed.parallel_layers import parallel_state
     from optimum.neuron import NeuronTrainer
 
-    from trnft.common.optim import lr_at, wants_decay
+    from trnft.common.training.optim import lr_at, wants_decay
 
     class _TrnftNeuronTrainer(NeuronTrainer):
         def __init__(self, *args: Any, trnft: _RunPlan, **kwargs: Any) -> None:
@@ -561,7 +567,7 @@ def precompile(cfg: RunConfig, log: Callable[[str], None]) -> None:
     """
     from neuronx_distributed.parallel_layers import parallel_state
 
-    from trnft.common.rundir import RunDir
+    from trnft.common.pipeline.rundir import RunDir
 
     check_settings(cfg)
     steps = cfg.train.compile_steps

@@ -26,14 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common import checkpoints
-from trnft.common.config import RunConfig
-from trnft.common.data import TokenizeOutput, batch_indices, segment_attention_mask, summed_token_loss
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
-from trnft.common.hf_files import TOKENIZER_FILES, copy_present
-from trnft.common.lora import ADAPTER, apply_lora, tie_lora_a
-from trnft.common.optim import global_batch, lr_at, wants_decay
-from trnft.common.tensor_io import Array
+from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
+from trnft.common.io.tensor_io import Array
+from trnft.common.pipeline import checkpoints
+from trnft.common.training.data import (
+    TokenizeOutput,
+    batch_indices,
+    segment_attention_mask,
+    summed_token_loss,
+)
+from trnft.common.training.lora import ADAPTER, apply_lora, tie_lora_a
+from trnft.common.training.optim import global_batch, lr_at, wants_decay
 from trnft.neuron import nxd_format
 from trnft.neuron.parallel_layout import (
     ModelDims,

@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny Llama with GQA (4 heads, 2 KV heads, hidden 64, 2 layers) and its tokenizer."""
-    from trnft.common.fixtures import build_tiny_model
+    from trnft.common.testing.fixtures import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
 
@@ -63,7 +63,7 @@ def run_config(tmp_path, tiny_llama):
 def tokenized(tmp_path_factory, tiny_llama) -> Path:
     """A complete tokenize stage of the smoke config (copied into each run that needs it)."""
     from trnft.common import tokenize
-    from trnft.common.config import config_from_dict
+    from trnft.common.config.run_config import config_from_dict
 
     root = tmp_path_factory.mktemp("tokenized")
     cfg = config_from_dict(smoke_raw(root, tiny_llama))

@@ -16,7 +16,7 @@ EXAMPLES = REPO / "examples"
 
 def smoke_raw(root: Path, model_dir: Path, **sections) -> dict:
     """The smoke config as a dict, pointed at ``root`` and ``model_dir``, with section overrides merged."""
-    from trnft.common.fixtures import bundled_dataset_path
+    from trnft.common.testing.fixtures import bundled_dataset_path
 
     raw = yaml.safe_load((EXAMPLES / "smoke.yaml").read_text())
     raw["run"]["root"] = str(root)
@@ -63,7 +63,7 @@ def step_batch_loss(model, split, step: int, global_batch: int, seed: int) -> fl
     """The trainer's loss definition (sum over the global batch / its supervised tokens), in plain torch."""
     import torch
 
-    from trnft.common.data import IGNORE_INDEX, batch_indices, segment_attention_mask
+    from trnft.common.training.data import IGNORE_INDEX, batch_indices, segment_attention_mask
 
     idx = batch_indices(step, global_batch, len(split), seed)
     rows = {k: torch.from_numpy(v) for k, v in split.rows(idx).items()}

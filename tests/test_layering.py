@@ -73,7 +73,7 @@ def test_common_imports_no_platform_and_no_jobspecs(module):
         for name in _imports(MODULES[module], module)
         if any(_under(name, p) for p in (*PLATFORMS, "trnft.jobspecs"))
     ]
-    assert upward == [], f"{module} imports {upward}; go through trnft.common.backend instead"
+    assert upward == [], f"{module} imports {upward}; go through trnft.common.pipeline.backend instead"
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if any(_under(m, p) for p in PLATFORMS)])
@@ -85,11 +85,11 @@ def test_a_platform_imports_neither_the_other_platform_nor_jobspecs(module):
 
 
 def test_the_registry_is_the_only_place_that_names_a_platform_module():
-    from trnft.common import backend
+    from trnft.common.pipeline import backend
 
     assert set(backend.REGISTRY) == {"neuron", "gpu"}
     for module, path in MODULES.items():
-        if module == "trnft.common.backend" or not _under(module, "trnft.common"):
+        if module == "trnft.common.pipeline.backend" or not _under(module, "trnft.common"):
             continue
         text = path.read_text()
         assert '"trnft.neuron' not in text and '"trnft.gpu' not in text, module

@@ -7,7 +7,7 @@ import math
 import pytest
 from peft.utils.other import get_pattern_key
 
-from trnft.common.adapter_config import LoraSettings, module_of, pattern_key
+from trnft.common.config.adapter_config import LoraSettings, module_of, pattern_key
 
 PATTERNS = {"q_proj": 4, r"layers\.1\.mlp\.down_proj": 32, "model.layers.0.self_attn.v_proj": 2}
 MODULES = [

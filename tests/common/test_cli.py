@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from trnft.common import cli
-from trnft.common.stages import STAGES
+from trnft.common.pipeline.stages import STAGES
 
 
 def test_help_lists_every_stage_and_command():
@@ -30,7 +30,7 @@ def test_every_command_has_help(command, capsys):
 
 @pytest.mark.parametrize("platform", ["neuron", "gpu"])
 def test_every_stage_dispatches_through_one_registry(platform):
-    from trnft.common import backend
+    from trnft.common.pipeline import backend
 
     platform_backend = backend.get(platform)
     assert platform_backend.platform == platform
@@ -40,15 +40,15 @@ def test_every_stage_dispatches_through_one_registry(platform):
 
 
 def test_an_unknown_platform_is_one_line():
-    from trnft.common import backend
     from trnft.common.errors import TrnftError
+    from trnft.common.pipeline import backend
 
     with pytest.raises(TrnftError, match=r"model.platform: no backend named 'tpu'; use one of neuron, gpu"):
         backend.get("tpu")
 
 
 def test_checkpoints_are_claimed_by_the_platform_that_wrote_them(tmp_path):
-    from trnft.common import backend
+    from trnft.common.pipeline import backend
 
     lightning = tmp_path / "gpu-run" / "train" / "checkpoint-2"
     lightning.mkdir(parents=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trnft.common.config import (
+from trnft.common.config.run_config import (
     RunConfig,
     decode_template,
     dump_config,

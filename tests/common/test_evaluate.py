@@ -42,7 +42,7 @@ def _evaluate_base_as_merged(run, tiny_llama):
     """Evaluate with the base model standing in for the merged model (no training needed)."""
     merge = run.root / "merge"
     shutil.copytree(tiny_llama, merge)
-    from trnft.common.rundir import RunDir
+    from trnft.common.pipeline.rundir import RunDir
 
     rundir = RunDir(run.root)
     # A merge manifest so evaluate's upstream check passes; the content is the base model.
@@ -82,7 +82,7 @@ def test_an_unmerged_zero_adapter_is_evaluated_and_flagged(make_run, tiny_llama)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trnft.common.rundir import RunDir
+    from trnft.common.pipeline.rundir import RunDir
 
     run = make_run(eval={**EVAL, "use_adapter": True, "max_samples": 8})
     adapter = run.root / "consolidate"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trnft.common.fixtures import TinyShape, build_tiny_model, bundled_dataset_path
+from trnft.common.testing.fixtures import TinyShape, build_tiny_model, bundled_dataset_path
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trnft.common import cli
-from trnft.common.fixtures import TinyShape, build_tiny_model
+from trnft.common.testing.fixtures import TinyShape, build_tiny_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trnft.common.config import load_config, with_overrides
+from trnft.common.config.run_config import load_config, with_overrides
 from trnft.common.errors import TrnftError, UpstreamError
-from trnft.common.rundir import RunDir
-from trnft.common.stages import SPECS, StageOutcome, format_status, run_stage, stage_states
+from trnft.common.pipeline.rundir import RunDir
+from trnft.common.pipeline.stages import SPECS, StageOutcome, format_status, run_stage, stage_states
 
 MINIMAL = {
     "run": {"name": "t", "root": "RUN"},
@@ -78,8 +78,8 @@ def test_sigkill_before_rename_leaves_no_visible_output(cfg, tmp_path):
         textwrap.dedent(
             f"""
             import os, signal
-            from trnft.common.config import load_config
-            from trnft.common.stages import SPECS, StageOutcome, run_stage
+            from trnft.common.config.run_config import load_config
+            from trnft.common.pipeline.stages import SPECS, StageOutcome, run_stage
             cfg = load_config({str(tmp_path / "run.yaml")!r})
             def body(ctx):
                 (ctx.out_dir / "data.txt").write_text("half")

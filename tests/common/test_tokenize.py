@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from trnft.common import cli
-from trnft.common.config import load_config
-from trnft.common.data import IGNORE_INDEX, TokenizeOutput, batch_indices, segment_attention_mask
-from trnft.common.fixtures import bundled_dataset_path
+from trnft.common.config.run_config import load_config
+from trnft.common.testing.fixtures import bundled_dataset_path
 from trnft.common.tokenize import build_samples, pack_best_fit, run, to_arrays
+from trnft.common.training.data import IGNORE_INDEX, TokenizeOutput, batch_indices, segment_attention_mask
 
 QUIET = lambda m: None  # noqa: E731
 

@@ -62,9 +62,9 @@ def _train(config: Path, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 def test_the_trainium_pipeline_with_a_kill_and_a_resume(tmp_path):
-    from trnft.common.config import load_config
-    from trnft.common.fixtures import build_tiny_model
-    from trnft.common.instances import instance
+    from trnft.common.cluster.instances import instance
+    from trnft.common.config.run_config import load_config
+    from trnft.common.testing.fixtures import build_tiny_model
     from trnft.neuron import launch
 
     model = build_tiny_model(tmp_path / "base-model", "llama")

@@ -14,7 +14,7 @@ from helpers import ok, step_batch_loss
 from safetensors.torch import load_file
 
 from trnft.common import cli
-from trnft.common.data import TokenizeOutput
+from trnft.common.training.data import TokenizeOutput
 
 SHORT = {"max_steps": 12, "save_steps": 4, "logging_steps": 4, "warmup_steps": 2}
 
@@ -145,7 +145,7 @@ def test_full_fine_tuning_converts_to_hf_safetensors_in_the_base_dtype(make_run,
     # plus Lightning's meta.pt) converts to the same files.
     import torch.distributed.checkpoint as dcp
 
-    from trnft.common.checkpoints import write_done
+    from trnft.common.pipeline.checkpoints import write_done
 
     sharded = tmp_path / "sharded" / "checkpoint-4"
     folder = sharded / "lightning.ckpt"
@@ -308,7 +308,7 @@ def test_an_unknown_family_trains_too(make_run, tmp_path):
     """GPT-2 (Conv1D layers, its own block class) through the same stage."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-    from trnft.common.fixtures import build_tiny_model
+    from trnft.common.testing.fixtures import build_tiny_model
 
     llama = build_tiny_model(tmp_path / "ref", "llama")
     gpt2 = tmp_path / "gpt2"

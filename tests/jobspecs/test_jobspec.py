@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from trnft.common import cli
-from trnft.common.config import load_config
+from trnft.common.config.run_config import load_config
 from trnft.common.errors import ConfigError
 from trnft.jobspecs.render import STAGE_FILES, render
 from trnft.jobspecs.validate import ACCELERATOR_RESOURCES, document_problems, validate_documents

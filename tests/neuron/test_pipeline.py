@@ -7,7 +7,7 @@ import pytest
 from helpers import ok, step_batch_loss
 
 from trnft.common import cli
-from trnft.common.data import TokenizeOutput
+from trnft.common.training.data import TokenizeOutput
 
 
 @pytest.mark.parametrize("tp", [2, 4], ids=["tp2-separate-qkv", "tp4-gqa-qkv"])

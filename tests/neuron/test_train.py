@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from helpers import ok
 
-from trnft.common import checkpoints
-from trnft.common.tensor_io import to_f32
+from trnft.common.io.tensor_io import to_f32
+from trnft.common.pipeline import checkpoints
 from trnft.neuron.consolidate import load_checkpoint_tensors
 from trnft.neuron.nxd_format import SHARD_FILE
 

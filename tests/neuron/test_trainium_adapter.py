@@ -22,9 +22,9 @@ import pytest
 import torch
 from helpers import Run, ok, smoke_raw, step_batch_loss
 
-from trnft.common.config import config_from_dict
-from trnft.common.data import TokenizeOutput, batch_indices
+from trnft.common.config.run_config import config_from_dict
 from trnft.common.errors import ConfigError
+from trnft.common.training.data import TokenizeOutput, batch_indices
 
 pytestmark = [
     pytest.mark.integration,
@@ -229,7 +229,7 @@ def test_eager_attention_keeps_packed_samples_apart(make_run, tiny_llama):
     """neuron.attention=eager with packed rows: step 1's loss is trnft's segment-masked loss, not causal-only."""
     from transformers import AutoModelForCausalLM
 
-    from trnft.common.data import IGNORE_INDEX
+    from trnft.common.training.data import IGNORE_INDEX
 
     run = make_run(
         neuron={"backend": "trainium", "tp": 1, "cpu_devices": 1, "attention": "eager"},

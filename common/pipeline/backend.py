@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from trnft.common.errors import TrnftError
 
 if TYPE_CHECKING:
-    from trnft.common.config import RunConfig
-    from trnft.common.instances import InstanceType, Layout
+    from trnft.common.cluster.instances import InstanceType, Layout
+    from trnft.common.config.run_config import RunConfig
 
 # The stages whose implementation depends on the platform; the others are shared.
 PLATFORM_STAGES = ("compile", "train", "consolidate")

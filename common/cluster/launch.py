@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trnft.common.instances import Layout
+from trnft.common.cluster.instances import Layout
 
 CONFIG_IN_POD = "/config/run.yaml"
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from trnft.common.config import TrainSection
+from trnft.common.config.run_config import TrainSection
 from trnft.common.errors import ConfigError
 
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.atomic import swap_into_place
 from trnft.common.errors import TrnftError
-from trnft.common.hashing import file_digest, list_files
+from trnft.common.pipeline.atomic import swap_into_place
+from trnft.common.pipeline.hashing import file_digest, list_files
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"

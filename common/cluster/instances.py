@@ -1,4 +1,4 @@
-"""Instance facts (``jobspecs/instances.yaml``) and the parallel layout derived from them.
+"""Instance facts (``common/cluster/instances.yaml``) and the parallel layout derived from them.
 
 Everything a spec needs about hardware is computed here: processes per node, world size, and the
 tensor/pipeline/data-parallel split, checked to multiply out before anything is rendered.
@@ -13,9 +13,9 @@ from typing import Literal
 
 import yaml
 
-from trnft.common import backend
-from trnft.common.config import RunConfig
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError
+from trnft.common.pipeline import backend
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class InstanceType:
 
 @functools.cache
 def instance_table() -> dict[str, InstanceType]:
-    raw = yaml.safe_load((resources.files("trnft.jobspecs") / "instances.yaml").read_text())
+    raw = yaml.safe_load((resources.files("trnft.common.cluster") / "instances.yaml").read_text())
     return {name: InstanceType(name=name, **row) for name, row in raw.items()}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from trnft.common.config import RunConfig
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError
 
 ADAPTER = "default"

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trnft.common import backend, inputs
-from trnft.common.config import RunConfig, select, stable_hash, to_dict
+from trnft.common.config.run_config import RunConfig, select, stable_hash, to_dict
 from trnft.common.errors import TrnftError, UpstreamError
-from trnft.common.hashing import library_versions
-from trnft.common.rundir import (
+from trnft.common.pipeline import backend, inputs
+from trnft.common.pipeline.hashing import library_versions
+from trnft.common.pipeline.rundir import (
     MANIFEST_VERSION,
     RunDir,
     StageState,

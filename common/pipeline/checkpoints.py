@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from trnft.common.atomic import swap_into_place
+from trnft.common.pipeline.atomic import swap_into_place
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging-"

@@ -1,0 +1,1 @@
+"""Tensor files without torch (safetensors, torch.save zip, streaming writers) and the HF side files."""

@@ -1,0 +1,1 @@
+"""What every trainer shares: the batch order and loss, the optimizer rules, the LoRA set-up."""
