@@ -8,25 +8,15 @@ from typing import Any
 
 from trnft.common.cluster.instances import InstanceType, Layout
 from trnft.common.config.run_config import RunConfig
+from trnft.common.pipeline.backend import StageModules
 
 
 @dataclass(frozen=True)
-class GpuBackend:
+class GpuBackend(StageModules):
     platform: str = "gpu"
     config_section: str = "gpu"
     runtime_only_keys: tuple[str, ...] = ()
     compiles_graphs: bool = False
-
-    def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Any) -> Any:
-        if stage == "compile":
-            from trnft.gpu import compile as module
-        elif stage == "train":
-            from trnft.gpu import train as module
-        elif stage == "consolidate":
-            from trnft.gpu import consolidate as module
-        else:
-            raise AssertionError(stage)
-        return module.run(cfg, force=force, log=log)
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
         return 1, 1  # FSDP shards over every rank; no tensor or pipeline parallelism (yet)
@@ -48,4 +38,4 @@ class GpuBackend:
         return standalone(args, log)
 
 
-BACKEND = GpuBackend()
+BACKEND = GpuBackend(package=__package__)

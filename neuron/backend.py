@@ -17,6 +17,7 @@ from trnft.common.config.run_config import RunConfig
 from trnft.common.env import has_neuron_device
 from trnft.common.errors import TrnftError
 from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.backend import StageModules
 from trnft.neuron import launch
 
 REHEARSAL_ENV = "TRNFT_TRAINIUM_REHEARSAL"
@@ -68,22 +69,11 @@ def _holds_nxd_shards(path: Path, depth: int = 3) -> bool:
 
 
 @dataclass(frozen=True)
-class NeuronBackend:
+class NeuronBackend(StageModules):
     platform: str = "neuron"
     config_section: str = "neuron"
     runtime_only_keys: tuple[str, ...] = ("parallel_compile_workers",)
     compiles_graphs: bool = True
-
-    def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Any) -> Any:
-        if stage == "compile":
-            from trnft.neuron import compile as module
-        elif stage == "train":
-            from trnft.neuron import train as module
-        elif stage == "consolidate":
-            from trnft.neuron import consolidate as module
-        else:
-            raise AssertionError(stage)
-        return module.run(cfg, force=force, log=log)
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
         return cfg.neuron.tp, cfg.neuron.pp
@@ -103,4 +93,4 @@ class NeuronBackend:
         return standalone(args, log)
 
 
-BACKEND = NeuronBackend()
+BACKEND = NeuronBackend(package=__package__)

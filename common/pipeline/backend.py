@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -62,6 +63,19 @@ class Backend(Protocol):
 
     def consolidate_standalone(self, args: Any, log: Log) -> int:
         """``trnft consolidate --checkpoint PATH --output DIR`` for this platform's checkpoints."""
+
+
+@dataclass(frozen=True)
+class StageModules:
+    """``run_stage`` for a platform package whose stage modules are named after the stages
+    (``<package>.compile``, ``<package>.train``, ``<package>.consolidate``), imported on first use."""
+
+    package: str
+
+    def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Log) -> Any:
+        if stage not in PLATFORM_STAGES:
+            raise AssertionError(f"{stage} is a shared stage, not one of {self.package}'s")
+        return importlib.import_module(f"{self.package}.{stage}").run(cfg, force=force, log=log)
 
 
 def get(platform: str) -> Backend:

@@ -349,39 +349,28 @@ def test_preflight_command_passes_on_the_dlc_packages(tmp_path):
     cases = "\n".join(f'  *{n}) printf %s "{v}";;' for n, v in DLC_2_26_1.items() if n.startswith("aws-"))
     dpkg.write_text(f'#!/bin/sh\ncase "$*" in\n{cases}\n  *) exit 1;;\nesac\n')
     dpkg.chmod(0o755)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trnft.neuron.preflight",
-            "--image-only",
-            "--manifest",
-            str(CONTAINERS / "neuron-sdk.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        },
+    proc = _image_preflight(
+        PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
     )
     assert proc.returncode == 0, proc.stderr
     assert "match" in proc.stdout
 
 
+def _image_preflight(**env: str) -> subprocess.CompletedProcess:
+    """The Dockerfile's own check: ``python -m trnft.neuron.preflight --image-only`` with the image's manifest."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "trnft.neuron.preflight",
+        "--image-only",
+        "--manifest",
+        str(CONTAINERS / "neuron-sdk.json"),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+
+
 def test_preflight_command_fails_in_a_non_neuron_environment():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trnft.neuron.preflight",
-            "--image-only",
-            "--manifest",
-            str(CONTAINERS / "neuron-sdk.json"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = _image_preflight()
     assert proc.returncode == 1
     assert "neuronx-cc is not installed" in proc.stderr
