@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from trnft.common.config.run_config import load_config
 from trnft.common.env import set_process_defaults
 from trnft.common.errors import TrnftError
+from trnft.common.io.tensor_io import DEFAULT_MAX_SHARD_SIZE
 from trnft.common.pipeline import backend
 from trnft.common.pipeline.stages import SPECS, STAGES, format_status, resolve_stage
 
@@ -66,14 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--checkpoint", metavar="PATH", help="Run, train, checkpoint-N or shards folder.")
             g.add_argument("--output", metavar="DIR", help="Output folder (must not exist).")
             g.add_argument(
-                "--max-shard-size", default="5GB", help="Largest output safetensors file (e.g. 2GB)."
+                "--max-shard-size",
+                default=DEFAULT_MAX_SHARD_SIZE,
+                help="Largest output safetensors file (e.g. 2GB).",
             )
         if stage == "merge":
             g = p.add_argument_group("standalone (no run config)")
             g.add_argument("--base", metavar="DIR", help="Base model folder (HF safetensors).")
             g.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder.")
             g.add_argument("--output", metavar="DIR", help="Output folder (must not exist).")
-            g.add_argument("--max-shard-size", default="5GB", help="Largest output safetensors file.")
+            g.add_argument(
+                "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="Largest output safetensors file."
+            )
 
     p = sub.add_parser("status", help="Show every stage of a run.", description="Show every stage of a run.")
     _add_config_args(p)

@@ -37,6 +37,7 @@ from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
 from trnft.common.io.tensor_io import (
+    DEFAULT_MAX_SHARD_BYTES,
     INDEX,
     Array,
     PlannedTensor,
@@ -538,7 +539,7 @@ def _body(ctx: StageContext) -> StageOutcome:
         base_dir,
         consolidated,
         ctx.out_dir,
-        max_shard_size=5 * 10**9,
+        max_shard_size=DEFAULT_MAX_SHARD_BYTES,
         tokenizer_dir=tokenizer_dir,
         log=ctx.log,
     )

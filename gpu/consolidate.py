@@ -30,7 +30,14 @@ from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
-from trnft.common.io.tensor_io import Array, PlannedTensor, parse_size, write_safetensors, write_sharded_model
+from trnft.common.io.tensor_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    Array,
+    PlannedTensor,
+    parse_size,
+    write_safetensors,
+    write_sharded_model,
+)
 from trnft.common.pipeline import checkpoints
 from trnft.common.pipeline.rundir import into_new_folder
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
@@ -276,7 +283,7 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
 
 def _body(ctx: StageContext) -> StageOutcome:
     ckpt_dir = resolve(ctx.upstream_dir("train"), ctx.log)
-    result = convert(ckpt_dir, ctx.out_dir, max_shard_size=5 * 10**9, log=ctx.log)
+    result = convert(ckpt_dir, ctx.out_dir, max_shard_size=DEFAULT_MAX_SHARD_BYTES, log=ctx.log)
     copy_present(TOKENIZER_FILES, [ctx.rundir.stage_dir("tokenize") / "tokenizer"], ctx.out_dir)
     return StageOutcome(
         summary=f"{result['kind']} from {ckpt_dir.name}: {result['tensors']} tensors, {result['bytes'] / 1e6:.1f} MB (Lightning)",

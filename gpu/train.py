@@ -48,6 +48,7 @@ from trnft.common.training.data import (
     batch_indices,
     segment_allowed,
     segment_attention_mask,
+    step_seed,
     summed_token_loss,
 )
 from trnft.common.training.lora import ADAPTER, apply_lora, check_targets
@@ -252,7 +253,7 @@ class CausalLMModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.cfg.train.gradient_accumulation_steps == 0:
             # Dropout of step s is a function of s alone, so a resumed run draws what the original did.
-            torch.manual_seed(self.cfg.train.seed * 1_000_003 + int(batch["step"]))
+            torch.manual_seed(step_seed(self.cfg.train.seed, int(batch["step"])))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         total, _ = self._loss_sum(batch)

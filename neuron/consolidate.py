@@ -33,6 +33,7 @@ from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
 from trnft.common.io.tensor_io import (
+    DEFAULT_MAX_SHARD_BYTES,
     ITEMSIZE,
     Array,
     LazyTensor,
@@ -840,7 +841,7 @@ def _body(ctx: StageContext) -> StageOutcome:
     sources, checkpoint = resolve(train_dir, ctx.log)
     model_dir = Path(cfg.model.name_or_path) if Path(cfg.model.name_or_path).is_dir() else None
     results = consolidate_into(
-        sources, ctx.out_dir, max_shard_size=5 * 10**9, model_dir=model_dir, log=ctx.log
+        sources, ctx.out_dir, max_shard_size=DEFAULT_MAX_SHARD_BYTES, model_dir=model_dir, log=ctx.log
     )
     copy_present(TOKENIZER_FILES, [ctx.rundir.stage_dir("tokenize") / "tokenizer"], ctx.out_dir)
     first = results[0]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common.config.run_config import RunConfig
+from trnft.common.config.run_config import LORA_DEFAULT_TARGETS, RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
 from trnft.common.io.tensor_io import Array
@@ -35,6 +35,7 @@ from trnft.common.training.data import (
     TokenizeOutput,
     batch_indices,
     segment_attention_mask,
+    step_seed,
     summed_token_loss,
 )
 from trnft.common.training.lora import ADAPTER, apply_lora, tie_lora_a
@@ -48,7 +49,7 @@ from trnft.neuron.parallel_layout import (
     shard_state_dict,
 )
 
-SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUPPORTED_TARGETS = tuple(LORA_DEFAULT_TARGETS)  # the projections of a Llama-style decoder layer
 
 
 def init_runtime(devices: int) -> None:
@@ -356,7 +357,7 @@ class XlaTrainer:
         scalars = torch.tensor([lr, lr / bc1, math.sqrt(bc2), float(supervised)], dtype=torch.float32).to(
             self.device
         )
-        xm.set_rng_state(train.seed * 1_000_003 + step, self.device)
+        xm.set_rng_state(step_seed(train.seed, step), self.device)
         losses = []
         for m in range(train.gradient_accumulation_steps):
             batch = self._device_batch(idx[m * self.micro : (m + 1) * self.micro])

@@ -471,6 +471,11 @@ def row_blocks(a: Array, max_bytes: int = 64 << 20) -> Iterator[Array]:
 INDEX = "model.safetensors.index.json"
 
 
+# Largest output safetensors file unless --max-shard-size says otherwise (the Hugging Face default).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
 def parse_size(text: str, key: str) -> int:
     """``5GB``, ``500MB``, ``2GiB`` or a byte count -> bytes; a TrnftError naming ``key`` otherwise."""
     import re

@@ -88,6 +88,12 @@ def batch_indices(step: int, global_batch: int, num_sequences: int, seed: int) -
     return out
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of optimizer step ``step`` (dropout): a fixed function of the run seed and the step, so a
+    resumed run draws what an uninterrupted one would (every trainer reseeds with it before each step)."""
+    return seed * 1_000_003 + step
+
+
 def segment_allowed(segment_ids: Any) -> Any:
     """Boolean ``[B, 1, S, S]``: query i may attend key j (torch tensors; True = attend).
 
