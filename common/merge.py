@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -60,19 +60,32 @@ _ADAPTER_KEY = re.compile(
     r"(?:\.(?P<adapter>(?!weight$|bias$)[A-Za-z0-9_]+))?(?:\.(?P<param>weight|bias))?$"
 )
 
-# (part, param) of an adapter tensor -> (role, base parameter it binds to)
-ROLES: dict[tuple[str, str | None], tuple[str, str]] = {
-    ("lora_A", "weight"): ("A", "weight"),
-    ("lora_B", "weight"): ("B", "weight"),
-    ("lora_B", "bias"): ("bias", "bias"),
-    ("lora_embedding_A", None): ("embA", "weight"),
-    ("lora_embedding_B", None): ("embB", "weight"),
+
+class Role(NamedTuple):
+    """What an adapter tensor is to its base module: its kind and the base parameter it binds to."""
+
+    kind: str  # A, B, bias, embA, embB, base, replace
+    param: str  # weight or bias of the base module
+
+    def __str__(self) -> str:
+        return self.kind if self.kind in ("A", "B", "bias", "embA", "embB") else f"{self.kind} {self.param}"
+
+
+LORA_A, LORA_B, LORA_BIAS = Role("A", "weight"), Role("B", "weight"), Role("bias", "bias")
+EMBEDDING_A, EMBEDDING_B = Role("embA", "weight"), Role("embB", "weight")
+# (part, param) of an adapter tensor -> its role
+ROLES: dict[tuple[str, str | None], Role] = {
+    ("lora_A", "weight"): LORA_A,
+    ("lora_B", "weight"): LORA_B,
+    ("lora_B", "bias"): LORA_BIAS,
+    ("lora_embedding_A", None): EMBEDDING_A,
+    ("lora_embedding_B", None): EMBEDDING_B,
     # PEFT saves the base embedding next to its LoRA (save_embedding_layers): the W the delta is added to
-    ("base_layer", "weight"): ("base", "weight"),
-    ("base_layer", "bias"): ("base", "bias"),
+    ("base_layer", "weight"): Role("base", "weight"),
+    ("base_layer", "bias"): Role("base", "bias"),
     # modules_to_save: a full trained copy that replaces the base tensor
-    ("modules_to_save", "weight"): ("replace", "weight"),
-    ("modules_to_save", "bias"): ("replace", "bias"),
+    ("modules_to_save", "weight"): Role("replace", "weight"),
+    ("modules_to_save", "bias"): Role("replace", "bias"),
 }
 SUPPORTED_PEFT_TYPES = ("LORA",)
 
@@ -91,10 +104,10 @@ class ModuleUpdate:
     """Everything the adapter says about one base module."""
 
     module: str
-    tensors: dict[str, tuple[str, Any]] = field(default_factory=dict)  # role -> (adapter key, lazy source)
+    tensors: dict[Role, tuple[str, Any]] = field(default_factory=dict)  # role -> (adapter key, lazy source)
 
-    def get(self, role: str) -> tuple[str, Any] | None:
-        return self.tensors.get(role)
+    def of_kind(self, kind: str) -> list[tuple[Role, tuple[str, Any]]]:
+        return [(role, source) for role, source in self.tensors.items() if role.kind == kind]
 
 
 @dataclass
@@ -118,6 +131,20 @@ def _adapter_files(adapter_dir: Path) -> list[Path]:
     raise TrnftError(f"{adapter_dir}: no adapter_model.safetensors (or model.safetensors) found")
 
 
+# PEFT writes a ``modules_to_save`` copy under the module's own name: [base_model.model.]<module>.<param>
+_SAVED_MODULE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<param>weight|bias)$")
+
+
+def _saved_module_key(key: str, saved_modules: list[str]) -> dict[str, str] | None:
+    """The parts of a ``modules_to_save`` tensor key (a module listed in adapter_config), or None."""
+    m = _SAVED_MODULE_KEY.match(key)
+    if m is None or not any(
+        m["module"] == name or m["module"].endswith(f".{name}") for name in saved_modules
+    ):
+        return None
+    return {"module": m["module"], "part": "modules_to_save", "param": m["param"]}
+
+
 def read_adapter(adapter_dir: Path) -> Adapter:
     """Parse and check an adapter folder; every tensor must bind to a module role exactly once."""
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
@@ -134,10 +161,11 @@ def read_adapter(adapter_dir: Path) -> Adapter:
             f"{config_path}: use_dora is set; DoRA adapters (magnitude vectors) are not supported by this merge"
         )
     files = [SafetensorsFile(p) for p in _adapter_files(adapter_dir)]
+    saved_modules = config.get("modules_to_save") or []
     updates: dict[str, ModuleUpdate] = {}
     for f in files:
         for key in f.names():
-            m = _ADAPTER_KEY.match(key)
+            m = _ADAPTER_KEY.match(key) or _saved_module_key(key, saved_modules)
             if m is None:
                 raise TrnftError(
                     f"{f.path.name}: adapter key {key} is not a LoRA tensor name (<module>.lora_A.weight, "
@@ -150,17 +178,16 @@ def read_adapter(adapter_dir: Path) -> Adapter:
             if role is None:
                 raise TrnftError(f"{key}: {part} with {param or 'no parameter'} is not a known LoRA tensor")
             update = updates.setdefault(m["module"], ModuleUpdate(m["module"]))
-            role_key = f"{role[0]}:{param}" if role[0] in ("base", "replace") else role[0]
-            if role_key in update.tensors:
+            if role in update.tensors:
                 raise TrnftError(
-                    f"{key}: a second {role_key} for module {m['module']} (also {update.tensors[role_key][0]})"
+                    f"{key}: a second {role} for module {m['module']} (also {update.tensors[role][0]})"
                 )
-            update.tensors[role_key] = (key, f)
+            update.tensors[role] = (key, f)
     if not updates:
         raise TrnftError(f"{adapter_dir}: the adapter holds no tensors")
     for update in updates.values():
         roles = set(update.tensors)
-        for a, b in (("A", "B"), ("embA", "embB")):
+        for a, b in ((LORA_A, LORA_B), (EMBEDDING_A, EMBEDDING_B)):
             if (a in roles) != (b in roles):
                 have, missing = (a, b) if a in roles else (b, a)
                 raise TrnftError(
@@ -274,7 +301,7 @@ def bind(adapter: Adapter, base: BaseModel) -> dict[str, Binding]:
             raise TrnftError(f"adapter key {key}: {name} is already bound to {bindings[name].update.module}")
         return name
 
-    def pair(role_a: str, role_b: str, update: ModuleUpdate) -> tuple:
+    def pair(role_a: Role, role_b: Role, update: ModuleUpdate) -> tuple:
         """A's key, A's and B's shapes, (r, scale), and the bound base tensor's name and shape."""
         key_a, file_a = update.tensors[role_a]
         key_b, file_b = update.tensors[role_b]
@@ -283,8 +310,8 @@ def bind(adapter: Adapter, base: BaseModel) -> dict[str, Binding]:
         return key_a, file_a.info(key_a)[1], file_b.info(key_b)[1], r, s, name, base.info(name)[1]
 
     for update in adapter.updates.values():
-        if "A" in update.tensors:
-            key_a, shape_a, shape_b, r, s, name, w_shape = pair("A", "B", update)
+        if LORA_A in update.tensors:
+            key_a, shape_a, shape_b, r, s, name, w_shape = pair(LORA_A, LORA_B, update)
             out_f, in_f = (w_shape[1], w_shape[0]) if fan_in_fan_out else (w_shape[0], w_shape[1])
             if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != r or shape_b[1] != r:
                 raise TrnftError(
@@ -296,30 +323,27 @@ def bind(adapter: Adapter, base: BaseModel) -> dict[str, Binding]:
                     f"adapter key {key_a}: LoRA shapes A {list(shape_a)}, B {list(shape_b)} do not fit {name} {list(w_shape)}"
                 )
             bindings[name] = Binding(name, update, "linear", s, fan_in_fan_out)
-        if "embA" in update.tensors:
-            key_a, shape_a, shape_b, r, s, name, w_shape = pair("embA", "embB", update)
+        if EMBEDDING_A in update.tensors:
+            key_a, shape_a, shape_b, r, s, name, w_shape = pair(EMBEDDING_A, EMBEDDING_B, update)
             if shape_a != (r, w_shape[0]) or shape_b != (w_shape[1], r):
                 raise TrnftError(
                     f"adapter key {key_a}: embedding LoRA A {list(shape_a)}, B {list(shape_b)} do not fit {name} "
                     f"{list(w_shape)} with r={r}"
                 )
             bindings[name] = Binding(name, update, "embedding", s)
-        if "bias" in update.tensors:
-            key, _ = update.tensors["bias"]
+        if LORA_BIAS in update.tensors:
+            key, _ = update.tensors[LORA_BIAS]
             name = base_for(update, "bias", key)
             bindings[name] = Binding(name, update, "bias", scaling(config, update.module)[1])
-        for role in [r for r in update.tensors if r.startswith("base:")]:
-            key, f = update.tensors[role]
-            name = f"{update.module}.{role.split(':', 1)[1]}"
+        for role, (key, f) in update.of_kind("base"):
+            name = f"{update.module}.{role.param}"
             if name in base.where and f.info(key)[1] != base.info(name)[1]:
                 raise TrnftError(
                     f"adapter key {key}: the saved base layer is {list(f.info(key)[1])} but the base model's {name} is "
                     f"{list(base.info(name)[1])} (a resized vocabulary is not supported)"
                 )
-        for role in [r for r in update.tensors if r.startswith("replace:")]:
-            key, f = update.tensors[role]
-            param = role.split(":", 1)[1]
-            name = base_for(update, param, key)
+        for role, (key, f) in update.of_kind("replace"):
+            name = base_for(update, role.param, key)
             if f.info(key)[1] != base.info(name)[1]:
                 raise TrnftError(
                     f"adapter key {key}: shape {list(f.info(key)[1])} but the base {name} is {list(base.info(name)[1])}"
@@ -350,31 +374,31 @@ def _merged_blocks(
     """
     update = binding.update
     param = binding.base_name.rsplit(".", 1)[1]
-    if f"base:{param}" in update.tensors:
-        key, f = update.tensors[f"base:{param}"]
+    if Role("base", param) in update.tensors:
+        key, f = update.tensors[Role("base", param)]
         w = f.tensor(key)
     else:
         w = base_file.tensor(binding.base_name)
     if binding.kind == "replace":
-        key, f = next(v for r, v in update.tensors.items() if r.startswith("replace:"))
+        key, f = update.tensors[Role("replace", param)]
         yield from _cast_blocks(f.tensor(key), out_dtype)
         return
     if binding.kind == "bias":
-        key, f = update.tensors["bias"]
+        key, f = update.tensors[LORA_BIAS]
         base, delta = to_f32(w), binding.scale * to_f32(f.tensor(key))
         norms[0] += float(np.vdot(base, base))
         norms[1] += float(np.vdot(delta, delta))
         yield from_f32(base + delta, out_dtype)
         return
     if binding.kind == "linear":
-        key_a, fa = update.tensors["A"]
-        key_b, fb = update.tensors["B"]
+        key_a, fa = update.tensors[LORA_A]
+        key_b, fb = update.tensors[LORA_B]
         a, b = to_f32(fa.tensor(key_a)), to_f32(fb.tensor(key_b))  # A [r, in], B [out, r]
         # delta = B @ A is [out, in]; a fan_in_fan_out weight is stored [in, out] and gets delta.T
         left, right = (a.T, b.T) if binding.fan_in_fan_out else (b, a)
     else:
-        key_a, fa = update.tensors["embA"]
-        key_b, fb = update.tensors["embB"]
+        key_a, fa = update.tensors[EMBEDDING_A]
+        key_b, fb = update.tensors[EMBEDDING_B]
         a, b = to_f32(fa.tensor(key_a)), to_f32(fb.tensor(key_b))  # A [r, V], B [H, r]
         left, right = a.T, b.T  # delta = (B @ A).T = A.T @ B.T, [V, H]
     rows = w.shape[0]

@@ -129,6 +129,35 @@ def test_fan_in_fan_out_conv1d_model(tmp_path):
     torch.testing.assert_close(logits(ours), logits(peft_reference(base_dir, adapter)), atol=1e-5, rtol=1e-5)
 
 
+def test_modules_to_save_replaces_weight_and_bias(tmp_path):
+    """A trained copy of a module with weight and bias (GPT-2's final LayerNorm) replaces each one by its own."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    base_dir = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(
+        GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=64)
+    ).save_pretrained(base_dir)
+    adapter = make_adapter(
+        base_dir,
+        tmp_path / "adapter",
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+        modules_to_save=["ln_f"],
+    )
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    saved = [k for k in tensors if ".ln_f." in k]  # PEFT saves the copy under the module's own name
+    assert {k.rsplit(".", 1)[1] for k in saved} == {"weight", "bias"}
+    generator = torch.Generator().manual_seed(5)
+    for k in saved:  # a trained-looking copy: weight and bias differ from each other and from the base
+        tensors[k] = tensors[k] + torch.randn(tensors[k].shape, generator=generator)
+    save_file(tensors, path)  # test data only
+    assert merge(base_dir, adapter, tmp_path / "merged") == 0
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(ours), logits(peft_reference(base_dir, adapter)), atol=1e-5, rtol=1e-5)
+
+
 def test_the_old_sample_layout_is_read_too(tmp_path, tiny_llama):
     """The awsome sample consolidated adapters into model.safetensors (+ index) without adapter names."""
     adapter = make_adapter(tiny_llama, tmp_path / "adapter")
