@@ -381,7 +381,7 @@ class Planner:
         tp = self.shards.tp_size
         if spec["tp_size"] != tp:
             raise TrnftError(
-                f"{module.render()}: the spec says tp_size {spec['tp_size']}, the checkpoint has {tp} ranks"
+                f"{module.prefix}{module.module}: the spec says tp_size {spec['tp_size']}, the checkpoint has {tp} ranks"
             )
         heads, kv_heads, mult = (
             spec["num_attention_heads"],
@@ -513,8 +513,7 @@ class Planner:
         self, pp: int, module: str, cls_name: str, spec: dict[str, Any], present: set[str]
     ) -> None:
         """Apply a transformation spec to the tensors of it that are present (base or LoRA), nothing else."""
-        mkey = parse_key(f"{module}.x_proj.weight")
-        assert mkey is not None
+        mkey = Key.in_module(module, proj="")  # the module itself; each branch names its projection
         if cls_name == "FusedLinearsSpec":
             fused = mkey.with_(proj=spec["fused_linear_name"])
             linears, dims = list(spec["linear_names"]), [int(d) for d in spec["original_dims"]]
@@ -611,8 +610,7 @@ class Planner:
         }
         modules = sorted({k.module for k in map(parse_key, gqa_names) if k is not None})
         for module in modules:
-            mkey = parse_key(f"{module}.x_proj.weight")
-            assert mkey is not None
+            mkey = Key.in_module(module, proj="")
             spec = dict(base)
             if "q_output_size_per_partition" in gqa:
                 spec["q_output_size_per_partition"] = gqa["q_output_size_per_partition"]

@@ -220,6 +220,12 @@ class Key:
     def with_(self, **changes: str) -> Key:
         return Key(**{**self.__dict__, **changes})
 
+    @classmethod
+    def in_module(cls, module: str, proj: str, param: str = "weight") -> Key:
+        """The key of projection ``proj`` inside ``module`` (which may carry PEFT's ``base_model.model.``)."""
+        prefix = PEFT_PREFIX if module.startswith(PEFT_PREFIX) else ""
+        return cls(prefix, module[len(prefix) :], proj, param)
+
     @property
     def lora_part(self) -> str | None:
         """``lora_A``/``lora_B``/``lora_embedding_A``/``lora_embedding_B`` or None for base parameters."""
