@@ -263,30 +263,38 @@ def _split(t: Any, dim: int, tp: int, rank: int) -> Any:
     return t.chunk(tp, dim=dim)[rank].contiguous()
 
 
-def _kind(proj: str) -> str:
+def _kind(proj: str) -> str | None:
+    """The NxD layer kind of a projection; None for layers NxD does not parallelize."""
     if proj in COLUMN_PARALLEL:
         return "column"
     if proj in ROW_PARALLEL:
         return "row"
     if proj == EMBEDDING:
         return "embedding"
-    raise KeyError(proj)
+    return None
+
+
+# THE partition table (NEURON_FORMAT.md §2.3, §2.5): for each NxD layer kind, the dimension each of its
+# tensors is split on over tensor-parallel ranks, None where every rank holds the whole tensor. A tensor is
+# named by its LoRA part, or by weight/bias for the base layer. The CPU-XLA trainer's sharding, the
+# checkpoint writer and its metadata all read it; fused layers (gate_up, qkv) and GQA add their own rules.
+PARTITION_TABLE: dict[str, dict[str, int | None]] = {
+    "column": {"weight": 0, "bias": 0, "lora_A": None, "lora_B": 0},
+    "row": {"weight": 1, "bias": None, "lora_A": 1, "lora_B": None},
+    "embedding": {"weight": 0, "lora_embedding_A": None, "lora_embedding_B": None},
+}
+
+
+def split_dim(key: Key) -> int | None:
+    """The dimension NxD splits the unfused parameter ``key`` on, or None when it is replicated."""
+    kind = _kind(key.proj)
+    return None if kind is None else PARTITION_TABLE[kind][key.lora_part or key.tensor_name]
 
 
 def _local_plain(key: Key, t: Any, tp: int, rank: int) -> Any:
-    """A non-fused parameter on ``rank`` (NxD column/row/embedding rules, LoRA per §2.5)."""
-    kind, part, last = _kind(key.proj), key.lora_part, key.tensor_name
-    if kind == "embedding":
-        # lora_embedding_A/B are replicated; the embedding itself is split on the vocabulary
-        return t.contiguous() if part else _split(t, 0, tp, rank)
-    if kind == "column":
-        if part == "lora_A":
-            return t.contiguous()
-        return _split(t, 0, tp, rank)  # weight, bias, lora_B
-    # row-parallel: weight and LoRA A split on the input dim; bias and LoRA B replicated
-    if part == "lora_A" or (part is None and last == "weight"):
-        return _split(t, 1, tp, rank)
-    return t.contiguous()
+    """A non-fused parameter on ``rank``, split as :data:`PARTITION_TABLE` says."""
+    dim = split_dim(key)
+    return t.contiguous() if dim is None else _split(t, dim, tp, rank)
 
 
 def _same(tensors: list[Any], what: str) -> Any:
@@ -409,14 +417,8 @@ def _new_parameter_entries(name: str, layout: NeuronLayout) -> dict[str, dict[st
         # LoRA B of a fused layer is declared with stride 1 although it is laid out like the base weight.
         stride = 1 if part == "lora_B" else len(layout.fused_modules()[fused[key.proj]])
         return {fkey.render(): _tp_attrs(0, stride, tp)}
-    kind = _kind(key.proj)
-    if kind == "embedding":
-        return {name: dict(NOT_PARALLEL) if part else _tp_attrs(0, 1, tp)}
-    if kind == "column":
-        return {name: dict(NOT_PARALLEL) if part == "lora_A" else _tp_attrs(0, 1, tp)}
-    if part == "lora_A" or (part is None and key.tensor_name == "weight"):
-        return {name: _tp_attrs(1, 1, tp)}
-    return {name: dict(NOT_PARALLEL)}
+    dim = split_dim(key)
+    return {name: dict(NOT_PARALLEL) if dim is None else _tp_attrs(dim, 1, tp)}
 
 
 def _specs(

@@ -47,6 +47,7 @@ from trnft.neuron.parallel_layout import (
     parameter_metadata,
     parse_key,
     shard_state_dict,
+    split_dim,
 )
 
 SUPPORTED_TARGETS = tuple(LORA_DEFAULT_TARGETS)  # the projections of a Llama-style decoder layer
@@ -288,20 +289,10 @@ class XlaTrainer:
         key = parse_key(name)
         if key is None:
             return None
-        part = key.lora_part
-        if key.proj == "embed_tokens":
-            spec = None if part else ("model", None)
-        elif key.proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"):
-            if part == "lora_A":
-                return None
-            spec = ("model", None) if len(shape) == 2 else ("model",)
-        elif key.proj in ("o_proj", "down_proj"):
-            spec = (None, "model") if len(shape) == 2 and (part == "lora_A" or part is None) else None
-        else:
-            spec = None
-        if spec is None:
+        dim = split_dim(key)
+        if dim is None or dim >= len(shape):
             return None
-        dim = spec.index("model")
+        spec = tuple("model" if i == dim else None for i in range(len(shape)))
         # K/V under GQA are replicated on Trainium; an uneven split is only a placement choice here.
         return spec if shape[dim] % self.tp == 0 else None
 
