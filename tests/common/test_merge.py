@@ -112,15 +112,22 @@ def test_fp32_merge_equals_peft_exactly(tmp_path, tiny_llama):
     assert max((ours[k] - ref[k]).abs().max().item() for k in ours) < 1e-6
 
 
-def test_fan_in_fan_out_conv1d_model(tmp_path):
-    """GPT-2 stores Conv1D weights [in, out]; PEFT's fan_in_fan_out transposes the delta."""
+def tiny_gpt2(folder):
+    """A tiny GPT-2 (Conv1D weights stored [in, out], LayerNorms with bias) saved to ``folder``."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    base_dir = tmp_path / "gpt2"
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(
         GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=64)
-    ).save_pretrained(base_dir)
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_fan_in_fan_out_conv1d_model(tmp_path):
+    """GPT-2 stores Conv1D weights [in, out]; PEFT's fan_in_fan_out transposes the delta."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_gpt2(tmp_path / "gpt2")
     adapter = make_adapter(
         base_dir, tmp_path / "adapter", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True
     )
@@ -131,13 +138,9 @@ def test_fan_in_fan_out_conv1d_model(tmp_path):
 
 def test_modules_to_save_replaces_weight_and_bias(tmp_path):
     """A trained copy of a module with weight and bias (GPT-2's final LayerNorm) replaces each one by its own."""
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import AutoModelForCausalLM
 
-    base_dir = tmp_path / "gpt2"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(
-        GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=64)
-    ).save_pretrained(base_dir)
+    base_dir = tiny_gpt2(tmp_path / "gpt2")
     adapter = make_adapter(
         base_dir,
         tmp_path / "adapter",
