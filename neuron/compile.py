@@ -125,6 +125,9 @@ def parallel_compile_command(cfg: RunConfig, config_path: str) -> tuple[list[str
 
 def _run_parallel_compile(cfg: RunConfig, log: Callable[[str], None]) -> tuple[list[str], float]:
     """Run this node's ``neuron_parallel_compile``; the config goes to a node-local file (same on every node)."""
+    from trnft.neuron.trainium import check_settings
+
+    check_settings(cfg)  # refuse what training would refuse before the compile job spends any time
     preflight_or_fail()
     with tempfile.TemporaryDirectory(prefix="trnft-compile-") as tmp:
         config_path = Path(tmp) / "run.yaml"

@@ -51,7 +51,8 @@ def _pod_env(rank: int) -> dict[str, str]:
 
 
 def _two_node_run(make_run):
-    return make_run(neuron={"backend": "trainium", "tp": 8}, cluster={"num_nodes": 2})
+    # The shared tokenized fixture is packed, so these runs use the attention that keeps packing.
+    return make_run(neuron={"backend": "trainium", "tp": 8, "attention": "eager"}, cluster={"num_nodes": 2})
 
 
 def test_a_worker_pod_traces_its_graphs_and_writes_no_stage_output(make_run, parallel_compile_tool):
@@ -96,6 +97,15 @@ def test_a_worker_fails_in_one_line_when_the_tool_fails(make_run, parallel_compi
     assert proc.stderr.strip().splitlines()[-1] == (
         "trnft compile: error: compile: neuron_parallel_compile exited with 3; see its log above"
     )
+
+
+def test_a_setting_training_would_refuse_stops_compile_before_the_tool_runs(make_run, parallel_compile_tool):
+    run = _two_node_run(make_run)
+    proc = run.stage("compile", "neuron.attention=flash", env={**parallel_compile_tool, **_pod_env(0)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("trnft compile: error: dataset.packing:")
+    assert not Path(parallel_compile_tool["FAKE_NPC_RECORD"]).exists()
+    assert not (run.root / "compile").exists()
 
 
 def test_a_worker_refuses_without_tokenize(make_run, parallel_compile_tool):
