@@ -38,7 +38,6 @@ from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.pipeline import checkpoints
 from trnft.common.pipeline.stages import StageContext, StageOutcome
 from trnft.common.training.data import (
-    IGNORE_INDEX,
     TokenizedSplit,
     TokenizeOutput,
     batch_indices,
@@ -170,10 +169,8 @@ def rank_sequence_order(
 
 def global_supervised_tokens(split: TokenizedSplit, cfg: RunConfig, dp_size: int, step: int) -> int:
     """Supervised (loss-bearing) tokens of optimizer step ``step``'s global batch."""
-    t = cfg.train
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * dp_size
-    labels = split.rows(batch_indices(step, global_batch, len(split), t.seed))["labels"]
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    size = global_batch(cfg.train, dp_size)
+    return split.supervised_tokens(batch_indices(step, size, len(split), cfg.train.seed))
 
 
 class PackedSequences:
@@ -196,12 +193,8 @@ class PackedSequences:
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
 
-        rows = self.split.rows([int(self.order[i])])
-        item = {
-            "input_ids": torch.from_numpy(rows["input_ids"][0].astype(np.int64)),
-            "labels": torch.from_numpy(rows["labels"][0].astype(np.int64)),
-            "position_ids": torch.from_numpy(rows["position_ids"][0].astype(np.int64)),
-        }
+        rows = self.split.rows([int(self.order[i])])  # int64 arrays
+        item = {name: torch.from_numpy(rows[name][0]) for name in ("input_ids", "labels", "position_ids")}
         if self.segment_mask:
             allowed = segment_allowed(torch.from_numpy(rows["segment_ids"]))[0]
             blocked = torch.full(allowed.shape, torch.finfo(self.dtype).min, dtype=self.dtype)
@@ -527,7 +520,8 @@ def train(ctx: StageContext) -> StageOutcome:
             "final_checkpoint": final.path.name if final else None,
             "restored_on_resume": sorted(set(plan.restored)),
             "not_restored_on_resume": NOT_RESTORED if resume else [],
-            "non_pad_token_fraction": _non_pad_fraction(split),
+            # As the tokenize stage measured it: padded rows (flash attention) carry far fewer real tokens.
+            "non_pad_token_fraction": ctx.upstream["tokenize"]["figures"]["train"]["non_pad_fraction"],
             "optimum_neuron": effective_settings(args, model),
         },
         layout={"tp": cfg.neuron.tp, "pp": cfg.neuron.pp, "dp": dp_size, "global_batch": plan.global_batch},
@@ -552,11 +546,6 @@ def effective_settings(args: Any, model: Any) -> dict[str, Any]:
         "save_steps": args.save_steps,
         "logging_steps": args.logging_steps,
     }
-
-
-def _non_pad_fraction(split: TokenizedSplit) -> float:
-    rows = split.rows(list(range(len(split))))
-    return round(float((rows["segment_ids"] != 0).mean()), 4)
 
 
 def precompile(cfg: RunConfig, log: Callable[[str], None]) -> None:
