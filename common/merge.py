@@ -28,26 +28,29 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
+from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, read_adapter_config
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
-from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
+from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present, resolve_model_dir
 from trnft.common.io.tensor_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX,
     Array,
     PlannedTensor,
     SafetensorsFile,
+    SafetensorsModel,
     from_f32,
+    open_safetensors_model,
     parse_size,
     row_blocks,
     to_f32,
     write_sharded_model,
 )
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.rundir import into_new_folder
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 
@@ -145,12 +148,10 @@ def _saved_module_key(key: str, saved_modules: list[str]) -> dict[str, str] | No
     return {"module": m["module"], "part": "modules_to_save", "param": m["param"]}
 
 
-def read_adapter(adapter_dir: Path) -> Adapter:
+def read_adapter(adapter_dir: Path, log: Callable[[str], None] | None = None) -> Adapter:
     """Parse and check an adapter folder; every tensor must bind to a module role exactly once."""
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
-    if not config_path.is_file():
-        raise TrnftError(f"{config_path}: missing; the merge takes r, alpha and targets from it")
-    config = json.loads(config_path.read_text())
+    config = read_adapter_config(adapter_dir, log)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise TrnftError(
@@ -213,63 +214,6 @@ def _targets(config: dict[str, Any]) -> set[str] | None:
 # The base model
 
 
-@dataclass
-class BaseModel:
-    folder: Path
-    files: list[SafetensorsFile]
-    where: dict[str, SafetensorsFile]  # tensor name -> file
-
-    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
-        return self.where[name].info(name)
-
-
-def open_base(folder: Path) -> BaseModel:
-    if (folder / INDEX).is_file():
-        index = json.loads((folder / INDEX).read_text())
-        names = sorted(set(index["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        names = ["model.safetensors"]
-    elif list(folder.glob("*.bin")):
-        raise TrnftError(
-            f"{folder}: the base model has only .bin weights; the merge streams safetensors (save it with safe_serialization)"
-        )
-    else:
-        raise TrnftError(f"{folder}: no model.safetensors or {INDEX}")
-    files = []
-    where: dict[str, SafetensorsFile] = {}
-    for name in names:
-        if not (folder / name).is_file():
-            raise TrnftError(f"{folder / name}: listed in the index but missing")
-        f = SafetensorsFile(folder / name)
-        files.append(f)
-        for key in f.names():
-            where[key] = f
-    return BaseModel(folder, files, where)
-
-
-def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
-    """A local folder with the model files: the path itself, or the hub snapshot (cached or downloaded)."""
-    p = Path(name_or_path)
-    if p.is_dir():
-        return p
-    if name_or_path.startswith((".", "/", "~")):
-        raise TrnftError(f"model.name_or_path: {name_or_path} is not a folder")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(
-                name_or_path,
-                revision=revision,
-                allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"],
-            )
-        )
-    except Exception as exc:
-        raise TrnftError(
-            f"model.name_or_path: cannot get {name_or_path!r} from the hub or its cache ({exc})"
-        ) from None
-
-
 # --------------------------------------------------------------------------------------------------
 # Planning the merged tensors
 
@@ -285,7 +229,7 @@ class Binding:
     fan_in_fan_out: bool = False
 
 
-def bind(adapter: Adapter, base: BaseModel) -> dict[str, Binding]:
+def bind(adapter: Adapter, base: SafetensorsModel) -> dict[str, Binding]:
     """Base tensor name -> how it changes; every adapter tensor binds to exactly one base tensor."""
     config = adapter.config
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
@@ -431,7 +375,7 @@ class MergeReport:
     bytes: int = 0
 
 
-def plan_merge(adapter: Adapter, base: BaseModel, report: MergeReport) -> list[PlannedTensor]:
+def plan_merge(adapter: Adapter, base: SafetensorsModel, report: MergeReport) -> list[PlannedTensor]:
     """Every output tensor, base order and dtype; merged ones computed in row blocks when written."""
     bindings = bind(adapter, base)
     planned = []
@@ -497,8 +441,8 @@ def merge(
 ) -> MergeReport:
     """Merge into ``out`` (an empty folder). Raises TrnftError on any mismatch; ``out`` is then partial,
     so callers write into a staging folder."""
-    adapter = read_adapter(adapter_dir)
-    base = open_base(base_dir)
+    adapter = read_adapter(adapter_dir, log)
+    base = open_safetensors_model(base_dir)
     report = MergeReport()
     planned = plan_merge(adapter, base, report)
     write_sharded_model(out, planned, max_shard_size)
@@ -544,6 +488,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+@dataclass(frozen=True)
+class MergeFigures(Figures):
+    KIND: ClassVar[str] = "merge"
+
+    mode: str  # lora (merged into the base) | full (the consolidated model as is)
+    tensors: int | None  # written tensors (not counted for full fine-tuning: the files are linked)
+    merged: dict[str, int]  # binding kind -> tensors
+    bytes: int
+    max_relative_change: float  # the largest ||merged - base|| / ||base|| of a merged tensor
+
+    def summary(self) -> str:
+        if self.mode == "full":
+            return "full fine-tuning: the consolidated model, no adapter to merge"
+        return f"{sum(self.merged.values())} tensors merged of {self.tensors}, {self.bytes / 1e6:.1f} MB"
+
+
 def _body(ctx: StageContext) -> StageOutcome:
     cfg = ctx.cfg
     consolidated = ctx.upstream_dir("consolidate")
@@ -556,9 +516,9 @@ def _body(ctx: StageContext) -> StageOutcome:
                 _link_or_copy(p, ctx.out_dir / p.name)
         copy_present(MODEL_CONFIG_FILES, [base_dir], ctx.out_dir)
         copy_present(TOKENIZER_FILES, [tokenizer_dir], ctx.out_dir, overwrite=True)
-        return StageOutcome(
-            summary="full fine-tuning: the consolidated model, no adapter to merge", figures={"mode": "full"}
-        )
+        files = [p for p in ctx.out_dir.iterdir() if p.name.endswith(".safetensors")]
+        figures = MergeFigures("full", None, {}, sum(p.stat().st_size for p in files), 0.0)
+        return StageOutcome(summary=figures.summary(), figures=figures)
     report = merge(
         base_dir,
         consolidated,
@@ -567,14 +527,10 @@ def _body(ctx: StageContext) -> StageOutcome:
         tokenizer_dir=tokenizer_dir,
         log=ctx.log,
     )
+    figures = MergeFigures("lora", report.tensors, report.merged, report.bytes, report.max_relative_change)
     return StageOutcome(
-        summary=f"{sum(report.merged.values())} tensors merged of {report.tensors}, {report.bytes / 1e6:.1f} MB",
-        figures={
-            "tensors": report.tensors,
-            "merged": report.merged,
-            "bytes": report.bytes,
-            "max_relative_change": report.max_relative_change,
-        },
+        summary=figures.summary(),
+        figures=figures,
         inputs=[
             {"name": "base_model", "path": str(base_dir)},
             {"name": "adapter", "path": str(consolidated)},

@@ -31,12 +31,13 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from trnft.common.config.run_config import DatasetSection, RunConfig, stable_hash
 from trnft.common.errors import TrnftError
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.hashing import tree_digest
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.training.data import ARRAYS, IGNORE_INDEX, SPLIT_DIRS, TEXT_FILES, TOKENIZER_DIR
@@ -95,7 +96,7 @@ def load_source(d: DatasetSection) -> Any:
         ds = load()
     except Exception as exc:  # datasets raises many types; the user needs the reason in one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrnftError(f"{what}: cannot load ({type(exc).__name__}: {reason})") from None
+        raise TrnftError(f"{what}: cannot load ({type(exc).__name__}: {reason})") from exc
     if d.max_samples is not None and len(ds) > d.max_samples:
         ds = ds.select(range(d.max_samples))
     if len(ds) == 0:
@@ -121,7 +122,7 @@ def _load_converter(spec: str) -> Callable[[dict[str, Any]], Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise TrnftError(f"dataset.converter: cannot import {module_name!r} ({exc})") from None
+        raise TrnftError(f"dataset.converter: cannot import {module_name!r} ({exc})") from exc
     func = getattr(module, func_name, None)
     if not callable(func):
         raise TrnftError(f"dataset.converter: {module_name!r} has no function {func_name!r}")
@@ -232,7 +233,7 @@ def _load_tokenizer(source: str, cfg: RunConfig) -> Any:
         raise TrnftError(
             f"{key}: cannot load a tokenizer from {source!r} ({reason}); point it at a folder or hub id with "
             "tokenizer files"
-        ) from None
+        ) from exc
     if not getattr(tok, "is_fast", False):
         raise TrnftError(f"{key}: {source!r} has no fast tokenizer (tokenizer.json); trnft needs one")
     if tok.eos_token_id is None:
@@ -252,8 +253,18 @@ def _model_vocab_size(cfg: RunConfig) -> int | None:
     return getattr(config, "vocab_size", None)
 
 
-def ensure_pad_token(tok: Any, cfg: RunConfig) -> dict[str, Any]:
-    """Give ``tok`` a pad token distinct from EOS; return what was done (recorded in the manifest).
+@dataclass(frozen=True)
+class PadChoice:
+    """The pad token the stage chose and why (recorded in the manifest)."""
+
+    pad_token: str
+    pad_token_id: int
+    how: str  # dataset.pad_token | tokenizer | existing pad-like token | reserved special token | unk token | added
+    original_pad_token: str | None
+
+
+def ensure_pad_token(tok: Any, cfg: RunConfig) -> PadChoice:
+    """Give ``tok`` a pad token distinct from EOS; return what was done.
 
     Order: ``dataset.pad_token`` if set; the tokenizer's own pad if it differs from EOS; a known pad-like
     token already in the vocabulary; a reserved special token; UNK; else a new ``<|pad|>`` token, which
@@ -263,14 +274,9 @@ def ensure_pad_token(tok: Any, cfg: RunConfig) -> dict[str, Any]:
     eos = tok.eos_token_id
     original = tok.pad_token
 
-    def use(token: str, how: str) -> dict[str, Any]:
+    def use(token: str, how: str) -> PadChoice:
         tok.pad_token = token
-        return {
-            "pad_token": token,
-            "pad_token_id": tok.pad_token_id,
-            "how": how,
-            "original_pad_token": original,
-        }
+        return PadChoice(token, tok.pad_token_id, how, original)
 
     if cfg.dataset.pad_token is not None:
         if cfg.dataset.pad_token not in vocab:
@@ -281,12 +287,7 @@ def ensure_pad_token(tok: Any, cfg: RunConfig) -> dict[str, Any]:
             raise TrnftError(f"dataset.pad_token: {cfg.dataset.pad_token!r} is the EOS token; choose another")
         return use(cfg.dataset.pad_token, "dataset.pad_token")
     if tok.pad_token_id is not None and tok.pad_token_id != eos:
-        return {
-            "pad_token": tok.pad_token,
-            "pad_token_id": tok.pad_token_id,
-            "how": "tokenizer",
-            "original_pad_token": original,
-        }
+        return PadChoice(tok.pad_token, tok.pad_token_id, "tokenizer", original)
     for token in PAD_CANDIDATES:
         if token in vocab and vocab[token] != eos:
             return use(token, "existing pad-like token")
@@ -303,12 +304,7 @@ def ensure_pad_token(tok: Any, cfg: RunConfig) -> dict[str, Any]:
             f"{tok.pad_token_id}) does not fit the model's vocab_size {limit}; set dataset.pad_token to an "
             "existing token"
         )
-    return {
-        "pad_token": ADDED_PAD,
-        "pad_token_id": tok.pad_token_id,
-        "how": "added",
-        "original_pad_token": original,
-    }
+    return PadChoice(ADDED_PAD, tok.pad_token_id, "added", original)
 
 
 # A worker process's own tokenizer, loaded once by the pool initializer (never set in the main process).
@@ -468,18 +464,79 @@ def to_arrays(
     return arrays
 
 
-def length_histogram(
-    lengths: Sequence[int], max_len: int, bins: int = HISTOGRAM_BINS
-) -> list[dict[str, int]]:
+@dataclass(frozen=True)
+class LengthBin:
+    """Samples whose token count lies in ``[shortest, longest]``."""
+
+    shortest: int
+    longest: int
+    count: int
+
+
+def length_histogram(lengths: Sequence[int], max_len: int, bins: int = HISTOGRAM_BINS) -> list[LengthBin]:
     edges = np.linspace(0, max_len, bins + 1).astype(int)
     counts, _ = np.histogram(np.asarray(lengths), bins=edges)
-    return [
-        {"from": int(edges[k]) + 1, "to": int(edges[k + 1]), "count": int(counts[k])} for k in range(bins)
-    ]
+    return [LengthBin(int(edges[k]) + 1, int(edges[k + 1]), int(counts[k])) for k in range(bins)]
 
 
 # --------------------------------------------------------------------------------------------------
-# The stage body
+# Figures
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    loaded: int
+    formatted: int
+    dropped_empty_output: int
+    dropped_converter: int
+
+
+@dataclass(frozen=True)
+class SplitFigures:
+    """One tokenized split: what was kept, truncated or dropped, and how full its sequences are."""
+
+    samples: int
+    kept: int
+    truncated_prompt: int
+    truncated_response: int
+    dropped_no_supervised: int
+    fit_whole: int
+    sequences: int
+    tokenize_workers: int
+    tokens: int
+    non_pad_tokens: int
+    supervised_tokens: int
+    non_pad_fraction: float
+    non_pad_fraction_if_padded: float  # what padding every sample would have kept (the packing gain)
+    length_histogram: list[LengthBin]
+
+
+@dataclass(frozen=True)
+class TokenizeFigures(Figures):
+    KIND: ClassVar[str] = "tokenize"
+
+    tokenizer_digest: str
+    template_digest: str
+    max_seq_length: int
+    mode: str  # packed | padded
+    partial_batches: str
+    pad_token: PadChoice
+    rows: RowCounts
+    split_rows: dict[str, int]
+    train: SplitFigures
+    validation: SplitFigures | None
+
+    def summary(self) -> str:
+        t = self.train
+        return (
+            f"train {t.kept} samples -> {t.sequences} x {self.max_seq_length} tokens "
+            f"({self.mode}, {100 * t.non_pad_fraction:.1f}% non-pad); "
+            f"validation {self.split_rows['validation']}, test {self.split_rows['test']} rows"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage body: set up the tokenizer, write the text splits, tokenize train/validation, report
 
 
 def _write_split(out: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
@@ -489,102 +546,116 @@ def _write_split(out: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
         np.save(folder / f"{key}.npy", arrays[key])
 
 
-def _body(ctx: StageContext) -> StageOutcome:
-    cfg, out, d = ctx.cfg, ctx.out_dir, ctx.cfg.dataset
-    source = cfg.model.tokenizer or cfg.model.name_or_path
-    tok = _load_tokenizer(source, cfg)
-    pad = ensure_pad_token(tok, cfg)
-    ctx.log(
-        f"tokenize: tokenizer {source} (pad {pad['pad_token']!r} via {pad['how']}, eos {tok.eos_token!r})"
-    )
+def _setup_tokenizer(ctx: StageContext) -> tuple[Any, PadChoice, str]:
+    """The tokenizer with a pad token distinct from EOS, and where it came from."""
+    source = ctx.cfg.model.tokenizer or ctx.cfg.model.name_or_path
+    tok = _load_tokenizer(source, ctx.cfg)
+    pad = ensure_pad_token(tok, ctx.cfg)
+    ctx.log(f"tokenize: tokenizer {source} (pad {pad.pad_token!r} via {pad.how}, eos {tok.eos_token!r})")
+    return tok, pad, source
 
-    ds = load_source(d)
-    pairs, fmt = format_rows(ds, d)
+
+def _text_splits(ctx: StageContext) -> tuple[dict[str, list[tuple[str, str]]], FormatStats]:
+    """Load, format and split the rows; write them as JSONL for inspection and evaluation."""
+    d = ctx.cfg.dataset
+    pairs, fmt = format_rows(load_source(d), d)
     splits = split_rows(pairs, d)
     for name in SPLITS:
-        write_jsonl(out / TEXT_FILES[name], splits[name])
+        write_jsonl(ctx.out_dir / TEXT_FILES[name], splits[name])
     ctx.log(
         f"tokenize: {fmt.rows} rows, {fmt.formatted} formatted "
         f"({fmt.dropped_empty_output} empty outputs, {fmt.dropped_converter} converter failures dropped); "
         + ", ".join(f"{n} {len(splits[n])}" for n in SPLITS)
     )
+    return splits, fmt
 
-    tok_dir = out / TOKENIZER_DIR
-    tok.save_pretrained(tok_dir)
+
+def _tokenize_split(
+    out: Path, name: str, pairs: Sequence[tuple[str, str]], tok: Any, tok_dir: Path, d: DatasetSection
+) -> SplitFigures:
+    """Encode, mask, truncate and pack one split into ``out``; its figures."""
     max_len = d.max_seq_length
-    figures: dict[str, Any] = {
-        "tokenizer_digest": tree_digest(tok_dir),
-        "template_digest": stable_hash(
-            {
-                "input_template": d.input_template,
-                "output_template": d.output_template,
-                "field_mapping": d.field_mapping,
-                "converter": d.converter,
-            }
-        ),
-        "max_seq_length": max_len,
-        "mode": "packed" if d.packing else "padded",
-        "partial_batches": "never: the trainers fill the last batch of an epoch from the next epoch",
-        "pad_token": pad,
-        "rows": {
-            "loaded": fmt.rows,
-            "formatted": fmt.formatted,
-            "dropped_empty_output": fmt.dropped_empty_output,
-            "dropped_converter": fmt.dropped_converter,
-        },
-        "split_rows": {n: len(splits[n]) for n in SPLITS},
-    }
-    for name in ("train", "validation"):
-        if not splits[name]:
-            continue
-        encoded = encode_pairs(splits[name], tok_dir, d.num_proc)
-        samples, stats = build_samples(encoded.ids, max_len, tok.eos_token_id, tok.bos_token_id)
-        if not samples or stats.fit_whole == 0:
-            raise TrnftError(
-                f"dataset.max_seq_length: {max_len} tokens cannot hold any {name} sample whole (the shortest "
-                f"needs {stats.shortest_needed}); raise dataset.max_seq_length"
-            )
-        arrays = to_arrays(samples, max_len, tok.pad_token_id, d.packing)
-        _write_split(out, name, arrays)
-        non_pad = int((arrays["segment_ids"] != 0).sum())
-        total = int(arrays["input_ids"].size)
-        figures[name] = {
-            "samples": stats.samples,
-            "kept": stats.kept,
-            "truncated_prompt": stats.truncated_prompt,
-            "truncated_response": stats.truncated_response,
-            "dropped_no_supervised": stats.dropped_no_supervised,
-            "fit_whole": stats.fit_whole,
-            "sequences": int(arrays["input_ids"].shape[0]),
-            "tokenize_workers": encoded.workers,
-            "tokens": total,
-            "non_pad_tokens": non_pad,
-            "supervised_tokens": int((arrays["labels"] != IGNORE_INDEX).sum()),
-            "non_pad_fraction": round(non_pad / total, 5),
-            "non_pad_fraction_if_padded": round(sum(stats.lengths) / (len(stats.lengths) * max_len), 5),
-            "length_histogram": length_histogram(stats.lengths, max_len),
-        }
+    encoded = encode_pairs(pairs, tok_dir, d.num_proc)
+    samples, stats = build_samples(encoded.ids, max_len, tok.eos_token_id, tok.bos_token_id)
+    if not samples or stats.fit_whole == 0:
+        raise TrnftError(
+            f"dataset.max_seq_length: {max_len} tokens cannot hold any {name} sample whole (the shortest "
+            f"needs {stats.shortest_needed}); raise dataset.max_seq_length"
+        )
+    arrays = to_arrays(samples, max_len, tok.pad_token_id, d.packing)
+    _write_split(out, name, arrays)
+    non_pad = int((arrays["segment_ids"] != 0).sum())
+    total = int(arrays["input_ids"].size)
+    return SplitFigures(
+        samples=stats.samples,
+        kept=stats.kept,
+        truncated_prompt=stats.truncated_prompt,
+        truncated_response=stats.truncated_response,
+        dropped_no_supervised=stats.dropped_no_supervised,
+        fit_whole=stats.fit_whole,
+        sequences=int(arrays["input_ids"].shape[0]),
+        tokenize_workers=encoded.workers,
+        tokens=total,
+        non_pad_tokens=non_pad,
+        supervised_tokens=int((arrays["labels"] != IGNORE_INDEX).sum()),
+        non_pad_fraction=round(non_pad / total, 5),
+        non_pad_fraction_if_padded=round(sum(stats.lengths) / (len(stats.lengths) * max_len), 5),
+        length_histogram=length_histogram(stats.lengths, max_len),
+    )
+
+
+def _write_info(out: Path, tok: Any, d: DatasetSection, figures: TokenizeFigures) -> None:
+    """``tokenize_info.json``: the token ids and templates the trainers and evaluate read."""
     info = {
-        "max_seq_length": max_len,
-        "mode": figures["mode"],
+        "max_seq_length": d.max_seq_length,
+        "mode": figures.mode,
         "pad_token_id": tok.pad_token_id,
         "eos_token_id": tok.eos_token_id,
         "bos_token_id": tok.bos_token_id,
         "vocab_size": len(tok),
         "input_template": d.input_template,
         "output_template": d.output_template,
-        "splits": {n: figures[n]["sequences"] for n in ("train", "validation") if n in figures},
+        "splits": {
+            name: split.sequences
+            for name, split in (("train", figures.train), ("validation", figures.validation))
+            if split is not None
+        },
     }
     (out / "tokenize_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    train = figures["train"]
-    summary = (
-        f"train {train['kept']} samples -> {train['sequences']} x {max_len} tokens "
-        f"({figures['mode']}, {100 * train['non_pad_fraction']:.1f}% non-pad); "
-        f"validation {len(splits['validation'])}, test {len(splits['test'])} rows"
+
+
+def _body(ctx: StageContext) -> StageOutcome:
+    out, d = ctx.out_dir, ctx.cfg.dataset
+    tok, pad, source = _setup_tokenizer(ctx)
+    splits, fmt = _text_splits(ctx)
+    tok_dir = out / TOKENIZER_DIR
+    tok.save_pretrained(tok_dir)
+    tokenized = {
+        name: _tokenize_split(out, name, splits[name], tok, tok_dir, d) if splits[name] else None
+        for name in ("train", "validation")
+    }
+    template = {
+        "input_template": d.input_template,
+        "output_template": d.output_template,
+        "field_mapping": d.field_mapping,
+        "converter": d.converter,
+    }
+    figures = TokenizeFigures(
+        tokenizer_digest=tree_digest(tok_dir),
+        template_digest=stable_hash(template),
+        max_seq_length=d.max_seq_length,
+        mode="packed" if d.packing else "padded",
+        partial_batches="never: the trainers fill the last batch of an epoch from the next epoch",
+        pad_token=pad,
+        rows=RowCounts(fmt.rows, fmt.formatted, fmt.dropped_empty_output, fmt.dropped_converter),
+        split_rows={n: len(splits[n]) for n in SPLITS},
+        train=tokenized["train"],
+        validation=tokenized["validation"],
     )
+    _write_info(out, tok, d, figures)
     return StageOutcome(
-        summary=summary,
+        summary=figures.summary(),
         figures=figures,
         inputs=[{"name": "tokenizer_source", "path": source}],
-        layout={"max_seq_length": max_len, "mode": figures["mode"]},
+        layout={"max_seq_length": d.max_seq_length, "mode": figures.mode},
     )

@@ -1,8 +1,9 @@
 """Compile stage on the Neuron path: fill the compile cache with exactly the graphs training will run.
 
-Trainium: ``neuron_parallel_compile`` around the very command and environment of the train stage
-(:func:`trnft.common.launch.torchrun_argv`); the train stage sees the precompilation environment and
-runs ``train.compile_steps`` steps instead of ``train.max_steps``. Both use the cache in
+Trainium: ``neuron_parallel_compile`` around torchrun with the train job's layout and environment
+(:func:`trnft.common.cluster.launch.torchrun_argv`), running the trial run of
+:mod:`trnft.neuron.precompile`: the train stage's model, optimizer and data for ``train.compile_steps``
+steps. Both use the cache in
 ``NEURON_CC_FLAGS=--cache_dir=<neuron.cache_dir>`` (absolute, no '.'). In a multi-node PyTorchJob every pod
 runs ``trnft compile``: each node traces its graphs into the shared cache, and only the Master (``RANK`` 0)
 writes the stage output.
@@ -22,12 +23,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from trnft.common.cluster.instances import instance, training_layout
 from trnft.common.cluster.launch import torchrun_argv
 from trnft.common.config.run_config import RunConfig, dump_config
 from trnft.common.errors import TrnftError, UpstreamError
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.rundir import RunDir
 from trnft.common.pipeline.stages import (
     SPECS,
@@ -38,7 +42,7 @@ from trnft.common.pipeline.stages import (
     run_stage,
 )
 from trnft.common.training.data import TokenizeOutput
-from trnft.neuron import launch
+from trnft.neuron import launch, precompile
 from trnft.neuron.backend import device, preflight_or_fail
 from trnft.neuron.train import cpu_cache_dir
 
@@ -67,6 +71,31 @@ def _cache_files(path: Path) -> int:
     return sum(1 for _ in path.rglob("*") if _.is_file()) if path.is_dir() else 0
 
 
+@dataclass(frozen=True)
+class XlaCompileFigures(Figures):
+    KIND: ClassVar[str] = "compile/cpu-xla"
+
+    graphs_compiled: int
+    compiles_per_step: list[int]
+    seconds: float
+    cache_path: str
+    cache_files_written: int
+    persistent_cache: dict[str, int]
+    cache_reusable_across_processes: bool
+    note: str
+
+
+@dataclass(frozen=True)
+class TrainiumCompileFigures(Figures):
+    KIND: ClassVar[str] = "compile/trainium"
+
+    neff_files: int
+    cache_files_written: int
+    seconds: float
+    cache_path: str
+    command: list[str]
+
+
 def compile_cpu(ctx: StageContext) -> StageOutcome:
     from trnft.neuron.xla_trainer import XlaTrainer, compile_count, persistent_cache_counters
 
@@ -89,17 +118,16 @@ def compile_cpu(ctx: StageContext) -> StageOutcome:
             f"compile: graphs were compiled after the first step ({per_step}); training would recompile every step"
         )
     log(f"compile: {graphs} graph(s) in {cfg.train.compile_steps} steps ({per_step}), cache {cache}")
-    figures = {
-        "backend": "cpu-xla",
-        "graphs_compiled": graphs,
-        "compiles_per_step": per_step,
-        "seconds": round(seconds, 2),
-        "cache_path": str(cache),
-        "cache_files_written": _cache_files(cache) - files_before,
-        "persistent_cache": persistent_cache_counters(),
-        "cache_reusable_across_processes": False,
-        "note": "torch-xla's CPU client cannot deserialize cached executables; train compiles at its first step",
-    }
+    figures = XlaCompileFigures(
+        graphs_compiled=graphs,
+        compiles_per_step=per_step,
+        seconds=round(seconds, 2),
+        cache_path=str(cache),
+        cache_files_written=_cache_files(cache) - files_before,
+        persistent_cache=persistent_cache_counters(),
+        cache_reusable_across_processes=False,
+        note="torch-xla's CPU client cannot deserialize cached executables; train compiles at its first step",
+    )
     return StageOutcome(
         summary=f"{graphs} graphs, none after step 1, {seconds:.1f}s (cpu-xla, cache {cache})",
         figures=figures,
@@ -114,7 +142,13 @@ def parallel_compile_command(cfg: RunConfig, config_path: str) -> tuple[list[str
     rdzv_id = os.environ.get("TRNFT_JOB_NAME", f"{cfg.run.name}-compile")
     argv = [
         "neuron_parallel_compile",
-        *torchrun_argv(layout, rdzv_endpoint=endpoint, rdzv_id=rdzv_id, config_path=config_path),
+        *torchrun_argv(
+            layout,
+            rdzv_endpoint=endpoint,
+            rdzv_id=rdzv_id,
+            config_path=config_path,
+            entry=(precompile.MODULE,),
+        ),
     ]
     if cfg.neuron.parallel_compile_workers:
         argv.insert(1, f"--num_parallel={cfg.neuron.parallel_compile_workers}")
@@ -137,11 +171,11 @@ def _run_parallel_compile(cfg: RunConfig, log: Callable[[str], None]) -> tuple[l
         t0 = time.perf_counter()
         try:
             code = subprocess.call(argv, env=env)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             raise TrnftError(
                 "compile: neuron_parallel_compile is not on PATH; run the compile stage in the Neuron image "
                 "(containers/Dockerfile.neuron)"
-            ) from None
+            ) from exc
         seconds = time.perf_counter() - t0
     if code != 0:
         raise TrnftError(f"compile: neuron_parallel_compile exited with {code}; see its log above")
@@ -173,13 +207,12 @@ def compile_trainium(ctx: StageContext) -> StageOutcome:
     neffs = sum(1 for _ in cache.rglob("*.neff")) if cache.is_dir() else 0
     return StageOutcome(
         summary=f"{neffs} NEFFs in {cache}, {seconds:.0f}s",
-        figures={
-            "backend": "trainium",
-            "neff_files": neffs,
-            "cache_files_written": _cache_files(cache) - before,
-            "seconds": round(seconds, 1),
-            "cache_path": str(cache),
-            "command": argv,
-        },
+        figures=TrainiumCompileFigures(
+            neff_files=neffs,
+            cache_files_written=_cache_files(cache) - before,
+            seconds=round(seconds, 1),
+            cache_path=str(cache),
+            command=argv,
+        ),
         layout={"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world": layout.world},
     )

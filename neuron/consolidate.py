@@ -24,11 +24,16 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, module_of
+from trnft.common.config.adapter_config import (
+    ADAPTER_CONFIG_FILE,
+    LoraSettings,
+    module_of,
+    read_adapter_config,
+)
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
@@ -44,6 +49,7 @@ from trnft.common.io.tensor_io import (
     write_sharded_model,
 )
 from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.rundir import into_new_folder
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.neuron import nxd_format
@@ -79,15 +85,6 @@ class Source:
         return "" if self.adapter_name in (None, "default") else self.adapter_name
 
 
-def _read_adapter_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise TrnftError(f"{path}: missing; the adapter's LoRA settings come from it")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TrnftError(f"{path}: not valid JSON ({exc})") from None
-
-
 def _sources_in_checkpoint(ckpt: Path) -> list[Source]:
     sources = []
     for adapter_dir in sorted(p for p in ckpt.glob("adapter_*") if (p / "adapter_shards").is_dir()):
@@ -98,7 +95,7 @@ def _sources_in_checkpoint(ckpt: Path) -> list[Source]:
                 open_shard_set(adapter_dir / "adapter_shards"),
                 ckpt,
                 name,
-                _read_adapter_config(adapter_dir / ADAPTER_CONFIG_FILE),
+                read_adapter_config(adapter_dir),
                 ckpt,
             )
         )
@@ -109,7 +106,7 @@ def _sources_in_checkpoint(ckpt: Path) -> list[Source]:
                 open_shard_set(ckpt / "adapter_shards"),
                 ckpt,
                 "default",
-                _read_adapter_config(ckpt / ADAPTER_CONFIG_FILE),
+                read_adapter_config(ckpt),
                 ckpt,
             )
         )
@@ -145,7 +142,7 @@ def resolve(path: str | Path, log: Callable[[str], None] = print) -> tuple[list[
                     open_shard_set(p),
                     adapter_dir.parent,
                     name,
-                    _read_adapter_config(adapter_dir / ADAPTER_CONFIG_FILE),
+                    read_adapter_config(adapter_dir),
                     adapter_dir.parent,
                 )
             ], p
@@ -155,7 +152,7 @@ def resolve(path: str | Path, log: Callable[[str], None] = print) -> tuple[list[
                 open_shard_set(p),
                 p.parent,
                 "default",
-                _read_adapter_config(p.parent / ADAPTER_CONFIG_FILE),
+                read_adapter_config(p.parent),
                 p.parent,
             )
         ], p
@@ -731,7 +728,7 @@ def _release_after(planned: PlannedTensor, shards: ShardSet) -> PlannedTensor:
 
 def consolidate_source(
     source: Source, out: Path, *, max_shard_size: int, model_dir: Path | None, log: Callable[[str], None]
-) -> dict[str, Any]:
+) -> SourceFigures:
     """Plan, verify and write one source into ``out`` (which exists and is empty)."""
     dims = model_dims_from(source.files_dir) or model_dims_from(model_dir)
     planner = Planner(source, tie_word_embeddings=dims.tie_word_embeddings if dims else None)
@@ -760,18 +757,49 @@ def consolidate_source(
         f"from TP={source.shards.tp_size} x PP={source.shards.pp_size} {source.shards.era.upper()} "
         f"{source.shards.encoding} shards".replace("  ", " ")
     )
-    return {
-        "kind": source.kind,
-        "adapter": source.adapter_name,
-        "tensors": len(outputs),
-        "bytes": total,
-        "tp": source.shards.tp_size,
-        "pp": source.shards.pp_size,
-        "era": source.shards.era,
-        "encoding": source.shards.encoding,
-        "copied_files": copied,
-        "notes": plan.notes,
-    }
+    return SourceFigures(
+        kind=source.kind,
+        adapter=source.adapter_name,
+        tensors=len(outputs),
+        bytes=total,
+        tp=source.shards.tp_size,
+        pp=source.shards.pp_size,
+        era=source.shards.era,
+        encoding=source.shards.encoding,
+        copied_files=copied,
+        notes=plan.notes,
+    )
+
+
+@dataclass(frozen=True)
+class SourceFigures:
+    """One consolidated model or adapter: what it holds and which NxD layout it came from."""
+
+    kind: str  # model | adapter
+    adapter: str | None
+    tensors: int
+    bytes: int
+    tp: int
+    pp: int
+    era: str  # old | new (optimum-neuron's two layouts)
+    encoding: str  # plain | xser
+    copied_files: list[str]
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class NeuronConsolidateFigures(Figures):
+    KIND: ClassVar[str] = "consolidate/neuron"
+
+    checkpoint: str
+    sources: list[SourceFigures]
+
+    def summary(self) -> str:
+        first = self.sources[0]
+        return (
+            f"{first.kind} from {self.checkpoint}: {first.tensors} tensors, {first.bytes / 1e6:.1f} MB "
+            f"(TP={first.tp}, {first.era.upper()} {first.encoding})"
+        )
 
 
 def _natural(name: str) -> list[Any]:
@@ -805,7 +833,7 @@ def consolidate_into(
     max_shard_size: int,
     model_dir: Path | None,
     log: Callable[[str], None],
-) -> list[dict[str, Any]]:
+) -> list[SourceFigures]:
     results = []
     for source in sources:
         target = out / source.output_subdir if source.output_subdir else out
@@ -842,14 +870,10 @@ def _body(ctx: StageContext) -> StageOutcome:
         sources, ctx.out_dir, max_shard_size=DEFAULT_MAX_SHARD_BYTES, model_dir=model_dir, log=ctx.log
     )
     copy_present(TOKENIZER_FILES, [ctx.rundir.stage_dir("tokenize") / "tokenizer"], ctx.out_dir)
-    first = results[0]
-    summary = (
-        f"{first['kind']} from {checkpoint.name}: {first['tensors']} tensors, {first['bytes'] / 1e6:.1f} MB "
-        f"(TP={first['tp']}, {first['era'].upper()} {first['encoding']})"
-    )
+    figures = NeuronConsolidateFigures(checkpoint.name, results)
     return StageOutcome(
-        summary=summary,
-        figures={"checkpoint": checkpoint.name, "sources": results},
+        summary=figures.summary(),
+        figures=figures,
         inputs=[{"name": "checkpoint", "path": str(checkpoint)}],
-        layout={"tp": first["tp"], "pp": first["pp"]},
+        layout={"tp": results[0].tp, "pp": results[0].pp},
     )

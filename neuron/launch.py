@@ -1,9 +1,9 @@
 """The Neuron environment of the compile and train processes: compiler flags, the shared compile cache.
 
-The torchrun command itself is platform-neutral (:func:`trnft.common.launch.torchrun_argv`); the compile
-stage wraps the very same command in ``neuron_parallel_compile`` with this environment (the train stage
-notices the precompilation environment and runs ``train.compile_steps`` steps instead of
-``train.max_steps``), so the compile cache is filled with exactly the graphs training will ask for.
+The torchrun command itself is platform-neutral (:func:`trnft.common.cluster.launch.torchrun_argv`); the
+compile stage wraps the same torchrun layout in ``neuron_parallel_compile`` with this environment, running
+the train stage's first ``train.compile_steps`` steps (:mod:`trnft.neuron.precompile`), so the compile
+cache is filled with exactly the graphs training will ask for.
 """
 
 from __future__ import annotations

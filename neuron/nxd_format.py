@@ -167,7 +167,7 @@ class ShardFile:
             except TrnftError:
                 raise
             except Exception as exc:  # corrupt or truncated file: say which one
-                raise TrnftError(f"{self.path}: cannot read shard ({type(exc).__name__}: {exc})") from None
+                raise TrnftError(f"{self.path}: cannot read shard ({type(exc).__name__}: {exc})") from exc
             if not isinstance(entries, dict):
                 raise TrnftError(f"{self.path}: holds a {type(entries).__name__}, not a state dict")
             self._entries = dict(entries)

@@ -26,13 +26,15 @@ from typing import Any, Literal
 import numpy as np
 
 from trnft.common.errors import ConfigError
+from trnft.common.training.tensor_parallel import COLUMN_PROJECTIONS, DECODER_SPLITS, ROW_PROJECTIONS
 
 # This module is imported by the consolidator, which must stay free of torch (its import alone costs
 # about half a gigabyte of RSS); the writer functions below import torch where they use it.
 
 PEFT_PREFIX = "base_model.model."
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-ROW_PARALLEL = ("o_proj", "down_proj")
+# NxD parallelizes the decoder projections as every Megatron-style layout does, and lm_head column-wise.
+COLUMN_PARALLEL = (*COLUMN_PROJECTIONS, "lm_head")
+ROW_PARALLEL = ROW_PROJECTIONS
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 # Fused projection -> the Hugging Face projections it replaces, in row order.
@@ -276,11 +278,11 @@ def _kind(proj: str) -> str | None:
 
 # THE partition table (NEURON_FORMAT.md §2.3, §2.5): for each NxD layer kind, the dimension each of its
 # tensors is split on over tensor-parallel ranks, None where every rank holds the whole tensor. A tensor is
-# named by its LoRA part, or by weight/bias for the base layer. The CPU-XLA trainer's sharding, the
+# named by its LoRA part, or by weight/bias for the base layer. The decoder projections split as the GPU
+# path splits them (common/training/tensor_parallel.py); NxD adds its vocabulary-parallel embedding. The CPU-XLA trainer's sharding, the
 # checkpoint writer and its metadata all read it; fused layers (gate_up, qkv) and GQA add their own rules.
 PARTITION_TABLE: dict[str, dict[str, int | None]] = {
-    "column": {"weight": 0, "bias": 0, "lora_A": None, "lora_B": 0},
-    "row": {"weight": 1, "bias": None, "lora_A": 1, "lora_B": None},
+    **DECODER_SPLITS,
     "embedding": {"weight": 0, "lora_embedding_A": None, "lora_embedding_B": None},
 }
 

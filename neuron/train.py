@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import TrnftError
+from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.training.data import TokenizeOutput
 from trnft.neuron import launch
@@ -29,13 +31,13 @@ from trnft.neuron.backend import device, preflight_or_fail
 CPU_CACHE_SUBDIR = "xla_cpu"
 
 
-def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult | None:
-    """The train stage; under ``neuron_parallel_compile`` only the graphs are traced (see compile)."""
+def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
+    """The train stage (refused under ``neuron_parallel_compile``: the compile stage runs the trial run)."""
     if is_precompilation():
-        from trnft.neuron import trainium
-
-        trainium.precompile(cfg, log)
-        return None
+        raise ConfigError(
+            "train: started under neuron_parallel_compile (NEURON_EXTRACT_GRAPHS_ONLY=1), where model outputs "
+            "are not real; run `trnft compile` to fill the compile cache and `trnft train` without the wrapper"
+        )
     return run_stage(SPECS["train"], cfg, _body, force=force, log=log)
 
 
@@ -58,82 +60,131 @@ def _body(ctx: StageContext) -> StageOutcome:
     return train_cpu(ctx)
 
 
+@dataclass(frozen=True)
+class XlaTrainFigures(Figures):
+    """The CPU-XLA rehearsal's training figures."""
+
+    KIND: ClassVar[str] = "train/cpu-xla"
+
+    steps_this_run: int
+    resumed_from: str | None
+    start_step: int
+    end_step: int
+    first_loss: float | None
+    final_loss: float | None
+    losses: list[float]
+    tokens_per_second: float | None
+    xla_compiles_first_step: int
+    xla_compiles_after_first_step: int
+    persistent_cache: dict[str, int]
+    compile_stage_ran: bool
+    checkpoints_saved: list[str]
+    final_checkpoint: str
+
+    def summary(self) -> str:
+        text = f"{self.end_step} steps"
+        if self.losses:
+            text += f", loss {self.losses[0]:.3f} -> {self.losses[-1]:.3f}"
+        return text + f", {self.final_checkpoint}"
+
+
+@dataclass
+class _CpuRun:
+    """What the CPU training loop counts while it runs."""
+
+    start: int
+    compiles_at_start: int
+    compiled_with_stage: bool
+    first_step_compiles: int | None = None
+    late_compiles: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    saved: list[str] = field(default_factory=list)
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
 def train_cpu(ctx: StageContext) -> StageOutcome:
-    """Run (or resume) training on torch-xla's CPU device."""
-    from trnft.neuron.xla_trainer import XlaTrainer, compile_count, persistent_cache_counters
+    """Run (or resume) training on torch-xla's CPU device: set up, loop over the steps, report."""
+    from trnft.neuron.xla_trainer import XlaTrainer, compile_count
 
     cfg, log = ctx.cfg, ctx.log
-    train_dir = ctx.out_dir
-    cache = cpu_cache_dir(cfg)
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
-    resume = checkpoints.resume_point(train_dir, ctx.fingerprint, log)
+    resume = checkpoints.resume_point(ctx.out_dir, ctx.fingerprint, log)
     trainer = XlaTrainer(cfg, tokenized, log)
-    trainer.setup(cache_dir=cache, resume=resume)
-    start = trainer.step
+    trainer.setup(cache_dir=cpu_cache_dir(cfg), resume=resume)
     if resume is not None:
-        log(f"train: resumed from {resume.name} at step {start}")
-    compiled_with_stage = ctx.rundir.manifest("compile") is not None
-    end = cfg.train.max_steps
-    writer = _tensorboard(train_dir)
-    compiles_at_start = compile_count()
-    first_step_compiles = None
-    late_compiles = 0
-    saved: list[str] = []
-    tokens = seconds = 0
-    while trainer.step < end:
-        record = trainer.train_step()
-        if first_step_compiles is None:
-            first_step_compiles = record.compiles - compiles_at_start
-        else:
-            new = record.compiles - compiles_at_start - first_step_compiles - late_compiles
-            if new > 0:
-                late_compiles += new
-                _on_recompile(cfg, compiled_with_stage, record.step, new, log)
-            tokens += record.tokens
-            seconds += record.seconds
-        if record.step % cfg.train.logging_steps == 0 or record.step in (start + 1, end):
-            rate = tokens / seconds if seconds else 0.0
-            log(
-                f"train: step {record.step}/{cfg.train.max_steps} loss {record.loss:.4f} lr {record.lr:.2e} "
-                f"grad_norm {record.grad_norm:.3f} tokens/s {rate:,.0f} compiles {record.compiles - compiles_at_start}"
-            )
+        log(f"train: resumed from {resume.name} at step {trainer.step}")
+    run = _CpuRun(trainer.step, compile_count(), ctx.rundir.manifest("compile") is not None)
+    writer = _tensorboard(ctx.out_dir)
+    try:
+        while trainer.step < cfg.train.max_steps:
+            _cpu_step(ctx, trainer, tokenized, run, writer)
+    finally:
         if writer is not None:
-            writer.add_scalar("train/loss", record.loss, record.step)
-            writer.add_scalar("train/learning_rate", record.lr, record.step)
-            writer.add_scalar("train/grad_norm", record.grad_norm, record.step)
-            if seconds:
-                writer.add_scalar("train/tokens_per_second", tokens / seconds, record.step)
-        if record.step % cfg.train.save_steps == 0 or record.step == end:
-            path = trainer.save(train_dir, ctx.fingerprint, tokenized.tokenizer_dir)
-            saved.append(path.name)
-            checkpoints.prune(train_dir, cfg.train.keep_checkpoints, log)
-            log(f"train: saved {path.name}")
-        ctx.rundir.write_progress(
-            "train", {"summary": f"step {trainer.step} of {cfg.train.max_steps}", "step": trainer.step}
+            writer.close()
+    return _cpu_report(ctx, trainer, resume, run)
+
+
+def _cpu_step(ctx: StageContext, trainer: Any, tokenized: TokenizeOutput, run: _CpuRun, writer: Any) -> None:
+    """One optimizer step: train, watch for recompilation, log, save on schedule, record progress."""
+    cfg, log = ctx.cfg, ctx.log
+    end = cfg.train.max_steps
+    record = trainer.train_step()
+    if run.first_step_compiles is None:
+        run.first_step_compiles = record.compiles - run.compiles_at_start
+    else:
+        new = record.compiles - run.compiles_at_start - run.first_step_compiles - run.late_compiles
+        if new > 0:
+            run.late_compiles += new
+            _on_recompile(cfg, run.compiled_with_stage, record.step, new, log)
+        run.tokens += record.tokens
+        run.seconds += record.seconds
+    if record.step % cfg.train.logging_steps == 0 or record.step in (run.start + 1, end):
+        log(
+            f"train: step {record.step}/{end} loss {record.loss:.4f} lr {record.lr:.2e} "
+            f"grad_norm {record.grad_norm:.3f} tokens/s {run.rate():,.0f} "
+            f"compiles {record.compiles - run.compiles_at_start}"
         )
     if writer is not None:
-        writer.close()
-    final = checkpoints.newest_complete(train_dir)
-    if final is None or final.step != cfg.train.max_steps:
-        raise TrnftError(f"train: ended at step {trainer.step} without checkpoint-{cfg.train.max_steps}")
+        writer.add_scalar("train/loss", record.loss, record.step)
+        writer.add_scalar("train/learning_rate", record.lr, record.step)
+        writer.add_scalar("train/grad_norm", record.grad_norm, record.step)
+        if run.seconds:
+            writer.add_scalar("train/tokens_per_second", run.rate(), record.step)
+    if record.step % cfg.train.save_steps == 0 or record.step == end:
+        path = trainer.save(ctx.out_dir, ctx.fingerprint, tokenized.tokenizer_dir)
+        run.saved.append(path.name)
+        checkpoints.prune(ctx.out_dir, cfg.train.keep_checkpoints, log)
+        log(f"train: saved {path.name}")
+    ctx.rundir.write_progress("train", {"summary": f"step {trainer.step} of {end}", "step": trainer.step})
+
+
+def _cpu_report(ctx: StageContext, trainer: Any, resume: Path | None, run: _CpuRun) -> StageOutcome:
+    from trnft.neuron.xla_trainer import persistent_cache_counters
+
+    end = ctx.cfg.train.max_steps
+    final = checkpoints.newest_complete(ctx.out_dir)
+    if final is None or final.step != end:
+        raise TrnftError(f"train: ended at step {trainer.step} without checkpoint-{end}")
     losses = trainer.history
-    figures = {
-        "backend": "cpu-xla",
-        "steps_this_run": trainer.step - start,
-        "resumed_from": resume.name if resume else None,
-        "start_step": start,
-        "end_step": trainer.step,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-        "xla_compiles_first_step": first_step_compiles or 0,
-        "xla_compiles_after_first_step": late_compiles,
-        "persistent_cache": persistent_cache_counters(),
-        "compile_stage_ran": compiled_with_stage,
-        "checkpoints_saved": saved,
-        "final_checkpoint": final.path.name if final else None,
-    }
+    figures = XlaTrainFigures(
+        steps_this_run=trainer.step - run.start,
+        resumed_from=resume.name if resume else None,
+        start_step=run.start,
+        end_step=trainer.step,
+        first_loss=losses[0] if losses else None,
+        final_loss=losses[-1] if losses else None,
+        losses=losses,
+        tokens_per_second=round(run.rate(), 1) if run.seconds else None,
+        xla_compiles_first_step=run.first_step_compiles or 0,
+        xla_compiles_after_first_step=run.late_compiles,
+        persistent_cache=persistent_cache_counters(),
+        compile_stage_ran=run.compiled_with_stage,
+        checkpoints_saved=run.saved,
+        final_checkpoint=final.path.name,
+    )
     layout = {
         "tp": trainer.tp,
         "dp": trainer.dp,
@@ -141,13 +192,7 @@ def train_cpu(ctx: StageContext) -> StageOutcome:
         "attention": trainer.layout.attention,
         "global_batch": trainer.global_batch,
     }
-    if losses:
-        summary = f"{trainer.step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-    else:
-        summary = f"{trainer.step} steps"
-    if final:
-        summary += f", {final.path.name}"
-    return StageOutcome(summary=summary, figures=figures, layout=layout)
+    return StageOutcome(summary=figures.summary(), figures=figures, layout=layout)
 
 
 def _on_recompile(

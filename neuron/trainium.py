@@ -29,14 +29,16 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.stages import StageContext, StageOutcome
+from trnft.common.tokenize import TokenizeFigures
 from trnft.common.training.data import (
     TokenizedSplit,
     TokenizeOutput,
@@ -504,48 +506,86 @@ def train(ctx: StageContext) -> StageOutcome:
         raise TrnftError(
             f"train: ended at step {trainer.state.global_step} without checkpoint-{cfg.train.max_steps}"
         )
-    summary = f"{cfg.train.max_steps} steps on Trainium"
-    if losses:
-        summary += f", loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    figures = TrainiumTrainFigures(
+        resumed_from=resume.checkpoint.name if resume else None,
+        start_step=start,
+        end_step=trainer.state.global_step,
+        logged_losses=losses,
+        final_loss=losses[-1] if losses else None,
+        checkpoints_saved=plan.saved,
+        final_checkpoint=final.path.name if final else None,
+        restored_on_resume=sorted(set(plan.restored)),
+        not_restored_on_resume=NOT_RESTORED if resume else [],
+        non_pad_token_fraction=TokenizeFigures.of(ctx.upstream["tokenize"]).train.non_pad_fraction,
+        optimum_neuron=effective_settings(args, model),
+    )
     return StageOutcome(
-        summary=summary,
-        figures={
-            "backend": "trainium",
-            "resumed_from": resume.checkpoint.name if resume else None,
-            "start_step": start,
-            "end_step": trainer.state.global_step,
-            "logged_losses": losses,
-            "final_loss": losses[-1] if losses else None,
-            "checkpoints_saved": plan.saved,
-            "final_checkpoint": final.path.name if final else None,
-            "restored_on_resume": sorted(set(plan.restored)),
-            "not_restored_on_resume": NOT_RESTORED if resume else [],
-            # As the tokenize stage measured it: padded rows (flash attention) carry far fewer real tokens.
-            "non_pad_token_fraction": ctx.upstream["tokenize"]["figures"]["train"]["non_pad_fraction"],
-            "optimum_neuron": effective_settings(args, model),
-        },
+        summary=figures.summary(),
+        figures=figures,
         layout={"tp": cfg.neuron.tp, "pp": cfg.neuron.pp, "dp": dp_size, "global_batch": plan.global_batch},
     )
 
 
-def effective_settings(args: Any, model: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class OptimumNeuronSettings:
+    """What optimum-neuron actually ran with, read back from its own objects."""
+
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    kv_size_multiplier: int | None
+    fuse_qkv: bool
+    use_xser: bool
+    sequence_parallel_enabled: bool
+    recompute_causal_mask: bool
+    attn_implementation: str
+    zero_1: bool
+    save_steps: int
+    logging_steps: int
+
+
+@dataclass(frozen=True)
+class TrainiumTrainFigures(Figures):
+    KIND: ClassVar[str] = "train/trainium"
+
+    resumed_from: str | None
+    start_step: int
+    end_step: int
+    logged_losses: list[float]
+    final_loss: float | None
+    checkpoints_saved: list[str]
+    final_checkpoint: str | None
+    restored_on_resume: list[str]
+    not_restored_on_resume: list[str]
+    # As the tokenize stage measured it: padded rows (flash attention) carry far fewer real tokens.
+    non_pad_token_fraction: float
+    optimum_neuron: OptimumNeuronSettings
+
+    def summary(self) -> str:
+        text = f"{self.end_step} steps on Trainium"
+        if self.logged_losses:
+            text += f", loss {self.logged_losses[0]:.3f} -> {self.logged_losses[-1]:.3f}"
+        return text
+
+
+def effective_settings(args: Any, model: Any) -> OptimumNeuronSettings:
     """What optimum-neuron actually ran with, read back from its own objects (for the manifest)."""
     trn = args.trn_config
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {
-        "tensor_parallel_size": trn.tensor_parallel_size,
-        "pipeline_parallel_size": trn.pipeline_parallel_size,
-        "data_parallel_size": trn.data_parallel_size,
-        "kv_size_multiplier": trn.kv_size_multiplier,
-        "fuse_qkv": trn.fuse_qkv,
-        "use_xser": trn.use_xser,
-        "sequence_parallel_enabled": trn.sequence_parallel_enabled,
-        "recompute_causal_mask": trn.recompute_causal_mask,
-        "attn_implementation": base.config._attn_implementation,
-        "zero_1": args.zero_1,
-        "save_steps": args.save_steps,
-        "logging_steps": args.logging_steps,
-    }
+    return OptimumNeuronSettings(
+        tensor_parallel_size=trn.tensor_parallel_size,
+        pipeline_parallel_size=trn.pipeline_parallel_size,
+        data_parallel_size=trn.data_parallel_size,
+        kv_size_multiplier=trn.kv_size_multiplier,
+        fuse_qkv=trn.fuse_qkv,
+        use_xser=trn.use_xser,
+        sequence_parallel_enabled=trn.sequence_parallel_enabled,
+        recompute_causal_mask=trn.recompute_causal_mask,
+        attn_implementation=base.config._attn_implementation,
+        zero_1=args.zero_1,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+    )
 
 
 def precompile(cfg: RunConfig, log: Callable[[str], None]) -> None:

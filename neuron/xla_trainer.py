@@ -218,7 +218,7 @@ class XlaTrainer:
         except Exception as exc:
             raise TrnftError(
                 f"model.name_or_path: cannot load the model config of {cfg.model.name_or_path!r} ({exc})"
-            ) from None
+            ) from exc
         self.model_config = config
         self.layout = model_layout(cfg, config)
         self.targets = training_targets(cfg, self.layout) if cfg.lora.enabled else []
@@ -374,27 +374,75 @@ class XlaTrainer:
     # -- checkpoints --------------------------------------------------------------------------------
 
     def save(self, train_dir: Path, fingerprint: str, tokenizer_dir: Path | None) -> Path:
-        """Write ``checkpoint-<step>`` in optimum-neuron 0.4.x's layout plus what resume needs, atomically."""
+        """Write ``checkpoint-<step>`` in optimum-neuron 0.4.x's layout plus what resume needs, atomically.
+
+        The NxD shards come first, then trnft's resume state (optimizer moments, step, losses), then the
+        HF-style trainer state and the tokenizer; ``checkpoints.atomic_checkpoint`` adds the markers and
+        renames the folder into place.
+        """
         import torch
         import torch_xla.core.xla_model as xm
 
         xm.wait_device_ops()
-        cfg = self.cfg
-        layout = self.layout
-        if cfg.lora.enabled:
+        ranks, metadata = self._weight_shards()
+        optimizer = self.optimizer.state_on_cpu()
+        with checkpoints.atomic_checkpoint(train_dir, self.step) as staged:
+            tag = self._write_model_files(staged)
+            nxd_format.write_tag(tag, ranks, metadata, encoding=self.cfg.neuron.checkpoint_format)
+            checkpoints.fault_point("save", self.step)
+            state_dir = staged / checkpoints.TRNFT_STATE
+            state_dir.mkdir()
+            torch.save(optimizer, state_dir / "optimizer.pt")
+            (state_dir / "state.json").write_text(json.dumps(self._resume_state(fingerprint), indent=1))
+            (staged / "trainer_state.json").write_text(json.dumps(self._trainer_state(), indent=1))
+            if tokenizer_dir is not None:
+                copy_present(TOKENIZER_FILES, [tokenizer_dir], staged)
+        return train_dir / f"checkpoint-{self.step}"
+
+    def _weight_shards(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The trained weights (the adapter with LoRA) split per TP rank as NxD does, and their metadata."""
+        names = [n for n, _ in self.model.named_parameters()]
+        if self.cfg.lora.enabled:
             from peft import get_peft_model_state_dict
 
             on_cpu = {n: host_copy(t) for n, t in self.model.state_dict().items() if "lora_" in n}
             weights = get_peft_model_state_dict(self.model, state_dict=on_cpu, adapter_name=ADAPTER)
-            names = [n for n, _ in self.model.named_parameters()]
-            metadata = parameter_metadata(names, layout, peft=True, lora_targets=set(self.targets))
+            metadata = parameter_metadata(names, self.layout, peft=True, lora_targets=set(self.targets))
         else:
             weights = {n: host_copy(t) for n, t in self.model.state_dict().items()}
-            names = [n for n, _ in self.model.named_parameters()]
-            metadata = parameter_metadata(names, layout, peft=False)
-        ranks = [shard_state_dict(weights, layout, r) for r in range(layout.tp)]
-        optimizer = self.optimizer.state_on_cpu()
-        state = {
+            metadata = parameter_metadata(names, self.layout, peft=False)
+        return [shard_state_dict(weights, self.layout, r) for r in range(self.layout.tp)], metadata
+
+    def _write_model_files(self, staged: Path) -> Path:
+        """The configs optimum-neuron writes beside its shards; returns the shard tag folder to fill."""
+        layout = self.layout
+        if self.cfg.lora.enabled:
+            import copy
+
+            adapter_dir = staged / f"adapter_{ADAPTER}"
+            adapter_dir.mkdir()
+            peft_cfg = copy.deepcopy(self.model.peft_config[ADAPTER])
+            peft_cfg.base_model_name_or_path = self.cfg.model.name_or_path
+            peft_cfg.inference_mode = True  # as PEFT writes a saved adapter's config
+            peft_cfg.save_pretrained(adapter_dir)
+            return adapter_dir / nxd_format.ADAPTER_SHARDS
+        self.model.config.save_pretrained(staged)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(staged)
+        trn_config = {
+            "tensor_parallel_size": layout.tp,
+            "pipeline_parallel_size": 1,
+            "fuse_qkv": layout.fuse_qkv,
+            "kv_size_multiplier": layout.kv_multiplier,
+            "use_xser": self.cfg.neuron.checkpoint_format == "xser",
+        }
+        (staged / "trn_config.json").write_text(json.dumps(trn_config, indent=2))
+        return staged / nxd_format.MODEL_SHARDS
+
+    def _resume_state(self, fingerprint: str) -> dict[str, Any]:
+        """``trnft_state/state.json``: the step, the losses so far and the rules that make resume exact."""
+        layout = self.layout
+        return {
             "step": self.step,
             "fingerprint": fingerprint,
             "losses": self.history,
@@ -405,7 +453,7 @@ class XlaTrainer:
                 "kv_multiplier": layout.kv_multiplier,
             },
             "rng": {
-                "seed": cfg.train.seed,
+                "seed": self.cfg.train.seed,
                 "rule": "the XLA RNG is reseeded to seed*1000003+step before every step",
             },
             "data_position": {
@@ -414,53 +462,14 @@ class XlaTrainer:
                 "consumed_sequences": self.step * self.global_batch,
             },
         }
-        with checkpoints.atomic_checkpoint(train_dir, self.step) as staged:
-            if cfg.lora.enabled:
-                adapter_dir = staged / f"adapter_{ADAPTER}"
-                adapter_dir.mkdir()
-                import copy
 
-                peft_cfg = copy.deepcopy(self.model.peft_config[ADAPTER])
-                peft_cfg.base_model_name_or_path = cfg.model.name_or_path
-                peft_cfg.inference_mode = True  # as PEFT writes a saved adapter's config
-                peft_cfg.save_pretrained(adapter_dir)
-                tag = adapter_dir / nxd_format.ADAPTER_SHARDS
-            else:
-                self.model.config.save_pretrained(staged)
-                if getattr(self.model, "generation_config", None) is not None:
-                    self.model.generation_config.save_pretrained(staged)
-                (staged / "trn_config.json").write_text(
-                    json.dumps(
-                        {
-                            "tensor_parallel_size": layout.tp,
-                            "pipeline_parallel_size": 1,
-                            "fuse_qkv": layout.fuse_qkv,
-                            "kv_size_multiplier": layout.kv_multiplier,
-                            "use_xser": cfg.neuron.checkpoint_format == "xser",
-                        },
-                        indent=2,
-                    )
-                )
-                tag = staged / nxd_format.MODEL_SHARDS
-            nxd_format.write_tag(tag, ranks, metadata, encoding=cfg.neuron.checkpoint_format)
-            checkpoints.fault_point("save", self.step)
-            state_dir = staged / checkpoints.TRNFT_STATE
-            state_dir.mkdir()
-            torch.save(optimizer, state_dir / "optimizer.pt")
-            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
-            (staged / "trainer_state.json").write_text(
-                json.dumps(
-                    {
-                        "global_step": self.step,
-                        "max_steps": cfg.train.max_steps,
-                        "log_history": [{"step": i + 1, "loss": x} for i, x in enumerate(self.history)],
-                    },
-                    indent=1,
-                )
-            )
-            if tokenizer_dir is not None:
-                copy_present(TOKENIZER_FILES, [tokenizer_dir], staged)
-        return train_dir / f"checkpoint-{self.step}"
+    def _trainer_state(self) -> dict[str, Any]:
+        """``trainer_state.json`` as the HF trainer writes it (step and loss history)."""
+        return {
+            "global_step": self.step,
+            "max_steps": self.cfg.train.max_steps,
+            "log_history": [{"step": i + 1, "loss": x} for i, x in enumerate(self.history)],
+        }
 
     def _restore_weights(self, model: Any, checkpoint: Path) -> dict[str, Any]:
         """Load trainable weights from the checkpoint's shards (through the consolidator) and its state."""

@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
+
+F = TypeVar("F")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -49,6 +52,10 @@ class Run:
 
     def manifest(self, stage: str) -> dict:
         return json.loads((self.root / stage / "manifest.json").read_text())
+
+    def figures(self, stage: str, kind: type[F]) -> F:
+        """The stage's figures as their type (refused when the manifest holds another kind)."""
+        return kind.of(self.manifest(stage))
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

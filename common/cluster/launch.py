@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from trnft.common.cluster.instances import Layout
 
 CONFIG_IN_POD = "/config/run.yaml"
+# What each process runs: the train stage of the trnft CLI, unless a caller names another module.
+TRAIN_ENTRY = ("trnft.common.cli", "train")
 
 
 def torchrun_argv(
-    layout: Layout, *, rdzv_endpoint: str, rdzv_id: str, config_path: str = CONFIG_IN_POD
+    layout: Layout,
+    *,
+    rdzv_endpoint: str,
+    rdzv_id: str,
+    config_path: str = CONFIG_IN_POD,
+    entry: Sequence[str] = TRAIN_ENTRY,
 ) -> list[str]:
-    """The train command: torchrun with a c10d rendezvous unique to the job (no etcd)."""
+    """torchrun with a c10d rendezvous unique to the job (no etcd) around ``python -m <entry> --config``."""
     return [
         "torchrun",
         f"--nnodes={layout.nodes}",
@@ -19,8 +28,7 @@ def torchrun_argv(
         f"--rdzv_endpoint={rdzv_endpoint}",
         f"--rdzv_id={rdzv_id}",
         "--module",
-        "trnft.common.cli",
-        "train",
+        *entry,
         "--config",
         config_path,
     ]

@@ -8,14 +8,52 @@ Torch-free on purpose (merge and consolidate are).
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from trnft.common.errors import TrnftError
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+# The fields of PEFT 0.17's LoraConfig (what PEFT itself writes); any other key is reported as ignored.
+PEFT_LORA_KEYS = frozenset(
+    {
+        "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
+        "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layer_replication",
+        "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout",
+        "megatron_config", "megatron_core", "modules_to_save", "peft_type", "qalora_group_size", "r",
+        "rank_pattern", "revision", "runtime_config", "target_modules", "target_parameters", "task_type",
+        "trainable_token_indices", "use_dora", "use_qalora", "use_rslora", "peft_version",
+    }
+)  # fmt: skip
+
+
+def read_adapter_config(folder: Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``<folder>/adapter_config.json`` as a dict; one line for a missing or unreadable file.
+
+    Keys that are not PEFT LoRA settings are reported through ``log`` (they are ignored), so a misspelt
+    ``lora_alpha`` does not silently fall back to PEFT's default.
+    """
+    path = Path(folder) / ADAPTER_CONFIG_FILE
+    if not path.is_file():
+        raise TrnftError(
+            f"{path}: missing; the adapter's LoRA settings (r, lora_alpha, targets) come from it"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TrnftError(f"{path}: not valid JSON ({exc}); write it with PEFT's save_pretrained") from exc
+    if not isinstance(config, dict):
+        raise TrnftError(f"{path}: must hold a JSON object of LoRA settings, found {type(config).__name__}")
+    unknown = sorted(set(config) - PEFT_LORA_KEYS)
+    if unknown and log is not None:
+        log(f"warning: {path}: ignoring keys that are not PEFT LoRA settings: {', '.join(unknown)}")
+    return config
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:

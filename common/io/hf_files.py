@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from trnft.common.errors import TrnftError
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -42,3 +44,26 @@ def copy_present(
                 copied.append(name)
                 break
     return copied
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder with the model files: the path itself, or the hub snapshot (cached or downloaded)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if name_or_path.startswith((".", "/", "~")):
+        raise TrnftError(f"model.name_or_path: {name_or_path} is not a folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                name_or_path,
+                revision=revision,
+                allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:
+        raise TrnftError(
+            f"model.name_or_path: cannot get {name_or_path!r} from the hub or its cache ({exc})"
+        ) from exc

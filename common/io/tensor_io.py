@@ -322,10 +322,10 @@ class TorchFile:
                 self._prefix = pkl.filename[: -len("data.pkl")]
                 self._pickle = zf.read(pkl)
                 self._entries = {i.filename: i for i in infos}
-        except zipfile.BadZipFile:
+        except zipfile.BadZipFile as exc:
             raise TrnftError(
                 f"{self.path}: not a zip file; a truncated or legacy-format torch.save file"
-            ) from None
+            ) from exc
         self._mapped = MappedFile(self.path)
         self._offsets: dict[str, int] = {}
 
@@ -361,6 +361,8 @@ def load_pickle_only(path: str | Path) -> Any:
 # --------------------------------------------------------------------------------------------------
 # safetensors
 
+INDEX = "model.safetensors.index.json"
+
 
 class SafetensorsFile:
     """Lazy reader: header parsed once, tensors are views of the mapped file."""
@@ -373,8 +375,8 @@ class SafetensorsFile:
         (n,) = struct.unpack("<Q", self._mapped.read(0, 8))
         try:
             header = json.loads(self._mapped.read(8, n))
-        except (ValueError, UnicodeDecodeError):
-            raise TrnftError(f"{self.path}: not a safetensors file (bad header)") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TrnftError(f"{self.path}: not a safetensors file (bad header)") from exc
         self.metadata = header.pop("__metadata__", {}) or {}
         self.header = header
         self._data_start = 8 + n
@@ -399,6 +401,52 @@ class SafetensorsFile:
 
     def release(self) -> None:
         self._mapped.release()
+
+
+@dataclass
+class SafetensorsModel:
+    """A Hugging Face model folder's safetensors files, memory-mapped, and which file holds each tensor."""
+
+    folder: Path
+    files: list[SafetensorsFile]
+    where: dict[str, SafetensorsFile]  # tensor name -> file
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        return self.where[name].info(name)
+
+    def tensor(self, name: str) -> Array | None:
+        """The tensor as a view of its mapped file, or None when the folder has no such tensor."""
+        f = self.where.get(name)
+        return None if f is None else f.tensor(name)
+
+    def release(self) -> None:
+        for f in self.files:
+            f.release()
+
+
+def open_safetensors_model(folder: Path) -> SafetensorsModel:
+    """The safetensors of ``folder`` (one ``model.safetensors`` or the shards its index lists)."""
+    if (folder / INDEX).is_file():
+        index = json.loads((folder / INDEX).read_text())
+        names = sorted(set(index["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    elif list(folder.glob("*.bin")):
+        raise TrnftError(
+            f"{folder}: the model has only .bin weights; trnft streams safetensors (save it with safe_serialization)"
+        )
+    else:
+        raise TrnftError(f"{folder}: no model.safetensors or {INDEX}")
+    files = []
+    where: dict[str, SafetensorsFile] = {}
+    for name in names:
+        if not (folder / name).is_file():
+            raise TrnftError(f"{folder / name}: listed in the index but missing")
+        f = SafetensorsFile(folder / name)
+        files.append(f)
+        for key in f.names():
+            where[key] = f
+    return SafetensorsModel(folder, files, where)
 
 
 @dataclass(frozen=True)
@@ -466,9 +514,6 @@ def row_blocks(a: Array, max_bytes: int = 64 << 20) -> Iterator[Array]:
     step = max(1, max_bytes // row_bytes)
     for start in range(0, a.data.shape[0], step):
         yield a.with_data(a.data[start : start + step])
-
-
-INDEX = "model.safetensors.index.json"
 
 
 # Largest output safetensors file unless --max-shard-size says otherwise (the Hugging Face default).

@@ -103,7 +103,7 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as exc:
             raise TrnftError(
                 f"{path}: unreadable manifest ({exc}); rerun `trnft {stage}` with --force"
-            ) from None
+            ) from exc
         if data.get("status") != "complete":
             return None
         return data
@@ -144,12 +144,12 @@ class RunDir:
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError as exc:
                 fh.seek(0)
                 holder = fh.read().strip() or "another process"
                 raise TrnftError(
                     f"stage {stage} is already running in {self.root} ({holder}); wait for it or stop it first"
-                ) from None
+                ) from exc
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")

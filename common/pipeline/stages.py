@@ -25,6 +25,7 @@ from typing import Any
 from trnft.common.config.run_config import RunConfig, select, stable_hash, to_dict
 from trnft.common.errors import TrnftError, UpstreamError
 from trnft.common.pipeline import backend, inputs
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.hashing import library_versions
 from trnft.common.pipeline.rundir import (
     MANIFEST_VERSION,
@@ -120,7 +121,8 @@ class StageOutcome:
     """What a stage body reports; the framework adds files, hashes and versions to the manifest."""
 
     summary: str
-    figures: dict[str, Any] = field(default_factory=dict)
+    # Typed figures; the GPU stages still report a dict until their FSDP2 rewrite.
+    figures: Figures | dict[str, Any] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     layout: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -352,7 +354,7 @@ def _execute(
             "inputs": outcome.inputs,
             "versions": library_versions(),
             "layout": outcome.layout,
-            "figures": outcome.figures,
+            "figures": outcome.figures.to_json() if isinstance(outcome.figures, Figures) else outcome.figures,
             "summary": outcome.summary,
             "files": files,
             "output_digest": output_digest(files),

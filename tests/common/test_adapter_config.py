@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -58,3 +59,23 @@ def test_rank_alpha_and_scale_per_module():
 )
 def test_module_of_a_tensor(tensor, module):
     assert module_of(tensor) == module
+
+
+def test_the_known_keys_are_peft_lora_configs_fields(tmp_path):
+    """Every field PEFT's LoraConfig writes is known; anything else is reported as ignored, by name."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from trnft.common.config.adapter_config import PEFT_LORA_KEYS, read_adapter_config
+
+    assert {f.name for f in dataclasses.fields(LoraConfig)} <= PEFT_LORA_KEYS
+    LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    said: list[str] = []
+    assert read_adapter_config(tmp_path, said.append)["r"] == 4 and said == []
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "lora_alhpa": 64}))
+    read_adapter_config(tmp_path, said.append)
+    assert said == [
+        f"warning: {tmp_path}/adapter_config.json: ignoring keys that are not PEFT LoRA settings: lora_alhpa"
+    ]

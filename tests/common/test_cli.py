@@ -88,3 +88,24 @@ def test_status_prints_one_row_per_stage(run_config, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:]] == list(STAGES)
     assert all(line.split()[1] == "missing" for line in lines[2:])
+
+
+def test_debug_shows_the_traceback_behind_the_one_line(tmp_path, capsys, monkeypatch):
+    """Without --debug: the one line only. With it (or TRNFT_DEBUG=1): the library error it came from too."""
+    from trnft.common import cli
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{not json")
+    base = tmp_path / "base"
+    base.mkdir()
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "out")]
+    assert cli.main(argv) == 1
+    plain = capsys.readouterr().err
+    assert plain.count("\n") == 1 and "Traceback" not in plain and "adapter_config.json" in plain
+    assert cli.main(["--debug", *argv]) == 1
+    debug = capsys.readouterr().err
+    assert "Traceback" in debug and "JSONDecodeError" in debug and debug.strip().endswith(plain.strip())
+    monkeypatch.setenv("TRNFT_DEBUG", "1")
+    assert cli.main(argv) == 1
+    assert "Traceback" in capsys.readouterr().err

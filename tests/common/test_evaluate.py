@@ -9,9 +9,20 @@ import pytest
 from helpers import ok, smoke_raw, write_config
 
 from trnft.common import cli
-from trnft.common.evaluate import normalise, strip_header, template_header, vllm_lora_rank
+from trnft.common.evaluate import (
+    METRICS,
+    EvaluateFigures,
+    normalise,
+    strip_header,
+    template_header,
+    vllm_lora_rank,
+)
 
 EVAL = {"max_samples": 16, "batch_size": 8, "max_new_tokens": 12}
+
+
+def read_metrics(stage_dir) -> EvaluateFigures:
+    return EvaluateFigures.from_json(json.loads((stage_dir / METRICS).read_text()))
 
 
 @pytest.mark.parametrize(
@@ -55,26 +66,27 @@ def test_evaluate_runs_offline_and_is_reproducible(make_run, tiny_llama, monkeyp
     _evaluate_base_as_merged(run, tiny_llama)
     assert cli.main(["evaluate", "--config", str(run.config)]) == 0
     out = run.root / "evaluate"
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = read_metrics(out)
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert metrics["samples"] == len(rows) == 16
-    assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert metrics.scores.samples == len(rows) == 16
+    assert 0.0 <= metrics.scores.exact_match <= 1.0
     for key in ("precision", "recall", "f1"):
-        assert 0.0 < metrics["bertscore"][key] <= 1.0
+        assert 0.0 < getattr(metrics.scores.bertscore, key) <= 1.0
         mean = sum(r["bertscore"][key] for r in rows) / len(rows)
-        assert abs(mean - metrics["bertscore"][key]) < 1e-6
-    assert metrics["scorer"]["num_layers"] == 6  # the MiniLM's last layer
+        assert abs(mean - getattr(metrics.scores.bertscore, key)) < 1e-6
+    assert metrics.scorer.num_layers == 6  # the MiniLM's last layer
+    assert EvaluateFigures.of(run.manifest("evaluate")) == metrics
     test_rows = [json.loads(x) for x in (run.root / "tokenize" / "test.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [t["input"] for t in test_rows[:16]]
     assert [r["reference"] for r in rows] == [t["output"] for t in test_rows[:16]]
     # the merged model here is the base itself: flagged
-    assert metrics["identical_to_base"] is True and metrics["changed_vs_base"] == 0
+    assert metrics.identical_to_base is True and metrics.changed_vs_base == 0
     manifest = run.manifest("evaluate")
     assert "IDENTICAL TO BASE" in manifest["summary"]
     assert cli.main(["evaluate", "--config", str(run.config), "--force"]) == 0
-    again = json.loads((out / "metrics.json").read_text())
+    again = read_metrics(out)
     for key in ("bertscore", "exact_match", "mean_words", "mean_new_tokens"):
-        assert again[key] == metrics[key]
+        assert getattr(again.scores, key) == getattr(metrics.scores, key)
 
 
 def test_an_unmerged_zero_adapter_is_evaluated_and_flagged(make_run, tiny_llama):
@@ -94,9 +106,9 @@ def test_an_unmerged_zero_adapter_is_evaluated_and_flagged(make_run, tiny_llama)
         adapter, {"stage": "consolidate", "status": "complete", "output_digest": "zero"}
     )
     assert cli.main(["evaluate", "--config", str(run.config)]) == 0
-    metrics = json.loads((run.root / "evaluate" / "metrics.json").read_text())
-    assert metrics["model"].startswith("base ") and "adapter" in metrics["model"]
-    assert metrics["identical_to_base"] is True
+    metrics = read_metrics(run.root / "evaluate")
+    assert metrics.model.startswith("base ") and "adapter" in metrics.model
+    assert metrics.identical_to_base is True
 
 
 def test_a_bad_scorer_fails_before_generating(make_run, tiny_llama, tmp_path, capsys):
@@ -137,6 +149,7 @@ def test_a_missing_test_split_names_the_setting(make_run, tiny_llama, capsys):
     assert "set dataset.test_ratio > 0 and rerun tokenize" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 300 steps; `trnft smoke` in the slow suite checks the same on both platforms
 @pytest.mark.integration
 def test_after_training_the_model_beats_its_base(tmp_path, tiny_llama):
     """The smoke recipe (300 LoRA steps, CPU-XLA): BERTScore F1 and exact match above the base model's."""
@@ -149,19 +162,13 @@ def test_after_training_the_model_beats_its_base(tmp_path, tiny_llama):
     write_config(run.config, raw)
     for stage in ("tokenize", "train", "consolidate", "merge", "evaluate"):
         ok(run.stage(stage, timeout=1200))
-    metrics = json.loads((run.root / "evaluate" / "metrics.json").read_text())
-    print(
-        "tuned",
-        metrics["bertscore"],
-        metrics["exact_match"],
-        "base",
-        metrics["base"]["bertscore"],
-        metrics["base"]["exact_match"],
-    )
-    assert metrics["bertscore"]["f1"] > metrics["base"]["bertscore"]["f1"] + 0.05
-    assert metrics["exact_match"] > metrics["base"]["exact_match"]
-    assert metrics["identical_to_base"] is False
-    assert metrics["hit_max_new_tokens"] < metrics["samples"]  # it learned to stop (EOS)
+    metrics = read_metrics(run.root / "evaluate")
+    tuned, base = metrics.scores, metrics.base
+    print("tuned", tuned.bertscore, tuned.exact_match, "base", base.bertscore, base.exact_match)
+    assert tuned.bertscore.f1 > base.bertscore.f1 + 0.05
+    assert tuned.exact_match > base.exact_match
+    assert metrics.identical_to_base is False
+    assert tuned.hit_max_new_tokens < tuned.samples  # it learned to stop (EOS)
 
 
 @pytest.mark.gpu
@@ -177,12 +184,66 @@ def test_vllm_agrees_with_transformers_on_greedy_answers(make_run, tiny_llama):
         )
         for stage in ("train", "consolidate", "merge", "evaluate"):
             ok(run.stage(stage))
-        metrics = json.loads((run.root / "evaluate" / "metrics.json").read_text())
-        assert metrics["backend"] == backend
+        metrics = read_metrics(run.root / "evaluate")
+        assert metrics.backend == backend
         rows = (run.root / "evaluate" / "predictions.jsonl").read_text().splitlines()
         answers[(backend, use_adapter)] = [json.loads(r)["prediction"] for r in rows]
-        print(backend, use_adapter, "samples/s", metrics["samples_per_second"])
+        print(backend, use_adapter, "samples/s", metrics.scores.samples_per_second)
     reference = answers[("transformers", False)]
     for key in (("vllm", False), ("vllm", True)):
         same = sum(a == b for a, b in zip(answers[key], reference)) / len(reference)
         assert same >= 0.8, (key, same)
+
+
+def test_a_generation_in_its_own_process_equals_one_in_this_process(tiny_llama, tokenized):
+    """The isolation vLLM gets (one spawned process per model) returns exactly what this process makes."""
+    from trnft.common.config.run_config import EvalSection
+    from trnft.common.evaluate import GenerationJob, run_generation, run_generation_in_own_process
+
+    prompts = [json.loads(x)["input"] for x in (tokenized / "test.jsonl").read_text().splitlines()[:4]]
+    job = GenerationJob(
+        backend="transformers",
+        model_dir=str(tiny_llama),
+        adapter_dir=None,
+        tokenizer_dir=str(tokenized / "tokenizer"),
+        prompts=prompts,
+        settings=EvalSection(max_new_tokens=6, batch_size=2),
+        trust_remote_code=False,
+        device="cpu",
+    )
+    here = run_generation(job, lambda m: None)
+    there = run_generation_in_own_process(job, lambda m: None)
+    assert there.texts == here.texts and there.new_tokens == here.new_tokens and len(here.texts) == 4
+
+
+def test_a_failed_generation_process_is_one_line(tmp_path, tokenized):
+    from trnft.common.config.run_config import EvalSection
+    from trnft.common.errors import TrnftError
+    from trnft.common.evaluate import GenerationJob, run_generation_in_own_process
+
+    job = GenerationJob("transformers", str(tmp_path / "absent"), None, str(tokenized / "tokenizer"), ["x"],
+                        EvalSection(max_new_tokens=2), False, "cpu")  # fmt: skip
+    with pytest.raises(
+        TrnftError, match=r"evaluate: the transformers process generating with .*absent exited with code 1"
+    ):
+        run_generation_in_own_process(job, lambda m: None)
+
+
+@pytest.mark.gpu
+def test_compare_base_with_vllm_runs_each_engine_in_its_own_process(make_run):
+    """vLLM on the merged model, then on the base: two engines, one after the other, on one GPU."""
+    pytest.importorskip("vllm")
+    run = make_run(
+        platform="gpu",
+        train={"max_steps": 60, "save_steps": 60},
+        eval={**EVAL, "backend": "vllm", "compare_base": True, "gpu_memory_utilization": 0.8},
+    )
+    for stage in ("train", "consolidate", "merge", "evaluate"):
+        ok(run.stage(stage))
+    metrics = read_metrics(run.root / "evaluate")
+    assert (
+        metrics.backend == "vllm"
+        and metrics.base is not None
+        and metrics.base.samples == metrics.scores.samples
+    )
+    assert metrics.changed_vs_base is not None and metrics.changed_vs_base > 0

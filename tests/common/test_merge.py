@@ -264,4 +264,5 @@ def test_base_sharded_in_several_files_and_output_shard_size(tmp_path):
     index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    torch.testing.assert_close(logits(ours), logits(peft_reference(sharded, adapter)), atol=1e-5, rtol=1e-5)
+    # Three layers of fp32 rounding ((W + s BA) x against W x + s B(A x)): 4e-5 seen on some machines.
+    torch.testing.assert_close(logits(ours), logits(peft_reference(sharded, adapter)), atol=1e-4, rtol=1e-4)

@@ -7,13 +7,16 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
 from trnft.common.config.run_config import load_config, with_overrides
 from trnft.common.errors import TrnftError, UpstreamError
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.rundir import RunDir
 from trnft.common.pipeline.stages import SPECS, StageOutcome, format_status, run_stage, stage_states
 
@@ -32,12 +35,19 @@ def cfg(tmp_path):
     return load_config(path)
 
 
+@dataclass(frozen=True)
+class CharFigures(Figures):
+    KIND: ClassVar[str] = "test/chars"
+
+    chars: int
+
+
 def writing_body(text: str = "hello", calls: list | None = None):
     def body(ctx):
         if calls is not None:
             calls.append(ctx.out_dir)
         (ctx.out_dir / "data.txt").write_text(text)
-        return StageOutcome(summary=f"wrote {len(text)} chars", figures={"chars": len(text)})
+        return StageOutcome(summary=f"wrote {len(text)} chars", figures=CharFigures(len(text)))
 
     return body
 
@@ -50,7 +60,8 @@ def test_stage_output_appears_complete_with_manifest(cfg):
     assert manifest["status"] == "complete"
     digest = "sha256:" + hashlib.sha256(b"hello").hexdigest()
     assert manifest["files"] == [{"path": "data.txt", "bytes": 5, "digest": digest}]
-    assert manifest["figures"] == {"chars": 5}
+    assert manifest["figures"] == {"kind": "test/chars", "chars": 5}
+    assert CharFigures.of(manifest).chars == 5
     assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
     assert manifest["config"]["dataset"]["name"] == "org/data"
     # nothing but the final folder and the bookkeeping folder is left in the run root

@@ -12,7 +12,7 @@ import torch
 from trnft.common import cli
 from trnft.common.config.run_config import load_config
 from trnft.common.testing.fixtures import bundled_dataset_path
-from trnft.common.tokenize import build_samples, pack_best_fit, run, to_arrays
+from trnft.common.tokenize import TokenizeFigures, build_samples, pack_best_fit, run, to_arrays
 from trnft.common.training.data import IGNORE_INDEX, TokenizeOutput, batch_indices, segment_attention_mask
 
 QUIET = lambda m: None  # noqa: E731
@@ -86,11 +86,11 @@ def test_static_shapes_masking_and_eos(run_config, parquet_file, source, packing
             response = tok.decode(sample_ids[supervised[0] : -1], skip_special_tokens=True)
             seen.add((prompt, response))
     assert seen == expected_samples  # every training sample lands once, prompt masked, response supervised
-    fig = result.manifest["figures"]
-    assert fig["mode"] == ("packed" if packing else "padded")
-    assert fig["train"]["sequences"] == len(split)
+    fig = TokenizeFigures.of(result.manifest)
+    assert fig.mode == ("packed" if packing else "padded")
+    assert fig.train.sequences == len(split)
     if packing:
-        assert fig["train"]["non_pad_fraction"] > 2 * fig["train"]["non_pad_fraction_if_padded"]
+        assert fig.train.non_pad_fraction > 2 * fig.train.non_pad_fraction_if_padded
 
 
 def test_packed_samples_do_not_attend_across_boundaries(run_config, tiny_llama):
@@ -130,7 +130,7 @@ def test_output_does_not_depend_on_num_proc(run_config, tmp_path, monkeypatch):
             [f"run.root={tmp_path}/r{num_proc}"],
         )
         result = run(cfg, log=QUIET)
-        workers.append(result.manifest["figures"]["train"]["tokenize_workers"])
+        workers.append(TokenizeFigures.of(result.manifest).train.tokenize_workers)
         out = TokenizeOutput(result.path)
         arrays.append(out.split("train").rows(range(len(out.split("train")))))
         arrays.append(out.text("test").read_text())
@@ -151,7 +151,10 @@ def test_rerun_is_skipped_and_a_template_change_redoes_it(run_config):
     second = run(changed, log=logs.append)
     assert not second.skipped
     assert any("config changed: dataset.input_template" in m for m in logs)
-    assert second.manifest["figures"]["template_digest"] != first.manifest["figures"]["template_digest"]
+    assert (
+        TokenizeFigures.of(second.manifest).template_digest
+        != TokenizeFigures.of(first.manifest).template_digest
+    )
     assert json.loads(TokenizeOutput(second.path).text("test").read_text().splitlines()[0])[
         "input"
     ].startswith("Q: ")
@@ -166,7 +169,7 @@ def test_a_changed_data_file_redoes_the_stage(run_config, tmp_path):
     logs: list[str] = []
     result = run(load_config(config), log=logs.append)
     assert not result.skipped and any("input changed" in m and "rows.jsonl" in m for m in logs)
-    assert result.manifest["figures"]["rows"]["loaded"] == 300
+    assert TokenizeFigures.of(result.manifest).rows.loaded == 300
 
 
 def test_truncation_prompt_left_first_then_response():
@@ -253,8 +256,8 @@ def test_converter(run_config, tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     _cfg, result, out = tokenize(run_config, dataset={"converter": "my_converter:convert"})
-    rows = result.manifest["figures"]["rows"]
-    assert rows["dropped_converter"] == 60 and rows["formatted"] == 420
+    rows = TokenizeFigures.of(result.manifest).rows
+    assert rows.dropped_converter == 60 and rows.formatted == 420
     first = json.loads(out.text("train").read_text().splitlines()[0])
     assert first["input"].split(" ")[0].isupper()
     assert any(e["name"] == "converter_source" for e in result.manifest["external_inputs"])
@@ -268,9 +271,9 @@ def test_missing_pad_token_gets_a_distinct_one(run_config, tiny_llama, tmp_path)
     no_pad = tmp_path / "tok-pad-is-eos"
     tok.save_pretrained(no_pad)
     _, result, out = tokenize(run_config, model={"tokenizer": str(no_pad)})
-    pad = result.manifest["figures"]["pad_token"]
-    assert pad["original_pad_token"] == "</s>"
-    assert (pad["pad_token"], pad["how"]) == ("<pad>", "existing pad-like token")
+    pad = TokenizeFigures.of(result.manifest).pad_token
+    assert pad.original_pad_token == "</s>"
+    assert (pad.pad_token, pad.how) == ("<pad>", "existing pad-like token")
     assert out.info["pad_token_id"] != out.info["eos_token_id"]
     assert AutoTokenizer.from_pretrained(out.tokenizer_dir).pad_token == "<pad>"
 
@@ -309,7 +312,7 @@ def test_pad_token_choice(run_config, special, pad, chosen, how):
 
     tok = _tokenizer_with(special, pad)
     record = ensure_pad_token(tok, load_config(run_config()))
-    assert (record["pad_token"], record["how"]) == (chosen, how)
+    assert (record.pad_token, record.how) == (chosen, how)
     assert tok.pad_token == chosen and tok.pad_token_id != tok.eos_token_id
 
 

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from trnft.common.evaluate import EvaluateFigures
+
 pytestmark = pytest.mark.slow
 
 
@@ -23,9 +25,9 @@ def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, pla
     assert "not built yet" not in proc.stdout
     train = json.loads((root / "train" / "manifest.json").read_text())["figures"]
     assert train["final_loss"] < 1.0 < train["first_loss"]
-    metrics = json.loads((root / "evaluate" / "metrics.json").read_text())
-    assert metrics["bertscore"]["f1"] > metrics["base"]["bertscore"]["f1"]
-    assert metrics["exact_match"] > metrics["base"]["exact_match"]
+    metrics = EvaluateFigures.of(json.loads((root / "evaluate" / "manifest.json").read_text()))
+    assert metrics.scores.bertscore.f1 > metrics.base.bertscore.f1
+    assert metrics.scores.exact_match > metrics.base.exact_match
     # a second run skips every stage
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already complete") == 6, again.stdout[-2000:]

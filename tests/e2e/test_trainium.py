@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 from helpers import ok, smoke_raw, write_config
 
+from trnft.neuron.compile import TrainiumCompileFigures
+from trnft.neuron.trainium import TrainiumTrainFigures
+
 pytestmark = pytest.mark.trainium
 
 TRAIN = {
@@ -91,17 +94,17 @@ def test_the_trainium_pipeline_with_a_kill_and_a_resume(tmp_path):
 
     ok(_trnft(config, "tokenize"))
     ok(_trnft(config, "compile"))
-    compiled = json.loads((root / "compile" / "manifest.json").read_text())["figures"]
-    assert compiled["backend"] == "trainium" and compiled["neff_files"] > 0
+    compiled = TrainiumCompileFigures.of(json.loads((root / "compile" / "manifest.json").read_text()))
+    assert compiled.neff_files > 0
 
     killed = _train(config, env={"TRNFT_FAULT": "kill-during-save:8"})
     assert killed.returncode != 0
     assert (root / "train" / "checkpoint-4" / "trnft_state" / "state.json").is_file()
     resumed = ok(_train(config))
     assert "resuming from checkpoint-4 at step 4" in resumed.stdout
-    figures = json.loads((root / "train" / "manifest.json").read_text())["figures"]
-    assert figures["start_step"] == 4 and figures["final_checkpoint"] == "checkpoint-8"
-    assert figures["optimum_neuron"]["tensor_parallel_size"] == 2
+    figures = TrainiumTrainFigures.of(json.loads((root / "train" / "manifest.json").read_text()))
+    assert figures.start_step == 4 and figures.final_checkpoint == "checkpoint-8"
+    assert figures.optimum_neuron.tensor_parallel_size == 2
 
     ok(_trnft(config, "consolidate"))
     ok(_trnft(config, "merge"))

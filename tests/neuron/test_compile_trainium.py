@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import ok
 
+from trnft.neuron.compile import TrainiumCompileFigures
+
 FAKE_TOOL = """#!/usr/bin/env python3
 import json, os, sys
 record = {"argv": sys.argv[1:], "NEURON_CC_FLAGS": os.environ.get("NEURON_CC_FLAGS"),
@@ -63,7 +65,7 @@ def test_a_worker_pod_traces_its_graphs_and_writes_no_stage_output(make_run, par
     argv = record["argv"]
     assert argv[:3] == ["torchrun", "--nnodes=2", "--nproc_per_node=32"]
     assert "--rdzv_endpoint=run-compile-master-0:23456" in argv and "--rdzv_id=smoke-compile" in argv
-    assert argv[-3:-1] == ["train", "--config"]
+    assert argv[-4:-1] == ["--module", "trnft.neuron.precompile", "--config"]
     assert "backend: trainium" in record["config"]
     assert f"--cache_dir={run.root}/neuron_cache" in record["NEURON_CC_FLAGS"]
     assert not (run.root / "compile").exists()
@@ -74,8 +76,7 @@ def test_the_master_pod_writes_the_stage_output(make_run, parallel_compile_tool)
     run = _two_node_run(make_run)
     ok(run.stage("compile", env={**parallel_compile_tool, **_pod_env(0)}))
     manifest = run.manifest("compile")
-    assert manifest["figures"]["backend"] == "trainium"
-    assert manifest["figures"]["command"][0] == "neuron_parallel_compile"
+    assert TrainiumCompileFigures.of(manifest).command[0] == "neuron_parallel_compile"
     assert manifest["layout"] == {"tp": 8, "pp": 1, "dp": 8, "world": 64}
 
 

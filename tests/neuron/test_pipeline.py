@@ -8,6 +8,7 @@ from helpers import ok, step_batch_loss
 
 from trnft.common import cli
 from trnft.common.training.data import TokenizeOutput
+from trnft.neuron.train import XlaTrainFigures
 
 
 @pytest.mark.parametrize("tp", [2, 4], ids=["tp2-separate-qkv", "tp4-gqa-qkv"])
@@ -25,7 +26,7 @@ def test_merged_model_reproduces_the_trainers_loss(make_run, tiny_llama, tp):
         train={"max_steps": 21, "save_steps": 20, "logging_steps": 20, "keep_checkpoints": 2},
     )
     ok(run.stage("train"))
-    losses = run.manifest("train")["figures"]["losses"]
+    losses = run.figures("train", XlaTrainFigures).losses
     ckpt = run.root / "train" / "checkpoint-20"
     adapter, merged = run.root / "adapter-20", run.root / "merged-20"
     assert cli.main(["consolidate", "--checkpoint", str(ckpt), "--output", str(adapter)]) == 0

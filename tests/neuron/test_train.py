@@ -16,8 +16,10 @@ from helpers import ok
 
 from trnft.common.io.tensor_io import to_f32
 from trnft.common.pipeline import checkpoints
+from trnft.neuron.compile import XlaCompileFigures
 from trnft.neuron.consolidate import load_checkpoint_tensors
 from trnft.neuron.nxd_format import SHARD_FILE
+from trnft.neuron.train import XlaTrainFigures
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +43,7 @@ def test_lora_tp2_dp2_lowers_the_loss_and_writes_the_optimum_neuron_layout(make_
     )
     ok(run.stage("train"))
     manifest = run.manifest("train")
-    fig = manifest["figures"]
-    losses = fig["losses"]
+    losses = XlaTrainFigures.of(manifest).losses
     assert len(losses) == 150
     assert np.mean(losses[-10:]) < 0.35 * np.mean(losses[:10]), (losses[:10], losses[-10:])
     assert manifest["layout"] == {"tp": 2, "dp": 2, "devices": 4, "attention": "separate", "global_batch": 4}
@@ -63,6 +64,7 @@ def test_lora_tp2_dp2_lowers_the_loss_and_writes_the_optimum_neuron_layout(make_
     ]
 
 
+@pytest.mark.slow  # three XLA runs; tp2 is covered in the default run
 def test_first_step_loss_is_the_same_at_tp1_tp2_and_tp4(make_run):
     """tp=4 puts the 2 KV heads into a GQA qkv layer (replicated KV, tied LoRA A): same first loss."""
     first = {}
@@ -71,7 +73,7 @@ def test_first_step_loss_is_the_same_at_tp1_tp2_and_tp4(make_run):
             neuron={"tp": tp, "cpu_devices": tp}, train={"max_steps": 1, "save_steps": 1, "warmup_steps": 0}
         )
         ok(run.stage("train"))
-        first[tp] = run.manifest("train")["figures"]["losses"][0]
+        first[tp] = run.figures("train", XlaTrainFigures).losses[0]
         assert run.manifest("train")["layout"]["attention"] == ("gqa" if tp == 4 else "separate")
     assert abs(first[2] - first[1]) < 1e-4 and abs(first[4] - first[1]) < 1e-4, first
 
@@ -101,7 +103,7 @@ def test_restart_resumes_exactly_after_sigkill_between_steps_and_during_a_save(m
     }
     straight = make_run(**common)
     ok(straight.stage("train"))
-    expected = straight.manifest("train")["figures"]["losses"]
+    expected = straight.figures("train", XlaTrainFigures).losses
     expected_adapter = _adapter(straight.root / "train" / "checkpoint-8")
 
     # 1) killed while checkpoint-6 is being written: shards and `done` exist, but only in a staging folder
@@ -132,7 +134,7 @@ def test_restart_resumes_exactly_after_sigkill_between_steps_and_during_a_save(m
     # 3) restarted again: finishes from the newest complete checkpoint
     finished = ok(run.stage("train"))
     assert "resumed from checkpoint-" in finished.stdout
-    got = run.manifest("train")["figures"]["losses"]
+    got = run.figures("train", XlaTrainFigures).losses
     assert len(got) == len(expected) == 8
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     adapter = _adapter(train_dir / "checkpoint-8")
@@ -147,14 +149,14 @@ def test_compile_then_train_compiles_nothing_after_the_first_step(make_run):
     )
     compiled = ok(run.stage("compile"))
     assert "none after step 1" in compiled.stdout
-    cfig = run.manifest("compile")["figures"]
-    assert cfig["graphs_compiled"] >= 2 and cfig["compiles_per_step"][1:] == [0, 0]
-    assert Path(cfig["cache_path"]).is_dir()
+    cfig = run.figures("compile", XlaCompileFigures)
+    assert cfig.graphs_compiled >= 2 and cfig.compiles_per_step[1:] == [0, 0]
+    assert Path(cfig.cache_path).is_dir()
     ok(run.stage("train"))
-    fig = run.manifest("train")["figures"]
-    assert fig["compile_stage_ran"] is True
-    assert fig["xla_compiles_first_step"] >= 2
-    assert fig["xla_compiles_after_first_step"] == 0  # saves at steps 3 and 6 included
+    fig = run.figures("train", XlaTrainFigures)
+    assert fig.compile_stage_ran is True
+    assert fig.xla_compiles_first_step >= 2
+    assert fig.xla_compiles_after_first_step == 0  # saves at steps 3 and 6 included
     # a rerun of train is skipped, a rerun of compile too
     assert "already complete" in ok(run.stage("train")).stdout
     assert "already complete" in ok(run.stage("compile")).stdout

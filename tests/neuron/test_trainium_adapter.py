@@ -25,6 +25,7 @@ from helpers import Run, ok, smoke_raw, step_batch_loss
 from trnft.common.config.run_config import config_from_dict
 from trnft.common.errors import ConfigError
 from trnft.common.training.data import TokenizeOutput, batch_indices
+from trnft.neuron.trainium import TrainiumTrainFigures
 
 pytestmark = [
     pytest.mark.integration,
@@ -49,7 +50,11 @@ TRAIN = {
 
 
 def torchrun(run: Run, stage: str, *overrides: str, env: dict[str, str] | None = None):
-    """``torchrun --standalone --nproc_per_node 1 -m trnft.common.cli <stage>``, as the train job runs it."""
+    """``torchrun --standalone --nproc_per_node 1 -m trnft.common.cli <stage>``, as the train job runs it.
+
+    ``stage`` "precompile" runs the compile stage's trial run (``-m trnft.neuron.precompile``) instead.
+    """
+    entry = ["trnft.neuron.precompile"] if stage == "precompile" else ["trnft.common.cli", stage]
     cmd = [
         sys.executable,
         "-m",
@@ -57,8 +62,7 @@ def torchrun(run: Run, stage: str, *overrides: str, env: dict[str, str] | None =
         "--standalone",
         "--nproc_per_node=1",
         "-m",
-        "trnft.common.cli",
-        stage,
+        *entry,
         "--config",
         str(run.config),
         *overrides,
@@ -116,19 +120,18 @@ def _seed(run: Run) -> int:
 
 def test_a_full_run_writes_a_manifest_with_what_optimum_neuron_ran(uninterrupted):
     manifest = uninterrupted.manifest("train")
-    figures = manifest["figures"]
+    figures = TrainiumTrainFigures.of(manifest)
     assert manifest["status"] == "complete"
-    assert figures["backend"] == "trainium"
-    assert figures["end_step"] == 6 and len(figures["logged_losses"]) == 6
-    assert figures["checkpoints_saved"] == ["checkpoint-3", "checkpoint-6"]
-    assert figures["final_checkpoint"] == "checkpoint-6"
+    assert figures.end_step == 6 and len(figures.logged_losses) == 6
+    assert figures.checkpoints_saved == ["checkpoint-3", "checkpoint-6"]
+    assert figures.final_checkpoint == "checkpoint-6"
     # Every setting reached optimum-neuron (read back from its own objects, not from trnft's config).
-    settings = figures["optimum_neuron"]
-    assert settings["attn_implementation"] == "flash_attention_2"
-    assert settings["use_xser"] is True and settings["fuse_qkv"] is False
-    assert settings["recompute_causal_mask"] is True and settings["zero_1"] is False
-    assert (settings["tensor_parallel_size"], settings["data_parallel_size"]) == (1, 1)
-    assert (settings["save_steps"], settings["logging_steps"]) == (3, 1)
+    settings = figures.optimum_neuron
+    assert settings.attn_implementation == "flash_attention_2"
+    assert settings.use_xser is True and settings.fuse_qkv is False
+    assert settings.recompute_causal_mask is True and settings.zero_1 is False
+    assert (settings.tensor_parallel_size, settings.data_parallel_size) == (1, 1)
+    assert (settings.save_steps, settings.logging_steps) == (3, 1)
     for step in (3, 6):
         state = json.loads(
             (uninterrupted.root / "train" / f"checkpoint-{step}" / "trnft_state" / "state.json").read_text()
@@ -145,7 +148,7 @@ def test_the_trainer_reads_trnft_batches_and_computes_trnft_loss(uninterrupted, 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     expected = step_batch_loss(base, split, 0, _global_batch(), _seed(uninterrupted))
     other = step_batch_loss(base, split, 1, _global_batch(), _seed(uninterrupted))
-    logged = uninterrupted.manifest("train")["figures"]["logged_losses"]
+    logged = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses
     assert abs(expected - other) > 1e-2  # batches differ enough that a wrong order would show
     np.testing.assert_allclose(logged[0], expected, rtol=1e-4)
 
@@ -165,7 +168,7 @@ def test_consolidating_its_checkpoint_gives_the_model_that_trained(uninterrupted
     base_loss = step_batch_loss(base, split, 3, _global_batch(), _seed(uninterrupted))
     tuned = PeftModel.from_pretrained(base, adapter)
     loss = step_batch_loss(tuned, split, 3, _global_batch(), _seed(uninterrupted))
-    logged = uninterrupted.manifest("train")["figures"]["logged_losses"]
+    logged = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses
     assert abs(base_loss - logged[3]) > 1e-2  # training moved the model
     np.testing.assert_allclose(loss, logged[3], rtol=2e-4)
     # The stage form consumes the newest checkpoint.
@@ -188,15 +191,15 @@ def test_sigkill_during_a_save_then_rerun_continues_exactly(
     assert "removing checkpoint-6.staging-trn, an interrupted save" in resumed.stdout
     assert "resuming from checkpoint-3 at step 3" in resumed.stdout
     assert "not restored on resume: xla_rng_state" in resumed.stdout
-    figures = run.manifest("train")["figures"]
-    assert figures["start_step"] == 3 and figures["end_step"] == 6
-    assert figures["checkpoints_saved"] == ["checkpoint-6"]  # names keep increasing
+    figures = run.figures("train", TrainiumTrainFigures)
+    assert figures.start_step == 3 and figures.end_step == 6
+    assert figures.checkpoints_saved == ["checkpoint-6"]  # names keep increasing
     assert {"optimizer_moments", "lr_schedule", "data_position", "step", "weights"} <= set(
-        figures["restored_on_resume"]
+        figures.restored_on_resume
     )
-    assert figures["not_restored_on_resume"] == ["xla_rng_state"]
-    expected = uninterrupted.manifest("train")["figures"]["logged_losses"][3:]
-    assert figures["logged_losses"] == expected  # same data, LR and optimizer state from step 4 on
+    assert figures.not_restored_on_resume == ["xla_rng_state"]
+    expected = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses[3:]
+    assert figures.logged_losses == expected  # same data, LR and optimizer state from step 4 on
     mine = _adapter_tensors(train_dir / "checkpoint-6")
     theirs = _adapter_tensors(uninterrupted.root / "train" / "checkpoint-6")
     assert mine.keys() == theirs.keys()
@@ -204,6 +207,7 @@ def test_sigkill_during_a_save_then_rerun_continues_exactly(
         assert torch.equal(mine[name], theirs[name]), name
 
 
+@pytest.mark.slow  # the LoRA resume above covers the same code path in the default run
 def test_full_fine_tuning_resumes_exactly_and_consolidates(tmp_path, tiny_llama, flash_tokenized):
     """lora.enabled=false: optimum-neuron's model shards (shards/) are resumed and consolidated the same way."""
     full = {"lora": {"enabled": False}, "train": {**TRAIN, "learning_rate": 1e-4, "min_lr": 1e-5}}
@@ -213,8 +217,8 @@ def test_full_fine_tuning_resumes_exactly_and_consolidates(tmp_path, tiny_llama,
     assert torchrun(run, "train", env={"TRNFT_FAULT": "kill-during-save:6"}).returncode != 0
     resumed = ok(torchrun(run, "train"))
     assert "resuming from checkpoint-3 at step 3" in resumed.stdout
-    losses = run.manifest("train")["figures"]["logged_losses"]
-    assert losses == straight.manifest("train")["figures"]["logged_losses"][3:]
+    losses = run.figures("train", TrainiumTrainFigures).logged_losses
+    assert losses == straight.figures("train", TrainiumTrainFigures).logged_losses[3:]
     consolidated = ok(run.stage("consolidate")).stdout
     assert "full from checkpoint-6" in consolidated
     from safetensors.torch import load_file
@@ -236,8 +240,9 @@ def test_eager_attention_keeps_packed_samples_apart(make_run, tiny_llama):
         train={**TRAIN, "max_steps": 1, "save_steps": 1, "warmup_steps": 0},
     )
     ok(torchrun(run, "train"))
-    logged = run.manifest("train")["figures"]["logged_losses"]
-    assert run.manifest("train")["figures"]["optimum_neuron"]["attn_implementation"] == "eager"
+    figures = run.figures("train", TrainiumTrainFigures)
+    logged = figures.logged_losses
+    assert figures.optimum_neuron.attn_implementation == "eager"
     split = TokenizeOutput(run.root / "tokenize").split("train")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     seed = run.raw["train"]["seed"]
@@ -265,12 +270,25 @@ def test_precompilation_traces_the_steps_and_saves_nothing(tmp_path, tiny_llama,
         flash_tokenized,
         train={**TRAIN, "compile_steps": 2, "logging_steps": 50},
     )
-    proc = ok(torchrun(run, "train", env={"NEURON_EXTRACT_GRAPHS_ONLY": "1"}))
+    proc = ok(torchrun(run, "precompile", env={"NEURON_EXTRACT_GRAPHS_ONLY": "1"}))
     # logging_steps (50) > compile_steps (2): the trial run still logs once, so that graph is compiled too.
     assert "precompile: traced 2 steps, loss logged at step(s) [2]" in proc.stdout
     train_dir = run.root / "train"
     assert not train_dir.exists() or not any(train_dir.glob("checkpoint-*"))
     assert not (train_dir / "manifest.json").exists()
+
+
+def test_the_train_stage_refuses_to_run_under_neuron_parallel_compile(tmp_path, tiny_llama, flash_tokenized):
+    """Outputs are not real while graphs are extracted: a wrapped `trnft train` must not write checkpoints."""
+    run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized, train=TRAIN)
+    proc = run.stage("train", env={"NEURON_EXTRACT_GRAPHS_ONLY": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "trnft train: error: train: started under neuron_parallel_compile (NEURON_EXTRACT_GRAPHS_ONLY=1), where "
+        "model outputs are not real; run `trnft compile` to fill the compile cache and `trnft train` without "
+        "the wrapper"
+    ]
+    assert not (run.root / "train").exists()
 
 
 # --------------------------------------------------------------------------------------------------
