@@ -1,4 +1,4 @@
-"""The GPU platform: Lightning training (FSDP on CUDA, DDP with gloo or one process on CPU)."""
+"""The GPU platform: FSDP2 and tensor-parallel training over torch.distributed (NCCL on GPUs, gloo on CPU)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class GpuBackend(StageModules):
     compiles_graphs: bool = False
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
-        return 1, 1  # FSDP shards over every rank; no tensor or pipeline parallelism (yet)
+        return cfg.gpu.tp, 1  # FSDP2 shards over the data-parallel ranks; no pipeline parallelism
 
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
         return {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
@@ -28,9 +28,9 @@ class GpuBackend(StageModules):
         return []
 
     def owns_checkpoint(self, path: Path) -> bool:
-        from trnft.gpu.consolidate import is_lightning_checkpoint
+        from trnft.gpu.consolidate import holds_gpu_checkpoints
 
-        return is_lightning_checkpoint(path)
+        return holds_gpu_checkpoints(path)
 
     def consolidate_standalone(self, args: Any, log: Any) -> int:
         from trnft.gpu.consolidate import standalone

@@ -8,8 +8,11 @@ directory and the same job specs; its manifest says it was a no-op and what woul
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from trnft.common.config.run_config import RunConfig
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 
 
@@ -17,9 +20,18 @@ def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = pri
     return run_stage(SPECS["compile"], cfg, _body, force=force, log=log)
 
 
+@dataclass(frozen=True)
+class NoCompileFigures(Figures):
+    """The GPU path's compile stage: nothing was compiled, on purpose."""
+
+    KIND: ClassVar[str] = "compile/none"
+
+    graphs: int = 0
+
+
 def _body(ctx: StageContext) -> StageOutcome:
     ctx.log("compile: the GPU path compiles nothing ahead of time; recording a no-op")
     return StageOutcome(
         summary="no-op on GPU (nothing to precompile)",
-        figures={"backend": "gpu", "noop": True, "graphs": 0},
+        figures=NoCompileFigures(),
     )

@@ -1,49 +1,60 @@
-"""Train stage on the GPU path: a LightningModule over the tokenize stage's arrays.
+"""Train stage on the GPU path: FSDP2 and tensor parallelism over standard torch.distributed.
 
-This module imports torch and Lightning; only the GPU train stage (and its tests) import it.
+Processes: ``gpu.devices`` per node (every GPU by default; on CPU, gloo processes). Under torchrun (the
+Kubernetes PyTorchJob) the world comes from its environment; outside it, ``trnft train`` starts the
+processes itself with torchrun's launcher. ``gpu.tp`` ranks form a tensor-parallel group and read the same
+batch; data parallelism takes the rest (:mod:`trnft.gpu.parallel`).
 
-Placement (``gpu.strategy``): FSDP over CUDA devices, DDP over gloo for several CPU processes, or one
-device. Under ``torchrun`` (the Kubernetes PyTorchJob) the world comes from its environment; without it,
-``gpu.devices`` processes are started by Lightning. The training math is the Neuron path's:
+The training math is the Neuron path's:
 
-- the same batches: optimizer step ``s`` trains on :func:`~trnft.common.data.batch_indices` of ``s``,
-  micro-batch ``m`` of it split into contiguous per-rank slices (the XLA trainer's "data" mesh axis);
+- the same batches: optimizer step ``s`` trains on :func:`~trnft.common.training.data.batch_indices` of
+  ``s``; micro-batch ``m`` of it is split into contiguous per-data-parallel-rank slices;
 - the same loss: summed token cross-entropy over the whole global batch divided by its supervised tokens
-  (not a mean of per-micro-batch means), with the segment mask so packed samples never see each other;
-- the same optimizer: AdamW with :func:`~trnft.common.optim.decay_groups`, warmup + cosine
-  (:func:`~trnft.common.optim.lr_at`), global gradient-norm clipping (FSDP's own ``clip_grad_norm_``
-  under FSDP, where a local clip would see only a shard), fp32 trainable weights and optimizer state.
+  (gradients are summed over ranks, not averaged), with packed samples kept apart for every attention
+  implementation (:func:`forward_logits`);
+- the same optimizer: AdamW with :func:`~trnft.common.training.optim.decay_groups` on parameters that keep
+  their own shapes, warmup + cosine (:func:`~trnft.common.training.optim.lr_at`), clipping by the global
+  gradient norm over every shard, fp32 trainable weights and optimizer state.
 
-Checkpoints are ``<train>/checkpoint-<step>/lightning.ckpt`` (a file; a sharded folder for full
-fine-tuning under FSDP), written into a staging folder and renamed when complete (``done`` marker). LoRA
-checkpoints hold the adapter weights only; every checkpoint carries the LoRA settings and model config
-that ``consolidate`` needs. A restarted stage resumes from the newest complete checkpoint: weights,
-optimizer, scheduler, step; the data position and dropout follow from the step.
+Dropout of micro-batch ``m`` of step ``s`` is seeded from (seed, s, m), so neither the layout nor a
+resume changes what is drawn. Validation (``train.eval_steps``) runs ``train.eval_batches`` batches split
+over the data-parallel ranks; every rank runs the same number of forward passes (a rank with no batch
+left runs a discarded one), so sharded collectives never wait on a rank that stopped.
+
+Checkpoints (:mod:`trnft.gpu.checkpoint`) are sharded and atomic; a restarted stage resumes from the
+newest complete one written with the same settings: weights, optimizer moments, step; the data position
+and dropout follow from the step.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import importlib.util
 import json
+import math
 import os
+import resource
+import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from trnft.common.config.run_config import RunConfig
+from trnft.common.config.run_config import RunConfig, dump_config
 from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
+from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present, resolve_model_dir
 from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.training.data import (
     IGNORE_INDEX,
+    TokenizedSplit,
     TokenizeOutput,
     batch_indices,
     segment_allowed,
@@ -53,302 +64,491 @@ from trnft.common.training.data import (
 )
 from trnft.common.training.lora import ADAPTER, apply_lora, check_targets
 from trnft.common.training.optim import decay_groups, global_batch, lr_at
-
-# What consolidate reads from a checkpoint besides the weights (LoRA settings, model config, base).
-CHECKPOINT_META_KEY = "trnft"
+from trnft.gpu import checkpoint as ckpt
+from trnft.gpu import parallel
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
-    return run_stage(SPECS["train"], cfg, _body, force=force, log=log)
+    """The train stage: in this process (under torchrun, or one process), or in ``gpu.devices`` it starts.
+
+    Everything that can be refused (upstream, layout, batch, targets, vocabulary) is refused first, in one
+    line, before a process starts or a folder is made.
+    """
+    from trnft.common.pipeline.rundir import RunDir
+    from trnft.common.pipeline.stages import current_manifest, upstream_manifests
+
+    spec = SPECS["train"]
+    done = None if force else current_manifest(spec, cfg)
+    if done is not None:
+        log(
+            f"train: already complete ({done.get('finished_at')}, {done.get('summary', '')}); use --force to redo"
+        )
+        return StageResult(spec.name, True, done, RunDir(cfg.run.root).stage_dir(spec.name))
+    nproc = _processes_to_start(cfg)
+    world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else nproc
+    rundir = RunDir(cfg.run.root)
+    upstream_manifests(spec, cfg, rundir)
+    check(cfg, TokenizeOutput(rundir.stage_dir("tokenize")), world)
+    if nproc > 1:
+        return _launch(cfg, nproc, force=force, log=log)
+    return run_stage(spec, cfg, _body, force=force, log=log)
 
 
 # --------------------------------------------------------------------------------------------------
-# Placement
+# Where training runs
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where the LightningModule runs: accelerator, strategy, processes."""
-
-    accelerator: str  # "cuda" | "cpu"
-    strategy: str  # "fsdp" | "ddp" | "single"
-    devices: int  # per node
-    num_nodes: int
-
-    @property
-    def world(self) -> int:
-        return self.devices * self.num_nodes
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def placement(cfg: RunConfig) -> Placement:
-    """The placement for this process's environment; ConfigError for impossible requests."""
-    cuda = torch.cuda.is_available()
-    if "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:  # under torchrun
-        devices = int(os.environ["LOCAL_WORLD_SIZE"])
-        num_nodes = max(1, int(os.environ["WORLD_SIZE"]) // devices)
-    else:
-        devices = cfg.gpu.devices or (torch.cuda.device_count() if cuda else 1)
-        num_nodes = 1
-    if cuda and cfg.gpu.devices and cfg.gpu.devices > torch.cuda.device_count():
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ
+
+
+def _processes_to_start(cfg: RunConfig) -> int:
+    """How many processes ``trnft train`` must start itself (1: train in this one)."""
+    if _under_torchrun():
+        return 1
+    if device_type() == "cuda" and cfg.gpu.devices and cfg.gpu.devices > torch.cuda.device_count():
         raise ConfigError(
             f"gpu.devices: {cfg.gpu.devices} but this machine has {torch.cuda.device_count()} CUDA devices"
         )
-    world = devices * num_nodes
-    strategy = cfg.gpu.strategy
-    if strategy == "auto":
-        strategy = ("fsdp" if cuda else "ddp") if world > 1 else "single"
-    if strategy == "fsdp" and not cuda:
-        raise ConfigError(
-            "gpu.strategy: fsdp needs CUDA devices (Lightning's FSDP refuses the CPU); use ddp or single here"
+    default = torch.cuda.device_count() if device_type() == "cuda" else 1
+    return cfg.gpu.devices or default
+
+
+def _launch(cfg: RunConfig, nproc: int, *, force: bool, log: Callable[[str], None]) -> StageResult:
+    """Start ``nproc`` local processes with torchrun's launcher, each running this stage.
+
+    A failed process makes this one fail with its exit code (a signal as 128 + its number, as a shell
+    reports it), after the process's own error line.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from trnft.common.pipeline.rundir import RunDir
+
+    spec = SPECS["train"]
+    rundir = RunDir(cfg.run.root)
+    with tempfile.TemporaryDirectory(prefix="trnft-train-") as tmp:
+        config_path = Path(tmp) / "run.yaml"
+        config_path.write_text(dump_config(cfg))
+        argv = [
+            "-m",
+            "trnft.common.cli",
+            "train",
+            "--config",
+            str(config_path),
+            *(["--force"] if force else []),
+        ]
+        launch = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=f"trnft-{os.getpid()}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            max_restarts=0,
+            monitor_interval=1,
         )
-    if strategy == "single" and world > 1:
-        raise ConfigError(f"gpu.strategy: single runs one process, but {world} were started; use ddp or fsdp")
-    return Placement("cuda" if cuda else "cpu", strategy, devices, num_nodes)
+        log(f"train: starting {nproc} {device_type()} processes (gpu.devices)")
+        try:
+            with _threads_per_process(nproc):
+                elastic_launch(launch, sys.executable)(*argv)
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            code = 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode or 1
+            error = TrnftError(
+                f"train: process {rank} of {nproc} exited with code {code}; its error is above"
+            )
+            error.exit_code = code
+            raise error from exc
+    manifest = rundir.manifest(spec.name)
+    if manifest is None:
+        raise TrnftError(
+            f"train: the {nproc} processes ended without writing {rundir.stage_dir('train')}/manifest.json"
+        )
+    return StageResult(spec.name, False, manifest, rundir.stage_dir(spec.name))
 
 
-def attention_implementation(cfg: RunConfig, accelerator: str) -> str:
+@contextlib.contextmanager
+def _threads_per_process(nproc: int) -> Iterator[None]:
+    """Split the CPU threads between the started processes (as torchrun does), unless the user chose."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+
+
+def attention_implementation(cfg: RunConfig, device: str) -> str:
     """flash_attention_2 on CUDA when flash_attn is installed (auto), else sdpa; or what the config says."""
     wanted = cfg.gpu.attn_implementation
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if wanted == "auto":
-        return "flash_attention_2" if accelerator == "cuda" and has_flash else "sdpa"
-    if wanted == "flash_attention_2" and (accelerator != "cuda" or not has_flash):
+        return "flash_attention_2" if device == "cuda" and has_flash else "sdpa"
+    if wanted == "flash_attention_2" and (device != "cuda" or not has_flash):
         raise ConfigError(
             "gpu.attn_implementation: flash_attention_2 needs CUDA and the flash_attn package; use auto or sdpa"
         )
     return wanted
 
 
-def decoder_layer_classes(model: Any) -> set[type]:
-    """The model's own block classes (``_no_split_modules``), found among its modules by name.
+def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int) -> Any:
+    """Refuse what cannot work before any weights load: layout, batch, targets, vocabulary, validation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    FSDP wraps and activation-checkpoints these; nothing is imported by name, so any family works.
-    """
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
-    if not classes:
-        raise TrnftError(
-            f"model.name_or_path: {type(model).__name__} declares no decoder-layer class (_no_split_modules), "
-            "so FSDP cannot wrap it per layer; use gpu.strategy=ddp"
+    if world % cfg.gpu.tp:
+        raise ConfigError(
+            f"gpu.tp: {cfg.gpu.tp} does not divide the {world} training processes; use a divisor of {world} "
+            "or set gpu.devices"
         )
-    return classes
+    global_batch(cfg.train, world // cfg.gpu.tp)
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad path or config
+        raise TrnftError(
+            f"model.name_or_path: cannot load the model config of {cfg.model.name_or_path!r} ({exc})"
+        ) from exc
+    parallel.check_tensor_parallel(config, cfg.gpu.tp)
+    attention_implementation(cfg, device_type())
+    if tokenized.info["vocab_size"] > config.vocab_size:
+        raise TrnftError(
+            f"model.name_or_path: the tokenizer has {tokenized.info['vocab_size']} tokens but the model's vocabulary "
+            f"is {config.vocab_size}; retokenize with a pad token inside the vocabulary (dataset.pad_token)"
+        )
+    with torch.device("meta"):  # structure only: target names and decoder-layer classes, no weights
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.lora.enabled:
+        check_targets(skeleton, cfg.lora.target_modules)
+    parallel.decoder_layers(skeleton)
+    if cfg.train.eval_steps and not tokenized.has_split("validation"):
+        raise ConfigError(
+            "train.eval_steps: validation is on but the tokenize stage wrote no validation split; "
+            "set dataset.validation_ratio > 0 (and rerun tokenize) or train.eval_steps=0"
+        )
+    if cfg.train.eval_steps and len(tokenized.split("validation")) < cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"train.eval_steps: the validation split has {len(tokenized.split('validation'))} sequences, fewer "
+            f"than one batch of train.micro_batch_size={cfg.train.micro_batch_size}; add validation data or set "
+            "train.eval_steps=0"
+        )
+    if len(tokenized.split("train")) == 0:
+        raise TrnftError("tokenize produced no training sequences; check the dataset and templates")
+    return config
 
 
 # --------------------------------------------------------------------------------------------------
-# Data
+# The forward pass on packed rows
 
 
-class StepBatches:
-    """Micro-batches of this rank from optimizer step ``start`` on: item ``i`` is micro-batch
-    ``i % accumulation`` of step ``start + i // accumulation`` (map-style, so resuming needs only ``start``).
+def forward_logits(model: Any, batch: dict[str, Any], attn_implementation: str) -> Any:
+    """Logits ``[B, S, V]`` of a batch of packed rows, each sample seeing only its own tokens.
 
-    The length is that of a whole run (``max_steps`` steps), not of what is left: a resumed Lightning loop
-    restores its batch count within the epoch and would otherwise end the epoch early and restart this
-    loader from its first item, training on steps it has already seen.
+    flash_attention_2 keeps samples apart only in a single row whose ``position_ids`` restart at every
+    sample (transformers treats a batch of several rows as unpacked), so the ``B`` rows are flattened
+    into one row of ``B * S`` tokens and the logits reshaped back. sdpa and eager get the block-diagonal
+    causal mask of the segment ids, row by row.
     """
-
-    def __init__(self, tokenized: TokenizeOutput, cfg: RunConfig, start: int, rank: int, world: int) -> None:
-        self.split = tokenized.split("train")
-        self.train = cfg.train
-        self.start = start
-        self.rank = rank
-        self.world = world
-        self.accumulation = cfg.train.gradient_accumulation_steps
-        self.global_batch = global_batch(cfg.train, world)
-        self.per_pass = cfg.train.micro_batch_size * world  # sequences per forward pass, all ranks
-
-    def __len__(self) -> int:
-        return self.train.max_steps * self.accumulation
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        step, micro = divmod(i, self.accumulation)
-        step += self.start
-        idx = batch_indices(step, self.global_batch, len(self.split), self.train.seed)
-        pass_rows = idx[micro * self.per_pass : (micro + 1) * self.per_pass]
-        per_rank = self.train.micro_batch_size
-        mine = pass_rows[self.rank * per_rank : (self.rank + 1) * per_rank]
-        batch = {k: torch.from_numpy(v) for k, v in self.split.rows(mine).items()}
-        batch["normaliser"] = torch.tensor(float(max(1, self.split.supervised_tokens(idx))))
-        batch["tokens"] = torch.tensor(int((np.asarray(self.split.segment_ids[mine]) != 0).sum()))
-        batch["step"] = torch.tensor(step)
-        return batch
+    input_ids, position_ids = batch["input_ids"], batch["position_ids"]
+    rows, length = input_ids.shape
+    if attn_implementation == "flash_attention_2":
+        logits = model(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1)).logits
+        return logits.reshape(rows, length, -1)
+    if attn_implementation == "sdpa":
+        mask = segment_allowed(batch["segment_ids"])
+    else:
+        mask = segment_attention_mask(batch["segment_ids"], dtype=torch.float32)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
 
 
-class ValidationBatches:
-    """The validation split in order, ``micro_batch_size`` sequences per batch, batches dealt to ranks."""
-
-    def __init__(self, tokenized: TokenizeOutput, cfg: RunConfig, rank: int, world: int) -> None:
-        self.split = tokenized.split("validation")
-        self.size = cfg.train.micro_batch_size
-        self.batches = [
-            b for b in range(len(self.split) // self.size) if b % world == rank
-        ]  # whole batches only: static shapes
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        b = self.batches[i]
-        rows = np.arange(b * self.size, (b + 1) * self.size)
-        return {k: torch.from_numpy(v) for k, v in self.split.rows(rows).items()}
+def micro_batch_seed(seed: int, step: int, micro: int) -> int:
+    """Dropout seed of global micro-batch ``micro`` of step ``step``: the same on any layout and on resume."""
+    return step_seed(seed, step) + (micro << 32)
 
 
 # --------------------------------------------------------------------------------------------------
-# The LightningModule
+# Figures
 
 
-class CausalLMModule(pl.LightningModule):
-    """A Hugging Face causal LM (PEFT LoRA or full) trained with the shared loss and schedule."""
+@dataclass(frozen=True)
+class ValidationLoss:
+    step: int
+    loss: float
 
-    def __init__(self, cfg: RunConfig, attn_implementation: str, world: int, fingerprint: str) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.attn_implementation = attn_implementation
+
+@dataclass(frozen=True)
+class GpuTrainFigures(Figures):
+    KIND: ClassVar[str] = "train/gpu"
+
+    backend: str  # fsdp2-<device>
+    attention: str
+    tp: int
+    dp: int
+    steps_this_run: int
+    resumed_from: str | None
+    start_step: int
+    end_step: int
+    stopped_early: bool
+    first_loss: float | None
+    final_loss: float | None
+    losses: list[float]
+    grad_norms: list[float]
+    validation: list[ValidationLoss]
+    tokens_per_second: float | None
+    wall_s: float
+    trainable_parameters: int  # whole-model count (every shard counted once)
+    peak_host_rss_mb: float  # the largest of any rank's peak resident memory
+    checkpoints_saved: list[str]
+    final_checkpoint: str
+
+    def summary(self) -> str:
+        text = f"{self.end_step} steps"
+        if self.losses:
+            text += f", loss {self.losses[0]:.3f} -> {self.losses[-1]:.3f}"
+        if self.stopped_early:
+            text += " (early stop)"
+        return text + f", {self.final_checkpoint}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class _History:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    validation: list[ValidationLoss] = field(default_factory=list)
+
+
+class GpuTrainer:
+    """One rank's model shard, optimizer and data; ``step()`` runs one optimizer step on every rank."""
+
+    def __init__(self, ctx: StageContext, world: parallel.World, tokenized: TokenizeOutput) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
         self.world = world
-        self.fingerprint = fingerprint
-        self.model: Any = None
-        self.trainable: set[str] = set()
-        self.strict_loading = False  # LoRA checkpoints hold the adapter only; see on_load_checkpoint
-        self.history: list[float] = []
-        self.val_history: list[dict[str, float]] = []
-        self.grad_norm = 0.0
-        self._step_loss = None
-        self._val_sum = None
-        self._val_tokens = None
-
-    # -- model ---------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        from transformers import AutoModelForCausalLM
-
-        cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)  # LoRA init; the same rule as the XLA trainer
-        # Frozen base weights in model.dtype; trainable weights are always fp32 masters.
-        dtype = getattr(torch, cfg.model.dtype) if cfg.lora.enabled else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.model.name_or_path, revision=cfg.model.revision, dtype=dtype,
-            attn_implementation=self.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
-            low_cpu_mem_usage=True,
-        )  # fmt: skip
-        model.config.use_cache = False
-        if cfg.lora.enabled:
-            model = apply_lora(model, cfg, cfg.lora.target_modules)
-        model.train()  # from_pretrained returns eval mode (dropout off)
-        self.trainable = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
-        self.model = model
-
-    # -- steps ---------------------------------------------------------------------------
-    def _loss_sum(self, batch: dict[str, Any]) -> tuple[Any, Any]:
-        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-        if self.attn_implementation == "flash_attention_2":
-            pass  # varlen kernels find the packed samples from the restarting position_ids
-        elif self.attn_implementation == "sdpa":
-            kwargs["attention_mask"] = segment_allowed(batch["segment_ids"])
-        else:
-            kwargs["attention_mask"] = segment_attention_mask(batch["segment_ids"], dtype=torch.float32)
-        total = summed_token_loss(self.model(**kwargs).logits, batch["labels"])
-        return total, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if batch_idx % self.cfg.train.gradient_accumulation_steps == 0:
-            # Dropout of step s is a function of s alone, so a resumed run draws what the original did.
-            torch.manual_seed(step_seed(self.cfg.train.seed, int(batch["step"])))
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
-        total, _ = self._loss_sum(batch)
-        part = total / batch["normaliser"]
-        self._step_loss = part.detach() if self._step_loss is None else self._step_loss + part.detach()
-        # Lightning divides by the accumulation and DDP/FSDP average over ranks; the sum over all
-        # micro-batches and ranks of total/normaliser is the global-batch loss we want the gradient of.
-        return part * (self.cfg.train.gradient_accumulation_steps * self.world)
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        loss = self.trainer.strategy.reduce(self._step_loss, reduce_op="sum")
-        self._step_loss = None
-        self.history.append(float(loss))
-        self.log("train/loss", float(loss), on_step=True, on_epoch=False, sync_dist=False)
-
-    def configure_gradient_clipping(self, optimizer: Any, *_: Any, **__: Any) -> None:
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
-        wrapped = self.trainer.strategy.model
-        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm over every rank's shard
-            norm = wrapped.clip_grad_norm_(max_norm)
-        else:
-            params = [p for p in self.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.grad_norm = float(norm)
-        self.log("train/grad_norm", self.grad_norm, on_step=True, on_epoch=False, sync_dist=False)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        total, count = self._loss_sum(batch)
-        self._val_sum = total.detach() if self._val_sum is None else self._val_sum + total.detach()
-        self._val_tokens = count if self._val_tokens is None else self._val_tokens + count
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val_sum is None:
-            return
-        total = self.trainer.strategy.reduce(self._val_sum.float(), reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_tokens.float(), reduce_op="sum")
-        self._val_sum = self._val_tokens = None
-        loss = float(total / count.clamp_min(1))
-        self.val_history.append({"step": int(self.trainer.global_step), "loss": loss})
-        self.log("val_loss", loss, on_step=False, on_epoch=True, sync_dist=False)
-
-    # -- optimizer -----------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
+        self.tokenized = tokenized
+        self.split: TokenizedSplit = tokenized.split("train")
         train = self.cfg.train
-        groups = decay_groups(self.named_parameters(), train.weight_decay)
-        optimizer = torch.optim.AdamW(
-            groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
-            fused=self.device.type == "cuda",
-        )  # fmt: skip
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, train=train))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        self.micro = train.micro_batch_size
+        self.accumulation = train.gradient_accumulation_steps
+        self.global_batch = global_batch(train, world.dp)
+        self.attn = attention_implementation(self.cfg, world.device.type)
+        self.step_count = 0
+        self.history = _History()
 
-    # -- checkpoints ---------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.cfg.lora.enabled and "state_dict" in checkpoint:
-            checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if k in self.trainable
-            }
-        checkpoint[CHECKPOINT_META_KEY] = self.checkpoint_meta()
+    # -- set-up -----------------------------------------------------------------------------------
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        cfg = self.cfg
-        base = self.model.get_base_model() if cfg.lora.enabled else self.model
-        meta = {
-            "format": 1,
-            "mode": "lora" if cfg.lora.enabled else "full",
-            "base_model": cfg.model.name_or_path,
-            "base_dtype": cfg.model.dtype,
-            "model_config": base.config.to_dict(),
-            "module_prefix": "model.",
-            "fingerprint": self.fingerprint,
-            "losses": list(self.history),
-            "validation": list(self.val_history),
-        }
+    def build(self) -> None:
+        """The sharded model with its base weights and fresh LoRA, and the optimizer."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg, world = self.cfg, self.world
+        model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+        # Frozen base weights in model.dtype; trained weights are fp32 masters.
+        dtype = getattr(torch, cfg.model.dtype) if cfg.lora.enabled else torch.float32
+        with parallel.parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(
+                config,
+                dtype=dtype,
+                attn_implementation=self.attn,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+            if cfg.lora.enabled:
+                model = apply_lora(model, cfg, cfg.lora.target_modules)
+        model.config.use_cache = False
+        base = model.get_base_model() if cfg.lora.enabled else model
+        if cfg.gpu.activation_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        parallel.shard(
+            model,
+            world,
+            parallel.ShardSettings(
+                tp=cfg.gpu.tp,
+                bf16=cfg.train.bf16,
+                reshard_after_forward=cfg.gpu.reshard_after_forward,
+                cpu_offload=cfg.gpu.cpu_offload,
+            ),
+        )
+        parallel.materialize(model, world.device, buffers)
+        parallel.load_base_weights(model, model_dir, world.device)
         if cfg.lora.enabled:
-            peft_cfg = self.model.peft_config[ADAPTER]
-            meta["adapter_name"] = ADAPTER
-            meta["peft_config"] = _jsonable(peft_cfg.to_dict())
-        return meta
+            parallel.init_lora_weights(model, cfg.train.seed, world.device)
+        model.train()  # dropout on
+        self.model = model
+        self.model_config = config
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        train = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+            eps=train.adam_epsilon, foreach=True,
+        )  # fmt: skip
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if state is not None:  # FSDP loads weights itself and pops them before this hook
-            missing = sorted(self.trainable - set(state))
-            if missing:
-                raise TrnftError(
-                    f"checkpoint lacks trained weight {missing[0]} (and {len(missing) - 1} more)"
-                )
-        meta = checkpoint.get(CHECKPOINT_META_KEY, {})
-        self.history = list(meta.get("losses", []))
-        self.val_history = list(meta.get("validation", []))
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Decay groups, each split by device mesh (foreach updates run per group of one mesh)."""
+        from torch.distributed.tensor import DTensor
 
+        groups = []
+        for group in decay_groups(self.model.named_parameters(), self.cfg.train.weight_decay):
+            by_mesh: dict[Any, list[Any]] = {}
+            for p in group["params"]:
+                by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+            groups += [{**group, "params": params} for params in by_mesh.values()]
+        return groups
 
-def _lr_factor(step: int, *, train: Any) -> float:
-    return lr_at(step, train) / train.learning_rate
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable)  # DTensor.numel() is the whole tensor's
+
+    def resume(self, checkpoint: Path) -> None:
+        state = ckpt.checkpoint_state(checkpoint)
+        ckpt.load_sharded(checkpoint, self.model, self.optimizer)
+        self.step_count = int(state["step"])
+        self.history = _History(
+            list(state["losses"]),
+            list(state.get("grad_norms", [])),
+            [ValidationLoss(**v) for v in state.get("validation", [])],
+        )
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _device_batch(self, split: TokenizedSplit, rows: np.ndarray) -> dict[str, Any]:
+        return {k: torch.from_numpy(v).to(self.world.device) for k, v in split.rows(rows).items()}
+
+    def _rows(self, idx: np.ndarray, micro: int) -> np.ndarray:
+        """This data-parallel rank's rows of micro-batch ``micro`` of a step's global batch."""
+        per_pass = self.micro * self.world.dp
+        start = micro * per_pass + self.world.dp_rank * self.micro
+        return idx[start : start + self.micro]
+
+    def step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns (loss, pre-clip gradient norm, non-pad tokens of all ranks)."""
+        cfg, world = self.cfg, self.world
+        train = cfg.train
+        step = self.step_count
+        idx = batch_indices(step, self.global_batch, len(self.split), train.seed)
+        normaliser = float(max(1, self.split.supervised_tokens(idx)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, train)
+        loss = torch.zeros((), dtype=torch.float32, device=world.device)
+        tokens = 0
+        for m in range(self.accumulation):
+            rows = self._rows(idx, m)
+            batch = self._device_batch(self.split, rows)
+            tokens += int((batch["segment_ids"] != 0).sum())
+            torch.manual_seed(micro_batch_seed(train.seed, step, m * world.dp + world.dp_rank))
+            part = (
+                summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"]) / normaliser
+            )
+            part.backward()
+            loss += part.detach()
+        norm = parallel.grad_norm(self.trainable, world)
+        dist.all_reduce(loss, group=world.dp_group)
+        if not (math.isfinite(float(loss)) and math.isfinite(float(norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            what, value = (
+                ("loss", float(loss)) if not math.isfinite(float(loss)) else ("gradient norm", float(norm))
+            )
+            raise TrnftError(
+                f"train: step {step + 1} has a non-finite {what} ({value}); stopped before the update, nothing "
+                "of this step is saved. Lower train.learning_rate or check the data"
+            )
+        if train.max_grad_norm > 0:
+            coef = torch.clamp(train.max_grad_norm / (norm + 1e-6), max=1.0)
+            for p in self.trainable:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        counted = torch.tensor(float(tokens), device=world.device)
+        dist.all_reduce(counted, group=world.dp_group)
+        self.step_count += 1
+        self.history.losses.append(float(loss))
+        self.history.grad_norms.append(float(norm))
+        return float(loss), float(norm), int(counted)
+
+    def validate(self) -> float:
+        """Mean token loss over ``train.eval_batches`` validation batches, split over the data-parallel ranks."""
+        world = self.world
+        split = self.tokenized.split("validation")
+        batches = min(self.cfg.train.eval_batches, len(split) // self.micro)  # >= 1 (check)
+        totals = torch.zeros(2, dtype=torch.float64, device=world.device)  # summed loss, supervised tokens
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(math.ceil(batches / world.dp)):
+                b = i * world.dp + world.dp_rank
+                real = b < batches
+                rows = np.arange(self.micro) + (b if real else 0) * self.micro
+                batch = self._device_batch(split, rows)
+                total = summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"])
+                if real:  # a rank with no batch left still runs one, so every collective has all ranks
+                    totals[0] += total.double()
+                    totals[1] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.model.train()
+        dist.all_reduce(totals, group=world.dp_group)
+        loss = float(totals[0] / totals[1].clamp_min(1))
+        self.history.validation.append(ValidationLoss(self.step_count, loss))
+        return loss
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def meta(self) -> ckpt.CheckpointMeta:
+        cfg = self.cfg
+        peft_config = None
+        if cfg.lora.enabled:
+            peft_config = _jsonable(self.model.peft_config[ADAPTER].to_dict())
+            peft_config["base_model_name_or_path"] = cfg.model.name_or_path
+        return ckpt.CheckpointMeta(
+            format=ckpt.META_FORMAT,
+            mode="lora" if cfg.lora.enabled else "full",
+            base_model=cfg.model.name_or_path,
+            base_dtype=cfg.model.dtype,
+            model_config=self.model_config.to_dict(),
+            peft_config=peft_config,
+            adapter_name=ADAPTER if cfg.lora.enabled else None,
+        )
+
+    def save(self) -> str:
+        """Checkpoint the current step on every rank; rank 0 commits it. Returns its folder name."""
+        world, train_dir, step = self.world, self.ctx.out_dir, self.step_count
+        box = [str(checkpoints.staging_dir(train_dir, step)) if world.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        staged = Path(box[0])
+        if world.is_main:
+            staged.mkdir(parents=True)
+        dist.barrier()
+        ckpt.save_sharded(staged, self.model, self.optimizer)
+        dist.barrier()  # every rank's shards are on disk
+        if world.is_main:
+            self.meta().write(staged)
+            state_dir = staged / checkpoints.TRNFT_STATE
+            state_dir.mkdir()
+            state = {
+                "step": step,
+                "fingerprint": self.ctx.fingerprint,
+                "losses": self.history.losses,
+                "grad_norms": self.history.grad_norms,
+                "validation": [{"step": v.step, "loss": v.loss} for v in self.history.validation],
+                "layout": {"dp": world.dp, "tp": world.tp},
+                "data_position": {"step": step, "rule": "optimizer step s trains on batch_indices(s)"},
+            }
+            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
+            copy_present(TOKENIZER_FILES, [self.tokenized.tokenizer_dir], staged)
+            checkpoints.write_done(staged)
+            checkpoints.fault_point("save", step)
+            checkpoints.commit(train_dir, staged, step)
+            checkpoints.prune(train_dir, self.cfg.train.keep_checkpoints, self.ctx.log)
+        dist.barrier()
+        return f"checkpoint-{step}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -365,342 +565,187 @@ def _jsonable(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# Callbacks: atomic checkpoints and progress lines
+# The stage: set up, train, report
 
 
-class AtomicCheckpoints(pl.Callback):
-    """``checkpoint-<step>`` every ``train.save_steps`` steps and at the end, staged then renamed."""
+@dataclass
+class _Run:
+    """What the loop counts while it runs."""
 
-    def __init__(self, ctx: StageContext, tokenizer_dir: Path) -> None:
-        self.ctx = ctx
-        self.tokenizer_dir = tokenizer_dir
-        self.saved: list[str] = []
-        self.last_step = -1
+    start: int
+    resumed_from: str | None
+    saved: list[str] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    best_validation: float = math.inf
+    without_improvement: int = 0
+    wall: float = 0.0
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.last_step = trainer.global_step  # the resumed step is saved already
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *_: Any) -> None:
-        step = trainer.global_step
-        if step == self.last_step:
-            return  # inside an accumulation window
-        self.last_step = step
-        every = self.ctx.cfg.train.save_steps
-        if step % every == 0 or step == self.ctx.cfg.train.max_steps:
-            self.save(trainer, pl_module, step)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        step = trainer.global_step
-        if (
-            step > 0
-            and f"checkpoint-{step}" not in self.saved
-            and not (self.ctx.out_dir / f"checkpoint-{step}").exists()
-        ):
-            self.save(trainer, pl_module, step)  # stopped early: keep what was trained
+def _resume_point(ctx: StageContext, world: parallel.World) -> Path | None:
+    """Rank 0 picks the checkpoint (and clears leftovers); every rank gets its answer."""
+    box = [None]
+    if world.is_main:
+        found = checkpoints.resume_point(ctx.out_dir, ctx.fingerprint, ctx.log)
+        box = [str(found) if found else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] else None
 
-    def save(self, trainer: Any, pl_module: Any, step: int) -> None:
-        train_dir = self.ctx.out_dir
-        main = trainer.is_global_zero
-        staged = Path(trainer.strategy.broadcast(str(checkpoints.staging_dir(train_dir, step))))
+
+def _setup(ctx: StageContext) -> tuple[GpuTrainer, _Run, _Scalars | None]:
+    cfg = ctx.cfg
+    world = parallel.start_world(cfg.gpu.tp, device_type())
+    tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
+    trainer = GpuTrainer(ctx, world, tokenized)
+    trainer.build()
+    resume = _resume_point(ctx, world)
+    if resume is not None:
+        trainer.resume(resume)
+    if world.is_main:
+        kind = "LoRA" if cfg.lora.enabled else "full fine-tuning"
+        ctx.log(
+            f"train: FSDP2 on {world.size} {world.device.type} process(es) (dp {world.dp} x tp {world.tp}), {kind}, "
+            f"{trainer.trainable_parameters():,} trained parameters, attention {trainer.attn}, "
+            f"global batch {trainer.global_batch}"
+            + (f", resuming {resume.name} at step {trainer.step_count}" if resume else "")
+        )
+    writer = _Scalars(ctx) if world.is_main else None
+    return trainer, _Run(trainer.step_count, resume.name if resume else None), writer
+
+
+def _train(ctx: StageContext, trainer: GpuTrainer, run: _Run, writer: _Scalars | None) -> None:
+    train = ctx.cfg.train
+    main = trainer.world.is_main
+    t0 = time.perf_counter()
+    while trainer.step_count < train.max_steps:
+        started = time.perf_counter()
+        loss, norm, tokens = trainer.step()
+        step = trainer.step_count
+        if step > run.start + 1:  # the first step includes start-up (allocations, kernels)
+            run.tokens += tokens
+            run.seconds += time.perf_counter() - started
+        checkpoints.fault_point("step", step)
+        if main and (step % train.logging_steps == 0 or step in (run.start + 1, train.max_steps)):
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            ctx.log(
+                f"train: step {step}/{train.max_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {norm:.3f} "
+                f"tokens/s {run.rate():,.0f}"
+            )
+        if writer is not None:
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            writer.add({"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": norm}, step)
+        if train.eval_steps and step % train.eval_steps == 0:
+            _validate(ctx, trainer, run, writer)
+        if step % train.save_steps == 0 or step == train.max_steps or run.stopped_early:
+            run.saved.append(trainer.save())
+            if main:
+                ctx.log(f"train: saved {run.saved[-1]}")
         if main:
-            staged.mkdir(parents=True)
-        trainer.strategy.barrier("trnft-save-start")
-        trainer.save_checkpoint(staged / checkpoints.LIGHTNING_CKPT)
-        trainer.strategy.barrier("trnft-save-written")
-        if main:
-            state_dir = staged / checkpoints.TRNFT_STATE
-            state_dir.mkdir()
-            state = {
-                "step": step,
-                "fingerprint": self.ctx.fingerprint,
-                "losses": pl_module.history,
-                "validation": pl_module.val_history,
-                "data_position": {"step": step, "rule": "optimizer step s trains on batch_indices(s)"},
-            }
-            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
-            copy_present(TOKENIZER_FILES, [self.tokenizer_dir], staged)
-            checkpoints.write_done(staged)
-            checkpoints.fault_point("save", step)
-            checkpoints.commit(train_dir, staged, step)
-            checkpoints.prune(train_dir, self.ctx.cfg.train.keep_checkpoints, self.ctx.log)
-            self.ctx.log(f"train: saved checkpoint-{step}")
-        self.saved.append(f"checkpoint-{step}")
-        trainer.strategy.barrier("trnft-save-done")
+            ctx.rundir.write_progress("train", {"summary": f"step {step} of {train.max_steps}", "step": step})
+        if run.stopped_early:
+            break
+    run.wall = time.perf_counter() - t0
 
 
-class StepLines(pl.Callback):
-    """The Neuron path's progress line every ``train.logging_steps`` steps; tokens/s; progress file."""
-
-    def __init__(self, ctx: StageContext, start: int) -> None:
-        self.ctx = ctx
-        self.start = start
-        self.tokens = 0
-        self.seconds = 0.0
-        self.window_tokens = 0
-        self._t0 = None
-        self.last_step = start
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-        self.window_tokens += int(batch["tokens"])
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *_: Any) -> None:
-        step = trainer.global_step
-        if step == self.last_step:
-            return
-        self.last_step = step
-        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        tokens = int(trainer.strategy.reduce(_as_tensor(self.window_tokens, pl_module), reduce_op="sum"))
-        self._t0, self.window_tokens = None, 0
-        if step > self.start + 1:  # the first step includes start-up (allocations, kernels)
-            self.tokens += tokens
-            self.seconds += elapsed
-        cfg = self.ctx.cfg
-        if trainer.is_global_zero:
-            if step % cfg.train.logging_steps == 0 or step in (self.start + 1, cfg.train.max_steps):
-                rate = self.tokens / self.seconds if self.seconds else 0.0
-                lr = trainer.optimizers[0].param_groups[0]["lr"]
-                loss = pl_module.history[-1] if pl_module.history else float("nan")
-                self.ctx.log(
-                    f"train: step {step}/{cfg.train.max_steps} loss {loss:.4f} lr {lr:.2e} "
-                    f"grad_norm {pl_module.grad_norm:.3f} tokens/s {rate:,.0f}"
-                )
-            self.ctx.rundir.write_progress(
-                "train", {"summary": f"step {step} of {cfg.train.max_steps}", "step": step}
+def _validate(ctx: StageContext, trainer: GpuTrainer, run: _Run, writer: _Scalars | None) -> None:
+    patience = ctx.cfg.train.early_stopping_patience
+    loss = trainer.validate()
+    if loss < run.best_validation:
+        run.best_validation, run.without_improvement = loss, 0
+    else:
+        run.without_improvement += 1
+    if trainer.world.is_main:
+        ctx.log(f"train: step {trainer.step_count} validation loss {loss:.4f}")
+    if writer is not None:
+        writer.add({"val/loss": loss}, trainer.step_count)
+    if patience and run.without_improvement >= patience:
+        run.stopped_early = True
+        if trainer.world.is_main:
+            ctx.log(
+                f"train: early stop at step {trainer.step_count}: {patience} validations without improvement"
             )
 
 
-def _as_tensor(value: int, module: Any) -> Any:
-    return torch.tensor(float(value), device=module.device)
+def _peak_rss_mb(world: parallel.World) -> float:
+    peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=world.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return round(float(peak), 1)
 
 
-# --------------------------------------------------------------------------------------------------
-# The stage
-
-
-def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int) -> Any:
-    """Refuse what cannot work before any weights load: batch, targets, vocabulary, validation split."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    global_batch(cfg.train, world)
-    try:
-        config = AutoConfig.from_pretrained(
-            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        )
-    except Exception as exc:
-        raise TrnftError(
-            f"model.name_or_path: cannot load the model config of {cfg.model.name_or_path!r} ({exc})"
-        ) from None
-    if tokenized.info["vocab_size"] > config.vocab_size:
-        raise TrnftError(
-            f"model.name_or_path: the tokenizer has {tokenized.info['vocab_size']} tokens but the model's vocabulary "
-            f"is {config.vocab_size}; retokenize with a pad token inside the vocabulary (dataset.pad_token)"
-        )
-    with torch.device("meta"):  # structure only: target names and decoder-layer classes, no weights
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.lora.enabled:
-        check_targets(skeleton, cfg.lora.target_modules)
-    if cfg.train.eval_steps and not tokenized.has_split("validation"):
-        raise ConfigError(
-            "train.eval_steps: validation is on but the tokenize stage wrote no validation split; "
-            "set dataset.validation_ratio > 0 (and rerun tokenize) or train.eval_steps=0"
-        )
-    if len(tokenized.split("train")) == 0:
-        raise TrnftError("tokenize produced no training sequences; check the dataset and templates")
-    return skeleton
-
-
-def wrap_policy(layers: set[type], *, lora: bool) -> Callable[..., bool]:
-    """FSDP auto-wrap: one unit per decoder layer and, with LoRA, one per LoRA A/B leaf.
-
-    Separate units keep frozen and trainable weights out of one flat parameter (each unit is sharded,
-    gathered and, for the LoRA ones, reduced on its own).
-    """
-    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
-
-    def trainable_leaf(module: Any) -> bool:
-        weight = getattr(module, "weight", None)
-        return lora and not list(module.children()) and weight is not None and weight.requires_grad
-
-    return functools.partial(
-        _or_policy,
-        policies=[
-            functools.partial(lambda_auto_wrap_policy, lambda_fn=trainable_leaf),
-            functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers),
-        ],
+def _report(ctx: StageContext, trainer: GpuTrainer, run: _Run) -> StageOutcome:
+    world = trainer.world
+    final = checkpoints.newest_complete(ctx.out_dir)
+    if final is None or final.step != trainer.step_count:
+        raise TrnftError(f"train: ended at step {trainer.step_count} without checkpoint-{trainer.step_count}")
+    history = trainer.history
+    figures = GpuTrainFigures(
+        backend=f"fsdp2-{world.device.type}",
+        attention=trainer.attn,
+        tp=world.tp,
+        dp=world.dp,
+        steps_this_run=trainer.step_count - run.start,
+        resumed_from=run.resumed_from,
+        start_step=run.start,
+        end_step=trainer.step_count,
+        stopped_early=run.stopped_early,
+        first_loss=history.losses[0] if history.losses else None,
+        final_loss=history.losses[-1] if history.losses else None,
+        losses=history.losses,
+        grad_norms=history.grad_norms,
+        validation=history.validation,
+        tokens_per_second=round(run.rate(), 1) if run.seconds else None,
+        wall_s=round(run.wall, 2),
+        trainable_parameters=trainer.trainable_parameters(),
+        peak_host_rss_mb=_peak_rss_mb(world),
+        checkpoints_saved=run.saved,
+        final_checkpoint=final.path.name,
     )
-
-
-def _strategy(cfg: RunConfig, where: Placement, skeleton: Any) -> Any:
-    if where.strategy == "single":
-        return "auto"
-    if where.strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(process_group_backend="gloo" if where.accelerator == "cpu" else "nccl")
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import MixedPrecision
-
-    layers = decoder_layer_classes(skeleton)
-    policy = wrap_policy(layers, lora=cfg.lora.enabled)
-    bf16 = cfg.train.bf16
-    return FSDPStrategy(
-        auto_wrap_policy=policy,
-        activation_checkpointing_policy=layers if cfg.gpu.activation_checkpointing else None,
-        sharding_strategy=cfg.gpu.sharding_strategy,
-        cpu_offload=cfg.gpu.cpu_offload,
-        mixed_precision=MixedPrecision(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16
-        )
-        if bf16
-        else None,
-        # LoRA: the full state dict is filtered to the adapter before it is written (on_save_checkpoint).
-        state_dict_type="full" if cfg.lora.enabled else "sharded",
-        use_orig_params=True,
-        limit_all_gathers=True,
-    )
-
-
-def _loggers(cfg: RunConfig, train_dir: Path, log: Callable[[str], None]) -> list[Any]:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    loggers: list[Any] = [TensorBoardLogger(save_dir=str(train_dir), name="tensorboard", version="")]
-    if cfg.gpu.wandb:
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-
-            loggers.append(WandbLogger(project="trnft", name=cfg.run.name, save_dir=str(train_dir)))
-        except Exception as exc:  # W&B is optional; the run goes on with TensorBoard
-            log(f"warning: gpu.wandb is on but W&B could not start ({exc}); logging to TensorBoard only")
-    return loggers
-
-
-def _quiet_lightning() -> None:
-    """Keep Lightning's banner lines and known-harmless warnings out of the stage log."""
-    import logging
-    import warnings
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for message in (
-        r".*defined a `validation_step` but have no `val_dataloader`.*",
-        r".*resuming from a checkpoint that ended before the epoch ended.*",
-        r".*does not have many workers which may be a bottleneck.*",
-        r".*`training_step` returned `None`.*",
-    ):
-        warnings.filterwarnings("ignore", message=message)
+    layout = {"tp": world.tp, "dp": world.dp, "world": world.size, "global_batch": trainer.global_batch}
+    return StageOutcome(summary=figures.summary(), figures=figures, layout=layout)
 
 
 def _body(ctx: StageContext) -> StageOutcome:
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+    trainer, run, writer = _setup(ctx)
+    try:
+        _train(ctx, trainer, run, writer)
+        return _report(ctx, trainer, run)
+    finally:
+        if writer is not None:
+            writer.close()
+        parallel.stop_world()
 
-    _quiet_lightning()
-    cfg, log = ctx.cfg, ctx.log
-    where = placement(cfg)
-    tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
-    skeleton = check(cfg, tokenized, where.world)
-    attn = attention_implementation(cfg, where.accelerator)
-    train_dir = ctx.out_dir
-    if ctx.is_main:
-        resume = checkpoints.resume_point(train_dir, ctx.fingerprint, log)
-    else:
-        newest = checkpoints.newest_complete(train_dir)
-        resume = newest.path if newest else None
-    start = json.loads((resume / checkpoints.TRNFT_STATE / "state.json").read_text())["step"] if resume else 0
 
-    module = CausalLMModule(cfg, attn, where.world, ctx.fingerprint)
-    saver = AtomicCheckpoints(ctx, tokenized.tokenizer_dir)
-    lines = StepLines(ctx, start)
-    callbacks: list[Any] = [LearningRateMonitor(logging_interval="step"), saver, lines]
-    accumulation = cfg.train.gradient_accumulation_steps
-    validate = cfg.train.eval_steps > 0
-    if validate and cfg.train.early_stopping_patience:
-        callbacks.append(
-            EarlyStopping(monitor="val_loss", mode="min", patience=cfg.train.early_stopping_patience,
-                          check_on_train_epoch_end=False)
-        )  # fmt: skip
-    trainer = pl.Trainer(
-        accelerator="gpu" if where.accelerator == "cuda" else "cpu",
-        devices=where.devices,
-        num_nodes=where.num_nodes,
-        strategy=_strategy(cfg, where, skeleton),
-        precision="bf16-mixed" if cfg.train.bf16 else "32-true",
-        max_steps=cfg.train.max_steps,
-        accumulate_grad_batches=accumulation,
-        logger=_loggers(cfg, train_dir, log),
-        callbacks=callbacks,
-        log_every_n_steps=cfg.train.logging_steps,
-        val_check_interval=cfg.train.eval_steps * accumulation if validate else 1.0,
-        check_val_every_n_epoch=None if validate else 1,
-        limit_val_batches=cfg.train.eval_batches if validate else 0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=str(train_dir),
-    )
-    rank, world = trainer.global_rank, trainer.world_size
-    from torch.utils.data import DataLoader
+class _Scalars:
+    """Rank 0's scalars: TensorBoard under ``<train>/tensorboard`` and, with ``gpu.wandb``, Weights & Biases."""
 
-    train_loader = DataLoader(StepBatches(tokenized, cfg, start, rank, world), batch_size=None, shuffle=False)
-    val_loader = (
-        DataLoader(ValidationBatches(tokenized, cfg, rank, world), batch_size=None, shuffle=False)
-        if validate
-        else None
-    )
-    if ctx.is_main:
-        kind = "LoRA" if cfg.lora.enabled else "full fine-tuning"
-        log(
-            f"train: Lightning {where.strategy} on {where.world} {where.accelerator} process(es), {kind}, "
-            f"attention {attn}, global batch {global_batch(cfg.train, world)}"
-            + (f", resuming {resume.name} at step {start}" if resume else "")
-        )
-    t0 = time.perf_counter()
-    trainer.fit(
-        module,
-        train_dataloaders=train_loader,
-        val_dataloaders=val_loader,
-        ckpt_path=str(resume / checkpoints.LIGHTNING_CKPT) if resume else None,
-    )
-    wall = time.perf_counter() - t0
-    final = checkpoints.newest_complete(train_dir)
-    stopped_early = trainer.global_step < cfg.train.max_steps
-    if final is None or final.step != trainer.global_step:
-        raise TrnftError(
-            f"train: ended at step {trainer.global_step} without checkpoint-{trainer.global_step}"
-        )
-    losses = module.history
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    figures = {
-        "backend": f"lightning-{where.strategy}-{where.accelerator}",
-        "attention": attn,
-        "steps_this_run": trainer.global_step - start,
-        "resumed_from": resume.name if resume else None,
-        "start_step": start,
-        "end_step": trainer.global_step,
-        "stopped_early": stopped_early,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "validation": module.val_history,
-        "tokens_per_second": round(lines.tokens / lines.seconds, 1) if lines.seconds else None,
-        "wall_s": round(wall, 2),
-        "trainable_parameters": trainable,
-        "checkpoints_saved": saver.saved,
-        "final_checkpoint": final.path.name,
-    }
-    layout = {
-        "strategy": where.strategy,
-        "accelerator": where.accelerator,
-        "world": world,
-        "global_batch": global_batch(cfg.train, world),
-    }
-    summary = f"{trainer.global_step} steps"
-    if losses:
-        summary += f", loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-    if stopped_early:
-        summary += f" (early stop, patience {cfg.train.early_stopping_patience})"
-    summary += f", {final.path.name}"
-    return StageOutcome(summary=summary, figures=figures, layout=layout)
+    def __init__(self, ctx: StageContext) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.board = SummaryWriter(log_dir=str(ctx.out_dir / "tensorboard"), flush_secs=30)
+        self.wandb = None
+        if ctx.cfg.gpu.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(
+                    project="trnft", name=ctx.cfg.run.name, dir=str(ctx.out_dir), resume="allow"
+                )
+            except Exception as exc:  # W&B is optional (not installed, no credentials): say so, keep training
+                ctx.log(
+                    f"warning: gpu.wandb is on but W&B could not start ({exc}); logging to TensorBoard only"
+                )
+
+    def add(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.board.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        self.board.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -11,7 +11,7 @@ stage       neuron                   gpu
 =========== ======================== ======================================================
 tokenize    Job (CPU)                Job (CPU)
 compile     PyTorchJob (Trainium)    Job (CPU): an explicit no-op that writes its manifest
-train       PyTorchJob (Trainium)    PyTorchJob (GPU, Lightning under torchrun)
+train       PyTorchJob (Trainium)    PyTorchJob (GPU, FSDP2 under torchrun)
 consolidate Job (CPU)                Job (CPU)
 merge       Job (CPU)                Job (CPU)
 evaluate    Job (GPU if cluster.eval_instance_type, else CPU)

@@ -91,7 +91,10 @@ def training_layout(cfg: RunConfig) -> Layout:
     tp, pp = platform.model_parallel(cfg)
     if (tp, pp) == (1, 1):
         return Layout(nodes=nodes, nproc_per_node=per_node, world=world, tp=1, pp=1, dp=world)
-    unit = "logical NeuronCores" if inst.target == "trn2" else "NeuronCores"
+    if inst.accelerator == "gpu":
+        unit = "GPUs"
+    else:
+        unit = "logical NeuronCores" if inst.target == "trn2" else "NeuronCores"
     if per_node % tp:
         choices = ", ".join(str(d) for d in _divisors(per_node))
         raise ConfigError(

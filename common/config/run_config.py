@@ -75,7 +75,9 @@ class ModelSection:
     tokenizer: str | None = opt(
         None, "Tokenizer hub id or folder; defaults to the model.", kind="path_or_hub"
     )
-    platform: Literal["neuron", "gpu"] = opt("neuron", "Which training path: Trainium/XLA or Lightning.")
+    platform: Literal["neuron", "gpu"] = opt(
+        "neuron", "Which training path: neuron (Trainium, or torch-xla on CPU) or gpu (FSDP2 + TP)."
+    )
     dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "Dtype the base weights are loaded in.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit).")
     trust_remote_code: bool = opt(False, "Allow model code from the hub.")
@@ -251,21 +253,26 @@ class NeuronSection:
 
 @dataclass(**_CFG)
 class GpuSection:
-    """GPU path: Lightning strategy and kernels."""
+    """GPU path: FSDP2 sharding and tensor parallelism over torch.distributed, and kernels."""
 
-    strategy: Literal["auto", "fsdp", "ddp", "single"] = opt(
-        "auto", "auto: FSDP on several CUDA devices, DDP (gloo) on several CPU processes, else one device."
-    )
-    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = opt(
-        "FULL_SHARD", "FSDP sharding strategy."
-    )
-    activation_checkpointing: bool = opt(True, "Checkpoint each decoder layer (FSDP).")
-    cpu_offload: bool = opt(False, "FSDP CPU offload of parameters.")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
-        "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
+    tp: int = opt(
+        1, "Tensor-parallel degree (DTensor on the decoder layers); data parallel = processes / tp.", ge=1
     )
     devices: int | None = opt(
-        None, "Devices (or CPU processes) per node; default all GPUs, or 1 on CPU.", ge=1
+        None,
+        "Training processes per node: GPUs, or CPU processes (gloo); default every GPU, or 1 on CPU. "
+        "Outside torchrun, trnft starts them itself.",
+        ge=1,
+    )
+    reshard_after_forward: bool = opt(
+        True,
+        "FSDP2: free gathered weights after forward (ZeRO-3, FULL_SHARD); false keeps them until backward "
+        "(ZeRO-2, SHARD_GRAD_OP: more memory, less traffic).",
+    )
+    activation_checkpointing: bool = opt(True, "Recompute each decoder layer in backward (less memory).")
+    cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state.")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
+        "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
     )
     wandb: bool = opt(False, "Also log to Weights & Biases.")
 
@@ -499,12 +506,21 @@ def _coerce(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
     raise AssertionError(f"unsupported config type {tp} at {path}")
 
 
+# Keys earlier releases had, with what replaces them (a config that still sets one gets this line).
+RETIRED_KEYS = {
+    "gpu.strategy": "the GPU trainer always shards with FSDP2; set gpu.devices (processes per node) and gpu.tp",
+    "gpu.sharding_strategy": "use gpu.reshard_after_forward (true: FULL_SHARD, false: SHARD_GRAD_OP)",
+}
+
+
 def _build(cls: type, data: Mapping[str, Any], path: str, problems: _Problems) -> Any:
     hints = _type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{path}." if path else ""
     for key in data:
-        if key not in known:
+        if f"{prefix}{key}" in RETIRED_KEYS:
+            problems.add(f"{prefix}{key}", f"no longer a setting; {RETIRED_KEYS[f'{prefix}{key}']}")
+        elif key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             problems.add(f"{prefix}{key}", f"unknown key; {hint}allowed: {', '.join(known)}")
@@ -581,6 +597,10 @@ def _schema_for(parts: list[str]) -> Any:
             hints = _type_hints(tp)
             if part not in hints:
                 here = ".".join(parts[: i + 1])
+                if here in RETIRED_KEYS:
+                    raise ConfigError(
+                        f"override {'.'.join(parts)}: no longer a setting; {RETIRED_KEYS[here]}"
+                    )
                 close = difflib.get_close_matches(part, list(hints), n=1)
                 hint = f"; did you mean '{'.'.join([*parts[:i], close[0]])}'?" if close else ""
                 raise ConfigError(f"override {'.'.join(parts)}: unknown key {here}{hint}")

@@ -1,6 +1,6 @@
 """One interface for the training platforms, and the one registry every caller goes through.
 
-A platform (``model.platform``: ``neuron`` for Trainium/XLA, ``gpu`` for Lightning) owns three stages
+A platform (``model.platform``: ``neuron`` for Trainium/XLA, ``gpu`` for FSDP2 on GPUs) owns three stages
 (compile, train, consolidate), the environment its training processes are launched with, and the
 checkpoints it writes. Everything else (tokenize, merge, evaluate, the run directory, the config) is
 shared and lives in ``trnft.common``.

@@ -2,8 +2,8 @@
 
 A checkpoint is ``<train dir>/checkpoint-<step>/``. A Neuron one counts as complete when every NxD tag
 folder in it (``shards/``, ``adapter_shards/``, ``adapter_<name>/adapter_shards/``) has its ``done``
-marker; a GPU one (``lightning.ckpt``, a file or a sharded folder) when the checkpoint folder has its own
-``done`` marker; and, for checkpoints trnft writes, when it is no longer a staging folder. trnft writes a checkpoint into
+marker; a GPU one (distributed-checkpoint folders) when the checkpoint folder has its own ``done`` marker;
+and, for checkpoints trnft writes, when it is no longer a staging folder. trnft writes a checkpoint into
 ``checkpoint-<step>.staging-<id>/`` (``checkpoint`` marker first, ``done`` last) and renames it into place,
 so a reader never sees half of one. Downstream stages always take the newest complete checkpoint; nothing
 names ``checkpoint-<max_steps>``.
@@ -25,7 +25,6 @@ from trnft.common.pipeline.atomic import swap_into_place
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging-"
 TRNFT_STATE = "trnft_state"
-LIGHTNING_CKPT = "lightning.ckpt"
 DONE = "done"
 
 
@@ -53,17 +52,13 @@ def tag_dirs(checkpoint: Path) -> list[Path]:
 def inspect_checkpoint(path: Path) -> CheckpointInfo:
     m = CHECKPOINT_DIR.match(path.name)
     step = int(m.group(1)) if m else -1
-    if (path / LIGHTNING_CKPT).exists():
-        if not (path / DONE).is_file():
-            return CheckpointInfo(path, step, False, f"no '{DONE}' marker beside {LIGHTNING_CKPT}")
-        return CheckpointInfo(path, step, True, "")
     tags = tag_dirs(path)
-    if not tags:
-        return CheckpointInfo(path, step, False, "no shards/ or adapter_shards/ folder")
-    for tag in tags:
-        if not (tag / "done").is_file():
-            return CheckpointInfo(path, step, False, f"{tag.relative_to(path)} has no 'done' marker")
-    return CheckpointInfo(path, step, True, "")
+    for tag in tags:  # NxD: every tag folder has its own marker
+        if not (tag / DONE).is_file():
+            return CheckpointInfo(path, step, False, f"{tag.relative_to(path)} has no '{DONE}' marker")
+    if tags or (path / DONE).is_file():  # a GPU checkpoint: one marker for the folder
+        return CheckpointInfo(path, step, True, "")
+    return CheckpointInfo(path, step, False, f"no '{DONE}' marker and no shards/ or adapter_shards/ folder")
 
 
 def list_checkpoints(train_dir: Path) -> list[CheckpointInfo]:

@@ -59,7 +59,6 @@ _TRACKED = (
     "torch-xla",
     "transformers",
     "peft",
-    "lightning",
     "datasets",
     "tokenizers",
     "safetensors",

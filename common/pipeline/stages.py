@@ -121,8 +121,7 @@ class StageOutcome:
     """What a stage body reports; the framework adds files, hashes and versions to the manifest."""
 
     summary: str
-    # Typed figures; the GPU stages still report a dict until their FSDP2 rewrite.
-    figures: Figures | dict[str, Any] = field(default_factory=dict)
+    figures: Figures
     inputs: list[dict[str, Any]] = field(default_factory=list)
     layout: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -156,16 +155,12 @@ class StageContext:
 
 
 def is_main_process() -> bool:
-    """Rank 0 of a torchrun job (or a plain process) owns manifests, renames and locks.
-
-    torchrun sets RANK; processes that Lightning starts itself carry only LOCAL_RANK and NODE_RANK.
-    """
-    if "RANK" in os.environ:
-        return os.environ["RANK"] == "0"
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    """Rank 0 of a torchrun job (or a plain process) owns manifests, renames and locks (torchrun sets RANK)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
-def _upstream_manifests(spec: StageSpec, cfg: RunConfig, rundir: RunDir) -> dict[str, dict[str, Any]]:
+def upstream_manifests(spec: StageSpec, cfg: RunConfig, rundir: RunDir) -> dict[str, dict[str, Any]]:
+    """The manifests of the stages ``spec`` reads; UpstreamError naming the first one to run."""
     upstream = {}
     for name in spec.needs(cfg):
         manifest = rundir.manifest(name)
@@ -230,6 +225,20 @@ def _describe_change(
     return "; ".join(parts) or "fingerprint changed"
 
 
+def current_manifest(spec: StageSpec, cfg: RunConfig) -> dict[str, Any] | None:
+    """The stage's manifest when its output is complete and was made with these settings and inputs."""
+    rundir = RunDir(cfg.run.root)
+    previous = rundir.manifest(spec.name)
+    if previous is None:
+        return None
+    try:
+        upstream = upstream_manifests(spec, cfg, rundir)
+    except UpstreamError:
+        return None
+    fingerprint, _ = fingerprint_of(spec, cfg, upstream, spec.inputs(cfg))
+    return previous if previous.get("fingerprint") == fingerprint else None
+
+
 def run_stage(
     spec: StageSpec,
     cfg: RunConfig,
@@ -240,7 +249,7 @@ def run_stage(
 ) -> StageResult:
     """Run one stage body with skip, upstream checks, staging, manifest and failure records."""
     rundir = RunDir(cfg.run.root)
-    upstream = _upstream_manifests(spec, cfg, rundir)
+    upstream = upstream_manifests(spec, cfg, rundir)
     external = spec.inputs(cfg)
     fingerprint, subset = fingerprint_of(spec, cfg, upstream, external)
     previous = rundir.manifest(spec.name)
@@ -354,7 +363,7 @@ def _execute(
             "inputs": outcome.inputs,
             "versions": library_versions(),
             "layout": outcome.layout,
-            "figures": outcome.figures.to_json() if isinstance(outcome.figures, Figures) else outcome.figures,
+            "figures": outcome.figures.to_json(),
             "summary": outcome.summary,
             "files": files,
             "output_digest": output_digest(files),

@@ -50,14 +50,14 @@ def test_an_unknown_platform_is_one_line():
 def test_checkpoints_are_claimed_by_the_platform_that_wrote_them(tmp_path):
     from trnft.common.pipeline import backend
 
-    lightning = tmp_path / "gpu-run" / "train" / "checkpoint-2"
-    lightning.mkdir(parents=True)
-    (lightning / "lightning.ckpt").write_bytes(b"")
-    (lightning / "done").write_text("1")
+    gpu = tmp_path / "gpu-run" / "train" / "checkpoint-2"
+    (gpu / "model").mkdir(parents=True)
+    (gpu / "model" / ".metadata").write_bytes(b"")  # a distributed-checkpoint folder
+    (gpu / "done").write_text("1")
     nxd = tmp_path / "neuron-run" / "train" / "checkpoint-2" / "adapter_default" / "adapter_shards" / "model"
     nxd.mkdir(parents=True)
     assert backend.for_checkpoint(tmp_path / "gpu-run").platform == "gpu"
-    assert backend.for_checkpoint(lightning).platform == "gpu"
+    assert backend.for_checkpoint(gpu).platform == "gpu"
     assert backend.for_checkpoint(tmp_path / "neuron-run").platform == "neuron"
     assert backend.get("neuron").owns_checkpoint(tmp_path / "neuron-run" / "train")
     assert not backend.get("gpu").owns_checkpoint(tmp_path / "neuron-run")

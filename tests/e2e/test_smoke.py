@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from trnft.common.evaluate import EvaluateFigures
+from trnft.gpu.train import GpuTrainFigures
+from trnft.neuron.train import XlaTrainFigures
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +25,9 @@ def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, pla
         manifest = json.loads((root / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["platform"] == platform
     assert "not built yet" not in proc.stdout
-    train = json.loads((root / "train" / "manifest.json").read_text())["figures"]
-    assert train["final_loss"] < 1.0 < train["first_loss"]
+    figures = XlaTrainFigures if platform == "neuron" else GpuTrainFigures
+    train = figures.of(json.loads((root / "train" / "manifest.json").read_text()))
+    assert train.final_loss < 1.0 < train.first_loss
     metrics = EvaluateFigures.of(json.loads((root / "evaluate" / "manifest.json").read_text()))
     assert metrics.scores.bertscore.f1 > metrics.base.bertscore.f1
     assert metrics.scores.exact_match > metrics.base.exact_match

@@ -1,0 +1,193 @@
+"""GPU checkpoints: sharded, written by every rank at once, complete only when renamed into place.
+
+``<train>/checkpoint-<step>/`` holds:
+
+- ``model/``: a torch.distributed.checkpoint (DCP) folder of the *trained* parameters only (the LoRA
+  adapter, or the whole model for full fine-tuning), keyed by their module names. Each rank writes its own
+  shards; nothing is gathered to one rank, and frozen base weights are never written.
+- ``optimizer/``: the AdamW state of those parameters, sharded the same way.
+- ``trnft.json``: what ``consolidate`` needs without the trainer (:class:`CheckpointMeta`).
+- ``trnft_state/state.json``: step, fingerprint, losses and validation history (what resume needs).
+- the tokenizer files, then the ``done`` marker.
+
+Everything is written into ``checkpoint-<step>.staging-<id>/`` and renamed when complete (by rank 0,
+after every rank finished its shards), so an interrupted save never looks like a checkpoint. A checkpoint
+written on N ranks loads on any other number of ranks and tensor-parallel degree (DCP reshards).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trnft.common.errors import TrnftError
+from trnft.common.pipeline import checkpoints
+
+MODEL_DIR = "model"
+OPTIMIZER_DIR = "optimizer"
+META_FILE = "trnft.json"
+DCP_METADATA = ".metadata"
+META_FORMAT = 2
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``trnft.json``: how to read the ``model/`` tensors back as a PEFT adapter or a Hugging Face model."""
+
+    format: int
+    mode: str  # lora | full
+    base_model: str
+    base_dtype: str
+    model_config: dict[str, Any]
+    peft_config: dict[str, Any] | None
+    adapter_name: str | None
+
+    def write(self, folder: Path) -> None:
+        (folder / META_FILE).write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+
+    @classmethod
+    def read(cls, folder: Path) -> CheckpointMeta:
+        path = folder / META_FILE
+        if not path.is_file():
+            raise TrnftError(
+                f"{folder}: has no {META_FILE} (LoRA settings, model config); not a trnft GPU checkpoint"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise TrnftError(f"{path}: not valid JSON ({exc})") from exc
+        if data.get("format") != META_FORMAT:
+            raise TrnftError(f"{path}: format {data.get('format')!r}, this trnft reads format {META_FORMAT}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise TrnftError(f"{path}: {exc}") from exc
+
+
+def is_gpu_checkpoint(folder: Path) -> bool:
+    return (folder / MODEL_DIR / DCP_METADATA).is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading in the trainer (every rank)
+
+
+def _state_dict_options(*, strict: bool = True) -> Any:
+    """The trained parameters only (frozen base weights are never written); loading them leaves the
+    frozen ones as they are, so it is not strict (the names are checked against the checkpoint first)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _trained_state(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dicts of the trained parameters and their optimizer state (this rank's shards).
+
+    ``ignore_frozen_params`` drops a frozen parameter under its first name only; a tied alias (GPT-2's
+    ``lm_head.weight`` is ``wte.weight``) would stay, so every name of a frozen parameter is dropped here.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_dict_options())
+    trained = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in model_state.items() if k in trained}, optim_state
+
+
+def save_sharded(staged: Path, model: Any, optimizer: Any) -> None:
+    """Every rank writes its shards of the trained parameters and their optimizer state into ``staged``."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_state = _trained_state(model, optimizer)
+    dcp.save(model_state, checkpoint_id=str(staged / MODEL_DIR))
+    dcp.save(optim_state, checkpoint_id=str(staged / OPTIMIZER_DIR))
+
+
+def load_sharded(folder: Path, model: Any, optimizer: Any) -> int:
+    """Load a checkpoint's trained parameters and optimizer state into this rank's shards; returns the
+    number of parameters restored. Raises TrnftError when the checkpoint does not match the model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model_state, optim_state = _trained_state(model, optimizer)
+    saved = set(tensor_names(folder))
+    missing, unexpected = sorted(set(model_state) - saved), sorted(saved - set(model_state))
+    if missing or unexpected:
+        raise TrnftError(
+            f"{folder}: does not match the model (missing {missing[:2]}, unexpected {unexpected[:2]}); "
+            "was it written with other settings?"
+        )
+    dcp.load(model_state, checkpoint_id=str(folder / MODEL_DIR))
+    dcp.load(optim_state, checkpoint_id=str(folder / OPTIMIZER_DIR))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=_state_dict_options(strict=False),
+    )
+    return len(model_state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading in one process (consolidate)
+
+
+def _metadata(folder: Path) -> Any:
+    import torch.distributed.checkpoint as dcp
+
+    model_dir = folder / MODEL_DIR
+    if not (model_dir / DCP_METADATA).is_file():
+        raise TrnftError(
+            f"{model_dir}: no {DCP_METADATA}; the checkpoint's model shards are missing or incomplete"
+        )
+    try:
+        return dcp.FileSystemReader(str(model_dir)).read_metadata()
+    except Exception as exc:  # a truncated or foreign metadata file
+        raise TrnftError(f"{model_dir}/{DCP_METADATA}: cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> full shape of every tensor in a checkpoint's ``model/`` folder (from its metadata only)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return {
+        k: tuple(v.size)
+        for k, v in _metadata(folder).state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+
+
+def tensor_names(folder: Path) -> list[str]:
+    """The tensor names in a checkpoint's ``model/`` folder."""
+    return list(tensor_shapes(folder))
+
+
+def read_tensors(folder: Path, names: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(name, full tensor)`` of the checkpoint's ``model/`` folder, one tensor in memory at a time."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = _metadata(folder).state_dict_metadata
+    reader_dir = str(folder / MODEL_DIR)
+    for name in names if names is not None else tensor_names(folder):
+        item = metadata[name]
+        assert isinstance(item, TensorStorageMetadata), name
+        one = {name: torch.empty(tuple(item.size), dtype=item.properties.dtype)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            try:
+                dcp.load(one, storage_reader=dcp.FileSystemReader(reader_dir), no_dist=True)
+            except Exception as exc:  # a shard file that is missing, truncated or corrupt
+                raise TrnftError(
+                    f"{reader_dir}: cannot read tensor {name} ({type(exc).__name__}: {exc})"
+                ) from exc
+        yield name, one[name]
+
+
+def checkpoint_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / checkpoints.TRNFT_STATE / "state.json").read_text())

@@ -1,0 +1,380 @@
+"""How the GPU trainer spreads a model over its processes: one device mesh, tensor parallelism on the
+decoder layers, FSDP2 over the data-parallel ranks, and weights that reach each rank as its own shard.
+
+Only standard ``torch.distributed`` APIs (``DeviceMesh``, DTensor, ``fully_shard``, the distributed
+checkpoint), with the device type as a parameter: CUDA with NCCL on GPU nodes, the CPU with gloo in the
+tests, and a native-Neuron device the same way later.
+
+- **Mesh**: ``world = dp x tp`` processes; a ``("dp", "tp")`` mesh when ``gpu.tp > 1``, else ``("dp",)``.
+  Ranks of one tensor-parallel group read the same batch.
+- **Tensor parallelism**: the decoder projections split as :mod:`trnft.common.training.tensor_parallel`
+  says (q/k/v/gate/up column-parallel, o/down row-parallel, LoRA A/B following their base layer), as
+  DTensor ``ColwiseParallel``/``RowwiseParallel``. Embeddings, norms and lm_head are not split.
+- **FSDP2**: ``fully_shard`` on every decoder layer and on the root, over ``dp``. Every parameter stays a
+  DTensor of its own shape (so weight-decay groups see matrices as matrices), mixed precision casts
+  parameters and never buffers (RoPE's ``inv_freq`` stays fp32), and gradients are *summed* over ranks:
+  each rank's loss is already divided by the supervised tokens of the whole global batch.
+- **Memory**: the model is built with its parameters on the meta device, sharded, then each rank reads only
+  its own slices of the safetensors files (memory-mapped), so host memory does not grow with the number
+  of ranks. LoRA weights are initialised from a seed per tensor, so every layout starts from the same
+  adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trnft.common.errors import ConfigError, TrnftError
+from trnft.common.training.tensor_parallel import DECODER_SPLITS, projection_kind
+
+# Path segments PEFT puts around the base model's modules: dropping them gives the Hugging Face name.
+PEFT_PREFIX = ("base_model", "model")
+PEFT_WRAPPER = "base_layer"
+# How long a collective may wait for its peers before the process fails (and Kubernetes retries it).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes and the mesh
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: device, ranks, and the (dp, tp) mesh."""
+
+    device: torch.device
+    rank: int
+    size: int
+    tp: int
+    mesh: Any  # DeviceMesh
+
+    @property
+    def dp(self) -> int:
+        return self.size // self.tp
+
+    @property
+    def dp_mesh(self) -> Any:
+        return self.mesh["dp"]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_mesh.get_local_rank()
+
+    @property
+    def dp_group(self) -> Any:
+        return self.dp_mesh.get_group()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_world(tp: int, device_type: str) -> World:
+    """Join the process group (torchrun's, or a one-process group) and build the mesh.
+
+    Raises:
+        ConfigError: the number of processes is not a multiple of ``gpu.tp``.
+    """
+    under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        backend = "nccl"
+    else:
+        device = torch.device(device_type)
+        backend = "gloo"
+    if not dist.is_initialized():
+        if under_torchrun:
+            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    size = dist.get_world_size()
+    if size % tp:
+        raise ConfigError(
+            f"gpu.tp: {tp} does not divide the {size} training processes; use a divisor of {size}"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if tp > 1:
+        mesh = init_device_mesh(device_type, (size // tp, tp), mesh_dim_names=("dp", "tp"))
+    else:
+        mesh = init_device_mesh(device_type, (size,), mesh_dim_names=("dp",))
+    return World(device, dist.get_rank(), size, tp, mesh)
+
+
+def stop_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# Building on the meta device
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create modules with their parameters on the meta device and their buffers where they are.
+
+    Buffers such as RoPE's ``inv_freq`` are computed from the config when a module is built and are not
+    in the checkpoint, so they must stay real; parameters are filled later, shard by shard.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def hf_name(fqn: str) -> str:
+    """The Hugging Face checkpoint name of a parameter of the (possibly PEFT-wrapped) model."""
+    parts = fqn.split(".")
+    if tuple(parts[: len(PEFT_PREFIX)]) == PEFT_PREFIX:
+        parts = parts[len(PEFT_PREFIX) :]
+    return ".".join(p for p in parts if p != PEFT_WRAPPER)
+
+
+def decoder_layers(model: Any) -> list[nn.Module]:
+    """The model's own decoder blocks (``_no_split_modules`` classes), in order.
+
+    Nothing is imported by name, so any family that declares its block class works.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise TrnftError(
+            f"model.name_or_path: {type(base).__name__} declares no decoder-layer class (_no_split_modules), "
+            "so it cannot be sharded per layer"
+        )
+    return layers
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor parallelism
+
+
+def tensor_parallel_plan(layer: nn.Module) -> dict[str, Any]:
+    """DTensor styles for one decoder layer's projections, derived from ``DECODER_SPLITS``.
+
+    A linear layer whose weight splits on dim 0 (output features) is ``ColwiseParallel``, on dim 1 (input
+    features) ``RowwiseParallel``; for a LoRA-wrapped projection the base layer and the LoRA part that
+    splits get that style, the other LoRA part stays whole on every rank.
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    style = {0: ColwiseParallel, 1: RowwiseParallel}
+    plan: dict[str, Any] = {}
+    for name, module in layer.named_modules():
+        kind = projection_kind(name.rsplit(".", 1)[-1])
+        if kind is None:
+            continue
+        splits = DECODER_SPLITS[kind]
+        if isinstance(module, nn.Linear):
+            plan[name] = style[splits["weight"]]()
+            continue
+        if getattr(module, PEFT_WRAPPER, None) is None:
+            continue  # not a layer type we know how to split
+        plan[f"{name}.{PEFT_WRAPPER}"] = style[splits["weight"]]()
+        for part in ("lora_A", "lora_B"):
+            if splits[part] is not None:
+                for adapter in getattr(module, part):
+                    plan[f"{name}.{part}.{adapter}"] = style[splits[part]]()
+    return plan
+
+
+def check_tensor_parallel(config: Any, tp: int) -> None:
+    """Refuse a ``gpu.tp`` that does not divide the heads and the MLP width."""
+    if tp == 1:
+        return
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    for what, n in (
+        ("attention heads", heads),
+        ("key/value heads", kv),
+        ("MLP width", config.intermediate_size),
+    ):
+        if n % tp:
+            raise ConfigError(f"gpu.tp: {tp} does not divide the model's {n} {what}; use a divisor of {n}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharding
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    tp: int
+    bf16: bool
+    reshard_after_forward: bool
+    cpu_offload: bool
+
+
+def shard(model: Any, world: World, settings: ShardSettings) -> None:
+    """Tensor-parallelise the decoder layers, then FSDP2-shard each of them and the root over ``dp``."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    layers = decoder_layers(model)
+    if settings.tp > 1:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+        for layer in layers:
+            parallelize_module(layer, world.mesh["tp"], tensor_parallel_plan(layer))
+        # parallelize_module makes new Parameters that require grad; frozen base weights stay frozen.
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable[name])
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if settings.bf16 else None, reduce_dtype=torch.float32
+    )
+    kwargs: dict[str, Any] = {"mesh": world.dp_mesh, "mp_policy": policy}
+    if settings.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=settings.reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=settings.reshard_after_forward, **kwargs)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            # Sum, do not average: each rank's loss is already divided by the global batch's tokens.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+
+
+def _local_copy(param: Any, full: torch.Tensor) -> None:
+    """Copy this rank's part of ``full`` (the whole tensor, possibly a memory-mapped view) into ``param``.
+
+    The slice is taken before any dtype conversion, so only this rank's part is ever copied on the host.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().copy_(local)  # copy_ converts the dtype
+    else:
+        param.copy_(full)
+
+
+def _as_torch(array: Any) -> torch.Tensor:
+    """A zero-copy, read-only torch view of a tensor_io Array (bf16 arrives as uint16 bits)."""
+    import warnings
+
+    data = np.asarray(array.data)
+    with warnings.catch_warnings():  # a read-only mapping: it is only ever read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if array.dtype == "BF16":
+            return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(data)
+
+
+def load_base_weights(model: Any, model_dir: Path, device: torch.device) -> int:
+    """Fill every non-LoRA parameter with this rank's slice of the safetensors in ``model_dir``.
+
+    The files are memory-mapped and only the local slice of each tensor is copied, one tensor at a time.
+    Returns the number of tensors loaded. Raises TrnftError for a tensor the files lack.
+    """
+    from trnft.common.io.tensor_io import open_safetensors_model
+
+    files = open_safetensors_model(model_dir)
+    loaded = 0
+    with torch.no_grad():
+        for fqn, param in model.named_parameters():
+            if ".lora_" in fqn:
+                continue
+            name = hf_name(fqn)
+            array = files.tensor(name)
+            if array is None:
+                raise TrnftError(f"{model_dir}: has no tensor {name}; is it the model the config names?")
+            full = _as_torch(array)
+            if tuple(full.shape) != tuple(param.shape):
+                raise TrnftError(
+                    f"{model_dir}: tensor {name} has shape {list(full.shape)}, the model expects {list(param.shape)}"
+                )
+            _local_copy(param, full.to(device))  # a view on the CPU: nothing is copied yet
+            loaded += 1
+    files.release()
+    return loaded
+
+
+def lora_init(fqn: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """PEFT's default LoRA init, drawn from a generator seeded by the run seed and the tensor's name.
+
+    lora_A: kaiming-uniform (a = sqrt(5)), lora_B: zeros, so training starts at the base model. The same
+    name gives the same tensor in any layout (one process, data or tensor parallel).
+    """
+    if ".lora_B." in fqn or ".lora_embedding_B." in fqn:
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(fqn.encode()))
+    fan_in = shape[1]
+    bound = 1.0 / (fan_in**0.5)  # kaiming_uniform with a = sqrt(5): gain^2 = 2 / 6
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def init_lora_weights(model: Any, seed: int, device: torch.device) -> int:
+    with torch.no_grad():
+        count = 0
+        for fqn, param in model.named_parameters():
+            if ".lora_" in fqn:
+                _local_copy(param, lora_init(fqn, tuple(param.shape), seed).to(device, param.dtype))
+                count += 1
+    return count
+
+
+def materialize(model: Any, device: torch.device, buffers: dict[str, torch.Tensor]) -> None:
+    """Allocate the sharded parameters on ``device`` and put back the buffers computed at build time."""
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name])
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient norm over shards
+
+
+def grad_norm(params: list[Any], world: World) -> torch.Tensor:
+    """The global L2 norm of the gradients of ``params``, the same number on every rank.
+
+    Each rank adds the squares of its local shards, weighted by 1 / (how many ranks hold an identical
+    copy): a DTensor on the dp mesh only is repeated on every tensor-parallel rank, and a Replicate
+    placement repeats it over that mesh dimension.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    total = torch.zeros((), dtype=torch.float32, device=world.device)
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        copies = world.size
+        if isinstance(g, DTensor):
+            copies = world.size // g.device_mesh.size()
+            for dim, placement in enumerate(g.placements):
+                if isinstance(placement, Replicate):
+                    copies *= g.device_mesh.size(dim)
+            g = g.to_local()
+        total += g.detach().float().pow(2).sum() / copies
+    dist.all_reduce(total)
+    return total.sqrt()

@@ -1,0 +1,78 @@
+"""Packed samples never see each other in the GPU trainer's forward pass, with any micro-batch size.
+
+transformers keeps packed samples apart under flash-attention 2 only in a batch of one row; the trainer
+flattens each micro-batch into one row (``forward_logits``). sdpa and eager get the segment mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trnft.common.training.data import TokenizeOutput
+from trnft.gpu.train import forward_logits
+
+
+def segments(segment_ids: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of every non-pad sample in one row."""
+    out = []
+    for seg in sorted(set(segment_ids.tolist()) - {0}):
+        where = np.flatnonzero(segment_ids == seg)
+        out.append((int(where[0]), int(where[-1]) + 1))
+    return out
+
+
+def _two_packed_rows(tokenized, device: str) -> dict[str, torch.Tensor]:
+    split = TokenizeOutput(tokenized).split("train")
+    rows = [r for r in range(len(split)) if len(segments(np.asarray(split.segment_ids[r]))) >= 3][:2]
+    assert len(rows) == 2
+    return {k: torch.from_numpy(v).to(device) for k, v in split.rows(rows).items()}
+
+
+def _check_every_sample_alone(model, batch, attn: str, atol: float) -> None:
+    with torch.no_grad():
+        packed = forward_logits(model, batch, attn).float()
+        assert packed.shape[:2] == batch["input_ids"].shape
+        checked = 0
+        for row in range(batch["input_ids"].shape[0]):
+            for start, end in segments(batch["segment_ids"][row].cpu().numpy()):
+                ids = batch["input_ids"][row : row + 1, start:end]
+                alone = model(input_ids=ids).logits[0].float()
+                torch.testing.assert_close(packed[row, start:end], alone, atol=atol, rtol=atol)
+                checked += 1
+    assert checked >= 6  # every sample of both rows, including those after the first of a row
+
+
+# sdpa picks another CPU kernel with a mask than without one: rounding, not leakage (a leak moves logits by > 1).
+@pytest.mark.parametrize(("attn", "atol"), [("sdpa", 5e-4), ("eager", 5e-5)])
+def test_every_sample_of_a_micro_batch_of_packed_rows_sees_only_itself(tiny_llama, tokenized, attn, atol):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn).eval()
+    _check_every_sample_alone(model, _two_packed_rows(tokenized, "cpu"), attn, atol=atol)
+
+
+def test_without_the_mask_the_second_sample_would_see_the_first(tiny_llama, tokenized):
+    """The check above can fail: plain causal attention over a packed row moves the later samples."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    batch = _two_packed_rows(tokenized, "cpu")
+    with torch.no_grad():
+        leaky = model(input_ids=batch["input_ids"]).logits
+        isolated = forward_logits(model, batch, "sdpa")
+    start, end = segments(batch["segment_ids"][0].numpy())[1]
+    assert not torch.allclose(leaky[0, start:end], isolated[0, start:end], atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_flash_attention_2_keeps_packed_samples_apart_at_micro_batch_two(tiny_llama, tokenized):
+    pytest.importorskip("flash_attn")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, attn_implementation="flash_attention_2", dtype=torch.bfloat16
+    ).to("cuda")
+    model.eval()
+    _check_every_sample_alone(model, _two_packed_rows(tokenized, "cuda"), "flash_attention_2", atol=1e-1)
