@@ -9,7 +9,9 @@ fused ``gate_up_proj``) in optimum-neuron 0.4.x's layout, then measures, each in
   reference  the usual approach: load every rank file whole, concatenate each tensor along its partition
              dim, split the fused tensors, save with safetensors in 5 GB shards. It does the memory and I/O
              work of that approach; it does not undo the GQA permutation (it is a cost baseline only)
-  trnft      ``trnft consolidate --checkpoint ... --output ...``
+  trnft      ``trnft consolidate --checkpoint ... --output ...`` (it checks the CRC32 of every storage it reads)
+  crc32, sha256  the integrity checks alone: the CRC32 above, and the sha256 of the checkpoint and of the
+             output that the pipeline's consolidate stage adds (manifest digests checked and written)
 
 and prints wall time and peak RSS of each, our ratio to the copy, and then the same at twice the layers
 (peak memory must stay flat). Our output is checked bit for bit against the generator's tensors.
@@ -133,6 +135,13 @@ def one_size(work: Path, layers: int, tp: int, encoding: str, check: bool) -> di
     results["trnft"] = measure.run_measured(
         "trnft", measure.trnft("consolidate", "--checkpoint", str(ckpt), "--output", str(work / "trnft"))
     )
+    # The integrity checks alone: the CRC32 trnft consolidate checks on every storage it reads (part of
+    # its wall time above), and the sha256 of the checkpoint and of the output that the pipeline stage adds
+    # (the train manifest's digests checked before reading, the consolidate manifest's written after).
+    results["crc32 (in trnft)"] = measure.run_measured("crc32", measure.crc32_argv(ckpt))
+    results["sha256 in+out (stage)"] = measure.run_measured("sha256", measure.sha256_argv(ckpt))
+    out_sha = measure.run_measured("sha256 out", measure.sha256_argv(work / "trnft"))
+    results["sha256 in+out (stage)"].wall_s += out_sha.wall_s
     out_bytes = measure.tree_bytes(work / "trnft")
     if check:
         verify(work / "trnft", config)
@@ -146,7 +155,7 @@ def report(sizes: list[dict]) -> None:
     rows = [("model", "step", "wall s", "peak RSS GB", "wall / fastest copy")]
     for s in sizes:
         copy = min(s["copy"].wall_s, s["cp -r"].wall_s)
-        for key in ("copy", "cp -r", "reference", "trnft"):
+        for key in ("copy", "cp -r", "reference", "trnft", "crc32 (in trnft)", "sha256 in+out (stage)"):
             if key in s:
                 m = s[key]
                 rows.append((f"{s['layers']}L {s['weights_gb']:.2f} GB", key, f"{m.wall_s:.2f}",
@@ -157,6 +166,10 @@ def report(sizes: list[dict]) -> None:
     fastest_copy = min(first["copy"].wall_s, first["cp -r"].wall_s)
     print(f"\ntrnft consolidate: {first['trnft'].wall_s / fastest_copy:.2f}x the fastest copy (goal <= 2x), "
           f"peak RSS {first['trnft'].peak_rss_gb:.3f} GB (goal <= 0.6)")  # fmt: skip
+    crc, sha = first["crc32 (in trnft)"].wall_s, first["sha256 in+out (stage)"].wall_s
+    print(f"integrity: CRC32 of every storage {crc:.2f} s ({crc / first['trnft'].wall_s:.0%} of trnft's wall); "
+          f"the stage adds sha256 of its input and output, {sha:.2f} s: "
+          f"{(first['trnft'].wall_s + sha) / fastest_copy:.2f}x the fastest copy in all")  # fmt: skip
     if "reference" in first:
         ref = first["reference"]
         print(f"reference: {ref.wall_s:.2f} s, {ref.peak_rss_gb:.2f} GB; trnft is "

@@ -171,3 +171,35 @@ def at_two_sizes(workdir: str | None, layers: int, double: bool, one_size) -> li
         if double:
             runs.append(one_size(work, 2 * layers, False))
     return runs
+
+
+# The integrity work alone, as trnft does it, measured in its own process: the CRC32 of every storage of
+# every torch.save file (done inside `trnft consolidate` on what it reads) and the sha256 of every file of a
+# folder (what a stage writes into its manifest and what the next stage checks before reading).
+_CRC32 = r"""
+import mmap, pathlib, sys, zipfile, zlib, struct
+for path in sorted(pathlib.Path(sys.argv[1]).rglob("*.pt")):
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        for info in zf.infolist():
+            if "/data/" not in info.filename:
+                continue
+            n, e = struct.unpack("<HH", mm[info.header_offset + 26 : info.header_offset + 30])
+            start = info.header_offset + 30 + n + e
+            assert zlib.crc32(memoryview(mm)[start : start + info.file_size]) == info.CRC
+"""
+_SHA256 = r"""
+import pathlib, sys
+from trnft.common.pipeline.hashing import file_sha256
+for path in sorted(pathlib.Path(sys.argv[1]).rglob("*")):
+    if path.is_file():
+        file_sha256(path)
+"""
+
+
+def crc32_argv(folder: Path) -> list[str]:
+    return [*python(_CRC32), str(folder)]
+
+
+def sha256_argv(folder: Path) -> list[str]:
+    return [*python(_SHA256), str(folder)]

@@ -172,6 +172,12 @@ def one_size(work: Path, layers: int, check: bool) -> dict:
         "trnft", measure.trnft("merge", "--base", str(base), "--adapter", str(adapter), "--output", str(out))
     )
     sizes["trnft"] = measure.tree_bytes(out) / 1e9
+    # What the pipeline's merge stage adds to the standalone merge: the sha256 of the adapter it reads
+    # (checked against the consolidate manifest) and of the model it writes (into its own manifest).
+    results["sha256 in+out (stage)"] = measure.run_measured("sha256", measure.sha256_argv(adapter))
+    results["sha256 in+out (stage)"].wall_s += measure.run_measured(
+        "sha256 out", measure.sha256_argv(out)
+    ).wall_s
     if check:
         worst = verify(out, work / "reference")
         print(f"[{layers} layers] verified: every weight is the fp32 merge rounded to bf16 "
@@ -185,7 +191,7 @@ def one_size(work: Path, layers: int, check: bool) -> dict:
 def report(runs: list[dict]) -> None:
     rows = [("model", "step", "wall s", "peak RSS GB", "output GB")]
     for r in runs:
-        for key in ("copy", "cp -r", "reference", "reference-auto", "trnft"):
+        for key in ("copy", "cp -r", "reference", "reference-auto", "trnft", "sha256 in+out (stage)"):
             m = r[key]
             out = r["sizes"].get(key)
             rows.append((f"{r['layers']}L {r['weights_gb']:.2f} GB", key, f"{m.wall_s:.2f}",
@@ -196,6 +202,9 @@ def report(runs: list[dict]) -> None:
     ours, ref = first["trnft"], first["reference"]
     print(f"\ntrnft merge: {ours.wall_s:.2f} s (goal <= 10), peak RSS {ours.peak_rss_gb:.3f} GB (goal <= 1.0), "
           f"output {first['sizes']['trnft']:.2f} GB bf16 (input {first['weights_gb']:.2f} GB)")  # fmt: skip
+    sha = first["sha256 in+out (stage)"].wall_s
+    print(f"integrity: the stage's sha256 of the adapter it reads and the model it writes: {sha:.2f} s "
+          f"({sha / ours.wall_s:.0%} on top of the merge; the safetensors layout checks are inside trnft's wall)")  # fmt: skip
     print(f"reference: {ref.wall_s:.2f} s, {ref.peak_rss_gb:.2f} GB, output {first['sizes']['reference']:.2f} GB; "
           f"trnft is {ref.wall_s / ours.wall_s:.1f}x faster with {ref.peak_rss_gb / ours.peak_rss_gb:.0f}x less memory")  # fmt: skip
     if len(runs) > 1:

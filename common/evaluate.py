@@ -44,7 +44,7 @@ from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.io.hf_files import resolve_model_dir
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
-from trnft.common.training.data import TokenizeOutput, read_jsonl
+from trnft.common.training.data import TEXT_FILES, TOKENIZER_DIR, TokenizeOutput, read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -265,6 +265,17 @@ class BertScore:
 
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"eval.scorer_model: {model_dir} is not a model folder (no config.json)")
+        weights = (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+        if not any((model_dir / name).is_file() for name in weights):
+            raise ConfigError(
+                f"eval.scorer_model: {model_dir} has a config.json but no weights (model.safetensors or "
+                "pytorch_model.bin); point it at a complete BERT-style model folder"
+            )
         self.model_dir = model_dir
         self.num_layers = scorer_layers(model_dir, num_layers)
         self._scorer = BERTScorer(
@@ -496,6 +507,8 @@ def _plan(ctx: StageContext) -> EvalPlan:
 
     cfg, ev = ctx.cfg, ctx.cfg.eval
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
+    ctx.verify_upstream("tokenize", TEXT_FILES["test"], TOKENIZER_DIR, "tokenize_info.json")
+    ctx.verify_upstream("consolidate" if ev.use_adapter else "merge")
     samples, header = load_samples(tokenized, ev.max_samples)
     backend = choose_backend(ev)
     scorer_dir = Path(ev.scorer_model) if ev.scorer_model else default_scorer()

@@ -471,7 +471,9 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
             raise TrnftError(f"{key}: {folder} is not a folder")
     size = parse_size(args.max_shard_size, "--max-shard-size")
     into_new_folder(
-        out, lambda staged: merge(base, adapter, staged, max_shard_size=size, tokenizer_dir=None, log=log)
+        out,
+        lambda staged: merge(base, adapter, staged, max_shard_size=size, tokenizer_dir=None, log=log),
+        log=log,
     )
     log(f"merge: wrote {out}")
     return 0
@@ -508,6 +510,7 @@ def _body(ctx: StageContext) -> StageOutcome:
     cfg = ctx.cfg
     consolidated = ctx.upstream_dir("consolidate")
     tokenizer_dir = ctx.rundir.stage_dir("tokenize") / "tokenizer"
+    ctx.verify_upstream("consolidate")
     base_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
     if not cfg.lora.enabled:
         # Full fine-tuning: the consolidated model is the result; link its files, add config and tokenizer.

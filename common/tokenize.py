@@ -83,6 +83,8 @@ def load_source(d: DatasetSection) -> Any:
                     "use .json/.jsonl/.csv/.parquet files of one kind or set dataset.format"
                 )
             (fmt,) = formats
+        for f in d.files:
+            check_text_file(Path(f), fmt)
         what, load = (
             f"dataset.files ({fmt})",
             lambda: datasets.load_dataset(fmt, data_files=list(d.files), split="train", **d.load_kwargs),
@@ -102,6 +104,47 @@ def load_source(d: DatasetSection) -> Any:
     if len(ds) == 0:
         raise TrnftError(f"{what}: has no rows")
     return ds
+
+
+def check_text_file(path: Path, fmt: str) -> None:
+    """Refuse, naming the file and line, a local data file the datasets library would fail on vaguely:
+    empty, not UTF-8, or (JSON) a line that is not one JSON object (parquet is binary and not checked)."""
+    if fmt not in ("json", "csv"):
+        return
+    first = None
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TrnftError(
+                    f"dataset.files: {path} line {number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                    f"column {exc.start + 1}); save the file as UTF-8"
+                ) from exc
+            if first is None and line.strip():
+                first = line.lstrip()
+            if fmt == "json" and line.strip() and first is not None and not first.startswith("["):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TrnftError(
+                        f"dataset.files: {path} line {number}: not valid JSON ({exc.msg} at column "
+                        f"{exc.colno}); each line of a JSON Lines file is one row"
+                    ) from exc
+                if not isinstance(row, dict):
+                    raise TrnftError(
+                        f"dataset.files: {path} line {number}: a {type(row).__name__}, not a JSON object of "
+                        "columns; each line of a JSON Lines file is one row"
+                    )
+    if first is None:
+        raise TrnftError(f"dataset.files: {path} is empty; point dataset.files at a file with rows")
+    if fmt == "json" and first.startswith("["):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise TrnftError(
+                f"dataset.files: {path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from exc
 
 
 # --------------------------------------------------------------------------------------------------

@@ -102,8 +102,10 @@ def save_sharded(staged: Path, model: Any, optimizer: Any) -> None:
     import torch.distributed.checkpoint as dcp
 
     model_state, optim_state = _trained_state(model, optimizer)
-    dcp.save(model_state, checkpoint_id=str(staged / MODEL_DIR))
-    dcp.save(optim_state, checkpoint_id=str(staged / OPTIMIZER_DIR))
+    with warnings.catch_warnings():  # DCP's own use of the deprecated TypedStorage in torch 2.8
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        dcp.save(model_state, checkpoint_id=str(staged / MODEL_DIR))
+        dcp.save(optim_state, checkpoint_id=str(staged / OPTIMIZER_DIR))
 
 
 def load_sharded(folder: Path, model: Any, optimizer: Any) -> int:

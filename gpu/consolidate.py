@@ -233,13 +233,14 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
         convert(ckpt_dir, staged, max_shard_size=max_size, log=log)
         copy_present(TOKENIZER_FILES, [ckpt_dir], staged)
 
-    into_new_folder(out, work)
+    into_new_folder(out, work, log=log)
     log(f"consolidate: wrote {out} from {ckpt_dir}")
     return 0
 
 
 def _body(ctx: StageContext) -> StageOutcome:
     ckpt_dir = resolve(ctx.upstream_dir("train"), ctx.log)
+    ctx.verify_upstream("train", ckpt_dir.name)
     figures = convert(ckpt_dir, ctx.out_dir, max_shard_size=DEFAULT_MAX_SHARD_BYTES, log=ctx.log)
     copy_present(TOKENIZER_FILES, [ctx.rundir.stage_dir("tokenize") / "tokenizer"], ctx.out_dir)
     return StageOutcome(

@@ -598,6 +598,7 @@ def _resume_point(ctx: StageContext, world: parallel.World) -> Path | None:
 
 def _setup(ctx: StageContext) -> tuple[GpuTrainer, _Run, _Scalars | None]:
     cfg = ctx.cfg
+    ctx.verify_upstream("tokenize")
     world = parallel.start_world(cfg.gpu.tp, device_type())
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
     trainer = GpuTrainer(ctx, world, tokenized)

@@ -30,7 +30,7 @@ from typing import ClassVar
 from trnft.common.cluster.instances import instance, training_layout
 from trnft.common.cluster.launch import torchrun_argv
 from trnft.common.config.run_config import RunConfig, dump_config
-from trnft.common.errors import TrnftError, UpstreamError
+from trnft.common.errors import TrnftError
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.rundir import RunDir
 from trnft.common.pipeline.stages import (
@@ -40,6 +40,7 @@ from trnft.common.pipeline.stages import (
     StageResult,
     is_main_process,
     run_stage,
+    upstream_manifests,
 )
 from trnft.common.training.data import TokenizeOutput
 from trnft.neuron import launch, precompile
@@ -62,6 +63,7 @@ def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = pri
 
 
 def _body(ctx: StageContext) -> StageOutcome:
+    ctx.verify_upstream("tokenize")
     if device(ctx.cfg) == "trainium":
         return compile_trainium(ctx)
     return compile_cpu(ctx)
@@ -185,11 +187,7 @@ def _run_parallel_compile(cfg: RunConfig, log: Callable[[str], None]) -> tuple[l
 def compile_worker(cfg: RunConfig, log: Callable[[str], None]) -> None:
     """A Worker pod's part: trace this node's graphs into the shared cache; write no stage output."""
     rank = os.environ.get("RANK", "?")
-    if RunDir(cfg.run.root).manifest("tokenize") is None:
-        raise UpstreamError(
-            f"compile needs a complete tokenize stage ({RunDir(cfg.run.root).stage_dir('tokenize')}); "
-            "run `trnft tokenize --config <run.yaml>` first"
-        )
+    upstream_manifests(SPECS["compile"], cfg, RunDir(cfg.run.root))  # refuses a missing or stale tokenize
     _, seconds = _run_parallel_compile(cfg, log)
     log(
         f"compile: worker rank {rank} traced its graphs into {launch.cache_dir(cfg)} in {seconds:.0f}s; "

@@ -852,6 +852,7 @@ def standalone(args: Any, log: Callable[[str], None]) -> int:
     into_new_folder(
         out,
         lambda staged: consolidate_into(sources, staged, max_shard_size=max_size, model_dir=None, log=log),
+        log=log,
     )
     log(f"consolidate: wrote {out} from {where}")
     return 0
@@ -865,6 +866,7 @@ def _body(ctx: StageContext) -> StageOutcome:
     cfg = ctx.cfg
     train_dir = ctx.upstream_dir("train")
     sources, checkpoint = resolve(train_dir, ctx.log)
+    ctx.verify_upstream("train", checkpoint.name)
     model_dir = Path(cfg.model.name_or_path) if Path(cfg.model.name_or_path).is_dir() else None
     results = consolidate_into(
         sources, ctx.out_dir, max_shard_size=DEFAULT_MAX_SHARD_BYTES, model_dir=model_dir, log=ctx.log

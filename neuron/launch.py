@@ -11,11 +11,8 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from trnft.common.cluster.instances import InstanceType, Layout
-from trnft.common.config.run_config import RunConfig
+from trnft.common.config.run_config import NEURON_CACHE_DIR_CHARS, RunConfig
 from trnft.common.errors import ConfigError
-
-# optimum-neuron parses --cache_dir from NEURON_CC_FLAGS with a pattern of letters, digits, '_', '/', '-'.
-CACHE_DIR_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/-")
 
 
 def cache_dir(cfg: RunConfig) -> str:
@@ -28,7 +25,7 @@ def cache_dir(cfg: RunConfig) -> str:
     key = "neuron.cache_dir" if cfg.neuron.cache_dir else "neuron.cache_dir (default <run.root>/neuron_cache)"
     if not PurePosixPath(path).is_absolute():
         raise ConfigError(f"{key}: must be an absolute path, got {path!r}")
-    bad = sorted(set(path) - CACHE_DIR_CHARS)
+    bad = sorted(set(path) - NEURON_CACHE_DIR_CHARS)
     if bad:
         raise ConfigError(
             f"{key}: {path!r} contains {''.join(bad)!r}; optimum-neuron cuts --cache_dir at such characters, "

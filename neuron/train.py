@@ -13,6 +13,7 @@ of an interrupted save are removed and reported, and the newest ``train.keep_che
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ def cpu_cache_dir(cfg: RunConfig) -> str:
 
 
 def _body(ctx: StageContext) -> StageOutcome:
+    ctx.verify_upstream("tokenize")
     if device(ctx.cfg) == "trainium":
         from trnft.neuron import trainium
 
@@ -132,6 +134,15 @@ def _cpu_step(ctx: StageContext, trainer: Any, tokenized: TokenizeOutput, run: _
     cfg, log = ctx.cfg, ctx.log
     end = cfg.train.max_steps
     record = trainer.train_step()
+    if not (math.isfinite(record.loss) and math.isfinite(record.grad_norm)):
+        what, value = (
+            ("loss", record.loss) if not math.isfinite(record.loss) else ("gradient norm", record.grad_norm)
+        )
+        raise TrnftError(
+            f"train: step {record.step} has a non-finite {what} ({value}); stopped, no checkpoint of it is "
+            "saved. Lower train.learning_rate or check the data"
+        )
+    checkpoints.fault_point("step", record.step)
     if run.first_step_compiles is None:
         run.first_step_compiles = record.compiles - run.compiles_at_start
     else:

@@ -25,6 +25,7 @@ optimum-neuron 0.4.5 facts this relies on are pinned in ``tests/neuron/test_opti
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -363,6 +364,19 @@ def trainer_class() -> type:
             else:
                 self.trnft.log(f"train: {path} is missing; optimizer moments start from zero")
             self.trnft.restored += ["step", "lr_schedule", "data_position", "weights"]
+
+        # Numbers ----------------------------------------------------------------------------------
+        def log(self, logs: dict[str, float], *args: Any) -> None:
+            """Stop at the first logged non-finite loss or gradient norm (every rank logs the same reduced
+            values, so every rank stops), before any checkpoint of that state is written."""
+            for key, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
+                value = logs.get(key)
+                if value is not None and not math.isfinite(float(value)):
+                    raise TrnftError(
+                        f"train: step {self.state.global_step} has a non-finite {what} ({value}); stopped, no "
+                        "checkpoint of it is saved. Lower train.learning_rate or check the data"
+                    )
+            super().log(logs, *args)
 
         # Checkpoints ------------------------------------------------------------------------------
         def _save_checkpoint(self) -> None:

@@ -88,3 +88,25 @@ def step_batch_loss(model, split, step: int, global_batch: int, seed: int) -> fl
         reduction="sum",
     )
     return total.item() / max(1, int((labels != IGNORE_INDEX).sum()))
+
+
+def complete_by_hand(cfg, stage: str, files: list[dict] | None = None) -> dict:
+    """Write ``stage``'s manifest as if it had run with ``cfg`` (its fingerprint over the current upstream
+    manifests), so tests can put a stage in place without running it. Returns the manifest."""
+    from trnft.common.pipeline.rundir import RunDir, output_digest
+    from trnft.common.pipeline.stages import SPECS, fingerprint_of
+
+    spec = SPECS[stage]
+    rundir = RunDir(cfg.run.root)
+    upstream = {name: rundir.manifest(name) for name in spec.needs(cfg)}
+    external = spec.inputs(cfg)
+    fingerprint, subset = fingerprint_of(spec, cfg, upstream, external)
+    folder = rundir.stage_dir(stage)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "stage": stage, "status": "complete", "fingerprint": fingerprint, "config": subset,
+        "external_inputs": external, "upstream": {n: m.get("output_digest") for n, m in upstream.items()},
+        "files": files or [], "output_digest": output_digest(files or []), "summary": "made by hand",
+    }  # fmt: skip
+    rundir.write_manifest(folder, manifest)
+    return manifest

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -55,6 +56,11 @@ DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 # --------------------------------------------------------------------------------------------------
 # Sections
+
+
+# optimum-neuron parses --cache_dir out of NEURON_CC_FLAGS with a pattern of letters, digits, '_', '/', '-':
+# the one rule for every Neuron compile-cache path (neuron.cache_dir, or the default under run.root).
+NEURON_CACHE_DIR_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/-")
 
 
 @dataclass(**_CFG)
@@ -352,6 +358,19 @@ class RunConfig:
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
+        if not self.run.root.strip():
+            problems.append(("run.root", "must name the run directory, got an empty value"))
+        elif self.model.platform == "neuron" and self.neuron.cache_dir is None:
+            bad = sorted(set(self.run.root) - NEURON_CACHE_DIR_CHARS)
+            if bad:
+                problems.append(
+                    (
+                        "run.root",
+                        f"{self.run.root!r} has {''.join(bad)!r}, which the default Neuron compile cache "
+                        "<run.root>/neuron_cache cannot contain (optimum-neuron cuts the path there); "
+                        "choose another run.root or set neuron.cache_dir",
+                    )
+                )
         if self.neuron.pp > 1 and self.neuron.backend == "cpu":
             problems.append(
                 (
@@ -401,11 +420,19 @@ def _describe(tp: Any) -> str:
 class _Problems:
     """Collects every problem so the user sees the first one and how many more there are."""
 
-    def __init__(self) -> None:
+    def __init__(self, overrides: Mapping[str, str] | None = None) -> None:
         self.items: list[tuple[str, str]] = []
+        # key path -> the override text that set it: its problems are blamed on the override
+        self.overrides = dict(overrides or {})
 
     def add(self, path: str, message: str) -> None:
         self.items.append((path, message))
+
+    def _origin(self, path: str) -> str | None:
+        for key, text in self.overrides.items():
+            if path == key or path.startswith(f"{key}.") or path.startswith(f"{key}["):
+                return text
+        return None
 
     def raise_if_any(self, source: str) -> None:
         if not self.items:
@@ -415,7 +442,12 @@ class _Problems:
         if len(self.items) > 1:
             others = ", ".join(p for p, _ in self.items[1:4])
             more = f" ({len(self.items) - 1} more: {others}{', ...' if len(self.items) > 4 else ''})"
-        raise ConfigError(f"{source}{path}: {message}{more}")
+        override = self._origin(path)
+        if override is None:
+            raise ConfigError(f"{source}{path}: {message}{more}")
+        key = override.split("=", 1)[0]
+        inner = "" if path == key else f"{path}: "
+        raise ConfigError(f"override {override}: {inner}{message}{more}")
 
 
 def _check_rules(value: Any, meta: Mapping[str, Any], path: str, problems: _Problems) -> None:
@@ -497,6 +529,9 @@ def _coerce(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.add(path, f"must be a number, got {value!r}")
             return None
+        if not math.isfinite(value):
+            problems.add(path, f"must be a finite number, got {value!r}")
+            return None
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -576,14 +611,20 @@ def _is_text_type(tp: Any) -> bool:
     return tp is str
 
 
-def _override_value(raw: str, tp: Any) -> Any:
-    """Type an override's text: strings verbatim (YAML would eat '#' and '{x}'), the rest as YAML."""
+def _override_value(raw: str, tp: Any, text: str) -> Any:
+    """Type an override's text: strings verbatim (YAML would eat '#' and '{x}'), the rest as YAML.
+
+    Raises:
+        ConfigError: the text is not YAML (an unclosed ``[a.jsonl`` is refused, not taken as a name).
+    """
     if _is_text_type(tp):
         return None if raw in ("null", "~") else raw
     try:
         return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        return raw
+    except yaml.YAMLError as exc:
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        example = " (a list is written [a,b])" if raw.lstrip().startswith("[") else ""
+        raise ConfigError(f"override {text}: the value is not valid YAML ({reason}){example}") from exc
 
 
 def _schema_for(parts: list[str]) -> Any:
@@ -617,7 +658,7 @@ def overrides_tree(overrides: Sequence[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for text in overrides:
         parts, raw = parse_override(text)
-        value = _override_value(raw, _schema_for(parts))
+        value = _override_value(raw, _schema_for(parts), text)
         node = tree
         for part in parts[:-1]:
             child = node.get(part)
@@ -691,7 +732,12 @@ def _preprocess(raw: dict[str, Any], base: Path | None) -> dict[str, Any]:
 
 
 def config_from_dict(
-    raw: Mapping[str, Any], *, base_dir: Path | None = None, source: str = "", preprocess: bool = True
+    raw: Mapping[str, Any],
+    *,
+    base_dir: Path | None = None,
+    source: str = "",
+    preprocess: bool = True,
+    overrides: Mapping[str, str] | None = None,
 ) -> RunConfig:
     """Parse a loaded mapping into a :class:`RunConfig`.
 
@@ -703,17 +749,23 @@ def config_from_dict(
     data = json.loads(json.dumps(dict(raw), default=str))
     if preprocess:
         data = _preprocess(data, base_dir)
-    problems = _Problems()
+    problems = _Problems(overrides)
     cfg = _build(RunConfig, data, "", problems)
     problems.raise_if_any(f"{source}: " if source else "")
     return cfg
 
 
 def _read_yaml(p: Path) -> dict[str, Any]:
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; pass --config with the run YAML inside it")
     if not p.is_file():
         raise ConfigError(f"config file {p} not found; pass --config PATH to a run YAML (see examples/)")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -739,7 +791,10 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     for p in files:
         merged = _deep_merge(merged, _preprocess(_read_yaml(p), p.resolve().parent))
     merged = _deep_merge(merged, _preprocess(overrides_tree(overrides), Path.cwd()))
-    return config_from_dict(merged, source=", ".join(str(p) for p in files), preprocess=False)
+    origins = {".".join(parse_override(text)[0]): text for text in overrides}
+    return config_from_dict(
+        merged, source=", ".join(str(p) for p in files), preprocess=False, overrides=origins
+    )
 
 
 # --------------------------------------------------------------------------------------------------

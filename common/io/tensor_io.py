@@ -12,6 +12,7 @@ their raw uint16 bits (:class:`Array`), which is exact for slicing, concatenatio
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import mmap
@@ -21,6 +22,7 @@ import struct
 import sys
 import uuid
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -328,6 +330,7 @@ class TorchFile:
             ) from exc
         self._mapped = MappedFile(self.path)
         self._offsets: dict[str, int] = {}
+        self._checked: set[str] = set()
 
     def load(self) -> Any:
         return _TorchUnpickler(self._pickle, self, self.path).load()
@@ -346,7 +349,24 @@ class TorchFile:
 
     def storage_array(self, storage: _StorageRef) -> np.ndarray:
         name = f"{self._prefix}data/{storage.key}"
-        return self._mapped.view(self._data_offset(name), storage.numel, STORAGE[storage.dtype])
+        offset = self._data_offset(name)
+        self._check_crc(name, offset)
+        return self._mapped.view(offset, storage.numel, STORAGE[storage.dtype])
+
+    def _check_crc(self, name: str, offset: int) -> None:
+        """The zip member's CRC32 against its bytes, once per storage: a flipped bit is refused, naming
+        the file, instead of becoming a wrong weight (torch.load itself never checks it)."""
+        if name in self._checked:
+            return
+        info = self._entries[name]
+        data = self._mapped.view(offset, info.file_size, np.uint8)
+        actual = zlib.crc32(data) & 0xFFFFFFFF
+        if actual != info.CRC:
+            raise TrnftError(
+                f"{self.path}: storage {name.rsplit('/', 1)[-1]} fails its CRC32 check (recorded {info.CRC:08x}, "
+                f"read {actual:08x}); the file is corrupt: use another checkpoint or rewrite this one"
+            )
+        self._checked.add(name)
 
     def release(self) -> None:
         self._mapped.release()
@@ -377,9 +397,42 @@ class SafetensorsFile:
             header = json.loads(self._mapped.read(8, n))
         except (ValueError, UnicodeDecodeError) as exc:
             raise TrnftError(f"{self.path}: not a safetensors file (bad header)") from exc
+        if not isinstance(header, dict):
+            raise TrnftError(f"{self.path}: not a safetensors file (the header is not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.header = header
         self._data_start = 8 + n
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """The header must index the data region exactly: each tensor's bytes match its dtype and shape,
+        tensors neither overlap nor leave holes, and the file ends where the last one does (the format's
+        own rules), so a truncated or mis-written file is refused before anything is read from it."""
+        end = 0
+        entries = []
+        for name, entry in self.header.items():
+            try:
+                dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+                count = int(np.prod(shape, dtype=np.int64))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TrnftError(f"{self.path}: header entry {name} is malformed ({exc})") from exc
+            if dtype in ITEMSIZE and stop - begin != count * ITEMSIZE[dtype]:
+                raise TrnftError(
+                    f"{self.path}: tensor {name} takes {stop - begin} bytes but {dtype} {list(shape)} needs "
+                    f"{count * ITEMSIZE[dtype]}; the file is corrupt"
+                )
+            entries.append((begin, stop, name))
+        for begin, stop, name in sorted(entries):
+            if begin != end:
+                raise TrnftError(
+                    f"{self.path}: tensor {name} starts at byte {begin}, expected {end}; the file is corrupt"
+                )
+            end = stop
+        if self._data_start + end != self._mapped.size:
+            raise TrnftError(
+                f"{self.path}: {self._mapped.size} bytes, the header describes {self._data_start + end}; "
+                "the file is truncated or corrupt"
+            )
 
     def names(self) -> list[str]:
         """Tensor names in file order."""
@@ -493,6 +546,7 @@ def write_safetensors(
                     if block.dtype != t.dtype:
                         raise AssertionError(f"{t.name}: producer gave {block.dtype}, planned {t.dtype}")
                     data = np.ascontiguousarray(block.data)
+                    _write_fault(path)
                     fh.write(memoryview(data).cast("B"))
                     written += data.nbytes
                 if written != t.nbytes:
@@ -500,9 +554,25 @@ def write_safetensors(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write(2) or fsync(2) names no file: say which one
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_fault(path: Path) -> None:
+    """Fault injection for tests: ``TRNFT_FAULT=oserror-writing:<ERRNO>:<file name>`` fails that file's
+    first data write as the OS would (``ENOSPC`` for a full volume, ``EROFS``, ...; ``*`` is any file)."""
+    fault = os.environ.get("TRNFT_FAULT", "")
+    if fault.startswith("oserror-writing:"):
+        _, name, target = fault.split(":", 2)
+        if target in (path.name, "*"):
+            code = getattr(errno, name)
+            raise OSError(code, os.strerror(code))
 
 
 def row_blocks(a: Array, max_bytes: int = 64 << 20) -> Iterator[Array]:

@@ -123,11 +123,13 @@ def commit(train_dir: Path, staged: Path, step: int) -> None:
     swap_into_place(staged, train_dir / f"checkpoint-{step}")
 
 
-def fault_point(where: str, step: int) -> None:
-    """Fault injection for tests: ``TRNFT_FAULT=kill-during-save:<step>`` SIGKILLs this process mid-save.
+def fault_point(where: str, step: int | str) -> None:
+    """Fault injection for tests: ``TRNFT_FAULT=kill-during-<where>:<step>`` SIGKILLs this process there.
 
-    Trainers call it when a checkpoint is fully written (shards and ``done`` marker) but still a staging
-    folder: the case a marker-only reader would wrongly accept.
+    Trainers call it mid-save (``save``, when a checkpoint is fully written, shards and ``done`` marker, but
+    still a staging folder: the case a marker-only reader would wrongly accept) and after a step
+    (``step``); every stage calls it as ``<stage>:started``, ``<stage>:written`` (the body returned) and
+    ``<stage>:manifest`` (the manifest is written, the folder not yet renamed into place).
     """
     if os.environ.get("TRNFT_FAULT", "") == f"kill-during-{where}:{step}":
         import signal

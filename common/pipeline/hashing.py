@@ -7,11 +7,21 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-# Files up to this size are hashed in full. Bigger ones (model weights) get a sampled hash of their size
-# and first/last blocks: enough to notice a different file, cheap enough to run on every stage start.
+# External inputs (dataset files, local base models) up to this size are hashed in full. Bigger ones get a
+# sampled hash of their size and first/last blocks: enough to notice a different file, cheap enough to run
+# on every stage start. Stage outputs are always hashed in full (file_sha256).
 FULL_HASH_LIMIT = 256 * 1024 * 1024
 _SAMPLE = 16 * 1024 * 1024
 _BLOCK = 1024 * 1024
+
+
+def file_sha256(path: str | Path) -> str:
+    """``sha256:<hex>`` of a whole file (stage outputs: what a downstream stage verifies before reading)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK * 8):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
 
 
 def file_digest(path: str | Path) -> str:

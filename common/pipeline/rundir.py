@@ -30,7 +30,7 @@ from typing import Any
 
 from trnft.common.errors import TrnftError
 from trnft.common.pipeline.atomic import swap_into_place
-from trnft.common.pipeline.hashing import file_digest, list_files
+from trnft.common.pipeline.hashing import file_sha256, list_files
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -59,14 +59,47 @@ def read_json(path: Path) -> Any:
 
 
 def describe_files(root: Path) -> list[dict[str, Any]]:
-    """File list of a stage output: relative path, size and content digest (manifest excluded)."""
+    """File list of a stage output: relative path, size and sha256 of the whole file (manifest excluded)."""
     out = []
     for rel in list_files(root):
         if rel.name in (MANIFEST, PROGRESS):
             continue
         p = root / rel
-        out.append({"path": str(rel), "bytes": p.stat().st_size, "digest": file_digest(p)})
+        out.append({"path": str(rel), "bytes": p.stat().st_size, "digest": file_sha256(p)})
     return out
+
+
+def verify_files(stage_dir: Path, manifest: dict[str, Any], under: str = "") -> tuple[int, int]:
+    """Check that the files a stage's manifest lists (those below ``under``) are still the bytes it wrote.
+
+    Returns (files, bytes) checked. Raises TrnftError naming the first file that is missing, has another
+    size or another sha256: it was changed or damaged after the stage wrote it.
+    """
+    stage = manifest.get("stage", stage_dir.name)
+    prefix = f"{under.rstrip('/')}/" if under else ""
+    files = checked = 0
+    for entry in manifest.get("files", []):
+        rel = entry["path"]
+        if under and not (rel == under or rel.startswith(prefix)):
+            continue
+        path = stage_dir / rel
+        rerun = f"rerun `trnft {stage} --config <run.yaml> --force`"
+        if not path.is_file():
+            raise TrnftError(f"{path}: listed in the {stage} manifest but missing; {rerun}")
+        if path.stat().st_size != entry["bytes"]:
+            raise TrnftError(
+                f"{path}: {path.stat().st_size} bytes, the {stage} manifest recorded {entry['bytes']}; "
+                f"the file changed after {stage} wrote it; {rerun}"
+            )
+        digest = entry.get("digest", "")
+        if digest.startswith("sha256:") and file_sha256(path) != digest:
+            raise TrnftError(
+                f"{path}: its sha256 differs from the one the {stage} manifest recorded; the file is corrupt "
+                f"or was changed after {stage} wrote it; {rerun}"
+            )
+        files += 1
+        checked += entry["bytes"]
+    return files, checked
 
 
 @dataclass(frozen=True)
@@ -74,10 +107,11 @@ class StageState:
     """What ``trnft status`` shows for one stage."""
 
     name: str
-    state: str  # complete | stale | incomplete | failed | missing
+    state: str  # complete | stale | incomplete | failed | missing | corrupt
     finished_at: str | None
     summary: str
     manifest: dict[str, Any] | None
+    reason: str = ""  # why it is stale or corrupt
 
 
 class RunDir:
@@ -199,14 +233,24 @@ def output_digest(files: list[dict[str, Any]]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def into_new_folder(out: Path, work: Callable[[Path], Any]) -> Any:
+def into_new_folder(out: Path, work: Callable[[Path], Any], log: Callable[[str], None] = print) -> Any:
     """Run ``work(staging)`` and rename the staging folder to ``out`` when it returns.
 
     ``out`` must not exist or be empty (a standalone command never mixes into earlier output); on any
-    error the staging folder is removed, so ``out`` either appears complete or not at all.
+    error the staging folder is removed, so ``out`` either appears complete or not at all. Staging
+    folders a killed earlier run left beside ``out`` are removed first, and said so.
     """
+    if out.exists() and not out.is_dir():
+        raise TrnftError(f"--output: {out} is a file; name a new folder")
     if out.exists() and any(out.iterdir()):
         raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise TrnftError(f"--output: {out.parent} is a file, so {out.name} cannot be made in it")
+    if out.parent.is_dir():
+        for pattern in (f".{out.name}.staging-*", f".{out.name}.replaced-*"):
+            for leftover in sorted(out.parent.glob(pattern)):
+                log(f"removing {leftover}, left by an interrupted run")
+                shutil.rmtree(leftover, ignore_errors=True)
     staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
     try:

@@ -17,14 +17,14 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trnft.common.config.run_config import RunConfig, select, stable_hash, to_dict
 from trnft.common.errors import TrnftError, UpstreamError
-from trnft.common.pipeline import backend, inputs
+from trnft.common.pipeline import backend, checkpoints, inputs
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.hashing import library_versions
 from trnft.common.pipeline.rundir import (
@@ -34,6 +34,7 @@ from trnft.common.pipeline.rundir import (
     describe_files,
     now_iso,
     output_digest,
+    verify_files,
 )
 
 STAGES = ("tokenize", "compile", "train", "consolidate", "merge", "evaluate")
@@ -153,6 +154,23 @@ class StageContext:
     def upstream_dir(self, stage: str) -> Path:
         return self.rundir.stage_dir(stage)
 
+    def verify_upstream(self, stage: str, *under: str) -> None:
+        """Refuse to read upstream files that are not the bytes its manifest recorded (sha256 of each):
+        every file of ``stage``, or those at or below the relative paths ``under``. The main process
+        checks; the other ranks of a job read what it checked."""
+        if not self.is_main:
+            return
+        t0 = time.perf_counter()
+        files = size = 0
+        for part in under or ("",):
+            n, b = verify_files(self.upstream_dir(stage), self.upstream[stage], part)
+            files, size = files + n, size + b
+        if size > 1 << 30:
+            self.log(
+                f"{self.spec.name}: verified {files} file(s) of {stage}, {size / 1e9:.1f} GB, in "
+                f"{time.perf_counter() - t0:.1f}s"
+            )
+
 
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job (or a plain process) owns manifests, renames and locks (torchrun sets RANK)."""
@@ -160,19 +178,46 @@ def is_main_process() -> bool:
 
 
 def upstream_manifests(spec: StageSpec, cfg: RunConfig, rundir: RunDir) -> dict[str, dict[str, Any]]:
-    """The manifests of the stages ``spec`` reads; UpstreamError naming the first one to run."""
-    upstream = {}
-    for name in spec.needs(cfg):
-        manifest = rundir.manifest(name)
-        if manifest is None:
-            where = rundir.stage_dir(name)
-            state = "is incomplete" if where.exists() or rundir.staging_dirs(name) else "does not exist"
-            raise UpstreamError(
-                f"{spec.name} needs a complete {name} stage ({where} {state}); "
-                f"run `trnft {name} --config <run.yaml>` first"
-            )
-        upstream[name] = manifest
-    return upstream
+    """The manifests of the stages ``spec`` reads, once everything upstream of it is complete and current.
+
+    Raises:
+        UpstreamError: naming the first stage (in pipeline order) of everything ``spec`` depends on,
+            directly or not, that is missing, incomplete, failed, corrupt or stale, and the command that
+            redoes it. ``--force`` of the downstream stage does not get past this: it would rebuild on an
+            old or broken input.
+    """
+    chain = upstream_chain(spec, cfg)
+    states = {row.name: row for row in _states(cfg, rundir, chain)}
+    for name in chain:
+        row = states[name]
+        if row.state == "complete":
+            continue
+        where = rundir.stage_dir(name)
+        what = {
+            "missing": "does not exist",
+            "incomplete": "is incomplete",
+            "failed": "failed",
+            "corrupt": "has an unreadable manifest",
+            "stale": f"is stale: {row.reason}",
+        }[row.state]
+        force = " --force" if row.state in ("stale", "corrupt") and not SPECS[name].redo_on_change else ""
+        raise UpstreamError(
+            f"{spec.name} needs a complete {name} stage ({where} {what}); "
+            f"run `trnft {name} --config <run.yaml>{force}` first"
+        )
+    return {name: states[name].manifest for name in spec.needs(cfg)}  # type: ignore[misc]
+
+
+def upstream_chain(spec: StageSpec, cfg: RunConfig) -> list[str]:
+    """Every stage ``spec`` depends on, directly or through others, in pipeline order."""
+    found: set[str] = set()
+    todo = list(spec.needs(cfg))
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo.extend(SPECS[name].needs(cfg))
+    return [name for name in STAGES if name in found]
 
 
 def fingerprint_of(
@@ -228,12 +273,12 @@ def _describe_change(
 def current_manifest(spec: StageSpec, cfg: RunConfig) -> dict[str, Any] | None:
     """The stage's manifest when its output is complete and was made with these settings and inputs."""
     rundir = RunDir(cfg.run.root)
-    previous = rundir.manifest(spec.name)
-    if previous is None:
-        return None
     try:
+        previous = rundir.manifest(spec.name)
+        if previous is None:
+            return None
         upstream = upstream_manifests(spec, cfg, rundir)
-    except UpstreamError:
+    except TrnftError:  # an unreadable manifest, or an upstream that is not complete: not current
         return None
     fingerprint, _ = fingerprint_of(spec, cfg, upstream, spec.inputs(cfg))
     return previous if previous.get("fingerprint") == fingerprint else None
@@ -249,12 +294,18 @@ def run_stage(
 ) -> StageResult:
     """Run one stage body with skip, upstream checks, staging, manifest and failure records."""
     rundir = RunDir(cfg.run.root)
+    if rundir.root.exists() and not rundir.root.is_dir():
+        raise TrnftError(f"run.root: {rundir.root} is a file, not a folder; choose another run directory")
     upstream = upstream_manifests(spec, cfg, rundir)
     external = spec.inputs(cfg)
     fingerprint, subset = fingerprint_of(spec, cfg, upstream, external)
-    previous = rundir.manifest(spec.name)
     final = rundir.stage_dir(spec.name)
     main = is_main_process()
+    try:
+        previous = rundir.manifest(spec.name)
+    except TrnftError as exc:  # an unreadable manifest is no proof of a complete output: redo it
+        log(f"{spec.name}: {exc}; redoing the stage")
+        previous = None
 
     if previous is not None and not force:
         if previous.get("fingerprint") == fingerprint:
@@ -345,7 +396,9 @@ def _execute(
 ) -> tuple[StageOutcome, dict[str, Any]]:
     """Run the body and, on the main process, write the manifest last."""
     cfg, spec = ctx.cfg, ctx.spec
+    checkpoints.fault_point(spec.name, "started")
     outcome = body(ctx)
+    checkpoints.fault_point(spec.name, "written")
     manifest: dict[str, Any] = {}
     if ctx.is_main:
         files = describe_files(ctx.out_dir)
@@ -374,6 +427,7 @@ def _execute(
             **outcome.extra,
         }
         ctx.rundir.write_manifest(ctx.out_dir, manifest)
+        checkpoints.fault_point(spec.name, "manifest")
     return outcome, manifest
 
 
@@ -403,40 +457,56 @@ def resolve_stage(stage: str, cfg: RunConfig) -> Callable[..., StageResult | Non
 
 
 def stage_states(cfg: RunConfig) -> list[StageState]:
-    """One row per stage: complete / stale / incomplete / failed / missing, with when and key figure."""
-    rundir = RunDir(cfg.run.root)
-    rows = []
-    manifests: dict[str, dict[str, Any] | None] = {}
+    """One row per stage: complete / stale / incomplete / failed / missing / corrupt, when, key figure."""
+    return _states(cfg, RunDir(cfg.run.root), STAGES)
+
+
+def _states(cfg: RunConfig, rundir: RunDir, names: Sequence[str]) -> list[StageState]:
+    """The rows of ``names`` (and of everything they depend on, which decides them), in pipeline order.
+
+    A stage with a manifest is stale when its own fingerprint changed (config, inputs, an upstream output)
+    or when anything it depends on is not complete: staleness propagates down the pipeline.
+    """
+    wanted = set(names)
+    for name in names:
+        wanted.update(upstream_chain(SPECS[name], cfg))
+    rows: dict[str, StageState] = {}
     for name in STAGES:
-        spec = SPECS[name]
+        if name in wanted:
+            rows[name] = _state(cfg, rundir, SPECS[name], rows)
+    return [rows[name] for name in STAGES if name in names]
+
+
+def _state(cfg: RunConfig, rundir: RunDir, spec: StageSpec, rows: dict[str, StageState]) -> StageState:
+    name = spec.name
+    try:
         manifest = rundir.manifest(name)
-        manifests[name] = manifest
-        if manifest is not None:
-            upstream = {u: manifests.get(u) or rundir.manifest(u) for u in spec.needs(cfg)}
-            if any(m is None for m in upstream.values()):
-                state = "stale"
-            else:
-                fp, _ = fingerprint_of(spec, cfg, upstream, spec.inputs(cfg))  # type: ignore[arg-type]
-                state = "complete" if fp == manifest.get("fingerprint") else "stale"
-            rows.append(
-                StageState(name, state, manifest.get("finished_at"), manifest.get("summary", ""), manifest)
-            )
-            continue
-        failure = rundir.failure(name)
-        progress = rundir.progress(name)
-        if rundir.stage_dir(name).exists() or rundir.staging_dirs(name):
-            summary = (progress or {}).get("summary", "started, no manifest yet")
-            if failure:
-                rows.append(
-                    StageState(name, "failed", failure.get("at"), f"{summary}; {failure['error']}", None)
-                )
-            else:
-                rows.append(StageState(name, "incomplete", (progress or {}).get("at"), summary, None))
-        elif failure:
-            rows.append(StageState(name, "failed", failure.get("at"), failure["error"], None))
-        else:
-            rows.append(StageState(name, "missing", None, "", None))
-    return rows
+    except TrnftError as exc:
+        return StageState(name, "corrupt", None, str(exc), None, "its manifest cannot be read")
+    if manifest is not None:
+        when, summary = manifest.get("finished_at"), manifest.get("summary", "")
+        upstream = {u: rows[u] for u in spec.needs(cfg)}
+        behind = [u for u, row in upstream.items() if row.state != "complete"]
+        if behind:
+            reason = f"upstream {behind[0]} is {upstream[behind[0]].state}"
+            return StageState(name, "stale", when, f"{summary}; stale: {reason}", manifest, reason)
+        up = {u: row.manifest for u, row in upstream.items()}
+        external = spec.inputs(cfg)
+        fingerprint, subset = fingerprint_of(spec, cfg, up, external)  # type: ignore[arg-type]
+        if fingerprint != manifest.get("fingerprint"):
+            reason = _describe_change(manifest, subset, up, external)  # type: ignore[arg-type]
+            return StageState(name, "stale", when, f"{summary}; stale: {reason}", manifest, reason)
+        return StageState(name, "complete", when, summary, manifest)
+    failure = rundir.failure(name)
+    progress = rundir.progress(name)
+    if rundir.stage_dir(name).exists() or rundir.staging_dirs(name):
+        summary = (progress or {}).get("summary", "started, no manifest yet")
+        if failure:
+            return StageState(name, "failed", failure.get("at"), f"{summary}; {failure['error']}", None)
+        return StageState(name, "incomplete", (progress or {}).get("at"), summary, None)
+    if failure:
+        return StageState(name, "failed", failure.get("at"), failure["error"], None)
+    return StageState(name, "missing", None, "", None)
 
 
 def format_status(cfg: RunConfig) -> str:

@@ -146,7 +146,7 @@ def test_overrides_are_typed_and_checked(tmp_path):
     ("override", "message"),
     [
         ("train.max_stepz=3", "unknown key train.max_stepz; did you mean 'train.max_steps'?"),
-        ("train.micro_batch_size=0", "train.micro_batch_size: must be >= 1, got 0"),
+        ("train.micro_batch_size=0", "override train.micro_batch_size=0: must be >= 1, got 0"),
         ("train", "expected key.sub=value"),
         ("train.max_steps.x=1", "train.max_steps has no sub-keys"),
     ],

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
 import pytest
-from helpers import ok, smoke_raw, write_config
+from helpers import complete_by_hand, ok, smoke_raw, write_config
 
 from trnft.common import cli
 from trnft.common.evaluate import (
@@ -50,14 +51,15 @@ def test_vllm_lora_rank_comes_from_the_adapter(tmp_path):
 
 
 def _evaluate_base_as_merged(run, tiny_llama):
-    """Evaluate with the base model standing in for the merged model (no training needed)."""
-    merge = run.root / "merge"
-    shutil.copytree(tiny_llama, merge)
-    from trnft.common.pipeline.rundir import RunDir
+    """Evaluate with the base model standing in for the merged model (no training needed): train,
+    consolidate and merge are put in place by hand, so evaluate's upstream checks pass."""
+    from trnft.common.config.run_config import load_config
 
-    rundir = RunDir(run.root)
-    # A merge manifest so evaluate's upstream check passes; the content is the base model.
-    rundir.write_manifest(merge, {"stage": "merge", "status": "complete", "output_digest": "base-as-merged"})
+    cfg = load_config(run.config)
+    for stage in ("train", "consolidate"):
+        complete_by_hand(cfg, stage)
+    shutil.copytree(tiny_llama, run.root / "merge")
+    complete_by_hand(cfg, "merge")
 
 
 def test_evaluate_runs_offline_and_is_reproducible(make_run, tiny_llama, monkeypatch):
@@ -94,17 +96,16 @@ def test_an_unmerged_zero_adapter_is_evaluated_and_flagged(make_run, tiny_llama)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trnft.common.pipeline.rundir import RunDir
+    from trnft.common.config.run_config import load_config
 
     run = make_run(eval={**EVAL, "use_adapter": True, "max_samples": 8})
-    adapter = run.root / "consolidate"
+    cfg = load_config(run.config)
+    complete_by_hand(cfg, "train")
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules=["q_proj"])
     )
-    model.save_pretrained(adapter)  # PEFT's default init: B = 0
-    RunDir(run.root).write_manifest(
-        adapter, {"stage": "consolidate", "status": "complete", "output_digest": "zero"}
-    )
+    model.save_pretrained(run.root / "consolidate")  # PEFT's default init: B = 0
+    complete_by_hand(cfg, "consolidate")
     assert cli.main(["evaluate", "--config", str(run.config)]) == 0
     metrics = read_metrics(run.root / "evaluate")
     assert metrics.model.startswith("base ") and "adapter" in metrics.model
@@ -133,8 +134,12 @@ def test_a_bad_scorer_fails_before_generating(make_run, tiny_llama, tmp_path, ca
     ids=["vllm-on-cpu", "adapter-without-lora", "scorer-layers"],
 )
 def test_bad_eval_settings_are_one_line(make_run, tiny_llama, capsys, sections, message):
+    from trnft.common.errors import ConfigError
+
     run = make_run(**sections)
-    _evaluate_base_as_merged(run, tiny_llama)
+    # Refused when the config is loaded, before any stage runs: the CLI must say the same.
+    with contextlib.suppress(ConfigError):
+        _evaluate_base_as_merged(run, tiny_llama)
     assert cli.main(["evaluate", "--config", str(run.config)]) != 0
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0, err
@@ -142,9 +147,17 @@ def test_bad_eval_settings_are_one_line(make_run, tiny_llama, capsys, sections, 
 
 
 def test_a_missing_test_split_names_the_setting(make_run, tiny_llama, capsys):
+    from trnft.common.pipeline.rundir import RunDir
+
     run = make_run(eval=EVAL)
+    # A tokenize output without a test split, as dataset.test_ratio=0 writes it (manifest included).
+    rundir = RunDir(run.root)
+    tokenize = rundir.stage_dir("tokenize")
+    (tokenize / "test.jsonl").unlink()
+    manifest = rundir.manifest("tokenize")
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != "test.jsonl"]
+    rundir.write_manifest(tokenize, manifest)
     _evaluate_base_as_merged(run, tiny_llama)
-    (run.root / "tokenize" / "test.jsonl").unlink()
     assert cli.main(["evaluate", "--config", str(run.config)]) != 0
     assert "set dataset.test_ratio > 0 and rerun tokenize" in capsys.readouterr().err
 

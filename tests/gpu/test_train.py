@@ -435,3 +435,15 @@ def test_fsdp2_and_tensor_parallel_on_two_cuda_devices(make_run, tmp_path):
     assert a.backend == "fsdp2-cuda" and a.losses[-1] < a.losses[0]
     np.testing.assert_allclose(a.losses, b.losses, rtol=2e-2)  # bf16 reductions differ by layout
     ok(runs["tp"].stage("consolidate"))
+
+
+def test_a_non_finite_step_stops_the_run_before_it_is_saved(make_run):
+    run = _gpu_run(make_run, train={"learning_rate": 1e6, "min_lr": 0.0, "max_grad_norm": 0.0, "warmup_steps": 0,
+                                    "max_steps": 5, "save_steps": 1})  # fmt: skip
+    proc = run.stage("train")
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("trnft train: error: train: step 2 has a non-finite")
+    )
+    assert sorted(p.name for p in (run.root / "train").glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (run.root / "train" / "manifest.json").exists()

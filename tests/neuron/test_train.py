@@ -234,3 +234,20 @@ def test_train_without_tokenize_output_names_the_stage_to_run(tmp_path, tiny_lla
         "train needs a complete tokenize stage" in proc.stderr
         and "run `trnft tokenize --config" in proc.stderr
     )
+
+
+def test_a_non_finite_step_stops_the_run_before_it_is_saved(make_run):
+    # full fine-tuning at an absurd learning rate: the weights overflow within a step or two
+    run = make_run(
+        neuron={"tp": 1, "cpu_devices": 1},
+        lora={"enabled": False},
+        train={"learning_rate": 1e30, "min_lr": 0.0, "max_grad_norm": 0.0, "warmup_steps": 0, "max_steps": 5,
+               "save_steps": 1},
+    )  # fmt: skip
+    proc = run.stage("train")
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("trnft train: error: train: step ") and "non-finite" in line, line
+    bad = int(line.split("step ")[1].split()[0])
+    saved = sorted(int(p.name.split("-")[1]) for p in (run.root / "train").glob("checkpoint-*"))
+    assert saved == list(range(1, bad))  # every finite step saved, the non-finite one not
