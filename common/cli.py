@@ -1,4 +1,5 @@
-"""The ``trnft`` command: one subcommand per stage plus ``status``, ``jobspec`` and ``smoke``.
+"""The ``trnft`` command: one subcommand per stage plus ``status``, ``jobspec``, ``submit``, ``wait``,
+``torchrun`` and ``smoke``.
 
 Every stage subcommand takes ``--config FILE`` and ``key.sub=value`` overrides and calls the stage's
 ``run(cfg)``. Errors a user can act on print one line and exit non-zero (:mod:`trnft.common.exits`;
@@ -101,6 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--files", nargs="*", metavar="YAML", help="Validate these rendered files instead of rendering."
     )
 
+    for name, what in (
+        ("submit", "Apply a rendered stage spec; a finished job of the same name is deleted first."),
+        (
+            "wait",
+            "Wait for a submitted stage: exit 0 when it succeeds, 1 as soon as it fails, 124 on timeout.",
+        ),
+    ):
+        p = sub.add_parser(name, help=what, description=what)
+        p.add_argument(
+            "file", metavar="SPEC", help="A file `trnft jobspec` wrote, e.g. jobspecs-out/03-train.yaml."
+        )
+        if name == "submit":
+            p.add_argument("--wait", action="store_true", help="Then wait for it, as `trnft wait` does.")
+        p.add_argument("--timeout", default="24h", help="Stop waiting after this long (45s, 30m, 2h, 1d).")
+        p.add_argument("--interval", default="20s", help="Time between two looks at the job's status.")
+
+    p = sub.add_parser(
+        "torchrun",
+        help="torchrun, exiting with the failed worker's own code (what the train pods run).",
+        description="Run torchrun with the given flags and command. Unlike torchrun, which exits 1 when a "
+        "worker fails, exit with the first failed worker's code (a signal as 128 + its number), so the "
+        "cluster retries infrastructure failures and not configuration errors.",
+    )
+    p.add_argument("torchrun_args", nargs=argparse.REMAINDER, metavar="TORCHRUN_ARGS")
+
     p = sub.add_parser(
         "smoke",
         help="Run the whole pipeline locally on a bundled tiny model and dataset.",
@@ -146,6 +172,24 @@ def _smoke_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     )
 
 
+def _submit_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from trnft.jobspecs.operate import submit_command
+
+    return submit_command(args, log)
+
+
+def _wait_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from trnft.jobspecs.operate import wait_command
+
+    return wait_command(args, log)
+
+
+def _torchrun_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from trnft.common.cluster.launch import run_torchrun
+
+    return run_torchrun(args.torchrun_args)
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
@@ -161,6 +205,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], int]] 
     "status": _status_command,
     "jobspec": _jobspec_command,
     "smoke": _smoke_command,
+    "torchrun": _torchrun_command,
+    "submit": _submit_command,
+    "wait": _wait_command,
 }
 
 
@@ -168,7 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trnft`` console script; returns the process exit code."""
     set_process_defaults()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "torchrun" in argv and all(a == "--debug" for a in argv[: argv.index("torchrun")]):
+        # Everything after `torchrun` is torchrun's (argparse would claim its --flags).
+        split = argv.index("torchrun")
+        args = parser.parse_args([*argv[:split], "torchrun"])
+        args.torchrun_args = argv[split + 1 :]
+    else:
+        args = parser.parse_args(argv)
     command = COMMANDS[args.command]
     return run_command(args.command, lambda: command(args, _log), debug=args.debug)
 

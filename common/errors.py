@@ -24,3 +24,12 @@ class ConfigError(TrnftError):
 
 class UpstreamError(TrnftError):
     """A stage was started before the stage it reads from completed."""
+
+
+class ProcessFailed(TrnftError):
+    """A process this one started failed; ``exit_code`` is that process's, so its class (permanent or
+    retryable, :mod:`trnft.common.exits`) reaches the cluster unchanged."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

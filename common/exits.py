@@ -6,6 +6,16 @@ fix (a full disk, a read-only or unwritable path, a file where a folder must be)
 and a non-zero exit code. With ``--debug`` or ``TRNFT_DEBUG=1`` the full traceback, including the library
 error a ``TrnftError`` was raised from, is printed before that line. Anything else escaping is a bug and
 keeps Python's traceback.
+
+Exit codes come in two classes that Kubernetes acts on (the PyTorchJob ``ExitCode`` restart policy of
+training-operator v1.9 and the Jobs' ``podFailurePolicy``, both rendered by :mod:`trnft.jobspecs.render`):
+
+* **permanent, 1-127**: the same job would fail the same way again (a config or input error, a full or
+  read-only volume, out of device memory, a bug). The job fails at once and frees its nodes.
+* **retryable, 128 and above**: the infrastructure failed (a process killed by a signal, e.g. the OOM
+  killer's SIGKILL as 137 or an eviction's SIGTERM as 143; a lost peer, a collective or rendezvous timeout,
+  a Neuron runtime error, a network file system that went away). The operator restarts the job, which
+  resumes from its newest complete checkpoint. Failures Python sees are reported as ``EXIT_RETRYABLE``.
 """
 
 from __future__ import annotations
@@ -20,6 +30,20 @@ from trnft.common.errors import TrnftError
 
 DEBUG_ENV = "TRNFT_DEBUG"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+# An infrastructure failure seen by Python. Above every 128 + signal number (signals stop at 64), so a
+# log reader can tell it from a process killed by a signal.
+EXIT_RETRYABLE = 200
+FIRST_RETRYABLE = 128  # training-operator's IsRetryableExitCode: exitCode >= 128
+
+
+def is_retryable(code: int) -> bool:
+    """True for the exit codes the cluster should retry (see the module docstring)."""
+    return code >= FIRST_RETRYABLE
+
+
+def exit_code_of_process(returncode: int) -> int:
+    """A child's exit status as a shell reports it: a signal N becomes 128 + N (SIGKILL is 137)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def debug_requested(flag: bool = False) -> bool:
@@ -44,12 +68,108 @@ def run_command(command: str, work: Callable[[], int], *, debug: bool = False) -
         return 0
     except OSError as exc:
         line = storage_error_line(exc)
-        if line is None:
-            raise  # not a storage problem a user can fix by choosing a path: a bug, keep its traceback
-        if debug_requested(debug):
-            traceback.print_exc()
-        print(f"trnft {command}: error: {line}", file=sys.stderr, flush=True)
-        return EXIT_STORAGE
+        if line is not None:
+            if debug_requested(debug):
+                traceback.print_exc()
+            print(f"trnft {command}: error: {line}", file=sys.stderr, flush=True)
+            return EXIT_STORAGE
+        return _infrastructure_or_bug(command, exc)
+    except Exception as exc:
+        return _infrastructure_or_bug(command, exc)
+
+
+def _infrastructure_or_bug(command: str, exc: BaseException) -> int:
+    """Retryable exit for an infrastructure failure (traceback kept: an operator reads it); else re-raise."""
+    if out_of_device_memory(exc):
+        print(
+            f"trnft {command}: error: out of accelerator memory ({_first_line(exc)}); lower "
+            "train.micro_batch_size or dataset.max_seq_length, or turn on gpu.activation_checkpointing",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_OUT_OF_DEVICE_MEMORY
+    what = infrastructure_failure(exc)
+    if what is None:
+        raise exc  # a bug: Python prints its traceback and exits 1, which is permanent
+    traceback.print_exc()
+    print(
+        f"trnft {command}: error: {what} ({type(exc).__name__}: {_first_line(exc)}); "
+        f"exiting with {EXIT_RETRYABLE} so the cluster retries the job, which resumes from its last checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
+    return EXIT_RETRYABLE
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+# Exceptions that mean the infrastructure failed, by class name (so torch need not be imported to tell):
+# torch.distributed's errors for a collective backend (NCCL, gloo), its network and its key-value store, and
+# torch elastic's rendezvous errors.
+INFRASTRUCTURE_EXCEPTIONS = {
+    "DistBackendError": "a collective failed (a peer was lost or timed out)",
+    "DistNetworkError": "the network between the processes failed",
+    "DistStoreError": "the rendezvous store timed out or went away",
+    "RendezvousError": "the rendezvous of the nodes failed",
+    "RendezvousTimeoutError": "not every node joined the rendezvous in time",
+    "RendezvousClosedError": "the rendezvous was closed by another node",
+    "ConnectionError": "a connection between the processes failed",
+    "TimeoutError": "an operation timed out",
+}
+# Words in a RuntimeError's message that mean the same (the runtime libraries raise plain RuntimeErrors):
+# NCCL's watchdog and communicator errors; the Neuron runtime (NRT), its collectives (CCOM) and driver
+# (TDRV) errors and its execution timeout.
+INFRASTRUCTURE_MESSAGES = {
+    "NCCL error": "a collective failed (NCCL)",
+    "Watchdog caught collective operation timeout": "a collective timed out (NCCL watchdog)",
+    "ncclRemoteError": "a peer failed during a collective (NCCL)",
+    "ncclSystemError": "the network or a device failed during a collective (NCCL)",
+    "NRT_": "the Neuron runtime failed",
+    "nrt_": "the Neuron runtime failed",
+    "CCOM": "a Neuron collective failed",
+    "TDRV:": "the Neuron device driver reported an error",
+    "NEURON_RT_EXEC_TIMEOUT": "a Neuron execution timed out",
+}
+# Storage errors that go away by themselves on a network file system (FSx, EFS) or after a reconnect.
+TRANSIENT_STORAGE_ERRNOS = {
+    errno.EIO: "an I/O error on the volume",
+    errno.ESTALE: "a stale network file handle",
+    errno.ETIMEDOUT: "the volume or a peer timed out",
+    errno.ECONNRESET: "a connection was reset",
+    errno.ENETUNREACH: "the network is unreachable",
+    errno.EHOSTUNREACH: "a host is unreachable",
+}
+EXIT_OUT_OF_DEVICE_MEMORY = 3  # permanent: the same batch on the same device runs out again
+
+
+def infrastructure_failure(exc: BaseException) -> str | None:
+    """What failed, when ``exc`` (or an exception it was raised from) is an infrastructure failure."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names = {cls.__name__ for cls in type(current).__mro__}
+        for name, what in INFRASTRUCTURE_EXCEPTIONS.items():
+            if name in names:
+                return what
+        if isinstance(current, OSError) and current.errno in TRANSIENT_STORAGE_ERRNOS:
+            where = current.filename
+            return TRANSIENT_STORAGE_ERRNOS[current.errno] + (f" at {where}" if where else "")
+        if isinstance(current, RuntimeError):
+            message = str(current)
+            for marker, what in INFRASTRUCTURE_MESSAGES.items():
+                if marker in message:
+                    return what
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def out_of_device_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error for an accelerator (CUDA raises torch.OutOfMemoryError)."""
+    return any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__)
 
 
 # Storage errors a user fixes by freeing space or choosing another path, with what to do. Every writer

@@ -2,19 +2,21 @@
 # Build a trnft image and push it to ECR; print the image URI to put in cluster.image.
 #
 #   containers/build-and-push.sh {neuron|gpu} --region REGION [--repository NAME] [--tag EXTRA_TAG]
-#                                [--account ID] [--platform linux/amd64] [--dry-run]
+#                                [--account ID] [--platform linux/amd64] [--allow-dirty] [--dry-run]
 #
 # Steps: ensure the ECR repository exists (created with scan on push if missing), docker login with an
 # ECR token, build from containers/Dockerfile.<kind> with the repository root as context, tag with the
-# git SHA (plus --tag), push, print the URI and its digest. --dry-run prints every step without doing it
-# (no AWS or docker calls).
+# git SHA (plus --tag), push, print the digest to put in cluster.image. A tree with uncommitted changes
+# is refused (the image would not be the commit its tag names) unless --allow-dirty (tag SHA-dirty).
+# --account ID: the AWS account that must receive the image; stops if the credentials are another's.
+# --dry-run prints every step without doing it (no AWS or docker calls).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 python="${PYTHON:-python3}"
 
-usage() { sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "build-and-push: $*" >&2; exit 1; }
 
 kind="${1:-}"
@@ -30,6 +32,7 @@ extra_tag=""
 account=""
 platform="linux/amd64"
 dry_run=0
+allow_dirty=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --region) region="${2:?--region needs a value}"; shift 2 ;;
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
         --account) account="${2:?--account needs a value}"; shift 2 ;;
         --platform) platform="${2:?--platform needs a value}"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
+        --allow-dirty) allow_dirty=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -46,9 +50,12 @@ done
 [[ "$repository" =~ ^[a-z0-9]+([._/-][a-z0-9]+)*$ ]] || die "--repository '$repository' is not a valid ECR name"
 
 sha="$(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null)" || die "not a git checkout: the image tag is the git SHA"
-if [ -n "$(git -C "$root" status --porcelain 2>/dev/null)" ]; then
+dirty="$(git -C "$root" status --porcelain 2>/dev/null | head -3 | sed 's/^...//' | paste -sd, -)"
+if [ -n "$dirty" ]; then
+    [ "$allow_dirty" = 1 ] || die "uncommitted changes ($dirty); commit them, or pass --allow-dirty for an image tagged ${sha}-dirty"
     sha="${sha}-dirty"  # say so rather than pretend the image is that commit
 fi
+[ -z "$account" ] || [[ "$account" =~ ^[0-9]{12}$ ]] || die "--account '$account' is not a 12-digit AWS account ID"
 
 step() { echo "==> $*"; }
 run() {
@@ -61,7 +68,8 @@ if [ "$dry_run" = 1 ]; then
     step "ensure ECR repository ${repository} in ${region} (create with scan on push if missing)"
     echo "DRY-RUN: $python $here/ecr.py ensure-repository --region $region --name $repository"
 else
-    [ -n "$account" ] || account="$("$python" "$here/ecr.py" account)" || die "cannot read the AWS account (credentials?)"
+    # With --account, the credentials must belong to it (ecr.py stops with one line otherwise).
+    account="$("$python" "$here/ecr.py" account ${account:+--expect "$account"})" || die "wrong or missing AWS credentials (see above)"
     step "ensure ECR repository ${repository} in ${region}"
     uri="$("$python" "$here/ecr.py" ensure-repository --region "$region" --name "$repository")" || die "cannot ensure the repository"
 fi
@@ -94,4 +102,5 @@ else
 fi
 echo "image: ${uri}:${sha}"
 echo "digest: ${digest}"
-echo "set cluster.image to one of these (the digest is immutable)"
+echo "set cluster.image: ${digest}"
+echo "(the digest is immutable; a tag can be moved to another image between two stages of a run)"

@@ -1,6 +1,6 @@
 """ECR operations of build-and-push.sh (boto3): account, repository, login.
 
-    python ecr.py account
+    python ecr.py account [--expect ID]
     python ecr.py ensure-repository --region us-west-2 --name trnft-neuron
     python ecr.py login-password --region us-west-2
 
@@ -17,6 +17,16 @@ from typing import Any
 
 def account_id(session: Any) -> str:
     return session.client("sts").get_caller_identity()["Account"]
+
+
+def check_account(actual: str, expected: str | None) -> str | None:
+    """The problem when the credentials belong to another account than ``--account`` names."""
+    if expected and actual != expected:
+        return (
+            f"the credentials are for account {actual}, --account says {expected}; "
+            "use credentials of that account (AWS_PROFILE) or drop --account"
+        )
+    return None
 
 
 def ensure_repository(ecr: Any, name: str) -> tuple[str, bool]:
@@ -55,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("account")
+    p = sub.add_parser("account")
+    p.add_argument("--expect", help="Fail unless the credentials belong to this account.")
     p = sub.add_parser("ensure-repository")
     p.add_argument("--region", required=True)
     p.add_argument("--name", required=True)
@@ -65,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = boto3.session.Session(region_name=getattr(args, "region", None))
         if args.command == "account":
-            print(account_id(session))
+            actual = account_id(session)
+            if problem := check_account(actual, args.expect):
+                print(f"ecr: {problem}", file=sys.stderr)
+                return 1
+            print(actual)
         elif args.command == "ensure-repository":
             uri, created = ensure_repository(session.client("ecr"), args.name)
             print(

@@ -22,7 +22,13 @@ class GpuBackend(StageModules):
         return cfg.gpu.tp, 1  # FSDP2 shards over the data-parallel ranks; no pipeline parallelism
 
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
-        return {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+        # A failed or stuck collective aborts the process (a retryable exit) instead of hanging the job.
+        env = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+        if layout.nodes > 1:
+            # Between nodes NCCL goes over EFA through the aws-ofi-nccl plugin of the GPU image
+            # (containers/Dockerfile.gpu); its bootstrap sockets avoid the loopback and container bridges.
+            env["NCCL_SOCKET_IFNAME"] = "^lo,docker"
+        return env
 
     def shared_volume_paths(self, cfg: RunConfig) -> list[tuple[str, str]]:
         return []

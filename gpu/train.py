@@ -47,7 +47,8 @@ import torch
 import torch.distributed as dist
 
 from trnft.common.config.run_config import RunConfig, dump_config
-from trnft.common.errors import ConfigError, TrnftError
+from trnft.common.errors import ConfigError, ProcessFailed, TrnftError
+from trnft.common.exits import exit_code_of_process
 from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present, resolve_model_dir
 from trnft.common.pipeline import checkpoints
 from trnft.common.pipeline.figures import Figures
@@ -158,12 +159,10 @@ def _launch(cfg: RunConfig, nproc: int, *, force: bool, log: Callable[[str], Non
                 elastic_launch(launch, sys.executable)(*argv)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
-            code = 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode or 1
-            error = TrnftError(
-                f"train: process {rank} of {nproc} exited with code {code}; its error is above"
-            )
-            error.exit_code = code
-            raise error from exc
+            code = exit_code_of_process(failure.exitcode) or 1
+            raise ProcessFailed(
+                f"train: process {rank} of {nproc} exited with code {code}; its error is above", code
+            ) from exc
     manifest = rundir.manifest(spec.name)
     if manifest is None:
         raise TrnftError(

@@ -37,8 +37,15 @@ import yaml
 
 from trnft.common.cluster import launch
 from trnft.common.cluster.instances import InstanceType, Layout, instance, training_layout
-from trnft.common.config.run_config import RunConfig, dump_config, load_config, stable_hash
+from trnft.common.config.run_config import (
+    RunConfig,
+    dump_config,
+    load_config,
+    pinned_by_digest,
+    stable_hash,
+)
 from trnft.common.errors import ConfigError, TrnftError
+from trnft.common.exits import FIRST_RETRYABLE
 from trnft.common.pipeline import backend
 from trnft.common.pipeline.atomic import swap_into_place
 from trnft.common.pipeline.stages import STAGES
@@ -65,6 +72,32 @@ TEMPLATES = {
 }
 # Stages that read only the run directory (and the model cache filled by earlier stages).
 OFFLINE_STAGES = ("consolidate", "merge", "evaluate")
+
+# Failure handling (the exit classes of trnft.common.exits). PyTorchJobs: training-operator v1.9's ExitCode
+# policy restarts a replica only for a retryable exit (128 and above) and fails the job on 1-127.
+RESTART_POLICY = "ExitCode"
+# A failed job deletes its still-running pods (they hold accelerators and EFA interfaces and would wait
+# out a rendezvous that cannot complete); finished pods stay for their logs.
+CLEAN_POD_POLICY = "Running"
+PERMANENT_EXIT_CODES = list(range(1, FIRST_RETRYABLE))
+ZONE_KEY = "topology.kubernetes.io/zone"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+VOLCANO_SCHEDULER = "volcano"
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """batch/v1 Jobs: the same classes as the PyTorchJobs. An evicted or preempted pod (node drain, spot
+    reclaim: condition DisruptionTarget) is retried without counting against backoffLimit; a permanent exit
+    code fails the Job at once; anything else (a retryable exit) counts against backoffLimit."""
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": PERMANENT_EXIT_CODES},
+            },
+        ]
+    }
 
 
 @dataclass(frozen=True)
@@ -94,6 +127,8 @@ class Pod:
     security_context: dict[str, Any] | None = None
     restart_policy: str | None = None
     container_name: str = CONTAINER
+    affinity: dict[str, Any] | None = None
+    scheduler_name: str | None = None
 
 
 @dataclass
@@ -110,8 +145,9 @@ class Document:
     backoff_limit: int = 3
     nproc_per_node: str = ""
     workers: int = 0
-    restart_policy: str = "OnFailure"
-    clean_pod_policy: str = "None"
+    restart_policy: str = RESTART_POLICY
+    run_policy: dict[str, Any] = field(default_factory=dict)
+    pod_failure_policy: dict[str, Any] = field(default_factory=dict)
     config_yaml: str = ""
 
 
@@ -250,7 +286,7 @@ def _tolerations(cfg: RunConfig, placement: Placement) -> list[dict[str, Any]]:
 
 def _pod(
     cfg: RunConfig, stage: str, placement: Placement, command: list[str], extra_env: dict[str, str],
-    *, restart_policy: str | None, image: str,
+    *, restart_policy: str | None, image: str, nodes: int = 1,
 ) -> Pod:  # fmt: skip
     inst = placement.instance
     shm_gib = 2 if placement.kind == "cpu" else max(8, (inst.memory_gib if inst else 64) // 8)
@@ -259,6 +295,9 @@ def _pod(
     selector_type = inst.name if inst is not None else cfg.cluster.cpu_instance_type
     if selector_type:
         node_selector["node.kubernetes.io/instance-type"] = selector_type
+    if cfg.cluster.zone:
+        # Every stage in the zone of the shared volume and of each other (FSx for Lustre is zonal).
+        node_selector[ZONE_KEY] = cfg.cluster.zone
     annotations = {"trnft.dev/config-hash": stable_hash(cfg)[:16]}
     if placement.kind != "cpu":
         # Long accelerator jobs must not be consolidated away by the autoscaler mid-run.
@@ -278,7 +317,45 @@ def _pod(
         service_account=cfg.cluster.service_account,
         security_context={"capabilities": {"add": ["IPC_LOCK"]}} if placement.efa else None,
         restart_policy=restart_policy,
+        affinity=_same_zone_affinity(cfg, stage) if nodes > 1 and not cfg.cluster.zone else None,
+        scheduler_name=VOLCANO_SCHEDULER if nodes > 1 and cfg.cluster.gang_scheduler == "volcano" else None,
     )
+
+
+def _same_zone_affinity(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """Every pod of a multi-node job in the zone of the job's other pods (EFA does not cross zones).
+
+    The first pod matches its own selector, which the scheduler accepts when no other pod exists yet; the
+    rest follow it. ``cluster.zone`` pins a zone instead (a node selector).
+    """
+    return {
+        "podAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {
+                        "matchLabels": {"trnft.dev/run": cfg.run.name, "trnft.dev/stage": stage}
+                    },
+                    "topologyKey": ZONE_KEY,
+                }
+            ]
+        }
+    }
+
+
+def _queue_labels(cfg: RunConfig) -> dict[str, str]:
+    """Kueue admits a job, all its pods at once, from the LocalQueue named by this label."""
+    return {KUEUE_QUEUE_LABEL: cfg.cluster.queue} if cfg.cluster.gang_scheduler == "kueue" else {}
+
+
+def _run_policy(cfg: RunConfig, nodes: int) -> dict[str, Any]:
+    policy: dict[str, Any] = {"backoffLimit": cfg.cluster.backoff_limit, "cleanPodPolicy": CLEAN_POD_POLICY}
+    if cfg.cluster.gang_scheduler == "volcano" and nodes > 1:
+        # The operator makes a Volcano PodGroup: no pod starts until all `nodes` can.
+        scheduling: dict[str, Any] = {"minAvailable": nodes}
+        if cfg.cluster.queue:
+            scheduling["queue"] = cfg.cluster.queue
+        policy["schedulingPolicy"] = scheduling
+    return policy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,21 +384,23 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
     else:
         # `trnft compile` wraps the same torchrun command in neuron_parallel_compile (trnft.neuron.compile).
         command = _stage_command(stage)
-    pod = _pod(cfg, stage, placement, command, env, restart_policy=None, image=cfg.cluster.image)
+    pod = _pod(
+        cfg, stage, placement, command, env, restart_policy=None, image=cfg.cluster.image, nodes=layout.nodes
+    )
     return Document(
         template=TEMPLATES[(cfg.model.platform, stage)],
         header=f"trnft {stage} for run {cfg.run.name}: {layout.describe()} on {inst.name}",
         name=name,
         namespace=cfg.cluster.namespace,
-        labels=pod.labels,
+        labels={**pod.labels, **_queue_labels(cfg)},
         annotations={
             "trnft.dev/world-size": str(layout.world),
             "trnft.dev/parallel": f"tp={layout.tp},pp={layout.pp},dp={layout.dp}",
         },
         pod=pod,
-        backoff_limit=20,
         nproc_per_node=str(layout.nproc_per_node),
         workers=layout.nodes - 1,
+        run_policy=_run_policy(cfg, layout.nodes),
     )
 
 
@@ -332,9 +411,10 @@ def _job_document(cfg: RunConfig, stage: str, placement: Placement, image: str, 
         header=header,
         name=job_name(cfg, stage),
         namespace=cfg.cluster.namespace,
-        labels=pod.labels,
+        labels={**pod.labels, **_queue_labels(cfg)},
         pod=pod,
-        backoff_limit=3,
+        backoff_limit=cfg.cluster.backoff_limit,
+        pod_failure_policy=pod_failure_policy(),
     )
 
 
@@ -396,6 +476,15 @@ _SpecDumper.add_representer(
 )
 
 
+def _represent_list(dumper: yaml.SafeDumper, items: list) -> yaml.Node:
+    # A list of numbers (the permanent exit codes) on one line; everything else in block style.
+    flow = bool(items) and all(isinstance(i, int) and not isinstance(i, bool) for i in items)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow or None)
+
+
+_SpecDumper.add_representer(list, _represent_list)
+
+
 def nested(value: Any, indent: int) -> str:
     """Place ``value`` after a ``key:`` as an indented block (or inline when empty or scalar)."""
     if isinstance(value, (dict, list)) and value:
@@ -428,15 +517,27 @@ def render(cfg: RunConfig) -> dict[str, str]:
     return {file: env.get_template(doc.template).render(doc=doc) for file, doc in plan(cfg).items()}
 
 
+# How long `trnft submit --wait` watches each stage before it gives up watching (the job keeps running).
+WAIT_TIMEOUTS = {
+    "tokenize": "2h",
+    "compile": "12h",
+    "train": "3d",
+    "consolidate": "2h",
+    "merge": "2h",
+    "evaluate": "6h",
+}
+
+
 def apply_lines(out: Path, cfg: RunConfig) -> list[str]:
+    """The commands that run the stages in order, each only after the previous one succeeded.
+
+    ``trnft submit`` deletes a finished job of the same name before applying (Job templates are
+    immutable), so the same line reruns a failed stage; ``--wait`` ends with non-zero as soon as the stage
+    fails, or when its bounded timeout passes.
+    """
     lines = [f"kubectl apply -f {out / CONFIG_FILE}"]
     for stage in STAGES:
-        kind = "pytorchjob" if TEMPLATES[(cfg.model.platform, stage)] == "pytorchjob.yaml.j2" else "job"
-        condition = "Succeeded" if kind == "pytorchjob" else "complete"
-        lines.append(
-            f"kubectl apply -f {out / STAGE_FILES[stage]} && "
-            f"kubectl wait --for=condition={condition} {kind}/{job_name(cfg, stage)} -n {cfg.cluster.namespace} --timeout=-1s"
-        )
+        lines.append(f"trnft submit {out / STAGE_FILES[stage]} --wait --timeout {WAIT_TIMEOUTS[stage]}")
     return lines
 
 
@@ -489,7 +590,15 @@ def command(args: Any, log: Callable[[str], None]) -> int:
         f"wrote {len(files)} specs to {out}/ for run {cfg.run.name}: {layout.describe()}"
         + (" (validated)" if args.validate else "")
     )
-    log("apply in order, each after the previous one completed:")
+    log(
+        "run in order (each line waits for its stage and stops at a failure; rerun a failed stage with its line):"
+    )
     for line in apply_lines(out, cfg):
         log(f"  {line}")
+    for key, image in (("cluster.image", cfg.cluster.image), ("cluster.eval_image", cfg.cluster.eval_image)):
+        if image and not pinned_by_digest(image):
+            log(
+                f"note: {key} {image} is a tag, which can be moved to another image between two stages; "
+                "use the digest containers/build-and-push.sh printed (REPOSITORY@sha256:...)"
+            )
     return 0

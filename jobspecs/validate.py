@@ -125,7 +125,17 @@ def own_pytorchjob_schema() -> dict[str, Any]:
                             "backoffLimit": integer,
                             "suspend": {"type": "boolean"},
                             "managedBy": {"type": "string"},
-                            "schedulingPolicy": {"type": "object"},
+                            "schedulingPolicy": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "minAvailable": integer,
+                                    "queue": {"type": "string"},
+                                    "priorityClass": {"type": "string"},
+                                    "minResources": {"type": "object"},
+                                    "scheduleTimeoutSeconds": integer,
+                                },
+                            },
                         },
                     },
                     "elasticPolicy": {
@@ -280,12 +290,19 @@ def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
         ) is not None:
             problems.append(("spec.elasticPolicy.nProcPerNode", "must not be used with spec.nprocPerNode"))
 
+    if kind == "Job":
+        problems += _pod_failure_policy_problems(spec.get("podFailurePolicy"))
+
     for path, pod in _pod_specs(doc):
         containers = pod.get("containers") or []
         if not containers:
             problems.append((f"{path}.containers", "at least one container is required"))
         if kind == "PyTorchJob" and not any(c.get("name") == "pytorch" for c in containers):
             problems.append((f"{path}.containers", "must have at least one container named pytorch"))
+        if kind == "Job" and spec.get("podFailurePolicy") is not None and pod.get("restartPolicy") != "Never":
+            problems.append(
+                (f"{path}.restartPolicy", "must be Never when spec.podFailurePolicy is set (batch/v1 Job)")
+            )
         if kind == "Job" and pod.get("restartPolicy") not in ("Never", "OnFailure"):
             problems.append(
                 (
@@ -315,6 +332,23 @@ def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
+def _pod_failure_policy_problems(policy: Any) -> list[tuple[str, str]]:
+    """The API server's rules for a Job's podFailurePolicy exit codes (no schema holds them)."""
+    problems: list[tuple[str, str]] = []
+    for i, rule in enumerate((policy or {}).get("rules") or []):
+        codes = (rule.get("onExitCodes") or {}).get("values")
+        if codes is None:
+            continue
+        path = f"spec.podFailurePolicy.rules.{i}.onExitCodes.values"
+        if not codes or len(codes) > 255:
+            problems.append((path, f"must hold 1 to 255 exit codes, got {len(codes)}"))
+        if list(codes) != sorted(set(codes)):
+            problems.append((path, "must be sorted and without duplicates"))
+        if rule["onExitCodes"].get("operator") == "In" and 0 in codes:
+            problems.append((path, "0 cannot be used with the In operator"))
+    return problems
+
+
 def _trnft_invariants(doc: dict[str, Any], cpath: str, container: dict[str, Any]) -> list[tuple[str, str]]:
     """Invariants of specs trnft renders (recognised by their labels and annotations)."""
     problems = []
@@ -327,6 +361,7 @@ def _trnft_invariants(doc: dict[str, Any], cpath: str, container: dict[str, Any]
             problems.append((f"{cpath}.resources", f"a CPU stage must not request {res}"))
     if doc.get("kind") == "PyTorchJob" and "trnft.dev/world-size" in annotations:
         spec = doc["spec"]
+        problems += _failure_handling_problems(spec)
         world = int(annotations["trnft.dev/world-size"])
         replicas = sum(int((r or {}).get("replicas") or 0) for r in spec["pytorchReplicaSpecs"].values())
         nproc = int(spec.get("nprocPerNode", "0"))
@@ -361,6 +396,39 @@ def _trnft_invariants(doc: dict[str, Any], cpath: str, container: dict[str, Any]
             problems.append(
                 ("metadata.annotations.trnft.dev/parallel", f"TP x PP x DP = {tp}x{pp}x{dp} != world {world}")
             )
+    return problems
+
+
+def _failure_handling_problems(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """trnft's PyTorchJobs retry only retryable exits, clean up running pods, keep multi-node jobs in one zone."""
+    problems = []
+    replicas = spec.get("pytorchReplicaSpecs") or {}
+    for rtype, replica in replicas.items():
+        if (replica or {}).get("restartPolicy") != "ExitCode":
+            problems.append(
+                (
+                    f"spec.pytorchReplicaSpecs.{rtype}.restartPolicy",
+                    f"must be ExitCode (permanent errors fail at once), got {(replica or {}).get('restartPolicy')!r}",
+                )
+            )
+    clean = (spec.get("runPolicy") or {}).get("cleanPodPolicy")
+    if clean != "Running":
+        problems.append(("spec.runPolicy.cleanPodPolicy", f"must be Running, got {clean!r}"))
+    if "Worker" in replicas:
+        for rtype, replica in replicas.items():
+            pod = ((replica or {}).get("template") or {}).get("spec") or {}
+            pinned = "topology.kubernetes.io/zone" in (pod.get("nodeSelector") or {})
+            terms = ((pod.get("affinity") or {}).get("podAffinity") or {}).get(
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ) or []
+            together = any(t.get("topologyKey") == "topology.kubernetes.io/zone" for t in terms)
+            if not (pinned or together):
+                problems.append(
+                    (
+                        f"spec.pytorchReplicaSpecs.{rtype}.template.spec",
+                        "a multi-node job must keep its pods in one zone (zone node selector or pod affinity)",
+                    )
+                )
     return problems
 
 

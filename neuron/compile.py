@@ -30,7 +30,8 @@ from typing import ClassVar
 from trnft.common.cluster.instances import instance, training_layout
 from trnft.common.cluster.launch import torchrun_argv
 from trnft.common.config.run_config import RunConfig, dump_config
-from trnft.common.errors import TrnftError
+from trnft.common.errors import ProcessFailed, TrnftError
+from trnft.common.exits import exit_code_of_process
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.rundir import RunDir
 from trnft.common.pipeline.stages import (
@@ -180,7 +181,9 @@ def _run_parallel_compile(cfg: RunConfig, log: Callable[[str], None]) -> tuple[l
             ) from exc
         seconds = time.perf_counter() - t0
     if code != 0:
-        raise TrnftError(f"compile: neuron_parallel_compile exited with {code}; see its log above")
+        # The same class as training: a killed or lost process is retried by the cluster, an error is not.
+        code = exit_code_of_process(code)
+        raise ProcessFailed(f"compile: neuron_parallel_compile exited with {code}; see its log above", code)
     return argv, seconds
 
 

@@ -1,4 +1,11 @@
-"""How training processes are started on every platform: the torchrun command and the EFA environment."""
+"""How training processes are started on every platform: the torchrun command and the EFA environment.
+
+A pod runs ``trnft torchrun ...`` rather than ``torchrun ...``: the same launcher, except for its exit code.
+torchrun exits 1 whenever a worker fails, so a worker killed by the OOM killer would look like a
+permanent error to the cluster; ``trnft torchrun`` exits with the first failed worker's own code (a signal
+as 128 + its number), so the PyTorchJob ``ExitCode`` restart policy retries exactly the infrastructure
+failures (:mod:`trnft.common.exits`).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +26,9 @@ def torchrun_argv(
     config_path: str = CONFIG_IN_POD,
     entry: Sequence[str] = TRAIN_ENTRY,
 ) -> list[str]:
-    """torchrun with a c10d rendezvous unique to the job (no etcd) around ``python -m <entry> --config``."""
+    """``trnft torchrun`` with a c10d rendezvous unique to the job (no etcd) around ``python -m <entry> --config``."""
     return [
+        "trnft",
         "torchrun",
         f"--nnodes={layout.nodes}",
         f"--nproc_per_node={layout.nproc_per_node}",
@@ -37,3 +45,28 @@ def torchrun_argv(
 def efa_env() -> dict[str, str]:
     """libfabric over EFA for multi-node collectives."""
     return {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}
+
+
+def run_torchrun(argv: Sequence[str]) -> int:
+    """torchrun's own launcher with ``argv`` (torchrun's flags and the command), exiting as its first
+    failed worker did. Rendezvous failures are left to :func:`trnft.common.exits.run_command` (retryable)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from trnft.common.errors import ProcessFailed, TrnftError
+    from trnft.common.exits import exit_code_of_process, is_retryable
+
+    if not argv:
+        raise TrnftError("torchrun: give torchrun's flags and the module to run, as for torchrun itself")
+    args = get_args_parser().parse_args(list(argv))
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = exit_code_of_process(failure.exitcode) or 1
+        kind = "retryable" if is_retryable(code) else "permanent"
+        raise ProcessFailed(
+            f"torchrun: worker {rank} exited with {code} ({kind}) and stopped the job; its error is above",
+            code,
+        ) from exc
+    return 0

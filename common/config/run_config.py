@@ -336,6 +336,28 @@ class ClusterSection:
     service_account: str | None = opt(None, "Service account of the pods.")
     tolerations: list[dict[str, Any]] = opt(help="Pod tolerations.", factory=list)
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = opt("IfNotPresent", "Image pull policy.")
+    backoff_limit: int = opt(
+        5,
+        "Restarts of a stage after retryable failures (exit code 128 or above: a killed process, a lost node "
+        "or peer, a collective timeout); configuration and input errors never restart.",
+        ge=0,
+    )
+    zone: str | None = opt(
+        None,
+        "Availability zone of multi-node jobs (topology.kubernetes.io/zone); default: whichever zone the "
+        "first pod lands in, the same for every pod of the job (EFA works only within one zone).",
+        pattern=r"^[a-z]{2}(-[a-z0-9]+)+$",
+    )
+    gang_scheduler: Literal["none", "kueue", "volcano"] = opt(
+        "none",
+        "Schedule a multi-node job's pods all or nothing: kueue (admits the job as a whole into "
+        "cluster.queue) or volcano (the operator's PodGroup with minAvailable = every pod).",
+    )
+    queue: str | None = opt(
+        None,
+        "Kueue LocalQueue or Volcano queue of the jobs (with cluster.gang_scheduler).",
+        pattern=DNS_LABEL,
+    )
 
 
 @dataclass(**_CFG)
@@ -390,7 +412,47 @@ class RunConfig:
             problems.append(
                 ("eval.use_adapter", "full fine-tuning has no adapter; set eval.use_adapter=false")
             )
+        cluster = self.cluster
+        if cluster.gang_scheduler == "kueue" and not cluster.queue:
+            problems.append(
+                ("cluster.queue", "kueue admits jobs from a LocalQueue; set cluster.queue to its name")
+            )
+        if cluster.queue and cluster.gang_scheduler == "none":
+            problems.append(
+                (
+                    "cluster.queue",
+                    f"{cluster.queue!r} is used only with cluster.gang_scheduler=kueue or volcano; "
+                    "set one or remove the queue",
+                )
+            )
+        if cluster.image and (problem := image_reference_problem(cluster.image)):
+            problems.append(("cluster.image", problem))
+        if cluster.eval_image and (problem := image_reference_problem(cluster.eval_image)):
+            problems.append(("cluster.eval_image", problem))
         return problems
+
+
+# An image reference: [registry/]repository[:tag][@sha256:<64 hex>] (the distribution reference grammar,
+# without the rarely used upper-case and IPv6 forms).
+_IMAGE_NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_REFERENCE = re.compile(
+    rf"^(?:[A-Za-z0-9.-]+(?::\d+)?/)?{_IMAGE_NAME}(?:/{_IMAGE_NAME})*"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
+
+
+def image_reference_problem(image: str) -> str | None:
+    """Why ``image`` is not a usable image reference (None when it is one)."""
+    if "@" in image and not re.search(r"@sha256:[0-9a-f]{64}$", image):
+        return f"{image!r}: a digest must be @sha256: and 64 lower-case hex digits, as build-and-push.sh prints it"
+    if not _IMAGE_REFERENCE.match(image):
+        return f"{image!r} is not an image reference (REPOSITORY[:TAG] or REPOSITORY@sha256:DIGEST)"
+    return None
+
+
+def pinned_by_digest(image: str) -> bool:
+    """True when ``image`` names an immutable digest rather than a tag that can be moved."""
+    return "@sha256:" in image
 
 
 # --------------------------------------------------------------------------------------------------

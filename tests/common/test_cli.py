@@ -16,11 +16,11 @@ def test_help_lists_every_stage_and_command():
         [sys.executable, "-m", "trnft.common.cli", "--help"], capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for command in (*STAGES, "status", "jobspec", "smoke"):
+    for command in (*STAGES, "status", "jobspec", "submit", "wait", "torchrun", "smoke"):
         assert f"    {command}" in proc.stdout
 
 
-@pytest.mark.parametrize("command", [*STAGES, "status", "jobspec", "smoke"])
+@pytest.mark.parametrize("command", [*STAGES, "status", "jobspec", "submit", "wait", "smoke"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
@@ -68,7 +68,7 @@ def test_bad_config_value_is_one_line_exit_2(run_config, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("trnft status: error: ") and err.count("\n") == 1
-    assert err.endswith("run.yaml: train.micro_batch_size: must be >= 1, got 0\n")
+    assert err.endswith("error: override train.micro_batch_size=0: must be >= 1, got 0\n")  # not the file
 
 
 def test_missing_config_file(capsys, tmp_path):

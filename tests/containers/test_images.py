@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -173,31 +174,37 @@ def test_login_and_account(aws, capsys):
 # -- build-and-push.sh --dry-run ------------------------------------------------------------------------
 
 
-def test_dry_run_prints_every_step_in_order_and_runs_nothing(tmp_path):
+def _checkout(tmp_path: Path) -> Path:
+    """A committed git checkout holding the image scripts (the script tags images with its git SHA)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(CONTAINERS, repo / "containers")
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "images"], check=True)
+    return repo
+
+
+def _build_and_push(repo: Path, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     marker = tmp_path / "called"
     fake = tmp_path / "bin"
-    fake.mkdir()
+    fake.mkdir(exist_ok=True)
     for tool in ("docker", "aws"):
         (fake / tool).write_text(f"#!/bin/sh\necho {tool} >> {marker}\nexit 1\n")
         (fake / tool).chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": sys.executable}
     proc = subprocess.run(
-        [
-            str(CONTAINERS / "build-and-push.sh"),
-            "gpu",
-            "--region",
-            "eu-west-1",
-            "--account",
-            "111122223333",
-            "--tag",
-            "stable",
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
+        [str(repo / "containers" / "build-and-push.sh"), *args], capture_output=True, text=True, env=env
     )
+    return proc, marker
+
+
+def test_dry_run_prints_every_step_in_order_and_runs_nothing(tmp_path):
+    repo = _checkout(tmp_path)
+    args = ("gpu", "--region", "eu-west-1", "--account", "111122223333", "--tag", "stable", "--dry-run")
+    proc, marker = _build_and_push(repo, tmp_path, *args)
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists(), "dry run called docker or aws"
     steps = [line[4:].split()[0:2] for line in proc.stdout.splitlines() if line.startswith("==> ")]
@@ -210,13 +217,114 @@ def test_dry_run_prints_every_step_in_order_and_runs_nothing(tmp_path):
         ["docker", "push"],
     ]
     sha = subprocess.run(
-        ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True
     ).stdout.strip()
     image = next(line for line in proc.stdout.splitlines() if line.startswith("image: "))
     assert image.startswith(f"image: 111122223333.dkr.ecr.eu-west-1.amazonaws.com/trnft-gpu:{sha}")
     dry = [line for line in proc.stdout.splitlines() if line.startswith("DRY-RUN: ")]
     assert any("Dockerfile.gpu" in line and "docker build" in line for line in dry)
     assert any(line.endswith(":stable") and "docker push" in line for line in dry)
+    assert "set cluster.image: 111122223333.dkr.ecr.eu-west-1.amazonaws.com/trnft-gpu@sha256:" in proc.stdout
+
+
+def test_a_dirty_tree_is_refused_unless_allowed(tmp_path):
+    repo = _checkout(tmp_path)
+    (repo / "containers" / "entrypoint.sh").write_text('#!/bin/sh\nexec "$@"\n')
+    proc, _ = _build_and_push(repo, tmp_path, "neuron", "--region", "us-west-2", "--dry-run")
+    assert proc.returncode == 1
+    assert "uncommitted changes (containers/entrypoint.sh)" in proc.stderr and "--allow-dirty" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "==> docker" not in proc.stdout
+    proc, _ = _build_and_push(repo, tmp_path, "neuron", "--region", "us-west-2", "--dry-run", "--allow-dirty")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^image: \S+/trnft-neuron:[0-9a-f]{12}-dirty$", proc.stdout, re.M), proc.stdout
+
+
+def test_account_must_be_an_account_id(tmp_path):
+    repo = _checkout(tmp_path)
+    proc, _ = _build_and_push(repo, tmp_path, "gpu", "--region", "us-west-2", "--account", "dev", "--dry-run")
+    assert proc.returncode == 1 and "--account 'dev' is not a 12-digit AWS account ID" in proc.stderr
+
+
+def test_account_must_match_the_credentials(aws, capsys):
+    ecr_helper = load("ecr")
+    assert ecr_helper.main(["account", "--expect", "111122223333"]) == 1
+    err = capsys.readouterr().err
+    assert "credentials are for account 123456789012, --account says 111122223333" in err
+    assert ecr_helper.main(["account", "--expect", "123456789012"]) == 0
+    assert capsys.readouterr().out.strip() == "123456789012"
+
+
+# -- the GPU image's EFA stack and its build-time check ---------------------------------------------------
+
+
+def test_gpu_image_brings_efa_and_checks_the_nccl_plugin_at_build_time():
+    steps = instructions(CONTAINERS / "Dockerfile.gpu")
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for w, a in steps if w == "ARG" and "=" in a}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["EFA_INSTALLER_VERSION"])  # pinned, never "latest"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["AWS_OFI_NCCL_VERSION"])
+    runs = [a for w, a in steps if w == "RUN"]
+    efa = next(r for r in runs if "efa_installer.sh" in r)
+    assert "--skip-kmod" in efa and "aws-efa-installer-${EFA_INSTALLER_VERSION}" in efa  # no host driver
+    assert "--with-libfabric=/opt/amazon/efa" in efa and "aws-ofi-nccl-${AWS_OFI_NCCL_VERSION}" in efa
+    env = " ".join(a for w, a in steps if w == "ENV")
+    assert "/opt/aws-ofi-nccl/lib" in env and "/opt/amazon/efa/lib" in env and "FI_PROVIDER=efa" in env
+    # The check runs after everything is installed, in the last RUN that installs Python packages.
+    assert "check_nccl_net.py --dir /opt/aws-ofi-nccl/lib" in runs[-1]
+    assert runs.index(efa) < len(runs) - 1
+
+
+def _shared_library(folder: Path, name: str, symbol: str) -> Path:
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build a test library")
+    source = folder / "plugin.c"
+    source.write_text(f"int {symbol} = 1;\n")
+    library = folder / name
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return library
+
+
+def test_nccl_plugin_check_loads_the_library_and_finds_the_interface(tmp_path, capsys, monkeypatch):
+    check = load("check_nccl_net")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "")
+    assert check.main(["--dir", str(tmp_path)]) == 1
+    assert "no NCCL network plugin" in capsys.readouterr().err
+
+    _shared_library(tmp_path, "libnccl-net.so", "unrelated_symbol")
+    assert check.main(["--dir", str(tmp_path)]) == 1
+    assert "exports no ncclNetPlugin_v<N> symbol" in capsys.readouterr().err
+
+    good = tmp_path / "good"
+    good.mkdir()
+    _shared_library(good, "libnccl-net-ofi.so", "ncclNetPlugin_v8")
+    assert check.main(["--dir", str(good)]) == 0
+    assert "NCCL net plugin loads (interfaces v8)" in capsys.readouterr().out
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "libnccl-net.so").write_bytes(b"not an ELF file")
+    assert check.main(["--dir", str(broken)]) == 1
+    assert "does not load" in capsys.readouterr().err
+
+
+def test_dockerignore_keeps_the_context_small_and_every_copy_source_in():
+    import fnmatch
+
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for heavy in (".git", ".venv", "tests"):
+        assert heavy in patterns
+    for kind in ("neuron", "gpu"):
+        for word, args in instructions(CONTAINERS / f"Dockerfile.{kind}"):
+            if word != "COPY":
+                continue
+            for source in shlex.split(args)[:-1]:
+                top = source.rstrip("/").split("/")[0]
+                assert not any(fnmatch.fnmatch(top, p) for p in patterns), f"{source} is ignored"
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,20 @@ CASES = {
     ),
     "trn2-48xl-x1": ("qwen3_8b_lora_trn2.yaml", []),
     "p5-48xl-x2": ("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2"]),
+    # Gang scheduling and a pinned zone, one golden each.
+    "trn1-32xl-x2-volcano": (
+        "llama31_8b_lora_trn1.yaml",
+        ["cluster.num_nodes=2", "cluster.gang_scheduler=volcano", "cluster.queue=training"],
+    ),
+    "p5-48xl-x2-kueue-zone": (
+        "llama31_8b_lora_p5.yaml",
+        [
+            "cluster.num_nodes=2",
+            "cluster.gang_scheduler=kueue",
+            "cluster.queue=gpu-queue",
+            "cluster.zone=us-west-2b",
+        ],
+    ),
 }
 
 
@@ -111,7 +125,7 @@ def test_cpu_stages_request_no_accelerator_and_training_layout_adds_up(case):
     assert replicas == cfg.cluster.num_nodes and nproc * replicas == world
     command = train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
     assert (
-        command[0] == "torchrun"
+        command[:2] == ["trnft", "torchrun"]
         and f"--nproc_per_node={nproc}" in command
         and f"--nnodes={replicas}" in command
     )
@@ -336,6 +350,26 @@ def _mutations():
             lambda d: master_container(d)["env"][5].__setitem__("value", "16"),
             "NEURON_RT_NUM_CORES=16 != nprocPerNode 32",
         ),
+        (
+            "01-tokenize.yaml",
+            lambda d: d["spec"]["template"]["spec"].__setitem__("restartPolicy", "OnFailure"),
+            "spec.template.spec.restartPolicy: must be Never when spec.podFailurePolicy is set",
+        ),
+        (
+            "01-tokenize.yaml",
+            lambda d: d["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"].__setitem__("values", [0, 1]),
+            "onExitCodes.values: 0 cannot be used with the In operator",
+        ),
+        (
+            "03-train.yaml",
+            lambda d: master(d).__setitem__("restartPolicy", "OnFailure"),
+            "spec.pytorchReplicaSpecs.Master.restartPolicy: must be ExitCode",
+        ),
+        (
+            "03-train.yaml",
+            lambda d: d["spec"]["runPolicy"].__setitem__("cleanPodPolicy", "None"),
+            "spec.runPolicy.cleanPodPolicy: must be Running, got 'None'",
+        ),
     ]
 
 
@@ -401,8 +435,13 @@ def test_generate_jobspec_script_defaults_to_the_trn1_example(tmp_path):
     out = tmp_path / "rendered"  # the default OUTDIR, relative to the caller
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["00-config.yaml", *sorted(STAGE_FILES.values())]
-    applies = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("kubectl apply")]
-    assert [a.split()[3].split("/")[-1] for a in applies] == ["00-config.yaml", *STAGE_FILES.values()]
+    commands = [line.split() for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert commands[0][:3] == ["kubectl", "apply", "-f"]
+    assert all(c[:2] == ["trnft", "submit"] and "--wait" in c for c in commands[1:])
+    assert [c[-1 if c[0] == "kubectl" else 2].split("/")[-1] for c in commands] == [
+        "00-config.yaml",
+        *STAGE_FILES.values(),
+    ]
     assert "TP=8 x PP=1 x DP=4" in proc.stdout and "(validated)" in proc.stdout
 
 
@@ -432,3 +471,152 @@ def test_rerender_replaces_the_folder_and_refuses_foreign_files(tmp_path):
     (out / "notes.txt").write_text("mine")
     assert cli.main(args) == 1
     assert (out / "notes.txt").exists()
+
+
+# -- failure handling, placement and gang scheduling ---------------------------------------------------
+
+EXAMPLE_FILES = ["llama31_8b_lora_trn1.yaml", "llama31_8b_lora_p5.yaml", "qwen3_8b_lora_trn2.yaml"]
+SCHEDULERS = {
+    "default": [],
+    "kueue": ["cluster.gang_scheduler=kueue", "cluster.queue=trn-queue"],
+    "volcano": ["cluster.gang_scheduler=volcano", "cluster.queue=training"],
+}
+
+
+def _docs(example: str, overrides: list[str]) -> list[tuple[str, dict]]:
+    files = render(load_config(EXAMPLES / example, overrides))
+    return [(name, d) for name, text in files.items() for d in yaml.safe_load_all(text) if d]
+
+
+def _pods(doc: dict) -> list[dict]:
+    if doc["kind"] == "Job":
+        return [doc["spec"]["template"]]
+    if doc["kind"] == "PyTorchJob":
+        return [r["template"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
+    return []
+
+
+@pytest.mark.parametrize("crd", CRDS, ids=lambda c: "upstream-crd" if c else "own-schema")
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+@pytest.mark.parametrize("example", EXAMPLE_FILES)
+def test_every_example_validates_at_1_2_and_4_nodes(example, nodes, scheduler, crd):
+    docs = _docs(example, [f"cluster.num_nodes={nodes}", *SCHEDULERS[scheduler]])
+    assert validate_documents(docs, crd_path=crd) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_permanent_exits_fail_at_once_and_retryable_ones_restart(case):
+    """PyTorchJobs: ExitCode (1-127 fail the job, 128+ restart it), running pods cleaned up on failure.
+    Jobs: a podFailurePolicy with the same classes; evictions do not count against backoffLimit."""
+    from trnft.common.exits import FIRST_RETRYABLE
+
+    kinds = set()
+    for _, doc in all_docs(rendered(case)):
+        kinds.add(doc["kind"])
+        if doc["kind"] == "PyTorchJob":
+            assert {r["restartPolicy"] for r in doc["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
+            policy = {k: v for k, v in doc["spec"]["runPolicy"].items() if k != "schedulingPolicy"}
+            assert policy == {"backoffLimit": 5, "cleanPodPolicy": "Running"}
+        if doc["kind"] == "Job":
+            rules = doc["spec"]["podFailurePolicy"]["rules"]
+            assert rules[0] == {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            }
+            assert rules[1]["action"] == "FailJob"
+            assert rules[1]["onExitCodes"] == {
+                "containerName": "pytorch",
+                "operator": "In",
+                "values": list(range(1, FIRST_RETRYABLE)),
+            }
+            assert doc["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+            assert doc["spec"]["backoffLimit"] == 5
+    assert {"Job", "PyTorchJob"} <= kinds
+
+
+@pytest.mark.parametrize("case", ["trn1-32xl-x4", "p5-48xl-x2", "trn1n-32xl-x2"])
+def test_multi_node_pods_stay_in_one_zone(case):
+    files = rendered(case)
+    (train,) = files[STAGE_FILES["train"]]
+    for pod in _pods(train):
+        (term,) = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "topology.kubernetes.io/zone"
+        # The selector matches the pod's own labels, so the first pod can land anywhere and the rest follow.
+        assert term["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    for name in (STAGE_FILES["tokenize"], STAGE_FILES["merge"]):
+        assert "affinity" not in files[name][0]["spec"]["template"]["spec"]
+
+
+def test_single_node_jobs_have_no_zone_rule():
+    (train,) = rendered("trn1-32xl-x1")[STAGE_FILES["train"]]
+    assert all("affinity" not in pod["spec"] for pod in _pods(train))
+
+
+def test_a_chosen_zone_pins_every_pod():
+    docs = _docs("llama31_8b_lora_trn1.yaml", ["cluster.num_nodes=2", "cluster.zone=us-west-2d"])
+    pods = [pod for _, doc in docs for pod in _pods(doc)]
+    assert pods and all(
+        p["spec"]["nodeSelector"]["topology.kubernetes.io/zone"] == "us-west-2d" for p in pods
+    )
+    assert all("affinity" not in p["spec"] for p in pods)
+    assert validate_documents(docs) == []
+
+
+def test_volcano_gang_schedules_multi_node_jobs_all_or_nothing():
+    docs = dict(_docs("llama31_8b_lora_trn1.yaml", ["cluster.num_nodes=4", *SCHEDULERS["volcano"]]))
+    train = docs[STAGE_FILES["train"]]
+    assert train["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 4, "queue": "training"}
+    assert {p["spec"]["schedulerName"] for p in _pods(train)} == {"volcano"}
+    compile_ = docs[STAGE_FILES["compile"]]
+    assert compile_["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] == 4
+    assert "schedulerName" not in docs[STAGE_FILES["tokenize"]]["spec"]["template"]["spec"]
+
+
+def test_kueue_admits_every_job_from_its_queue():
+    docs = _docs("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2", *SCHEDULERS["kueue"]])
+    jobs = [doc for _, doc in docs if doc["kind"] in ("Job", "PyTorchJob")]
+    assert len(jobs) == 6
+    assert all(doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "trn-queue" for doc in jobs)
+    assert all("schedulingPolicy" not in doc["spec"].get("runPolicy", {}) for doc in jobs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["cluster.gang_scheduler=kueue"], "cluster.queue: kueue admits jobs from a LocalQueue"),
+        (["cluster.queue=trn-queue"], "'trn-queue' is used only with cluster.gang_scheduler"),
+        (["cluster.gang_scheduler=slurm"], "cluster.gang_scheduler"),
+        (["cluster.zone=us west"], "cluster.zone"),
+        (["cluster.backoff_limit=-1"], "cluster.backoff_limit=-1: must be >= 0"),
+        (["cluster.image=repo@sha256:abc"], "'repo@sha256:abc': a digest must be @sha256:"),
+        (["cluster.image=Repo Name:1"], "is not an image reference"),
+    ],
+)
+def test_bad_cluster_settings_are_one_line(tmp_path, capsys, overrides, message):
+    out = tmp_path / "out"
+    code = cli.main(
+        ["jobspec", "--config", str(EXAMPLES / "llama31_8b_lora_trn1.yaml"), "--out", str(out), *overrides]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_the_printed_commands_wait_bounded_and_stop_at_a_failure(tmp_path, capsys):
+    out = tmp_path / "out"
+    example = EXAMPLES / "llama31_8b_lora_trn1.yaml"
+    assert cli.main(["jobspec", "--config", str(example), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    lines = [line.strip() for line in printed.splitlines() if line.startswith("  ")]
+    assert lines[0] == f"kubectl apply -f {out / '00-config.yaml'}"
+    for line, stage in zip(lines[1:], STAGE_FILES, strict=True):
+        assert re.fullmatch(
+            rf"trnft submit {re.escape(str(out / STAGE_FILES[stage]))} --wait --timeout \d+[hd]", line
+        )
+    assert "--timeout=-1s" not in printed and "note:" not in printed  # the example pins its image by digest
+    assert (
+        cli.main(["jobspec", "--config", str(example), "--out", str(out), "cluster.image=r/trnft:latest"])
+        == 0
+    )
+    assert "note: cluster.image r/trnft:latest is a tag" in capsys.readouterr().out

@@ -63,7 +63,7 @@ def test_a_worker_pod_traces_its_graphs_and_writes_no_stage_output(make_run, par
     assert "worker rank 1 traced its graphs" in proc.stdout
     record = json.loads(Path(parallel_compile_tool["FAKE_NPC_RECORD"]).read_text())
     argv = record["argv"]
-    assert argv[:3] == ["torchrun", "--nnodes=2", "--nproc_per_node=32"]
+    assert argv[:4] == ["trnft", "torchrun", "--nnodes=2", "--nproc_per_node=32"]
     assert "--rdzv_endpoint=run-compile-master-0:23456" in argv and "--rdzv_id=smoke-compile" in argv
     assert argv[-4:-1] == ["--module", "trnft.neuron.precompile", "--config"]
     assert "backend: trainium" in record["config"]
@@ -91,12 +91,15 @@ def test_master_and_workers_run_the_same_command(make_run, parallel_compile_tool
     assert commands[0] == commands[1]
 
 
-def test_a_worker_fails_in_one_line_when_the_tool_fails(make_run, parallel_compile_tool):
+@pytest.mark.parametrize("code", [3, 137], ids=["permanent", "retryable"])
+def test_a_worker_fails_in_one_line_when_the_tool_fails(make_run, parallel_compile_tool, code):
+    """The tool's exit code reaches the cluster unchanged, so its class (1-127 permanent, 128+ retryable)
+    decides whether the compile job is restarted."""
     run = _two_node_run(make_run)
-    proc = run.stage("compile", env={**parallel_compile_tool, **_pod_env(1), "FAKE_NPC_EXIT": "3"})
-    assert proc.returncode == 1
+    proc = run.stage("compile", env={**parallel_compile_tool, **_pod_env(1), "FAKE_NPC_EXIT": str(code)})
+    assert proc.returncode == code
     assert proc.stderr.strip().splitlines()[-1] == (
-        "trnft compile: error: compile: neuron_parallel_compile exited with 3; see its log above"
+        f"trnft compile: error: compile: neuron_parallel_compile exited with {code}; see its log above"
     )
 
 

@@ -1,0 +1,294 @@
+"""Submitting a rendered stage and waiting for it: ``trnft submit FILE`` and ``trnft wait FILE``.
+
+Both read the job's kind, name and namespace from the rendered spec file and talk to the cluster through
+``kubectl`` (so they use the user's kubeconfig and credentials exactly as ``kubectl apply`` does).
+
+* ``wait`` polls the job's status and returns as soon as it is decided: 0 when it succeeded, 1 as soon as
+  it failed (naming the reason and where to look), :data:`EXIT_TIMEOUT` when ``--timeout`` passes first
+  (the job keeps running; the wait only stops watching). ``kubectl wait --for=condition=complete`` cannot
+  do this: a failed Job never becomes complete, so it waits out its whole timeout.
+* ``submit`` applies the file. A Job's pod template is immutable, so a job of the same name that already
+  finished (a failed attempt, or an earlier success being redone) is deleted first with foreground
+  cascading (its pods are gone before the new job starts) and then applied; a job that is still running
+  is left alone and refused, so two attempts never write the same run directory. Every stage skips work
+  that is already complete, so resubmitting a finished stage is safe.
+
+The decision is :func:`job_state` over the object ``kubectl get -o json`` returns, tested on status objects
+of every kind and outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trnft.common.errors import TrnftError
+
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 124  # as timeout(1) reports it
+# The resource names kubectl takes for the kinds trnft renders.
+RESOURCES = {"Job": "jobs.batch", "PyTorchJob": "pytorchjobs.kubeflow.org"}
+
+Kubectl = Callable[[Sequence[str]], subprocess.CompletedProcess]
+
+
+@dataclass(frozen=True)
+class JobRef:
+    kind: str
+    name: str
+    namespace: str
+    file: Path | None = None
+
+    @property
+    def resource(self) -> str:
+        return f"{RESOURCES[self.kind]}/{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class JobState:
+    """Where a job stands: ``phase`` is succeeded, failed, running or waiting (not yet admitted or
+    scheduled); ``detail`` is one line for the user."""
+
+    phase: str
+    detail: str
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("succeeded", "failed")
+
+
+def read_job_ref(file: Path) -> tuple[JobRef | None, list[dict[str, Any]]]:
+    """The Job or PyTorchJob a rendered spec file holds (None for the ConfigMap file), and its documents."""
+    if not file.is_file():
+        raise TrnftError(f"{file}: no such spec file; render the specs with `trnft jobspec` first")
+    try:
+        docs = [d for d in yaml.safe_load_all(file.read_text()) if d]
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TrnftError(f"{file}: not a YAML spec file ({type(exc).__name__}); render it again") from exc
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") in RESOURCES]
+    if len(jobs) > 1:
+        raise TrnftError(f"{file}: holds {len(jobs)} jobs; trnft renders one per stage file")
+    if not jobs:
+        if not all(isinstance(d, dict) and d.get("kind") for d in docs):
+            raise TrnftError(f"{file}: not a Kubernetes spec file")
+        return None, docs
+    meta = jobs[0].get("metadata") or {}
+    if not meta.get("name"):
+        raise TrnftError(f"{file}: the {jobs[0]['kind']} has no metadata.name")
+    return JobRef(jobs[0]["kind"], meta["name"], meta.get("namespace") or "default", file), docs
+
+
+def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == kind and str(condition.get("status")) == "True":
+            return condition
+    return None
+
+
+def _why(condition: dict[str, Any]) -> str:
+    reason, message = condition.get("reason") or "", (condition.get("message") or "").strip()
+    return (
+        ": ".join(p for p in (reason, message.splitlines()[0] if message else "") if p) or "no reason given"
+    )
+
+
+def job_state(obj: dict[str, Any]) -> JobState:
+    """Decide a Job's or PyTorchJob's state from its ``status`` (as ``kubectl get -o json`` shows it)."""
+    kind = obj.get("kind")
+    status = obj.get("status") or {}
+    if kind == "Job":
+        if done := _condition(status, "Complete"):
+            return JobState("succeeded", f"complete at {done.get('lastTransitionTime', '?')}")
+        # FailureTarget comes first (k8s 1.31+: pods still terminating), then Failed.
+        failed = _condition(status, "Failed") or _condition(status, "FailureTarget")
+        if failed:
+            return JobState("failed", _why(failed))
+        if _condition(status, "Suspended") or (obj.get("spec") or {}).get("suspend"):
+            return JobState("waiting", "suspended (waiting for admission, e.g. by Kueue)")
+        active, failures = status.get("active") or 0, status.get("failed") or 0
+        retried = f", {failures} failed attempt(s) so far" if failures else ""
+        if active:
+            return JobState("running", f"{active} pod(s) running{retried}")
+        return JobState("waiting", f"no pod running yet{retried}")
+    if kind == "PyTorchJob":
+        if _condition(status, "Succeeded"):
+            return JobState("succeeded", "succeeded")
+        if failed := _condition(status, "Failed"):
+            return JobState("failed", _why(failed))
+        if _condition(status, "Suspended"):
+            return JobState("waiting", "suspended (waiting for admission, e.g. by Kueue)")
+        if restarting := _condition(status, "Restarting"):
+            return JobState("running", f"restarting after a retryable failure ({_why(restarting)})")
+        if _condition(status, "Running"):
+            replicas = status.get("replicaStatuses") or {}
+            active = sum(int((r or {}).get("active") or 0) for r in replicas.values())
+            return JobState("running", f"{active} pod(s) running")
+        return JobState("waiting", "created, pods not running yet (scheduling or pulling the image)")
+    raise TrnftError(f"{obj.get('kind')!r} is not a Job or PyTorchJob")
+
+
+def run_kubectl(args: Sequence[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["kubectl", *args], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError as exc:
+        raise TrnftError("kubectl is not on PATH; install it and point it at the cluster") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise TrnftError(f"kubectl {' '.join(args[:2])} did not answer in 120 s; check the cluster") from exc
+
+
+def _kubectl_error(proc: subprocess.CompletedProcess, what: str) -> TrnftError:
+    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    return TrnftError(
+        f"kubectl {what} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
+    )
+
+
+def get_job(ref: JobRef, kubectl: Kubectl = run_kubectl) -> dict[str, Any] | None:
+    """The job as the cluster has it, or None when it does not exist."""
+    proc = kubectl(["get", ref.resource, "-n", ref.namespace, "-o", "json"])
+    if proc.returncode != 0:
+        if "NotFound" in (proc.stderr or "") or "not found" in (proc.stderr or ""):
+            return None
+        raise _kubectl_error(proc, f"get {ref.resource}")
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise TrnftError(f"kubectl get {ref.resource} did not print JSON") from exc
+
+
+def _hints(ref: JobRef) -> str:
+    # A Job's logs by the job; a PyTorchJob's from its Master pod (the operator names it <job>-master-0).
+    logs = f"job/{ref.name}" if ref.kind == "Job" else f"{ref.name}-master-0"
+    return (
+        f"see `kubectl describe {ref.resource} -n {ref.namespace}` and "
+        f"`kubectl logs -n {ref.namespace} {logs} --tail=50`"
+    )
+
+
+def wait(
+    ref: JobRef,
+    *,
+    timeout_s: float,
+    interval_s: float,
+    log: Callable[[str], None],
+    kubectl: Kubectl = run_kubectl,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Poll ``ref`` until it succeeds (0), fails (:data:`EXIT_FAILED`) or ``timeout_s`` passes
+    (:data:`EXIT_TIMEOUT`). A job that does not exist is an error: apply it first."""
+    deadline = clock() + timeout_s
+    last = None
+    while True:
+        obj = get_job(ref, kubectl)
+        if obj is None:
+            raise TrnftError(f"{ref}: not found in the cluster; submit it first (`trnft submit {ref.file}`)")
+        state = job_state(obj)
+        if state != last:
+            log(f"{ref}: {state.phase}: {state.detail}")
+            last = state
+        if state.phase == "succeeded":
+            return 0
+        if state.phase == "failed":
+            log(f"{ref}: failed; {_hints(ref)}; fix the cause, then `trnft submit {ref.file}` reruns it")
+            return EXIT_FAILED
+        remaining = deadline - clock()
+        if remaining <= 0:
+            log(
+                f"{ref}: still {state.phase} after {format_duration(timeout_s)} (--timeout); the job keeps "
+                f"running, this wait stopped watching; {_hints(ref)}"
+            )
+            return EXIT_TIMEOUT
+        sleep(min(interval_s, remaining))
+
+
+def submit(
+    ref: JobRef | None, file: Path, *, log: Callable[[str], None], kubectl: Kubectl = run_kubectl
+) -> None:
+    """Apply ``file``; a finished job of the same name is deleted first (foreground cascading)."""
+    if ref is not None:
+        obj = get_job(ref, kubectl)
+        if obj is not None:
+            state = job_state(obj)
+            if not state.finished:
+                raise TrnftError(
+                    f"{ref}: is still {state.phase} ({state.detail}); wait for it (`trnft wait {file}`) or "
+                    f"delete it (`kubectl delete {ref.resource} -n {ref.namespace}`) before submitting again"
+                )
+            log(f"{ref}: {state.phase} earlier; deleting it and its pods before applying again")
+            proc = kubectl(
+                [
+                    "delete",
+                    ref.resource,
+                    "-n",
+                    ref.namespace,
+                    "--cascade=foreground",
+                    "--wait=true",
+                    "--ignore-not-found",
+                ]
+            )
+            if proc.returncode != 0:
+                raise _kubectl_error(proc, f"delete {ref.resource}")
+    proc = kubectl(["apply", "-f", str(file)])
+    if proc.returncode != 0:
+        raise _kubectl_error(proc, f"apply -f {file}")
+    for line in (proc.stdout or "").strip().splitlines():
+        log(line)
+
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """``90``, ``45s``, ``30m``, ``2h``, ``1d12h`` -> seconds (> 0)."""
+    text = text.strip()
+    match = _DURATION.match(f"{text}s" if text.isdigit() else text)  # plain digits are seconds
+    if not text or match is None:
+        raise TrnftError(f"{flag}: {text!r} is not a duration; write e.g. 45s, 30m, 2h or 1d12h")
+    d, h, m, sec = (int(g or 0) for g in match.groups())
+    seconds = ((d * 24 + h) * 60 + m) * 60 + sec
+    if seconds <= 0:
+        raise TrnftError(f"{flag}: must be more than 0, got {text!r}")
+    return float(seconds)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def submit_command(args: Any, log: Callable[[str], None]) -> int:
+    """``trnft submit FILE [--wait --timeout D]``."""
+    file = Path(args.file)
+    ref, _ = read_job_ref(file)
+    timeout_s = parse_duration(args.timeout, "--timeout")
+    interval_s = parse_duration(args.interval, "--interval")
+    submit(ref, file, log=log)
+    if not args.wait or ref is None:
+        return 0
+    return wait(ref, timeout_s=timeout_s, interval_s=interval_s, log=log)
+
+
+def wait_command(args: Any, log: Callable[[str], None]) -> int:
+    """``trnft wait FILE [--timeout D]``."""
+    file = Path(args.file)
+    ref, _ = read_job_ref(file)
+    if ref is None:
+        raise TrnftError(f"{file}: holds no Job or PyTorchJob to wait for")
+    timeout_s = parse_duration(args.timeout, "--timeout")
+    interval_s = parse_duration(args.interval, "--interval")
+    return wait(ref, timeout_s=timeout_s, interval_s=interval_s, log=log)

@@ -1,0 +1,280 @@
+"""`trnft submit` and `trnft wait` decide on recorded Job and PyTorchJob status objects: complete, failed,
+still running, timeout; a rerun deletes the finished job (foreground cascading) before it applies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trnft.common import cli
+from trnft.common.errors import TrnftError
+from trnft.jobspecs.operate import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    JobRef,
+    job_state,
+    parse_duration,
+    read_job_ref,
+    submit,
+    wait,
+)
+
+STATUS = Path(__file__).parent / "status"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "llama31_8b_lora_trn1.yaml"
+
+
+def recorded(name: str) -> dict:
+    return json.loads((STATUS / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("name", "phase", "words"),
+    [
+        ("job-running", "running", "1 pod(s) running"),
+        ("job-retrying", "running", "1 failed attempt(s) so far"),
+        ("job-complete", "succeeded", "complete at 2026-11-30T10:04:12Z"),
+        ("job-failed-permanent", "failed", "PodFailurePolicy: Container pytorch for pod"),
+        ("job-failed-backoff", "failed", "BackoffLimitExceeded"),
+        ("job-suspended", "waiting", "suspended"),
+        ("pytorchjob-created", "waiting", "pods not running yet"),
+        ("pytorchjob-running", "running", "4 pod(s) running"),
+        ("pytorchjob-restarting", "running", "restarting after a retryable failure"),
+        ("pytorchjob-succeeded", "succeeded", "succeeded"),
+        ("pytorchjob-failed", "failed", "PyTorchJobFailed: PyTorchJob llama31-8b-lora-train is failed"),
+    ],
+)
+def test_job_state_of_every_recorded_status(name, phase, words):
+    state = job_state(recorded(name))
+    assert state.phase == phase and words in state.detail, state
+
+
+class FakeKubectl:
+    """Answers `kubectl get` with recorded objects in turn (the last one repeats); records every call."""
+
+    def __init__(self, *gets: str | None, fail: dict[str, str] | None = None) -> None:
+        self.gets = list(gets)
+        self.calls: list[list[str]] = []
+        self.fail = fail or {}
+
+    def __call__(self, args):
+        self.calls.append(list(args))
+        verb = args[0]
+        if verb in self.fail:
+            return subprocess.CompletedProcess(args, 1, "", self.fail[verb])
+        if verb == "get":
+            name = self.gets.pop(0) if len(self.gets) > 1 else self.gets[0]
+            if name is None:
+                return subprocess.CompletedProcess(
+                    args, 1, "", 'Error from server (NotFound): jobs.batch "x" not found'
+                )
+            return subprocess.CompletedProcess(args, 0, json.dumps(recorded(name)), "")
+        return subprocess.CompletedProcess(args, 0, f"{args[-1]} {verb}d\n", "")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+JOB = JobRef("Job", "llama31-8b-lora-tokenize", "default", Path("01-tokenize.yaml"))
+TRAIN = JobRef("PyTorchJob", "llama31-8b-lora-train", "ml", Path("03-train.yaml"))
+
+
+def _wait(ref, kubectl, timeout_s=3600.0, interval_s=20.0):
+    clock, lines = Clock(), []
+    code = wait(
+        ref,
+        timeout_s=timeout_s,
+        interval_s=interval_s,
+        log=lines.append,
+        kubectl=kubectl,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    return code, lines, clock.now
+
+
+def test_wait_returns_0_when_the_job_completes():
+    kubectl = FakeKubectl("job-running", "job-running", "job-complete")
+    code, lines, waited = _wait(JOB, kubectl)
+    assert code == 0 and waited == 40.0
+    assert len(lines) == 2 and "running" in lines[0] and "succeeded" in lines[1]  # one line per change
+    assert kubectl.calls[0] == ["get", "jobs.batch/llama31-8b-lora-tokenize", "-n", "default", "-o", "json"]
+
+
+def test_wait_returns_non_zero_as_soon_as_the_job_fails():
+    code, lines, waited = _wait(JOB, FakeKubectl("job-running", "job-failed-permanent"))
+    assert code == EXIT_FAILED and waited == 20.0  # the next look, not the timeout
+    assert "exit code 2 matching FailJob" in lines[-2]
+    assert "kubectl logs -n default job/llama31-8b-lora-tokenize" in lines[-1]
+    assert "trnft submit 01-tokenize.yaml" in lines[-1]
+
+
+def test_wait_follows_a_pytorchjob_through_a_restart_to_its_end():
+    kubectl = FakeKubectl(
+        "pytorchjob-created", "pytorchjob-running", "pytorchjob-restarting", "pytorchjob-succeeded"
+    )
+    code, lines, _ = _wait(TRAIN, kubectl)
+    assert code == 0 and [line.split(": ")[1] for line in lines] == [
+        "waiting",
+        "running",
+        "running",
+        "succeeded",
+    ]
+    assert kubectl.calls[0][1] == "pytorchjobs.kubeflow.org/llama31-8b-lora-train"
+    code, lines, _ = _wait(TRAIN, FakeKubectl("pytorchjob-running", "pytorchjob-failed"))
+    assert code == EXIT_FAILED and "kubectl logs -n ml llama31-8b-lora-train-master-0" in lines[-1]
+
+
+def test_wait_is_bounded():
+    code, lines, waited = _wait(JOB, FakeKubectl("job-retrying"), timeout_s=300, interval_s=120)
+    assert code == EXIT_TIMEOUT and waited == 300.0
+    assert "still running after 5m (--timeout); the job keeps running" in lines[-1]
+
+
+def test_wait_for_a_job_that_does_not_exist_is_one_error():
+    with pytest.raises(TrnftError, match="not found in the cluster; submit it first"):
+        _wait(JOB, FakeKubectl(None))
+    with pytest.raises(
+        TrnftError, match=r"kubectl get jobs\.batch/llama31-8b-lora-tokenize failed .*Unauthorized"
+    ):
+        _wait(JOB, FakeKubectl("job-running", fail={"get": "error: You must be logged in (Unauthorized)"}))
+
+
+def test_submit_applies_a_new_job():
+    kubectl = FakeKubectl(None)
+    submit(JOB, JOB.file, log=lambda _: None, kubectl=kubectl)
+    assert [c[0] for c in kubectl.calls] == ["get", "apply"]
+
+
+@pytest.mark.parametrize("finished", ["job-failed-permanent", "job-complete"])
+def test_a_rerun_deletes_the_finished_job_with_its_pods_then_applies(finished):
+    kubectl, lines = FakeKubectl(finished), []
+    submit(JOB, JOB.file, log=lines.append, kubectl=kubectl)
+    assert [c[0] for c in kubectl.calls] == ["get", "delete", "apply"]
+    delete = kubectl.calls[1]
+    assert delete[1] == "jobs.batch/llama31-8b-lora-tokenize" and "--cascade=foreground" in delete
+    assert "--wait=true" in delete and "deleting it and its pods" in lines[0]
+
+
+@pytest.mark.parametrize("active", ["job-running", "job-suspended", "pytorchjob-restarting"])
+def test_a_job_still_running_is_never_replaced(active):
+    kubectl = FakeKubectl(active)
+    with pytest.raises(TrnftError, match=r"still (running|waiting).*trnft wait"):
+        submit(TRAIN if active.startswith("pytorch") else JOB, JOB.file, log=print, kubectl=kubectl)
+    assert [c[0] for c in kubectl.calls] == ["get"]
+
+
+def test_the_config_map_is_just_applied(tmp_path):
+    assert cli.main(["jobspec", "--config", str(EXAMPLE), "--out", str(tmp_path / "out")]) == 0
+    ref, docs = read_job_ref(tmp_path / "out" / "00-config.yaml")
+    assert ref is None and docs[0]["kind"] == "ConfigMap"
+    kubectl = FakeKubectl(None)
+    submit(ref, tmp_path / "out" / "00-config.yaml", log=lambda _: None, kubectl=kubectl)
+    assert [c[0] for c in kubectl.calls] == ["apply"]
+    ref, _ = read_job_ref(tmp_path / "out" / "03-train.yaml")
+    assert ref == JobRef("PyTorchJob", "llama31-8b-lora-train", "default", tmp_path / "out" / "03-train.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("45s", 45), ("30m", 1800), ("2h", 7200), ("1d12h", 129600)]
+)
+def test_durations(text, seconds):
+    assert parse_duration(text, "--timeout") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "0", "-5m", "2h30"])
+def test_bad_durations_are_one_line(text):
+    with pytest.raises(TrnftError, match="--timeout: "):
+        parse_duration(text, "--timeout")
+
+
+# -- the commands, with a kubectl on PATH that serves recorded objects -----------------------------------
+
+FAKE_KUBECTL = """#!{python}
+import json, os, sys
+state = os.environ["FAKE_KUBECTL_STATE"]
+with open(os.path.join(state, "calls.jsonl"), "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+queue = json.load(open(os.path.join(state, "gets.json")))
+if sys.argv[1] == "get":
+    name = queue.pop(0) if len(queue) > 1 else queue[0]
+    json.dump(queue, open(os.path.join(state, "gets.json"), "w"))
+    if name is None:
+        sys.stderr.write('Error from server (NotFound): jobs.batch "x" not found\\n')
+        sys.exit(1)
+    sys.stdout.write(open(os.path.join({status!r}, name + ".json")).read())
+else:
+    print(sys.argv[-1], sys.argv[1] + "d")
+"""
+
+
+def _with_fake_kubectl(tmp_path, gets):
+    bin_dir, state = tmp_path / "bin", tmp_path / "state"
+    bin_dir.mkdir()
+    state.mkdir()
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable, status=str(STATUS)))
+    kubectl.chmod(0o755)
+    (state / "gets.json").write_text(json.dumps(gets))
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_KUBECTL_STATE": str(state),
+    }
+    return env, state
+
+
+def _trnft(env, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "trnft.common.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_submit_and_wait_through_kubectl(tmp_path):
+    assert cli.main(["jobspec", "--config", str(EXAMPLE), "--out", str(tmp_path / "out")]) == 0
+    spec = tmp_path / "out" / "01-tokenize.yaml"
+    env, state = _with_fake_kubectl(tmp_path, [None, "job-running", "job-failed-permanent"])
+    proc = _trnft(env, "submit", str(spec), "--wait", "--interval", "1s", "--timeout", "1m")
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+    assert [c[0] for c in calls] == ["get", "apply", "get", "get"]
+    assert "PodFailurePolicy" in proc.stdout and "trnft submit" in proc.stdout
+
+    # The rerun after the fix: the failed job is deleted with its pods, applied again, and completes.
+    (state / "calls.jsonl").unlink()
+    (state / "gets.json").write_text(json.dumps(["job-failed-permanent", "job-running", "job-complete"]))
+    proc = _trnft(env, "submit", str(spec), "--wait", "--interval", "1s")
+    assert proc.returncode == 0, proc.stderr
+    calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+    assert [c[0] for c in calls] == ["get", "delete", "apply", "get", "get"]
+
+    (state / "gets.json").write_text(json.dumps(["job-running"]))
+    proc = _trnft(env, "wait", str(spec), "--interval", "1s", "--timeout", "2s")
+    assert proc.returncode == EXIT_TIMEOUT and "still running after 2s" in proc.stdout
+
+
+def test_commands_without_kubectl_or_spec_are_one_line(tmp_path, capsys, monkeypatch):
+    assert cli.main(["wait", str(tmp_path / "missing.yaml")]) == 1
+    assert "no such spec file; render the specs with `trnft jobspec` first" in capsys.readouterr().err
+    assert cli.main(["jobspec", "--config", str(EXAMPLE), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert cli.main(["wait", str(tmp_path / "out" / "01-tokenize.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "kubectl is not on PATH" in err and err.count("\n") == 1
