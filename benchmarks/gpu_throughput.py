@@ -1,0 +1,234 @@
+"""Benchmark: training throughput and MFU of the GPU trainer on one GPU, LoRA and full fine-tuning.
+
+A synthetic model with Llama-3.1-8B's shapes (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary
+128256; fewer decoder layers where one GPU cannot hold the whole model, ``--layers-lora`` and
+``--layers-full``), random bf16 weights, and synthetic instruction data packed to ``--seq`` tokens. Each
+mode runs the real stages (``trnft tokenize`` then ``trnft train``: FSDP2 on one rank, bf16, flash
+attention 2 when flash_attn is installed, activation checkpointing) and reads the trainer's own
+tokens/s from the train manifest (steps after the first; start-up, compilation and saves excluded).
+
+    python benchmarks/gpu_throughput.py [--modes lora full] [--seq 4096] [--steps 12]
+    python benchmarks/gpu_throughput.py --tiny      # a small shape on CPU: checks the script itself
+
+MFU counts model FLOPs, not recomputation (activation checkpointing is extra work the hardware does but
+the model does not need): per token, a forward pass is 2·N matmul FLOPs (N = parameters of every linear
+layer and the LM head; embedding lookups are free) plus 4·L·h·S for attention scores and values (L
+layers, hidden h, sequence S, no causal discount). Full fine-tuning's backward pass costs twice its
+forward (6·N + 12·L·h·S in all); LoRA's costs once (input gradients only; the adapters' own FLOPs are
+below 1 percent and left out): 4·N + 8·L·h·S. The peak is the GPU's dense bf16 rate (``--peak-tflops``
+for a GPU not in the table).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# This folder holds a tokenize.py, which must not shadow the standard library's module of that name.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or os.curdir)) != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+# Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; sparsity not counted).
+PEAK_BF16_TFLOPS = {
+    "H100 80GB HBM3": 989.4,  # SXM
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.4,
+    "A100-SXM4-80GB": 312.0,
+    "A100-SXM4-40GB": 312.0,
+    "L40S": 362.1,
+    "A10G": 125.0,
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    def linear_parameters(self, layers: int) -> int:
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        mlp = 3 * self.hidden * self.intermediate
+        return layers * (attention + mlp) + self.hidden * self.vocab  # + the LM head
+
+    def flops_per_token(self, layers: int, seq: int, full: bool) -> float:
+        forward = 2 * self.linear_parameters(layers) + 4 * layers * self.hidden * seq
+        return forward * (3 if full else 2)
+
+
+LLAMA_31_8B = Shape(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
+TINY = Shape(hidden=128, intermediate=256, heads=4, kv_heads=2, vocab=512)
+
+
+def build_model(folder: Path, shape: Shape, layers: int, seq: int, tokenizer, device: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=max(seq, 8192),
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):  # random init where it is fastest; written as bf16 safetensors
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    del model
+
+
+def write_data(path: Path, texts: list[str], tokens_wanted: int, seq: int) -> None:
+    """Instruction rows of shuffled words from the bundled texts, about a quarter of ``seq`` tokens each
+    (so packing fills every sequence), ``tokens_wanted`` tokens in all and at least 60 rows."""
+    words = " ".join(texts).split()
+    rng = random.Random(0)
+    per_row = max(16, seq // 4)
+    rows: list[str] = []
+    while len(rows) * per_row < tokens_wanted or len(rows) < 60:
+
+        def pick(share: float) -> str:
+            return " ".join(rng.choice(words) for _ in range(max(1, int(per_row * share * 0.6))))
+
+        rows.append(json.dumps({"instruction": pick(0.1), "context": pick(0.55), "response": pick(0.35)}))
+    path.write_text("\n".join(rows) + "\n")
+
+
+def run_mode(work: Path, mode: str, shape: Shape, layers: int, args, device: str) -> dict:
+    from trnft.common.testing.fixtures import bundled_texts, train_tokenizer
+
+    folder = work / mode
+    folder.mkdir()
+    texts = bundled_texts()
+    tokenizer = train_tokenizer(texts, vocab_size=min(shape.vocab, 8000))
+    build_model(folder / "model", shape, layers, args.seq, tokenizer, device)
+    data = folder / "data.jsonl"
+    write_data(data, texts, tokens_wanted=int(args.seq * (args.steps + 2) * 1.5), seq=args.seq)
+    raw = {
+        "run": {"name": f"throughput-{mode}", "root": str(folder / "run")},
+        "model": {"name_or_path": str(folder / "model"), "platform": "gpu", "dtype": "bfloat16"},
+        "dataset": {
+            "files": [str(data)],
+            "input_template": "### Instruction:\n{instruction}\n### Input:\n{context}\n### Response:\n",
+            "output_template": "{response}",
+            "max_seq_length": args.seq,
+            "packing": True,
+            "train_ratio": 0.9,
+            "validation_ratio": 0.05,
+            "test_ratio": 0.05,
+        },
+        "lora": {"enabled": mode == "lora", "r": 16, "alpha": 32},
+        "train": {
+            "max_steps": args.steps,
+            "micro_batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-4,
+            "warmup_steps": 1,
+            "bf16": True,
+            "save_steps": args.steps,
+            "logging_steps": 1,
+            "eval_steps": 0,
+        },
+        "gpu": {"devices": 1, "activation_checkpointing": True, "attn_implementation": "auto"},
+    }
+    config = folder / "run.yaml"
+    config.write_text(json.dumps(raw))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    for stage in ("tokenize", "train"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "trnft.common.cli", stage, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if proc.returncode != 0:
+            sys.exit(
+                f"gpu_throughput: {mode} {stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+    manifest = json.loads((folder / "run" / "train" / "manifest.json").read_text())
+    figures = manifest["figures"]
+    tokens_per_s = figures["tokens_per_second"] or 0.0
+    flops = shape.flops_per_token(layers, args.seq, full=mode == "full") * tokens_per_s
+    return {
+        "mode": mode,
+        "layers": layers,
+        "trainable": figures["trainable_parameters"],
+        "attention": figures["attention"],
+        "tokens_per_s": tokens_per_s,
+        "tflops": flops / 1e12,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", choices=["lora", "full"], default=["lora", "full"])
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--layers-lora", type=int, default=32, help="Decoder layers for LoRA (8B has 32).")
+    parser.add_argument(
+        "--layers-full",
+        type=int,
+        default=4,
+        help="Decoder layers for full fine-tuning (fp32 weights + Adam).",
+    )
+    parser.add_argument("--peak-tflops", type=float, help="Dense bf16 peak of this GPU, TFLOP/s.")
+    parser.add_argument("--tiny", action="store_true", help="A small shape on CPU, to check the script.")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.tiny:
+        shape, device, name = TINY, "cpu", "cpu"
+        args.seq, args.steps, args.layers_lora, args.layers_full = (
+            min(args.seq, 256),
+            min(args.steps, 3),
+            2,
+            2,
+        )
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_throughput: needs a CUDA GPU (or --tiny to check the script on CPU)")
+        shape, device, name = LLAMA_31_8B, "cuda", torch.cuda.get_device_name(0)
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="trnft-throughput-") as tmp:
+        for mode in args.modes:
+            layers = args.layers_lora if mode == "lora" else args.layers_full
+            results.append(run_mode(Path(tmp), mode, shape, layers, args, device))
+    print(f"device: {name}; peak bf16 {peak or 'unknown'} TFLOP/s; seq {args.seq}; micro-batch 1; bf16")
+    print(
+        f"{'mode':6} {'layers':>6} {'trainable':>14} {'attention':>18} {'tokens/s/GPU':>13} {'TFLOP/s':>8} {'MFU':>6}"
+    )
+    for r in results:
+        mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
+        print(
+            f"{r['mode']:6} {r['layers']:>6} {r['trainable']:>14,} {r['attention']:>18} "
+            f"{r['tokens_per_s']:>13,.0f} {r['tflops']:>8.1f} {mfu:>6}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
