@@ -28,7 +28,10 @@ def test_two_ranks_each_hold_half_of_the_model(tmp_path):
     bench = _benchmark()
     size = bench.write_model(tmp_path / "model", hidden=512, layers=4)
     fp32_mb = 2 * size / 2**20  # the trainable weights are fp32 copies of the bf16 files
-    reports = bench.measure_ranks(tmp_path / "model", "trnft", "full", 2)
-    growth = [r["peak_growth_mb"] for r in reports]
-    assert max(growth) < 0.65 * fp32_mb, (growth, fp32_mb)
-    assert sum(growth) < 1.25 * fp32_mb, (growth, fp32_mb)
+    alone = bench.measure_ranks(tmp_path / "model", "trnft", "full", 1)[0]["peak_growth_mb"]
+    growth = [r["peak_growth_mb"] for r in bench.measure_ranks(tmp_path / "model", "trnft", "full", 2)]
+    assert alone > 0.9 * fp32_mb, (alone, fp32_mb)  # one rank really holds the whole model
+    # Compared with one rank rather than with the model's size: what a process adds besides the model
+    # (allocator pools, communication buffers) differs between torch releases.
+    assert max(growth) < 0.6 * alone, (growth, alone)
+    assert sum(growth) < 1.15 * alone, (growth, alone)

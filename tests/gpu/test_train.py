@@ -168,15 +168,19 @@ def test_first_step_loss_matches_the_neuron_cpu_xla_trainer_and_both_adapters_me
 def test_validation_early_stopping_and_tensorboard(make_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # A learning rate far below fp32 resolution leaves the adapted model's outputs bitwise unchanged, so
+    # the second validation cannot improve on the first and patience 1 must stop the run there, whatever
+    # the library versions make of the training curve.
     run = _gpu_run(
         make_run,
         train={"max_steps": 30, "save_steps": 100, "eval_steps": 2, "eval_batches": 4, "early_stopping_patience": 1,
-               "learning_rate": 0.5, "min_lr": 0.5, "warmup_steps": 0, "max_grad_norm": 0.0},
+               "learning_rate": 1e-30, "min_lr": 1e-30, "warmup_steps": 0},
     )  # fmt: skip
     ok(run.stage("train"))
     fig = run.figures("train", GpuTrainFigures)
-    assert fig.stopped_early and fig.end_step < 30
-    assert len(fig.validation) >= 2 and fig.validation[0].step == 2
+    assert fig.stopped_early and fig.end_step == 4
+    assert [v.step for v in fig.validation] == [2, 4]
+    assert fig.validation[1].loss == fig.validation[0].loss
     assert fig.final_checkpoint == f"checkpoint-{fig.end_step}"  # what was trained is kept
     tags = EventAccumulator(str(run.root / "train" / "tensorboard")).Reload().Tags()["scalars"]
     assert {"train/loss", "val/loss", "train/grad_norm", "train/learning_rate"} <= set(tags)
@@ -260,8 +264,13 @@ def test_a_two_rank_checkpoint_consolidates_to_the_one_process_adapter(one_proce
     single, _ = one_process
     mine, theirs = _consolidated(two_ranks, 6, tmp_path / "dp2"), _consolidated(single, 6, tmp_path / "one")
     assert mine.keys() == theirs.keys()
+    config = single.manifest("train")["config"]
+    # Adam moves a weight by about the learning rate per step at most. The layouts sum gradients in a
+    # different order, and Adam's normalisation enlarges that difference where a gradient is near zero,
+    # so allow 0.1 % of the largest distance training could have moved any weight.
+    atol = 1e-3 * config["train.learning_rate"] * config["train.max_steps"]
     for k in mine:
-        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=atol)
 
 
 def test_two_rank_resume_after_sigkill_equals_the_uninterrupted_run(one_process, two_ranks):
