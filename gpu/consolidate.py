@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings
+from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, adapter_config_text
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
@@ -209,7 +209,7 @@ def convert(
         write_safetensors(out / ADAPTER_WEIGHTS, planned)
         config = {**(meta.peft_config or {}), "inference_mode": True}
         config["base_model_name_or_path"] = meta.base_model or config.get("base_model_name_or_path")
-        (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (out / ADAPTER_CONFIG_FILE).write_text(adapter_config_text(config))
     elif meta.mode == "full":
         planned = full_tensors(ckpt_dir, meta)
         write_sharded_model(out, planned, max_shard_size)

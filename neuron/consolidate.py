@@ -31,6 +31,7 @@ import numpy as np
 from trnft.common.config.adapter_config import (
     ADAPTER_CONFIG_FILE,
     LoraSettings,
+    adapter_config_text,
     module_of,
     read_adapter_config,
 )
@@ -748,7 +749,7 @@ def consolidate_source(
     if source.kind == "lora":
         assert source.adapter_config is not None
         write_safetensors(out / ADAPTER_WEIGHTS, [_release_after(t, source.shards) for t in outputs])
-        (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(source.adapter_config, indent=2) + "\n")
+        (out / ADAPTER_CONFIG_FILE).write_text(adapter_config_text(source.adapter_config))
     else:
         write_sharded_model(out, [_release_after(t, source.shards) for t in outputs], max_shard_size)
     total = sum(t.nbytes for t in outputs)

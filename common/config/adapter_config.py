@@ -33,6 +33,25 @@ PEFT_LORA_KEYS = frozenset(
 )  # fmt: skip
 
 
+# Fields PEFT treats as sets (it builds target_modules from one, so its order in the file follows the
+# writing process's string hashing); written sorted so that equal settings give equal bytes.
+SET_VALUED_KEYS = ("target_modules", "modules_to_save", "exclude_modules", "target_parameters")
+
+
+def adapter_config_text(config: Mapping[str, Any]) -> str:
+    """``config`` as the text of an ``adapter_config.json``: keys and set-valued lists sorted.
+
+    Consolidation output is compared by digest (staleness, reruns), so two runs with the same LoRA
+    settings must write the same file whatever order the trainer's PEFT listed the modules in.
+    """
+    canonical = dict(config)
+    for key in SET_VALUED_KEYS:
+        value = canonical.get(key)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            canonical[key] = sorted(set(value))
+    return json.dumps(canonical, indent=2, sort_keys=True) + "\n"
+
+
 def read_adapter_config(folder: Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``<folder>/adapter_config.json`` as a dict; one line for a missing or unreadable file.
 

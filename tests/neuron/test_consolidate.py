@@ -119,7 +119,19 @@ def test_lora_round_trip(tmp_path, era, tp, encoding, dims, targets):
     consolidate(ckpt, out)
     assert_same(load_file(out / "adapter_model.safetensors"), adapter)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["target_modules"] == targets
+    assert config["target_modules"] == sorted(targets)
+
+
+def test_the_adapter_config_does_not_depend_on_the_order_peft_listed_the_modules_in(tmp_path):
+    """PEFT writes target_modules from a set; equal settings must consolidate to equal bytes."""
+    adapter = random_adapter(GQA, ALL)
+    texts = []
+    for name, targets in (("listed", ALL), ("reversed", ALL[::-1])):
+        ckpt = write_lora(tmp_path / name / "checkpoint-1", adapter, GQA, Layout(tp=2), targets)
+        consolidate(ckpt, tmp_path / name / "out")
+        texts.append((tmp_path / name / "out" / "adapter_config.json").read_bytes())
+    assert texts[0] == texts[1]
+    assert json.loads(texts[0])["target_modules"] == sorted(ALL)
 
 
 def test_fused_lora_a_goes_to_each_projection_exactly(tmp_path):
