@@ -6,42 +6,11 @@ flattens each micro-batch into one row (``forward_logits``). sdpa and eager get 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from packed_rows import check_every_sample_alone, segments, two_packed_rows
 
-from trnft.common.training.data import TokenizeOutput
 from trnft.gpu.train import forward_logits
-
-
-def segments(segment_ids: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of every non-pad sample in one row."""
-    out = []
-    for seg in sorted(set(segment_ids.tolist()) - {0}):
-        where = np.flatnonzero(segment_ids == seg)
-        out.append((int(where[0]), int(where[-1]) + 1))
-    return out
-
-
-def _two_packed_rows(tokenized, device: str) -> dict[str, torch.Tensor]:
-    split = TokenizeOutput(tokenized).split("train")
-    rows = [r for r in range(len(split)) if len(segments(np.asarray(split.segment_ids[r]))) >= 3][:2]
-    assert len(rows) == 2
-    return {k: torch.from_numpy(v).to(device) for k, v in split.rows(rows).items()}
-
-
-def _check_every_sample_alone(model, batch, attn: str, atol: float) -> None:
-    with torch.no_grad():
-        packed = forward_logits(model, batch, attn).float()
-        assert packed.shape[:2] == batch["input_ids"].shape
-        checked = 0
-        for row in range(batch["input_ids"].shape[0]):
-            for start, end in segments(batch["segment_ids"][row].cpu().numpy()):
-                ids = batch["input_ids"][row : row + 1, start:end]
-                alone = model(input_ids=ids).logits[0].float()
-                torch.testing.assert_close(packed[row, start:end], alone, atol=atol, rtol=atol)
-                checked += 1
-    assert checked >= 6  # every sample of both rows, including those after the first of a row
 
 
 # sdpa picks another CPU kernel with a mask than without one: rounding, not leakage (a leak moves logits by > 1).
@@ -50,7 +19,7 @@ def test_every_sample_of_a_micro_batch_of_packed_rows_sees_only_itself(tiny_llam
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn).eval()
-    _check_every_sample_alone(model, _two_packed_rows(tokenized, "cpu"), attn, atol=atol)
+    check_every_sample_alone(model, two_packed_rows(tokenized, "cpu"), attn, atol=atol)
 
 
 def test_without_the_mask_the_second_sample_would_see_the_first(tiny_llama, tokenized):
@@ -58,7 +27,7 @@ def test_without_the_mask_the_second_sample_would_see_the_first(tiny_llama, toke
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
-    batch = _two_packed_rows(tokenized, "cpu")
+    batch = two_packed_rows(tokenized, "cpu")
     with torch.no_grad():
         leaky = model(input_ids=batch["input_ids"]).logits
         isolated = forward_logits(model, batch, "sdpa")
@@ -75,4 +44,4 @@ def test_flash_attention_2_keeps_packed_samples_apart_at_micro_batch_two(tiny_ll
         tiny_llama, attn_implementation="flash_attention_2", dtype=torch.bfloat16
     ).to("cuda")
     model.eval()
-    _check_every_sample_alone(model, _two_packed_rows(tokenized, "cuda"), "flash_attention_2", atol=1e-1)
+    check_every_sample_alone(model, two_packed_rows(tokenized, "cuda"), "flash_attention_2", atol=1e-1)

@@ -4,6 +4,7 @@ it divides by is the one its docstring states."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,41 @@ def test_the_benchmark_runs_on_a_tiny_shape():
     assert set(rows) == {"lora", "full"}
     for row in rows.values():
         assert float(row[4].replace(",", "")) > 0  # tokens/s
+
+
+CHECK = SCRIPT.with_name("gpu_check.sh")
+WHEELS = SCRIPT.with_name("gpu_wheels.sh")
+
+
+def test_the_gpu_check_refuses_an_empty_wheel_folder(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        ["bash", str(CHECK), "--wheels", str(tmp_path / "wheels")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "TRNFT_GPU_SITE": str(site)},
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"gpu_check: no wheels in {tmp_path / 'wheels'} (run benchmarks/gpu_wheels.sh)"
+    ]
+    assert not any(site.iterdir()) if site.exists() else True
+
+
+@pytest.mark.slow
+def test_the_gpu_check_installs_from_carried_wheels_alone(tmp_path):
+    """What a GPU machine that reaches no index does: the wheels from gpu_wheels.sh, then trnft, offline."""
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    got = subprocess.run(["bash", str(WHEELS), str(wheels), f"{sys.version_info[0]}.{sys.version_info[1]}"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert got.returncode == 0, got.stderr[-2000:]
+    # PIP_NO_INDEX: any download the check tried would fail
+    env = {**os.environ, "TRNFT_GPU_SITE": str(site), "PIP_NO_INDEX": "1"}
+    proc = subprocess.run(["bash", str(CHECK), "--wheels", str(wheels)], capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+    # no CUDA here: everything up to the device check ran
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("gpu_check: no CUDA device"), proc.stderr[
+        -2000:
+    ]
+    installed = {p.name.split("-")[0] for p in site.glob("*.dist-info")}
+    assert {"trnft", "peft", "datasets", "dill", "multiprocess", "fsspec"} <= installed
+    assert (site / "trnft" / "examples" / "data" / "tiny_instructions.jsonl").is_file()
