@@ -1,5 +1,5 @@
 """The installed package is the source tree: a non-editable install (the images, the GPU check) ships every
-file git tracks under the package folders.
+file of the package folders.
 
 The images install trnft with ``pip install --no-deps SOURCE``, not editable, so a file left out of the
 package data would be missing only there, where no local test looks.
@@ -22,7 +22,7 @@ PACKAGE_DIRS = {
 }
 
 
-def test_the_wheel_holds_every_tracked_file_of_the_package_folders(tmp_path):
+def test_the_wheel_holds_every_file_of_the_package_folders(tmp_path):
     build = subprocess.run(
         [
             sys.executable,
@@ -42,9 +42,12 @@ def test_the_wheel_holds_every_tracked_file_of_the_package_folders(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("trnft-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    tracked = subprocess.run(
-        ["git", "ls-files", *PACKAGE_DIRS], capture_output=True, text=True, cwd=REPO, check=True
-    ).stdout.split()
+    tracked = [
+        path.relative_to(REPO).as_posix()
+        for folder in PACKAGE_DIRS
+        for path in sorted((REPO / folder).rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    ]
     assert "examples/data/tiny_instructions.jsonl" in tracked
     missing = [
         path
