@@ -16,6 +16,19 @@ F = TypeVar("F")
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
+# The GPU trainer's short run with everything the sharding tests must cover: packed rows of two, weight
+# decay, validation batches that do not split evenly over 2 ranks, a save to resume from.
+SHARDED_TRAIN = {
+    "max_steps": 6,
+    "save_steps": 3,
+    "logging_steps": 1,
+    "warmup_steps": 1,
+    "micro_batch_size": 2,
+    "weight_decay": 5.0,
+    "eval_steps": 3,
+    "eval_batches": 3,
+}
+
 
 def smoke_raw(root: Path, model_dir: Path, **sections) -> dict:
     """The smoke config as a dict, pointed at ``root`` and ``model_dir``, with section overrides merged."""

@@ -11,7 +11,7 @@ import signal
 
 import numpy as np
 import pytest
-from helpers import ok
+from helpers import SHARDED_TRAIN, ok
 from packed_rows import check_every_sample_alone, two_packed_rows
 
 from trnft.gpu.train import GpuTrainFigures
@@ -20,17 +20,7 @@ pytestmark = pytest.mark.gpu
 
 ON_CPU = {"CUDA_VISIBLE_DEVICES": ""}
 
-# Packed rows of two, weight decay and uneven validation: the settings the CPU tests cover with 2 ranks.
-STEPS = {
-    "max_steps": 6,
-    "save_steps": 3,
-    "logging_steps": 1,
-    "warmup_steps": 1,
-    "micro_batch_size": 2,
-    "weight_decay": 5.0,
-    "eval_steps": 3,
-    "eval_batches": 3,
-}
+STEPS = SHARDED_TRAIN
 
 
 def _run(make_run, **train):

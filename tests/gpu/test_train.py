@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import ok, step_batch_loss
+from helpers import SHARDED_TRAIN, ok, step_batch_loss
 from safetensors.torch import load_file
 
 from trnft.common import cli
@@ -25,16 +25,7 @@ from trnft.neuron.train import XlaTrainFigures
 SHORT = {"max_steps": 12, "save_steps": 4, "logging_steps": 4, "warmup_steps": 2}
 # The acceptance setting: weight decay on (large enough to show), validation whose 3 batches do not split
 # evenly over 2 ranks, micro-batch 2 of packed rows.
-SHARDED = {
-    "max_steps": 6,
-    "save_steps": 3,
-    "logging_steps": 1,
-    "warmup_steps": 1,
-    "micro_batch_size": 2,
-    "weight_decay": 5.0,
-    "eval_steps": 3,
-    "eval_batches": 3,
-}
+SHARDED = SHARDED_TRAIN
 
 
 def _gpu_run(make_run, **sections):
