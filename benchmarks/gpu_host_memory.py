@@ -5,7 +5,7 @@ model the way each approach does and measures the peak growth of every rank's an
 heap and tensors; the page cache of the memory-mapped files is shared by all ranks of a node and counted
 by neither):
 
-  trnft      the GPU trainer's set-up (:mod:`trnft.gpu.parallel`): parameters on the meta device, FSDP2
+  trnft      the GPU trainer's set-up (:mod:`trnft.common.fsdp.parallel`): parameters on the meta device, FSDP2
              sharding over the ranks, then each rank copies only its own slices out of the mapped files
   per-rank   what the Lightning sample (and trnft before FSDP2) did: every rank ``from_pretrained``-loads
              the whole model, then FSDP shards it
@@ -55,7 +55,7 @@ import torch, torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 from trnft.common.config.run_config import config_from_dict
 from trnft.common.training.lora import apply_lora
-from trnft.gpu import parallel
+from trnft.common.fsdp import parallel
 
 model_dir, approach, mode, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
 lora = mode == "lora"

@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", default="trnft-smoke", help="Run directory (default ./trnft-smoke).")
     p.add_argument(
-        "--platform", choices=["neuron", "gpu"], default="neuron", help="Training path to exercise."
+        "--platform",
+        choices=sorted(backend.REGISTRY),
+        default="neuron",
+        help="Training path to exercise.",
     )
     p.add_argument("--force", action="store_true", help="Redo every stage.")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="Overrides of the smoke config.")
@@ -153,6 +156,7 @@ def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> 
 
         return standalone(args, log)
     cfg = load_config(args.config, args.overrides)
+    backend.of(cfg).check_config(cfg)
     run = resolve_stage(stage, cfg)
     run(cfg, force=args.force, log=log)
     return 0

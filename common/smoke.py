@@ -8,6 +8,7 @@ complete stages; ``--force`` redoes them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,9 +16,17 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from trnft.common.config.run_config import dump_config, load_config
+from trnft.common.config.run_config import NeuronSection, dump_config, load_config, with_overrides
 from trnft.common.pipeline.stages import STAGES, format_status
 from trnft.common.testing.fixtures import build_tiny_model, bundled_dataset_path
+
+
+# What a platform needs beyond the smoke config: neuron-native trains on trn2/trn3 instance types only (the
+# local run uses the CPU all the same; the instance type matters to the specs it would render).
+PLATFORM_OVERRIDES = {"neuron-native": ("cluster.instance_type=trn2.48xlarge",)}
+# The smoke config's neuron section sets up the XLA path's CPU rehearsal (model.platform neuron); the other
+# platforms start from the section's defaults (neuron-native refuses XLA-only settings).
+XLA_PLATFORM = "neuron"
 
 
 def smoke_config_path() -> Path:
@@ -37,9 +46,11 @@ def prepare(root: str | Path, *, platform: str = "neuron", overrides: Sequence[s
             f"model.name_or_path={model_dir}",
             f"dataset.files=[{bundled_dataset_path()}]",
             f"model.platform={platform}",
-            *overrides,
         ],
     )
+    if platform != XLA_PLATFORM:
+        cfg = dataclasses.replace(cfg, neuron=NeuronSection())
+    cfg = with_overrides(cfg, [*PLATFORM_OVERRIDES.get(platform, ()), *overrides])
     run_yaml = root / "run.yaml"
     run_yaml.write_text("# Written by `trnft smoke`; every stage reads it.\n" + dump_config(cfg))
     return run_yaml

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a trnft image and push it to ECR; print the image URI to put in cluster.image.
 #
-#   containers/build-and-push.sh {neuron|gpu} --region REGION [--repository NAME] [--tag EXTRA_TAG]
+#   containers/build-and-push.sh {neuron|neuron-native|gpu} --region REGION [--repository NAME] [--tag EXTRA_TAG]
 #                                [--account ID] [--platform linux/amd64] [--allow-dirty] [--dry-run]
 #
 # Steps: ensure the ECR repository exists (created with scan on push if missing), docker login with an
@@ -21,9 +21,9 @@ die() { echo "build-and-push: $*" >&2; exit 1; }
 
 kind="${1:-}"
 case "$kind" in
-    neuron|gpu) shift ;;
+    neuron|neuron-native|gpu) shift ;;
     -h|--help) usage; exit 0 ;;
-    *) usage >&2; die "first argument must be neuron or gpu, got '${kind}'" ;;
+    *) usage >&2; die "first argument must be neuron, neuron-native or gpu, got '${kind}'" ;;
 esac
 
 region="${AWS_REGION:-${AWS_DEFAULT_REGION:-}}"

@@ -1,4 +1,4 @@
-"""trnft.gpu: the GPU path: FSDP2 and tensor parallelism over torch.distributed (NCCL on GPUs, gloo on CPU).
+"""trnft.gpu: the GPU platform: the FSDP2 trainer on Lightning (trnft.common.fsdp) on CUDA with NCCL (gloo on CPU).
 
 flash_attn and vllm are imported lazily inside the functions that need them.
 """

@@ -17,6 +17,7 @@ class GpuBackend(StageModules):
     config_section: str = "gpu"
     runtime_only_keys: tuple[str, ...] = ()
     compiles_graphs: bool = False
+    accelerator: str = "gpu"
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
         return cfg.gpu.tp, 1  # FSDP2 shards over the data-parallel ranks; no pipeline parallelism
@@ -34,12 +35,12 @@ class GpuBackend(StageModules):
         return []
 
     def owns_checkpoint(self, path: Path) -> bool:
-        from trnft.gpu.consolidate import holds_gpu_checkpoints
+        from trnft.common.fsdp.consolidate import holds_gpu_checkpoints
 
         return holds_gpu_checkpoints(path)
 
     def consolidate_standalone(self, args: Any, log: Any) -> int:
-        from trnft.gpu.consolidate import standalone
+        from trnft.common.fsdp.consolidate import standalone
 
         return standalone(args, log)
 

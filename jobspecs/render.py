@@ -6,16 +6,16 @@ runs ``trnft <stage> --config /config/run.yaml``; training runs the same under t
 
 Which template a stage uses on which platform:
 
-=========== ======================== ======================================================
-stage       neuron                   gpu
-=========== ======================== ======================================================
-tokenize    Job (CPU)                Job (CPU)
-compile     PyTorchJob (Trainium)    Job (CPU): an explicit no-op that writes its manifest
-train       PyTorchJob (Trainium)    PyTorchJob (GPU, FSDP2 under torchrun)
-consolidate Job (CPU)                Job (CPU)
-merge       Job (CPU)                Job (CPU)
+=========== ======================== ================================================ ==========================================
+stage       neuron                   gpu                                              neuron-native
+=========== ======================== ================================================ ==========================================
+tokenize    Job (CPU)                Job (CPU)                                        Job (CPU)
+compile     PyTorchJob (Trainium)    Job (CPU): an explicit no-op                     PyTorchJob (Trainium, trial run, torchrun)
+train       PyTorchJob (Trainium)    PyTorchJob (GPU, FSDP2 under torchrun)           PyTorchJob (Trainium, FSDP2 under torchrun)
+consolidate Job (CPU)                Job (CPU)                                        Job (CPU)
+merge       Job (CPU)                Job (CPU)                                        Job (CPU)
 evaluate    Job (GPU if cluster.eval_instance_type, else CPU)
-=========== ======================== ======================================================
+=========== ======================== ================================================ ==========================================
 
 Instance facts come from ``common/cluster/instances.yaml``; processes, world size and TP x PP x DP are derived
 and checked (:func:`trnft.common.instances.training_layout`) before anything is rendered. The Hugging
@@ -69,7 +69,16 @@ TEMPLATES = {
     ("gpu", "consolidate"): "job.yaml.j2",
     ("gpu", "merge"): "job.yaml.j2",
     ("gpu", "evaluate"): "job.yaml.j2",
+    ("neuron-native", "tokenize"): "job.yaml.j2",
+    ("neuron-native", "compile"): "pytorchjob.yaml.j2",
+    ("neuron-native", "train"): "pytorchjob.yaml.j2",
+    ("neuron-native", "consolidate"): "job.yaml.j2",
+    ("neuron-native", "merge"): "job.yaml.j2",
+    ("neuron-native", "evaluate"): "job.yaml.j2",
 }
+# Platforms whose compile stage is the train job's torchrun itself running `trnft compile` (a trial run that
+# fills a just-in-time compile cache), rather than a command that starts its own processes.
+COMPILE_UNDER_TORCHRUN = ("neuron-native",)
 # Stages that read only the run directory (and the model cache filled by earlier stages).
 OFFLINE_STAGES = ("consolidate", "merge", "evaluate")
 
@@ -372,15 +381,20 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
     multi_node = layout.nodes > 1
     efa = inst.efa if multi_node else 0
     placement = Placement(
-        kind=cfg.model.platform, instance=inst, devices=inst.neuron_devices or inst.gpus, efa=efa
+        kind=inst.accelerator, instance=inst, devices=inst.neuron_devices or inst.gpus, efa=efa
     )
     name = job_name(cfg, stage)
     env = backend.of(cfg).launch_env(cfg, inst, layout)
     if efa:
         env.update(launch.efa_env())
-    if stage == "train":
+    if stage == "train" or cfg.model.platform in COMPILE_UNDER_TORCHRUN:
         # The operator injects MASTER_ADDR/MASTER_PORT; kubelet expands $(VAR) in the command.
-        command = launch.torchrun_argv(layout, rdzv_endpoint="$(MASTER_ADDR):$(MASTER_PORT)", rdzv_id=name)
+        command = launch.torchrun_argv(
+            layout,
+            rdzv_endpoint="$(MASTER_ADDR):$(MASTER_PORT)",
+            rdzv_id=name,
+            entry=("trnft.common.cli", stage),
+        )
     else:
         # `trnft compile` wraps the same torchrun command in neuron_parallel_compile (trnft.neuron.compile).
         command = _stage_command(stage)

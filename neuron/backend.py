@@ -74,6 +74,7 @@ class NeuronBackend(StageModules):
     config_section: str = "neuron"
     runtime_only_keys: tuple[str, ...] = ("parallel_compile_workers",)
     compiles_graphs: bool = True
+    accelerator: str = "neuron"
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
         return cfg.neuron.tp, cfg.neuron.pp

@@ -13,7 +13,6 @@ of an interrupted save are removed and reported, and the newest ``train.keep_che
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +22,9 @@ from typing import Any, ClassVar
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.training.data import TokenizeOutput
+from trnft.common.training.policy import Cadence, TrainFigures, on_recompile, refuse_non_finite
 from trnft.neuron import launch
 from trnft.neuron.backend import device, preflight_or_fail
 
@@ -63,31 +62,15 @@ def _body(ctx: StageContext) -> StageOutcome:
 
 
 @dataclass(frozen=True)
-class XlaTrainFigures(Figures):
+class XlaTrainFigures(TrainFigures):
     """The CPU-XLA rehearsal's training figures."""
 
     KIND: ClassVar[str] = "train/cpu-xla"
 
-    steps_this_run: int
-    resumed_from: str | None
-    start_step: int
-    end_step: int
-    first_loss: float | None
-    final_loss: float | None
-    losses: list[float]
-    tokens_per_second: float | None
     xla_compiles_first_step: int
     xla_compiles_after_first_step: int
     persistent_cache: dict[str, int]
     compile_stage_ran: bool
-    checkpoints_saved: list[str]
-    final_checkpoint: str
-
-    def summary(self) -> str:
-        text = f"{self.end_step} steps"
-        if self.losses:
-            text += f", loss {self.losses[0]:.3f} -> {self.losses[-1]:.3f}"
-        return text + f", {self.final_checkpoint}"
 
 
 @dataclass
@@ -133,15 +116,9 @@ def _cpu_step(ctx: StageContext, trainer: Any, tokenized: TokenizeOutput, run: _
     """One optimizer step: train, watch for recompilation, log, save on schedule, record progress."""
     cfg, log = ctx.cfg, ctx.log
     end = cfg.train.max_steps
+    cadence = Cadence.of(cfg.train)
     record = trainer.train_step()
-    if not (math.isfinite(record.loss) and math.isfinite(record.grad_norm)):
-        what, value = (
-            ("loss", record.loss) if not math.isfinite(record.loss) else ("gradient norm", record.grad_norm)
-        )
-        raise TrnftError(
-            f"train: step {record.step} has a non-finite {what} ({value}); stopped, no checkpoint of it is "
-            "saved. Lower train.learning_rate or check the data"
-        )
+    refuse_non_finite(record.step, record.loss, record.grad_norm)
     checkpoints.fault_point("step", record.step)
     if run.first_step_compiles is None:
         run.first_step_compiles = record.compiles - run.compiles_at_start
@@ -149,10 +126,10 @@ def _cpu_step(ctx: StageContext, trainer: Any, tokenized: TokenizeOutput, run: _
         new = record.compiles - run.compiles_at_start - run.first_step_compiles - run.late_compiles
         if new > 0:
             run.late_compiles += new
-            _on_recompile(cfg, run.compiled_with_stage, record.step, new, log)
+            on_recompile(cfg, run.compiled_with_stage, record.step, new, log)
         run.tokens += record.tokens
         run.seconds += record.seconds
-    if record.step % cfg.train.logging_steps == 0 or record.step in (run.start + 1, end):
+    if cadence.logs(record.step, run.start + 1):
         log(
             f"train: step {record.step}/{end} loss {record.loss:.4f} lr {record.lr:.2e} "
             f"grad_norm {record.grad_norm:.3f} tokens/s {run.rate():,.0f} "
@@ -164,7 +141,7 @@ def _cpu_step(ctx: StageContext, trainer: Any, tokenized: TokenizeOutput, run: _
         writer.add_scalar("train/grad_norm", record.grad_norm, record.step)
         if run.seconds:
             writer.add_scalar("train/tokens_per_second", run.rate(), record.step)
-    if record.step % cfg.train.save_steps == 0 or record.step == end:
+    if cadence.saves(record.step):
         path = trainer.save(ctx.out_dir, ctx.fingerprint, tokenized.tokenizer_dir)
         run.saved.append(path.name)
         checkpoints.prune(ctx.out_dir, cfg.train.keep_checkpoints, log)
@@ -204,21 +181,6 @@ def _cpu_report(ctx: StageContext, trainer: Any, resume: Path | None, run: _CpuR
         "global_batch": trainer.global_batch,
     }
     return StageOutcome(summary=figures.summary(), figures=figures, layout=layout)
-
-
-def _on_recompile(
-    cfg: RunConfig, compiled_with_stage: bool, step: int, count: int, log: Callable[[str], None]
-) -> None:
-    message = (
-        f"train: {count} XLA graph(s) compiled at step {step}, after the first step; shapes or graph structure "
-        "changed between steps"
-    )
-    if not compiled_with_stage or cfg.train.on_recompile == "ignore":
-        log(message)
-        return
-    if cfg.train.on_recompile == "fail":
-        raise TrnftError(f"{message} (train.on_recompile=fail)")
-    log(f"warning: {message}")
 
 
 def _tensorboard(train_dir: Path) -> Any:

@@ -25,7 +25,6 @@ optimum-neuron 0.4.5 facts this relies on are pinned in ``tests/neuron/test_opti
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -319,7 +318,8 @@ def trainer_class() -> type:
     from neuronx_distributed.parallel_layers import parallel_state
     from optimum.neuron import NeuronTrainer
 
-    from trnft.common.training.optim import lr_at, wants_decay
+    from trnft.common.training.optim import wants_decay
+    from trnft.common.training.policy import lr_factor, refuse_non_finite
 
     class _TrnftNeuronTrainer(NeuronTrainer):
         def __init__(self, *args: Any, trnft: _RunPlan, **kwargs: Any) -> None:
@@ -346,7 +346,7 @@ def trainer_class() -> type:
                 train, start = self.trnft.cfg.train, self.trnft.start_step
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                     optimizer if optimizer is not None else self.optimizer,
-                    lambda s: lr_at(start + s, train) / train.learning_rate,
+                    lambda s: lr_factor(start + s, train),
                 )
             return self.lr_scheduler
 
@@ -369,13 +369,7 @@ def trainer_class() -> type:
         def log(self, logs: dict[str, float], *args: Any) -> None:
             """Stop at the first logged non-finite loss or gradient norm (every rank logs the same reduced
             values, so every rank stops), before any checkpoint of that state is written."""
-            for key, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
-                value = logs.get(key)
-                if value is not None and not math.isfinite(float(value)):
-                    raise TrnftError(
-                        f"train: step {self.state.global_step} has a non-finite {what} ({value}); stopped, no "
-                        "checkpoint of it is saved. Lower train.learning_rate or check the data"
-                    )
+            refuse_non_finite(self.state.global_step, logs.get("loss"), logs.get("grad_norm"))
             super().log(logs, *args)
 
         # Checkpoints ------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from trnft.common.training.data import (
     summed_token_loss,
 )
 from trnft.common.training.lora import ADAPTER, apply_lora, tie_lora_a
-from trnft.common.training.optim import global_batch, lr_at, wants_decay
+from trnft.common.training.optim import global_batch, wants_decay
+from trnft.common.training.policy import lr_of
 from trnft.neuron import nxd_format
 from trnft.neuron.parallel_layout import (
     ModelDims,
@@ -341,7 +342,7 @@ class XlaTrainer:
         idx = batch_indices(step, self.global_batch, len(self.split), train.seed)
         tokens = int((np.asarray(self.split.segment_ids[idx]) != 0).sum())
         supervised = max(1, self.split.supervised_tokens(idx))
-        lr = lr_at(step, train)
+        lr = lr_of(step, train)
         bc1 = 1.0 - train.adam_beta1 ** (step + 1)
         bc2 = 1.0 - train.adam_beta2 ** (step + 1)
         # One transfer of everything that changes per step (scalars 0 and 1 would be folded into constants).

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Run, smoke_raw, write_config
+from helpers import Run, set_platform, smoke_raw, write_config
 
 
 def _has_cuda() -> bool:
@@ -82,7 +82,7 @@ def make_run(tmp_path, tiny_llama, tokenized):
         root.mkdir()
         raw = smoke_raw(root, model or tiny_llama, **sections)
         if platform:
-            raw["model"]["platform"] = platform
+            set_platform(raw, platform)
         if model is None:
             shutil.copytree(tokenized, root / "tokenize")
         return Run(root, raw)

@@ -43,6 +43,21 @@ def smoke_raw(root: Path, model_dir: Path, **sections) -> dict:
     return raw
 
 
+# What each platform needs on top of the smoke config (as `trnft smoke --platform` does it): neuron-native
+# takes a trn2/trn3 instance type and none of the XLA path's neuron.* settings.
+PLATFORM_SECTIONS = {"neuron-native": {"cluster": {"instance_type": "trn2.48xlarge"}}}
+
+
+def set_platform(raw: dict, platform: str) -> dict:
+    """Point a raw smoke config at ``platform``."""
+    raw["model"]["platform"] = platform
+    if platform != "neuron":
+        raw.pop("neuron", None)
+    for section, values in PLATFORM_SECTIONS.get(platform, {}).items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

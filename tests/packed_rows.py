@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trnft.common.fsdp.trainer import forward_logits
 from trnft.common.training.data import TokenizeOutput
-from trnft.gpu.train import forward_logits
 
 
 def segments(segment_ids: np.ndarray) -> list[tuple[int, int]]:

@@ -1,11 +1,12 @@
 """The dependency order of the packages, checked over the import graph of the source.
 
-    common  <-  platforms (neuron, gpu)  <-  jobspecs and the CLI
+    common  <-  platforms (neuron, neuron.native, gpu)  <-  jobspecs and the CLI
 
 - nothing in ``trnft.common`` imports a platform or ``trnft.jobspecs``, at module level or inside a function,
   except the CLI (``common/cli.py``, the top of the graph) and the backend registry (which names the platforms'
   backend modules as strings and imports them on first use);
-- a platform never imports the other platform or ``trnft.jobspecs``.
+- a platform never imports the other platform or ``trnft.jobspecs``; ``trnft.neuron.native`` (the
+  neuron-native platform) may use the Neuron package's shared helpers, the XLA path never imports it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PACKAGES = {
     "jobspecs": "trnft.jobspecs",
 }
 PLATFORMS = ("trnft.neuron", "trnft.gpu")
+NATIVE = "trnft.neuron.native"
 # Modules of common allowed to reach up the graph, and why.
 COMMON_TOP = {"trnft.common.cli": "the command line sits above every package"}
 
@@ -84,10 +86,27 @@ def test_a_platform_imports_neither_the_other_platform_nor_jobspecs(module):
     assert wrong == [], f"{module} imports {wrong}"
 
 
+@pytest.mark.parametrize(
+    "module", [m for m in MODULES if _under(m, "trnft.neuron") and not _under(m, NATIVE)]
+)
+def test_the_xla_path_does_not_import_the_native_platform(module):
+    wrong = [name for name in _imports(MODULES[module], module) if _under(name, NATIVE)]
+    assert wrong == [], f"{module} imports {wrong}"
+
+
+def test_both_fsdp2_platforms_train_through_the_shared_trainer():
+    """gpu and neuron-native own no training loop: their train stage hands a device to trnft.common.fsdp."""
+    for module in ("trnft.gpu.train", f"{NATIVE}.train"):
+        assert "trnft.common.fsdp.trainer" in _imports(MODULES[module], module) or "trnft.common.fsdp" in [
+            n.rsplit(".", 1)[0] for n in _imports(MODULES[module], module)
+        ]
+        assert "def training_step" not in MODULES[module].read_text()
+
+
 def test_the_registry_is_the_only_place_that_names_a_platform_module():
     from trnft.common.pipeline import backend
 
-    assert set(backend.REGISTRY) == {"neuron", "gpu"}
+    assert set(backend.REGISTRY) == {"neuron", "gpu", "neuron-native"}
     for module, path in MODULES.items():
         if module == "trnft.common.pipeline.backend" or not _under(module, "trnft.common"):
             continue

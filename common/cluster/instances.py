@@ -17,6 +17,9 @@ from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError
 from trnft.common.pipeline import backend
 
+# Targets whose NeuronCores the runtime groups by the logical NeuronCore config (LNC): Trainium 2 and 3.
+LNC_TARGETS = ("trn2", "trn3")
+
 
 @dataclass(frozen=True)
 class InstanceType:
@@ -37,7 +40,7 @@ class InstanceType:
         """Processes per node: one per (logical) NeuronCore, or one per GPU."""
         if self.accelerator == "gpu":
             return self.gpus
-        lnc = logical_nc_config if self.target == "trn2" else 1
+        lnc = logical_nc_config if self.target in LNC_TARGETS else 1
         return self.neuron_cores // lnc
 
 
@@ -79,22 +82,23 @@ def _divisors(n: int) -> list[int]:
 def training_layout(cfg: RunConfig) -> Layout:
     """The layout of the train/compile stages on the cluster, or a ConfigError naming the bad key."""
     inst = instance(cfg.cluster.instance_type)
-    if inst.accelerator != cfg.model.platform:
+    platform = backend.of(cfg)
+    platform.check_config(cfg)
+    if inst.accelerator != platform.accelerator:
         raise ConfigError(
             f"cluster.instance_type: {inst.name} is a {inst.accelerator} instance but model.platform is "
-            f"{cfg.model.platform}; choose a {cfg.model.platform} instance type"
+            f"{cfg.model.platform}; choose a {platform.accelerator} instance type"
         )
     nodes = cfg.cluster.num_nodes
     per_node = inst.ranks_per_node(cfg.neuron.logical_nc_config)
     world = nodes * per_node
-    platform = backend.of(cfg)
     tp, pp = platform.model_parallel(cfg)
     if (tp, pp) == (1, 1):
         return Layout(nodes=nodes, nproc_per_node=per_node, world=world, tp=1, pp=1, dp=world)
     if inst.accelerator == "gpu":
         unit = "GPUs"
     else:
-        unit = "logical NeuronCores" if inst.target == "trn2" else "NeuronCores"
+        unit = "logical NeuronCores" if inst.target in LNC_TARGETS else "NeuronCores"
     if per_node % tp:
         choices = ", ".join(str(d) for d in _divisors(per_node))
         raise ConfigError(

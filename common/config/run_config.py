@@ -81,8 +81,11 @@ class ModelSection:
     tokenizer: str | None = opt(
         None, "Tokenizer hub id or folder; defaults to the model.", kind="path_or_hub"
     )
-    platform: Literal["neuron", "gpu"] = opt(
-        "neuron", "Which training path: neuron (Trainium, or torch-xla on CPU) or gpu (FSDP2 + TP)."
+    platform: Literal["neuron", "gpu", "neuron-native"] = opt(
+        "neuron",
+        "Which training path: neuron (trn1: PyTorch/XLA through optimum-neuron, or torch-xla on CPU), gpu "
+        "(FSDP2 + TP on Lightning) or neuron-native (trn2/trn3: the same FSDP2 trainer on native PyTorch "
+        "for Neuron; on CPU without a Neuron device).",
     )
     dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "Dtype the base weights are loaded in.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit).")
@@ -259,7 +262,7 @@ class NeuronSection:
 
 @dataclass(**_CFG)
 class GpuSection:
-    """GPU path: FSDP2 sharding and tensor parallelism over torch.distributed, and kernels."""
+    """The FSDP2 trainer (platforms gpu and neuron-native): sharding, tensor parallelism, kernels."""
 
     tp: int = opt(
         1, "Tensor-parallel degree (DTensor on the decoder layers); data parallel = processes / tp.", ge=1
@@ -281,6 +284,11 @@ class GpuSection:
         "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
     )
     wandb: bool = opt(False, "Also log to Weights & Biases.")
+    compile: bool = opt(
+        False,
+        "torch.compile each decoder block with the device's compile backend (inductor on CUDA, neuron on "
+        "native Neuron); the CPU runs eager.",
+    )
 
 
 @dataclass(**_CFG)

@@ -1,6 +1,7 @@
 """One interface for the training platforms, and the one registry every caller goes through.
 
-A platform (``model.platform``: ``neuron`` for Trainium/XLA, ``gpu`` for FSDP2 on GPUs) owns three stages
+A platform (``model.platform``: ``neuron`` for Trainium 1 on PyTorch/XLA, ``gpu`` for the FSDP2 trainer on
+GPUs, ``neuron-native`` for the same FSDP2 trainer on Trainium 2/3 through native PyTorch) owns three stages
 (compile, train, consolidate), the environment its training processes are launched with, and the
 checkpoints it writes. Everything else (tokenize, merge, evaluate, the run directory, the config) is
 shared and lives in ``trnft.common``.
@@ -30,6 +31,7 @@ PLATFORM_STAGES = ("compile", "train", "consolidate")
 REGISTRY: dict[str, str] = {
     "neuron": "trnft.neuron.backend",
     "gpu": "trnft.gpu.backend",
+    "neuron-native": "trnft.neuron.native.backend",
 }
 
 Log = Callable[[str], None]
@@ -45,6 +47,11 @@ class Backend(Protocol):
     runtime_only_keys: tuple[str, ...]
     # True when the compile stage does work on the accelerator (a PyTorchJob); False for a no-op Job.
     compiles_graphs: bool
+    # The instance table's accelerator kind this platform trains on ("neuron" or "gpu").
+    accelerator: str
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Refuse settings this platform cannot honour (ConfigError, one line), before any stage runs."""
 
     def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Log) -> Any:
         """Run one of :data:`PLATFORM_STAGES`; returns its StageResult (None where a process has no output)."""
@@ -71,6 +78,9 @@ class StageModules:
     (``<package>.compile``, ``<package>.train``, ``<package>.consolidate``), imported on first use."""
 
     package: str
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Nothing to refuse beyond the config's own validation (platforms override)."""
 
     def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Log) -> Any:
         if stage not in PLATFORM_STAGES:

@@ -43,7 +43,7 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["neuron", "gpu"])
+@pytest.mark.parametrize("kind", ["neuron", "neuron-native", "gpu"])
 def test_dockerfile_parses_and_every_copy_source_exists(kind):
     steps = instructions(CONTAINERS / f"Dockerfile.{kind}")
     names = [s[0] for s in steps]
@@ -318,7 +318,7 @@ def test_dockerignore_keeps_the_context_small_and_every_copy_source_in():
     ]
     for heavy in (".git", ".venv", "tests"):
         assert heavy in patterns
-    for kind in ("neuron", "gpu"):
+    for kind in ("neuron", "neuron-native", "gpu"):
         for word, args in instructions(CONTAINERS / f"Dockerfile.{kind}"):
             if word != "COPY":
                 continue
@@ -329,7 +329,10 @@ def test_dockerignore_keeps_the_context_small_and_every_copy_source_in():
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["tpu"], "first argument must be neuron or gpu"), (["neuron", "--bogus"], "unknown option --bogus")],
+    [
+        (["tpu"], "first argument must be neuron, neuron-native or gpu"),
+        (["neuron", "--bogus"], "unknown option --bogus"),
+    ],
 )
 def test_bad_arguments(args, message):
     proc = subprocess.run([str(CONTAINERS / "build-and-push.sh"), *args], capture_output=True, text=True)

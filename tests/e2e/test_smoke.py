@@ -9,13 +9,13 @@ import sys
 import pytest
 
 from trnft.common.evaluate import EvaluateFigures
-from trnft.gpu.train import GpuTrainFigures
+from trnft.common.fsdp.trainer import ShardedTrainFigures
 from trnft.neuron.train import XlaTrainFigures
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("platform", ["neuron", "gpu"])
+@pytest.mark.parametrize("platform", ["neuron", "gpu", "neuron-native"])
 def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, platform):
     root = tmp_path / f"smoke-{platform}"
     cmd = [sys.executable, "-m", "trnft.common.cli", "smoke", "--root", str(root), "--platform", platform]
@@ -25,7 +25,7 @@ def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, pla
         manifest = json.loads((root / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["platform"] == platform
     assert "not built yet" not in proc.stdout
-    figures = XlaTrainFigures if platform == "neuron" else GpuTrainFigures
+    figures = XlaTrainFigures if platform == "neuron" else ShardedTrainFigures
     train = figures.of(json.loads((root / "train" / "manifest.json").read_text()))
     assert train.final_loss < 1.0 < train.first_loss
     metrics = EvaluateFigures.of(json.loads((root / "evaluate" / "manifest.json").read_text()))

@@ -14,7 +14,7 @@ import pytest
 from helpers import SHARDED_TRAIN, ok
 from packed_rows import check_every_sample_alone, two_packed_rows
 
-from trnft.gpu.train import GpuTrainFigures
+from trnft.common.fsdp.trainer import ShardedTrainFigures
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +33,7 @@ def test_fp32_training_on_cuda_equals_training_on_the_cpu(make_run):
     for name, env in (("cuda", None), ("cpu", ON_CPU)):
         runs[name] = _run(make_run, bf16=False)
         ok(runs[name].stage("train", env=env))
-    cuda, cpu = (runs[n].figures("train", GpuTrainFigures) for n in ("cuda", "cpu"))
+    cuda, cpu = (runs[n].figures("train", ShardedTrainFigures) for n in ("cuda", "cpu"))
     assert (cuda.backend, cpu.backend) == ("fsdp2-cuda", "fsdp2-cpu")
     np.testing.assert_allclose(cuda.losses, cpu.losses, rtol=1e-3)
     np.testing.assert_allclose([v.loss for v in cuda.validation], [v.loss for v in cpu.validation], rtol=1e-3)
@@ -50,7 +50,7 @@ def test_bf16_training_on_cuda_resumes_after_sigkill_like_the_uninterrupted_run(
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
     resumed = ok(broken.stage("train"))
     assert "resuming checkpoint-3 at step 3" in resumed.stdout
-    a, b = whole.figures("train", GpuTrainFigures), broken.figures("train", GpuTrainFigures)
+    a, b = whole.figures("train", ShardedTrainFigures), broken.figures("train", ShardedTrainFigures)
     assert a.backend == "fsdp2-cuda" and b.start_step == 3
     # CUDA's attention backward may sum in another order from run to run: equal to bf16 rounding.
     np.testing.assert_allclose(b.losses, a.losses, rtol=1e-2)

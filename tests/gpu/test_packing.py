@@ -10,7 +10,7 @@ import pytest
 import torch
 from packed_rows import check_every_sample_alone, segments, two_packed_rows
 
-from trnft.gpu.train import forward_logits
+from trnft.common.fsdp.trainer import forward_logits
 
 
 # sdpa picks another CPU kernel with a mask than without one: rounding, not leakage (a leak moves logits by > 1).

@@ -17,9 +17,9 @@ from helpers import SHARDED_TRAIN, ok, step_batch_loss
 from safetensors.torch import load_file
 
 from trnft.common import cli
+from trnft.common.fsdp import checkpoint as gpu_checkpoint
+from trnft.common.fsdp.trainer import ShardedTrainFigures
 from trnft.common.training.data import TokenizeOutput
-from trnft.gpu import checkpoint as gpu_checkpoint
-from trnft.gpu.train import GpuTrainFigures
 from trnft.neuron.train import XlaTrainFigures
 
 SHORT = {"max_steps": 12, "save_steps": 4, "logging_steps": 4, "warmup_steps": 2}
@@ -53,7 +53,7 @@ def _consolidated(run, step, out):
 def test_lora_training_lowers_the_loss_and_saves_adapter_only_sharded_checkpoints(make_run):
     run = _gpu_run(make_run, train={"max_steps": 40, "save_steps": 20, "logging_steps": 20})
     ok(run.stage("train"))
-    fig = run.figures("train", GpuTrainFigures)
+    fig = run.figures("train", ShardedTrainFigures)
     assert len(fig.losses) == 40 and fig.backend == "fsdp2-cpu" and (fig.dp, fig.tp) == (1, 1)
     assert np.mean(fig.losses[-5:]) < 0.8 * np.mean(fig.losses[:5]), (fig.losses[:5], fig.losses[-5:])
     assert sorted(p.name for p in (run.root / "train").glob("checkpoint-*")) == [
@@ -101,7 +101,7 @@ def test_converted_adapter_is_a_peft_adapter_and_the_merged_model_is_the_trained
     loss = step_batch_loss(
         AutoModelForCausalLM.from_pretrained(merged), split, 8, 4, run.raw["train"]["seed"]
     )
-    np.testing.assert_allclose(loss, run.figures("train", GpuTrainFigures).losses[8], rtol=2e-4)
+    np.testing.assert_allclose(loss, run.figures("train", ShardedTrainFigures).losses[8], rtol=2e-4)
 
 
 def test_full_fine_tuning_converts_to_hf_safetensors_in_the_base_dtype(make_run):
@@ -125,7 +125,7 @@ def test_full_fine_tuning_converts_to_hf_safetensors_in_the_base_dtype(make_run)
     assert model.dtype == torch.float32  # the smoke config's model.dtype
     split = TokenizeOutput(run.root / "tokenize").split("train")
     loss = step_batch_loss(model, split, 4, 4, run.raw["train"]["seed"])
-    np.testing.assert_allclose(loss, run.figures("train", GpuTrainFigures).losses[4], rtol=2e-4)
+    np.testing.assert_allclose(loss, run.figures("train", ShardedTrainFigures).losses[4], rtol=2e-4)
 
 
 @pytest.mark.slow  # two trainers, two merges
@@ -138,7 +138,7 @@ def test_first_step_loss_matches_the_neuron_cpu_xla_trainer_and_both_adapters_me
     ok(neuron.stage("train"))
     ok(gpu.stage("train"))
     first_n = neuron.figures("train", XlaTrainFigures).losses[0]
-    first_g = gpu.figures("train", GpuTrainFigures).losses[0]
+    first_g = gpu.figures("train", ShardedTrainFigures).losses[0]
     assert abs(first_n - first_g) < 1e-4, (first_n, first_g)
     logits = []
     for run in (neuron, gpu):
@@ -168,7 +168,7 @@ def test_validation_early_stopping_and_tensorboard(make_run):
                "learning_rate": 1e-30, "min_lr": 1e-30, "warmup_steps": 0},
     )  # fmt: skip
     ok(run.stage("train"))
-    fig = run.figures("train", GpuTrainFigures)
+    fig = run.figures("train", ShardedTrainFigures)
     assert fig.stopped_early and fig.end_step == 4
     assert [v.step for v in fig.validation] == [2, 4]
     assert fig.validation[1].loss == fig.validation[0].loss
@@ -238,7 +238,7 @@ def two_ranks(one_process):
 def test_two_ranks_train_exactly_like_one_process(one_process, two_ranks):
     """Weight decay on, uneven validation, micro-batch 2, packed rows: the same losses within 1e-4."""
     single, make = one_process
-    a, b = single.figures("train", GpuTrainFigures), two_ranks.figures("train", GpuTrainFigures)
+    a, b = single.figures("train", ShardedTrainFigures), two_ranks.figures("train", ShardedTrainFigures)
     assert (b.dp, b.tp, a.dp) == (2, 1, 1) and two_ranks.manifest("train")["layout"]["world"] == 2
     np.testing.assert_allclose(b.losses, a.losses, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(b.grad_norms, a.grad_norms, rtol=1e-4, atol=1e-4)
@@ -248,7 +248,7 @@ def test_two_ranks_train_exactly_like_one_process(one_process, two_ranks):
     # and the decay is real: without it the same run trains differently
     no_decay = make("nodecay", train={**SHARDED, "gradient_accumulation_steps": 2, "weight_decay": 0.0})
     ok(no_decay.stage("train"))
-    assert abs(no_decay.figures("train", GpuTrainFigures).losses[-1] - a.losses[-1]) > 1e-3
+    assert abs(no_decay.figures("train", ShardedTrainFigures).losses[-1] - a.losses[-1]) > 1e-3
 
 
 def test_a_two_rank_checkpoint_consolidates_to_the_one_process_adapter(one_process, two_ranks, tmp_path):
@@ -271,7 +271,7 @@ def test_two_rank_resume_after_sigkill_equals_the_uninterrupted_run(one_process,
     assert killed.returncode == 137  # the SIGKILLed rank, as a retryable exit
     resumed = ok(broken.stage("train"))
     assert "resuming checkpoint-3 at step 3" in resumed.stdout
-    a, b = two_ranks.figures("train", GpuTrainFigures), broken.figures("train", GpuTrainFigures)
+    a, b = two_ranks.figures("train", ShardedTrainFigures), broken.figures("train", ShardedTrainFigures)
     assert b.start_step == 3 and b.losses == a.losses
     ta, tb = _adapter(two_ranks, 6), _adapter(broken, 6)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -291,7 +291,7 @@ def test_tensor_parallel_two_ranks_train_like_one_process(one_process, tmp_path,
     single, make = one_process
     tp = make("tp2", train={**SHARDED, "gradient_accumulation_steps": 2}, gpu={"devices": 2, "tp": 2})
     ok(tp.stage("train"))
-    a, b = single.figures("train", GpuTrainFigures), tp.figures("train", GpuTrainFigures)
+    a, b = single.figures("train", ShardedTrainFigures), tp.figures("train", ShardedTrainFigures)
     assert (b.dp, b.tp) == (1, 2)
     np.testing.assert_allclose(b.losses, a.losses, rtol=1e-4, atol=1e-4)
     mine, theirs = _consolidated(tp, 6, tmp_path / "tp2"), _consolidated(single, 6, tmp_path / "one")
@@ -431,7 +431,7 @@ def test_fsdp2_and_tensor_parallel_on_two_cuda_devices(make_run, tmp_path):
     for name, gpu in (("dp", {"devices": 2}), ("tp", {"devices": 2, "tp": 2})):
         runs[name] = _gpu_run(make_run, train={**SHORT, "bf16": True, "micro_batch_size": 2}, gpu=gpu)
         ok(runs[name].stage("train"))
-    a, b = (runs[n].figures("train", GpuTrainFigures) for n in ("dp", "tp"))
+    a, b = (runs[n].figures("train", ShardedTrainFigures) for n in ("dp", "tp"))
     assert a.backend == "fsdp2-cuda" and a.losses[-1] < a.losses[0]
     np.testing.assert_allclose(a.losses, b.losses, rtol=2e-2)  # bf16 reductions differ by layout
     ok(runs["tp"].stage("consolidate"))

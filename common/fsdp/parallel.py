@@ -1,12 +1,12 @@
-"""How the GPU trainer spreads a model over its processes: one device mesh, tensor parallelism on the
+"""How the FSDP2 trainer (gpu and neuron-native platforms) spreads a model over its processes: one device mesh, tensor parallelism on the
 decoder layers, FSDP2 over the data-parallel ranks, and weights that reach each rank as its own shard.
 
 Only standard ``torch.distributed`` APIs (``DeviceMesh``, DTensor, ``fully_shard``, the distributed
-checkpoint), with the device type as a parameter: CUDA with NCCL on GPU nodes, the CPU with gloo in the
-tests, and a native-Neuron device the same way later.
+checkpoint), with the device type as a parameter: CUDA with NCCL on GPU nodes, native Neuron (device and
+backend ``neuron``) on Trainium 2/3, the CPU with gloo in the tests.
 
-- **Mesh**: ``world = dp x tp`` processes; a ``("dp", "tp")`` mesh when ``gpu.tp > 1``, else ``("dp",)``.
-  Ranks of one tensor-parallel group read the same batch.
+- **Mesh**: ``world = dp x tp`` processes on the ``(data_parallel, tensor_parallel)`` mesh Lightning's
+  ``ModelParallelStrategy`` builds. Ranks of one tensor-parallel group read the same batch.
 - **Tensor parallelism**: the decoder projections split as :mod:`trnft.common.training.tensor_parallel`
   says (q/k/v/gate/up column-parallel, o/down row-parallel, LoRA A/B following their base layer), as
   DTensor ``ColwiseParallel``/``RowwiseParallel``. Embeddings, norms and lm_head are not split.
@@ -23,11 +23,9 @@ tests, and a native-Neuron device the same way later.
 from __future__ import annotations
 
 import contextlib
-import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +40,6 @@ from trnft.common.training.tensor_parallel import DECODER_SPLITS, projection_kin
 # Path segments PEFT puts around the base model's modules: dropping them gives the Hugging Face name.
 PEFT_PREFIX = ("base_model", "model")
 PEFT_WRAPPER = "base_layer"
-# How long a collective may wait for its peers before the process fails (and Kubernetes retries it).
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,7 +48,11 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 @dataclass(frozen=True)
 class World:
-    """This process's place: device, ranks, and the (dp, tp) mesh."""
+    """This process's place: device, ranks, and the (data-parallel, tensor-parallel) mesh.
+
+    The mesh is the one Lightning's ``ModelParallelStrategy`` builds (dimensions ``data_parallel`` and
+    ``tensor_parallel``, the latter of size 1 without tensor parallelism).
+    """
 
     device: torch.device
     rank: int
@@ -66,7 +66,11 @@ class World:
 
     @property
     def dp_mesh(self) -> Any:
-        return self.mesh["dp"]
+        return self.mesh[DP_DIM]
+
+    @property
+    def tp_mesh(self) -> Any:
+        return self.mesh[TP_DIM]
 
     @property
     def dp_rank(self) -> int:
@@ -81,43 +85,22 @@ class World:
         return self.rank == 0
 
 
-def start_world(tp: int, device_type: str) -> World:
-    """Join the process group (torchrun's, or a one-process group) and build the mesh.
+# The mesh dimension names of Lightning's ModelParallelStrategy.
+DP_DIM = "data_parallel"
+TP_DIM = "tensor_parallel"
 
-    Raises:
-        ConfigError: the number of processes is not a multiple of ``gpu.tp``.
-    """
-    under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-    if device_type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        backend = "nccl"
-    else:
-        device = torch.device(device_type)
-        backend = "gloo"
-    if not dist.is_initialized():
-        if under_torchrun:
-            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    size = dist.get_world_size()
+
+def world_of(mesh: Any, device: torch.device) -> World:
+    """The :class:`World` of a process group Lightning has started, with its device mesh."""
+    return World(device, dist.get_rank(), dist.get_world_size(), mesh[TP_DIM].size(), mesh)
+
+
+def check_world(size: int, tp: int) -> None:
+    """Refuse a ``gpu.tp`` that does not divide the number of training processes."""
     if size % tp:
         raise ConfigError(
             f"gpu.tp: {tp} does not divide the {size} training processes; use a divisor of {size}"
         )
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if tp > 1:
-        mesh = init_device_mesh(device_type, (size // tp, tp), mesh_dim_names=("dp", "tp"))
-    else:
-        mesh = init_device_mesh(device_type, (size,), mesh_dim_names=("dp",))
-    return World(device, dist.get_rank(), size, tp, mesh)
-
-
-def stop_world() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,19 +210,26 @@ class ShardSettings:
     bf16: bool
     reshard_after_forward: bool
     cpu_offload: bool
+    compile_backend: str | None = None  # torch.compile each decoder block with this backend; None: eager
 
 
 def shard(model: Any, world: World, settings: ShardSettings) -> None:
-    """Tensor-parallelise the decoder layers, then FSDP2-shard each of them and the root over ``dp``."""
+    """Compile (when asked) and tensor-parallelise the decoder layers, then FSDP2-shard each of them and the
+    root over ``dp``."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     layers = decoder_layers(model)
+    if settings.compile_backend is not None:
+        # Per block, as torchtitan does: one graph per decoder-layer class, reused by every layer, and
+        # FSDP2's all-gathers stay outside the compiled region.
+        for layer in layers:
+            layer.compile(backend=settings.compile_backend)
     if settings.tp > 1:
         from torch.distributed.tensor.parallel import parallelize_module
 
         trainable = {n: p.requires_grad for n, p in model.named_parameters()}
         for layer in layers:
-            parallelize_module(layer, world.mesh["tp"], tensor_parallel_plan(layer))
+            parallelize_module(layer, world.tp_mesh, tensor_parallel_plan(layer))
         # parallelize_module makes new Parameters that require grad; frozen base weights stay frozen.
         for name, param in model.named_parameters():
             param.requires_grad_(trainable[name])

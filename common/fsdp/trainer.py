@@ -1,0 +1,796 @@
+"""Train stage of the FSDP2 + tensor-parallel trainer on Lightning (platforms ``gpu`` and ``neuron-native``).
+
+A ``LightningModule`` (:class:`ShardedCausalLM`) trained by ``lightning.Trainer`` with
+``ModelParallelStrategy``: FSDP2 ``fully_shard`` and DTensor tensor parallelism applied in
+``configure_model`` on the strategy's ``(data_parallel, tensor_parallel)`` mesh. The device, the
+process-group backend and the compile backend come from the platform's
+:class:`~trnft.common.fsdp.platform.DevicePlatform` (CUDA/NCCL, Neuron/``neuron``, CPU/gloo); the
+schedule, the non-finite refusal and the logging / validation / saving cadence from the one training
+policy (:class:`~trnft.common.training.lightning_policy.PolicyCallback`).
+
+Processes: ``gpu.devices`` per node (every device by default; on CPU, gloo processes). Under torchrun (the
+Kubernetes PyTorchJob) the world comes from its environment; outside it, ``trnft train`` starts the
+processes itself with torchrun's launcher. ``gpu.tp`` ranks form a tensor-parallel group and read the same
+batch; data parallelism takes the rest (:mod:`trnft.common.fsdp.parallel`).
+
+The training math is the Neuron path's:
+
+- the same batches: optimizer step ``s`` trains on :func:`~trnft.common.training.data.batch_indices` of
+  ``s``; micro-batch ``m`` of it is split into contiguous per-data-parallel-rank slices;
+- the same loss: summed token cross-entropy over the whole global batch divided by its supervised tokens
+  (gradients are summed over ranks, not averaged), with packed samples kept apart for every attention
+  implementation (:func:`forward_logits`);
+- the same optimizer: AdamW with :func:`~trnft.common.training.optim.decay_groups` on parameters that keep
+  their own shapes, the policy's warmup + cosine, clipping by the global gradient norm over every shard,
+  fp32 trainable weights and optimizer state. Lightning runs in manual optimization: the module does the
+  micro-batches of one optimizer step itself, so accumulation and the loss normalisation stay exact.
+
+Dropout of micro-batch ``m`` of step ``s`` is seeded from (seed, s, m), so neither the layout nor a
+resume changes what is drawn. Validation (``train.eval_steps``) runs ``train.eval_batches`` batches split
+over the data-parallel ranks; every rank runs the same number of forward passes (a rank with no batch
+left runs a discarded one), so sharded collectives never wait on a rank that stopped.
+
+Checkpoints (:mod:`trnft.common.fsdp.checkpoint`) are sharded and atomic; a restarted stage resumes from
+the newest complete one written with the same settings: weights, optimizer moments, step; the data
+position and dropout follow from the step. Lightning's own checkpointing is off: its files would appear
+before they are whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trnft.common.config.run_config import RunConfig, dump_config
+from trnft.common.errors import ConfigError, ProcessFailed, TrnftError
+from trnft.common.exits import exit_code_of_process
+from trnft.common.fsdp import checkpoint as ckpt
+from trnft.common.fsdp import parallel
+from trnft.common.fsdp.platform import DevicePlatform
+from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present, resolve_model_dir
+from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.training.data import (
+    IGNORE_INDEX,
+    TokenizedSplit,
+    TokenizeOutput,
+    batch_indices,
+    segment_allowed,
+    segment_attention_mask,
+    step_seed,
+    summed_token_loss,
+)
+from trnft.common.training.lightning_policy import PolicyCallback, RunRecord
+from trnft.common.training.lora import ADAPTER, apply_lora, check_targets
+from trnft.common.training.optim import decay_groups, global_batch
+from trnft.common.training.policy import TrainFigures
+
+# How long a collective may wait for its peers before the process fails (and Kubernetes retries it).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+# Lightning prints through its own "lightning" logger handler. Where torch_xla is installed (the XLA image,
+# a development environment), Lightning imports it and torch_xla's import configures the root logger, so
+# every Lightning line would print twice; Lightning's lines stay with Lightning's handler.
+logging.getLogger("lightning").propagate = False
+
+
+def run(
+    cfg: RunConfig,
+    platform: DevicePlatform,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    graph_counter: Callable[[], int] | None = None,
+) -> StageResult:
+    """The train stage: in this process (under torchrun, or one process), or in ``gpu.devices`` it starts.
+
+    Everything that can be refused (upstream, layout, batch, targets, vocabulary) is refused first, in one
+    line, before a process starts or a folder is made. ``graph_counter`` counts the graphs the device has
+    compiled (native Neuron's cache), for ``train.on_recompile``.
+    """
+    from trnft.common.pipeline.rundir import RunDir
+    from trnft.common.pipeline.stages import current_manifest, upstream_manifests
+
+    spec = SPECS["train"]
+    done = None if force else current_manifest(spec, cfg)
+    if done is not None:
+        log(
+            f"train: already complete ({done.get('finished_at')}, {done.get('summary', '')}); use --force to redo"
+        )
+        return StageResult(spec.name, True, done, RunDir(cfg.run.root).stage_dir(spec.name))
+    nproc = _processes_to_start(cfg, platform)
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else nproc
+    rundir = RunDir(cfg.run.root)
+    upstream_manifests(spec, cfg, rundir)
+    check(cfg, TokenizeOutput(rundir.stage_dir("tokenize")), world, platform)
+    if nproc > 1:
+        return _launch(cfg, nproc, platform, force=force, log=log)
+
+    def body(ctx: StageContext) -> StageOutcome:
+        return train(ctx, platform, graph_counter=graph_counter)
+
+    return run_stage(spec, cfg, body, force=force, log=log)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where training runs
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ
+
+
+def _processes_to_start(cfg: RunConfig, platform: DevicePlatform) -> int:
+    """How many processes ``trnft train`` must start itself (1: train in this one)."""
+    if under_torchrun():
+        return 1
+    available = platform.count_devices()
+    if platform.name != "cpu" and cfg.gpu.devices and cfg.gpu.devices > available:
+        raise ConfigError(
+            f"gpu.devices: {cfg.gpu.devices} but this machine has {available} {platform.name} devices"
+        )
+    default = available if platform.name != "cpu" else 1
+    return cfg.gpu.devices or default
+
+
+def _launch(
+    cfg: RunConfig, nproc: int, platform: DevicePlatform, *, force: bool, log: Callable[[str], None]
+) -> StageResult:
+    """Start ``nproc`` local processes with torchrun's launcher, each running this stage.
+
+    A failed process makes this one fail with its exit code (a signal as 128 + its number, as a shell
+    reports it), after the process's own error line.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from trnft.common.pipeline.rundir import RunDir
+
+    spec = SPECS["train"]
+    rundir = RunDir(cfg.run.root)
+    with tempfile.TemporaryDirectory(prefix="trnft-train-") as tmp:
+        config_path = Path(tmp) / "run.yaml"
+        config_path.write_text(dump_config(cfg))
+        argv = [
+            "-m",
+            "trnft.common.cli",
+            "train",
+            "--config",
+            str(config_path),
+            *(["--force"] if force else []),
+        ]
+        launch = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=f"trnft-{os.getpid()}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            max_restarts=0,
+            monitor_interval=1,
+        )
+        log(f"train: starting {nproc} {platform.name} processes (gpu.devices)")
+        try:
+            with _threads_per_process(nproc):
+                elastic_launch(launch, sys.executable)(*argv)
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            code = exit_code_of_process(failure.exitcode) or 1
+            raise ProcessFailed(
+                f"train: process {rank} of {nproc} exited with code {code}; its error is above", code
+            ) from exc
+    manifest = rundir.manifest(spec.name)
+    if manifest is None:
+        raise TrnftError(
+            f"train: the {nproc} processes ended without writing {rundir.stage_dir('train')}/manifest.json"
+        )
+    return StageResult(spec.name, False, manifest, rundir.stage_dir(spec.name))
+
+
+@contextlib.contextmanager
+def _threads_per_process(nproc: int) -> Iterator[None]:
+    """Split the CPU threads between the started processes (as torchrun does), unless the user chose."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+
+
+def attention_implementation(cfg: RunConfig, device: str) -> str:
+    """flash_attention_2 on CUDA when flash_attn is installed (auto), else sdpa; or what the config says."""
+    wanted = cfg.gpu.attn_implementation
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if wanted == "auto":
+        return "flash_attention_2" if device == "cuda" and has_flash else "sdpa"
+    if wanted == "flash_attention_2" and (device != "cuda" or not has_flash):
+        raise ConfigError(
+            "gpu.attn_implementation: flash_attention_2 needs CUDA and the flash_attn package; use auto or sdpa"
+        )
+    return wanted
+
+
+def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int, platform: DevicePlatform) -> Any:
+    """Refuse what cannot work before any weights load: layout, batch, targets, vocabulary, validation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if world % cfg.gpu.tp:
+        raise ConfigError(
+            f"gpu.tp: {cfg.gpu.tp} does not divide the {world} training processes; use a divisor of {world} "
+            "or set gpu.devices"
+        )
+    global_batch(cfg.train, world // cfg.gpu.tp)
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad path or config
+        raise TrnftError(
+            f"model.name_or_path: cannot load the model config of {cfg.model.name_or_path!r} ({exc})"
+        ) from exc
+    parallel.check_tensor_parallel(config, cfg.gpu.tp)
+    attention_implementation(cfg, platform.device_type)
+    if tokenized.info["vocab_size"] > config.vocab_size:
+        raise TrnftError(
+            f"model.name_or_path: the tokenizer has {tokenized.info['vocab_size']} tokens but the model's vocabulary "
+            f"is {config.vocab_size}; retokenize with a pad token inside the vocabulary (dataset.pad_token)"
+        )
+    with torch.device("meta"):  # structure only: target names and decoder-layer classes, no weights
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.lora.enabled:
+        check_targets(skeleton, cfg.lora.target_modules)
+    parallel.decoder_layers(skeleton)
+    if cfg.train.eval_steps and not tokenized.has_split("validation"):
+        raise ConfigError(
+            "train.eval_steps: validation is on but the tokenize stage wrote no validation split; "
+            "set dataset.validation_ratio > 0 (and rerun tokenize) or train.eval_steps=0"
+        )
+    if cfg.train.eval_steps and len(tokenized.split("validation")) < cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"train.eval_steps: the validation split has {len(tokenized.split('validation'))} sequences, fewer "
+            f"than one batch of train.micro_batch_size={cfg.train.micro_batch_size}; add validation data or set "
+            "train.eval_steps=0"
+        )
+    if len(tokenized.split("train")) == 0:
+        raise TrnftError("tokenize produced no training sequences; check the dataset and templates")
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# The forward pass on packed rows
+
+
+def forward_logits(model: Any, batch: dict[str, Any], attn_implementation: str) -> Any:
+    """Logits ``[B, S, V]`` of a batch of packed rows, each sample seeing only its own tokens.
+
+    flash_attention_2 keeps samples apart only in a single row whose ``position_ids`` restart at every
+    sample (transformers treats a batch of several rows as unpacked), so the ``B`` rows are flattened
+    into one row of ``B * S`` tokens and the logits reshaped back. sdpa and eager get the block-diagonal
+    causal mask of the segment ids, row by row.
+    """
+    input_ids, position_ids = batch["input_ids"], batch["position_ids"]
+    rows, length = input_ids.shape
+    if attn_implementation == "flash_attention_2":
+        logits = model(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1)).logits
+        return logits.reshape(rows, length, -1)
+    if attn_implementation == "sdpa":
+        mask = segment_allowed(batch["segment_ids"])
+    else:
+        mask = segment_attention_mask(batch["segment_ids"], dtype=torch.float32)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+
+
+def micro_batch_seed(seed: int, step: int, micro: int) -> int:
+    """Dropout seed of global micro-batch ``micro`` of step ``step``: the same on any layout and on resume."""
+    return step_seed(seed, step) + (micro << 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+@dataclass(frozen=True)
+class ValidationLoss:
+    step: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class ShardedTrainFigures(TrainFigures):
+    """The FSDP2 trainer's figures (platforms gpu and neuron-native, on their device or the CPU)."""
+
+    KIND: ClassVar[str] = "train/fsdp2"
+
+    backend: str  # fsdp2-<device>: fsdp2-cuda, fsdp2-neuron, fsdp2-cpu
+    attention: str
+    compile_backend: str | None  # torch.compile backend of the decoder blocks; None: eager
+    tp: int
+    dp: int
+    stopped_early: bool
+    grad_norms: list[float]
+    validation: list[ValidationLoss]
+    wall_s: float
+    trainable_parameters: int  # whole-model count (every shard counted once)
+    peak_host_rss_mb: float  # the largest of any rank's peak resident memory
+    # Graphs the device compiled after the run's first step (native Neuron); None: no compile cache here.
+    graphs_compiled_after_first_step: int | None
+
+
+# --------------------------------------------------------------------------------------------------
+# The Lightning module
+
+
+@dataclass
+class _History:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    validation: list[ValidationLoss] = field(default_factory=list)
+
+
+class _Steps(torch.utils.data.Dataset):
+    """The optimizer steps this run still has to train; item ``i`` is the step number (the batch follows
+    from it through ``batch_indices``, so the data position needs no sampler state)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __getitem__(self, i: int) -> int:
+        return self.start + i
+
+
+class ShardedCausalLM(L.LightningModule):
+    """One rank's model shard, optimizer and data; each ``training_step`` is one optimizer step.
+
+    Lightning calls ``configure_model`` once its process group and mesh exist (the model is built on the
+    meta device there, sharded, then filled with this rank's slices), ``configure_optimizers`` after it,
+    ``on_fit_start`` (resume) before the first batch. The policy callback sets the learning rate and
+    checks the step before the update, and asks for validation and checkpoints.
+    """
+
+    def __init__(
+        self, ctx: StageContext, platform: DevicePlatform, tokenized: TokenizeOutput, world_size: int
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.platform = platform
+        self.tokenized = tokenized
+        self.split: TokenizedSplit = tokenized.split("train")
+        train = self.cfg.train
+        self.micro = train.micro_batch_size
+        self.accumulation = train.gradient_accumulation_steps
+        self.global_batch = global_batch(train, world_size // self.cfg.gpu.tp)
+        self.attn = attention_implementation(self.cfg, platform.device_type)
+        self.compile_backend = platform.compile_backend if self.cfg.gpu.compile else None
+        self.step_count = 0
+        self.step_loss = math.nan
+        self.step_grad_norm = math.nan
+        self.step_tokens = 0
+        self.history = _History()
+        self.resumed_from: Path | None = None
+        self.model: Any = None
+        self.world: parallel.World | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.world is not None and self.world.is_main
+
+    # -- set-up (Lightning hooks) -------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """The sharded model with its base weights and fresh LoRA, on the strategy's mesh."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if self.model is not None:
+            return
+        cfg = self.cfg
+        device = self.trainer.strategy.root_device
+        self.world = world = parallel.world_of(self.device_mesh, device)
+        model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+        # Frozen base weights in model.dtype; trained weights are fp32 masters.
+        dtype = getattr(torch, cfg.model.dtype) if cfg.lora.enabled else torch.float32
+        with parallel.parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(
+                config,
+                dtype=dtype,
+                attn_implementation=self.attn,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+            if cfg.lora.enabled:
+                model = apply_lora(model, cfg, cfg.lora.target_modules)
+        model.config.use_cache = False
+        base = model.get_base_model() if cfg.lora.enabled else model
+        if cfg.gpu.activation_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        settings = parallel.ShardSettings(
+            tp=cfg.gpu.tp,
+            bf16=cfg.train.bf16,
+            reshard_after_forward=cfg.gpu.reshard_after_forward,
+            cpu_offload=cfg.gpu.cpu_offload,
+            compile_backend=self.compile_backend,
+        )
+        parallel.shard(model, world, settings)
+        parallel.materialize(model, device, buffers)
+        parallel.load_base_weights(model, model_dir, device)
+        if cfg.lora.enabled:
+            parallel.init_lora_weights(model, cfg.train.seed, device)
+        model.train()  # dropout on
+        self.model = model
+        self.model_config = config
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        train = self.cfg.train
+        return torch.optim.AdamW(
+            self._param_groups(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+            eps=train.adam_epsilon, foreach=True,
+        )  # fmt: skip
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Decay groups, each split by device mesh (foreach updates run per group of one mesh)."""
+        from torch.distributed.tensor import DTensor
+
+        groups = []
+        for group in decay_groups(self.model.named_parameters(), self.cfg.train.weight_decay):
+            by_mesh: dict[Any, list[Any]] = {}
+            for p in group["params"]:
+                by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+            groups += [{**group, "params": params} for params in by_mesh.values()]
+        return groups
+
+    def on_fit_start(self) -> None:
+        """Resume from the newest complete checkpoint of these settings (rank 0 decides, all ranks load)."""
+        box: list[str | None] = [None]
+        if self.is_main:
+            found = checkpoints.resume_point(self.ctx.out_dir, self.ctx.fingerprint, self.ctx.log)
+            box = [str(found) if found else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        checkpoint = Path(box[0])
+        state = ckpt.checkpoint_state(checkpoint)
+        ckpt.load_sharded(checkpoint, self.model, self._optimizer())
+        self.step_count = int(state["step"])
+        self.history = _History(
+            list(state["losses"]),
+            list(state.get("grad_norms", [])),
+            [ValidationLoss(**v) for v in state.get("validation", [])],
+        )
+        self.resumed_from = checkpoint
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(
+            _Steps(self.step_count, self.cfg.train.max_steps), batch_size=None, shuffle=False, num_workers=0
+        )
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable)  # DTensor.numel() is the whole tensor's
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        optimizer = self.optimizers()
+        return getattr(optimizer, "optimizer", optimizer)  # the LightningOptimizer's wrapped optimizer
+
+    # -- one optimizer step -------------------------------------------------------------------------
+
+    def _device_batch(self, split: TokenizedSplit, rows: np.ndarray) -> dict[str, Any]:
+        return {k: torch.from_numpy(v).to(self.world.device) for k, v in split.rows(rows).items()}
+
+    def _rows(self, idx: np.ndarray, micro: int) -> np.ndarray:
+        """This data-parallel rank's rows of micro-batch ``micro`` of a step's global batch."""
+        per_pass = self.micro * self.world.dp
+        start = micro * per_pass + self.world.dp_rank * self.micro
+        return idx[start : start + self.micro]
+
+    def training_step(self, step_number: Any, batch_idx: int) -> None:
+        """Optimizer step ``step_count``: every micro-batch forward and backward, the global loss and
+        gradient norm, clipping, then the update (inside which the policy sets the learning rate and refuses
+        a non-finite step)."""
+        world, train = self.world, self.cfg.train
+        step = self.step_count
+        assert int(step_number) == step, (int(step_number), step)
+        idx = batch_indices(step, self.global_batch, len(self.split), train.seed)
+        normaliser = float(max(1, self.split.supervised_tokens(idx)))
+        loss = torch.zeros((), dtype=torch.float32, device=world.device)
+        tokens = 0
+        for m in range(self.accumulation):
+            rows = self._rows(idx, m)
+            batch = self._device_batch(self.split, rows)
+            tokens += int((batch["segment_ids"] != 0).sum())
+            torch.manual_seed(micro_batch_seed(train.seed, step, m * world.dp + world.dp_rank))
+            part = (
+                summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"]) / normaliser
+            )
+            self.manual_backward(part)
+            loss += part.detach()
+        norm = parallel.grad_norm(self.trainable, world)
+        dist.all_reduce(loss, group=world.dp_group)
+        self.step_loss, self.step_grad_norm = float(loss), float(norm)
+        if train.max_grad_norm > 0 and math.isfinite(self.step_grad_norm):
+            coef = torch.clamp(train.max_grad_norm / (norm + 1e-6), max=1.0)
+            for p in self.trainable:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        optimizer = self.optimizers()
+        try:
+            optimizer.step()
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+        counted = torch.tensor(float(tokens), device=world.device)
+        dist.all_reduce(counted, group=world.dp_group)
+        self.step_tokens = int(counted)
+        self.step_count += 1
+        self.history.losses.append(self.step_loss)
+        self.history.grad_norms.append(self.step_grad_norm)
+
+    # -- validation and checkpoints (asked for by the policy) ---------------------------------------
+
+    def validate(self) -> float:
+        """Mean token loss over ``train.eval_batches`` validation batches, split over the data-parallel ranks."""
+        world = self.world
+        split = self.tokenized.split("validation")
+        batches = min(self.cfg.train.eval_batches, len(split) // self.micro)  # >= 1 (check)
+        totals = torch.zeros(2, dtype=torch.float64, device=world.device)  # summed loss, supervised tokens
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(math.ceil(batches / world.dp)):
+                b = i * world.dp + world.dp_rank
+                real = b < batches
+                rows = np.arange(self.micro) + (b if real else 0) * self.micro
+                batch = self._device_batch(split, rows)
+                total = summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"])
+                if real:  # a rank with no batch left still runs one, so every collective has all ranks
+                    totals[0] += total.double()
+                    totals[1] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.model.train()
+        dist.all_reduce(totals, group=world.dp_group)
+        loss = float(totals[0] / totals[1].clamp_min(1))
+        self.history.validation.append(ValidationLoss(self.step_count, loss))
+        return loss
+
+    def meta(self) -> ckpt.CheckpointMeta:
+        cfg = self.cfg
+        peft_config = None
+        if cfg.lora.enabled:
+            peft_config = _jsonable(self.model.peft_config[ADAPTER].to_dict())
+            peft_config["base_model_name_or_path"] = cfg.model.name_or_path
+        return ckpt.CheckpointMeta(
+            format=ckpt.META_FORMAT,
+            mode="lora" if cfg.lora.enabled else "full",
+            base_model=cfg.model.name_or_path,
+            base_dtype=cfg.model.dtype,
+            model_config=self.model_config.to_dict(),
+            peft_config=peft_config,
+            adapter_name=ADAPTER if cfg.lora.enabled else None,
+        )
+
+    def save(self) -> str:
+        """Checkpoint the current step on every rank; rank 0 commits it. Returns its folder name."""
+        world, train_dir, step = self.world, self.ctx.out_dir, self.step_count
+        box = [str(checkpoints.staging_dir(train_dir, step)) if world.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        staged = Path(box[0])
+        if world.is_main:
+            staged.mkdir(parents=True)
+        dist.barrier()
+        ckpt.save_sharded(staged, self.model, self._optimizer())
+        dist.barrier()  # every rank's shards are on disk
+        if world.is_main:
+            self.meta().write(staged)
+            state_dir = staged / checkpoints.TRNFT_STATE
+            state_dir.mkdir()
+            state = {
+                "step": step,
+                "fingerprint": self.ctx.fingerprint,
+                "losses": self.history.losses,
+                "grad_norms": self.history.grad_norms,
+                "validation": [{"step": v.step, "loss": v.loss} for v in self.history.validation],
+                "layout": {"dp": world.dp, "tp": world.tp},
+                "data_position": {"step": step, "rule": "optimizer step s trains on batch_indices(s)"},
+            }
+            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
+            copy_present(TOKENIZER_FILES, [self.tokenized.tokenizer_dir], staged)
+            checkpoints.write_done(staged)
+            checkpoints.fault_point("save", step)
+            checkpoints.commit(train_dir, staged, step)
+            checkpoints.prune(train_dir, self.cfg.train.keep_checkpoints, self.ctx.log)
+        dist.barrier()
+        return f"checkpoint-{step}"
+
+
+def _jsonable(value: Any) -> Any:
+    """A PEFT config dict as JSON values (sets become sorted lists, enums their values)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
+        return value.value
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage: set up, train, report
+
+
+def _lightning_trainer(
+    cfg: RunConfig,
+    platform: DevicePlatform,
+    world_size: int,
+    local_size: int,
+    callbacks: list[Any],
+    loggers: list[Any],
+) -> L.Trainer:
+    """``lightning.Trainer`` on ``ModelParallelStrategy`` for this platform's device and process group."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(
+        data_parallel_size=world_size // cfg.gpu.tp,
+        tensor_parallel_size=cfg.gpu.tp,
+        save_distributed_checkpoint=True,
+        process_group_backend=platform.process_group_backend,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+    return L.Trainer(
+        accelerator=platform.lightning_accelerator(),
+        devices=local_size,
+        num_nodes=world_size // local_size,
+        strategy=strategy,
+        precision="32-true",  # FSDP2's MixedPrecisionPolicy casts (train.bf16); Lightning must not autocast
+        max_epochs=1,  # one pass over the remaining steps (the dataset of step numbers)
+        max_steps=-1,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,  # trnft's checkpoints appear whole or not at all
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,  # validation is the policy's (every rank runs the same passes)
+        use_distributed_sampler=False,  # every rank reads its own rows of the step's global batch
+        log_every_n_steps=1,  # the policy logs at the run's own steps; Lightning's interval is not used
+        default_root_dir=None,
+        gradient_clip_val=None,
+    )
+
+
+def _loggers(ctx: StageContext) -> list[Any]:
+    """TensorBoard under ``<train>/tensorboard`` and, with ``gpu.wandb``, Weights & Biases (rank 0 writes)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers: list[Any] = [
+        TensorBoardLogger(save_dir=str(ctx.out_dir), name="tensorboard", version="", default_hp_metric=False)
+    ]
+    if ctx.cfg.gpu.wandb:
+        if importlib.util.find_spec("wandb") is None:
+            ctx.log("warning: gpu.wandb is on but wandb is not installed; logging to TensorBoard only")
+        else:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project="trnft", name=ctx.cfg.run.name, save_dir=str(ctx.out_dir)))
+    return loggers
+
+
+@contextlib.contextmanager
+def _quiet_about_the_step_dataset() -> Iterator[None]:
+    """Lightning advises worker processes for a DataLoader without any; ours yields step numbers, the rows
+    are read from memory-mapped arrays in the step itself. Only this warning, only during this fit."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        yield
+
+
+def train(
+    ctx: StageContext, platform: DevicePlatform, *, graph_counter: Callable[[], int] | None = None
+) -> StageOutcome:
+    """The stage body on every rank: verify the upstream, fit, report."""
+    cfg = ctx.cfg
+    ctx.verify_upstream("tokenize")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    parallel.check_world(world_size, cfg.gpu.tp)
+    tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
+    module = ShardedCausalLM(ctx, platform, tokenized, world_size)
+    record = RunRecord(start=0, resumed_from=None)
+    policy = PolicyCallback(ctx, record, graph_counter=graph_counter)
+    started = _Started(ctx, module, record)
+    trainer = _lightning_trainer(cfg, platform, world_size, local_size, [started, policy], _loggers(ctx))
+    t0 = time.perf_counter()
+    try:
+        with _quiet_about_the_step_dataset():
+            trainer.fit(module)
+        wall = time.perf_counter() - t0
+        return _report(ctx, module, record, wall)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Started(L.Callback):
+    """After resume (``on_fit_start``), before the first step: record where the run starts and say so."""
+
+    def __init__(self, ctx: StageContext, module: ShardedCausalLM, record: RunRecord) -> None:
+        self.ctx, self.module, self.record = ctx, module, record
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        module, record = self.module, self.record
+        record.start = module.step_count
+        record.resumed_from = module.resumed_from.name if module.resumed_from else None
+        if module.is_main:
+            cfg, world = self.ctx.cfg, module.world
+            kind = "LoRA" if cfg.lora.enabled else "full fine-tuning"
+            self.ctx.log(
+                f"train: FSDP2 on Lightning, {world.size} {module.platform.name} process(es) "
+                f"(dp {world.dp} x tp {world.tp}), {kind}, {module.trainable_parameters():,} trained "
+                f"parameters, attention {module.attn}, compile {module.compile_backend or 'off'}, "
+                f"global batch {module.global_batch}"
+                + (f", resuming {record.resumed_from} at step {record.start}" if record.resumed_from else "")
+            )
+
+
+def _peak_rss_mb(world: parallel.World) -> float:
+    peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=world.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return round(float(peak), 1)
+
+
+def _report(ctx: StageContext, module: ShardedCausalLM, record: RunRecord, wall: float) -> StageOutcome:
+    world = module.world
+    final = checkpoints.newest_complete(ctx.out_dir)
+    if final is None or final.step != module.step_count:
+        raise TrnftError(f"train: ended at step {module.step_count} without checkpoint-{module.step_count}")
+    history = module.history
+    figures = ShardedTrainFigures(
+        backend=f"fsdp2-{world.device.type}",
+        attention=module.attn,
+        compile_backend=module.compile_backend,
+        tp=world.tp,
+        dp=world.dp,
+        steps_this_run=module.step_count - record.start,
+        resumed_from=record.resumed_from,
+        start_step=record.start,
+        end_step=module.step_count,
+        stopped_early=record.stopped_early,
+        first_loss=history.losses[0] if history.losses else None,
+        final_loss=history.losses[-1] if history.losses else None,
+        losses=history.losses,
+        grad_norms=history.grad_norms,
+        validation=history.validation,
+        tokens_per_second=round(record.rate(), 1) if record.seconds else None,
+        wall_s=round(wall, 2),
+        trainable_parameters=module.trainable_parameters(),
+        peak_host_rss_mb=_peak_rss_mb(world),
+        checkpoints_saved=record.saved,
+        final_checkpoint=final.path.name,
+        graphs_compiled_after_first_step=record.graphs_after_first_step,
+    )
+    layout = {"tp": world.tp, "dp": world.dp, "world": world.size, "global_batch": module.global_batch}
+    return StageOutcome(summary=figures.summary(), figures=figures, layout=layout)

@@ -1,0 +1,150 @@
+"""The training policy (:mod:`trnft.common.training.policy`) as a Lightning callback.
+
+The FSDP2 trainer's ``LightningModule`` only computes: the micro-batch losses, their backward, the global
+gradient norm and clipping, the optimizer step, validation and a checkpoint when asked. This callback
+decides everything else, at the hooks Lightning calls on every rank:
+
+- ``on_before_optimizer_step`` (inside ``optimizer.step()``, before any parameter moves): sets the learning
+  rate of the step from the one schedule and refuses a non-finite loss or gradient norm;
+- ``on_train_batch_end``: throughput, logging (the log line on rank 0, Lightning's loggers), validation,
+  early stopping, saving, the progress record and, on the Neuron device, graphs compiled after step 1.
+
+The module it drives implements :class:`PolicyTarget`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import lightning as L
+
+from trnft.common.pipeline import checkpoints
+from trnft.common.pipeline.stages import StageContext
+from trnft.common.training.policy import Cadence, EarlyStopping, lr_of, on_recompile, refuse_non_finite
+
+
+class PolicyTarget(Protocol):
+    """What the callback needs from the module it drives (every rank)."""
+
+    step_count: int  # optimizer steps finished (the step being applied is step_count + 1)
+    step_loss: float  # the global loss of the step being applied (set before optimizer.step())
+    step_grad_norm: float  # its global gradient norm before clipping
+    step_tokens: int  # non-pad tokens of the finished step, all ranks
+    is_main: bool
+
+    def validate(self) -> float: ...
+
+    def save(self) -> str: ...
+
+
+@dataclass
+class RunRecord:
+    """What the policy counts while a run goes; the trainer reports it."""
+
+    start: int
+    resumed_from: str | None
+    saved: list[str] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    graphs_after_first_step: int | None = None  # None where the device has no compile cache to watch
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class PolicyCallback(L.Callback):
+    """The schedule, the non-finite refusal and the logging / validation / saving cadence of one run.
+
+    ``graph_counter``: a function returning how many graphs the device has compiled so far (the native
+    Neuron compile cache), or None on devices without one; graphs compiled after the first step are
+    reported and handled as ``train.on_recompile`` says.
+    """
+
+    def __init__(self, ctx: StageContext, record: RunRecord, graph_counter: Any = None) -> None:
+        self.ctx = ctx
+        self.train = ctx.cfg.train
+        self.cadence = Cadence.of(self.train)
+        self.early = EarlyStopping(self.train.early_stopping_patience)
+        self.record = record
+        self.graph_counter = graph_counter
+        self._graphs_after_step_one: int | None = None
+        self._started = 0.0
+
+    # -- inside optimizer.step(), before the update ------------------------------------------------
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        step = pl_module.step_count
+        for group in optimizer.param_groups:
+            group["lr"] = lr_of(step, self.train)
+        refuse_non_finite(step + 1, pl_module.step_loss, pl_module.step_grad_norm)
+
+    # -- after each optimizer step -----------------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        record, step = self.record, pl_module.step_count
+        if step > record.start + 1:  # the first step of a run includes start-up (allocations, compilation)
+            record.tokens += pl_module.step_tokens
+            record.seconds += time.perf_counter() - self._started
+        checkpoints.fault_point("step", step)
+        self._watch_graphs(step)
+        lr = lr_of(step - 1, self.train)
+        if pl_module.is_main and self.cadence.logs(step, record.start + 1):
+            self.ctx.log(
+                f"train: step {step}/{self.train.max_steps} loss {pl_module.step_loss:.4f} lr {lr:.2e} "
+                f"grad_norm {pl_module.step_grad_norm:.3f} tokens/s {record.rate():,.0f}"
+            )
+        metrics = {"train/loss": pl_module.step_loss, "train/learning_rate": lr}
+        metrics["train/grad_norm"] = pl_module.step_grad_norm
+        if record.seconds:
+            metrics["train/tokens_per_second"] = record.rate()
+        self._log_metrics(trainer, metrics, step)
+        pl_module.log("loss", pl_module.step_loss, prog_bar=True, logger=False, batch_size=1)
+        if self.cadence.validates(step):
+            loss = pl_module.validate()
+            if pl_module.is_main:
+                self.ctx.log(f"train: step {step} validation loss {loss:.4f}")
+            self._log_metrics(trainer, {"val/loss": loss}, step)
+            if self.early.update(loss):
+                record.stopped_early = True
+                if pl_module.is_main:
+                    self.ctx.log(
+                        f"train: early stop at step {step}: {self.early.patience} validations without improvement"
+                    )
+        if self.cadence.saves(step, stopping=record.stopped_early):
+            record.saved.append(pl_module.save())
+            if pl_module.is_main:
+                self.ctx.log(f"train: saved {record.saved[-1]}")
+        if pl_module.is_main:
+            summary = f"step {step} of {self.train.max_steps}"
+            self.ctx.rundir.write_progress("train", {"summary": summary, "step": step})
+        if record.stopped_early:
+            trainer.should_stop = True
+
+    # -- helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def _log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        """Scalars at the run's own step (Lightning's global_step restarts at 0 on resume)."""
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)  # rank-zero only inside Lightning's loggers
+
+    def _watch_graphs(self, step: int) -> None:
+        if self.graph_counter is None:
+            return
+        graphs = self.graph_counter()
+        if step == self.record.start + 1:
+            self._graphs_after_step_one = graphs
+            self.record.graphs_after_first_step = 0
+            return
+        assert self._graphs_after_step_one is not None
+        new = graphs - self._graphs_after_step_one - (self.record.graphs_after_first_step or 0)
+        if new > 0:
+            self.record.graphs_after_first_step = (self.record.graphs_after_first_step or 0) + new
+            on_recompile(
+                self.ctx.cfg, self.ctx.rundir.manifest("compile") is not None, step, new, self.ctx.log
+            )

@@ -1,0 +1,123 @@
+"""The Neuron device for the FSDP2 trainer: a Lightning accelerator for device ``neuron``, the
+:class:`~trnft.common.fsdp.platform.DevicePlatform` built on it, and the compile-cache counter.
+
+:func:`device_platform` is the one place that picks Neuron or the CPU: Neuron when the driver exposes a
+device (``/dev/neuron*``) and torch-neuronx is installed, the CPU (gloo) otherwise, so ``trnft smoke
+--platform neuron-native`` runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry
+
+from trnft.common.env import has_neuron_device
+from trnft.common.fsdp.platform import CPU, DevicePlatform
+from trnft.neuron.native import torchneuron
+
+
+def runtime_present() -> bool:
+    """True when this process can train on Neuron: a device and the torch-neuronx package."""
+    return has_neuron_device() and importlib.util.find_spec("torch_neuronx") is not None
+
+
+def _load_runtime() -> None:
+    """Register the ``neuron`` device and distributed backend (PyTorch also autoloads it; importing makes
+    the registration explicit and fails here, in one place, when the package is broken)."""
+    importlib.import_module("torch_neuronx")
+
+
+def _device_count() -> int:
+    _load_runtime()
+    return torch.accelerator.device_count()
+
+
+class NeuronAccelerator(Accelerator):
+    """Lightning's view of the NeuronCores of this node (logical cores, one process each)."""
+
+    def setup_device(self, device: torch.device) -> None:
+        if device.type != torchneuron.DEVICE_TYPE:
+            raise ValueError(
+                f"NeuronAccelerator got device {device}, expected a {torchneuron.DEVICE_TYPE} device"
+            )
+        _load_runtime()
+        if device.index is not None:
+            torch.accelerator.set_device_index(device.index)
+
+    def teardown(self) -> None:
+        pass
+
+    @staticmethod
+    def parse_devices(devices: Any) -> int:
+        if devices == "auto" or devices == -1:
+            return NeuronAccelerator.auto_device_count()
+        return int(devices)
+
+    @staticmethod
+    def get_parallel_devices(devices: Any) -> list[torch.device]:
+        return [torch.device(torchneuron.DEVICE_TYPE, i) for i in range(int(devices))]
+
+    @staticmethod
+    def auto_device_count() -> int:
+        return _device_count() if runtime_present() else 0
+
+    @staticmethod
+    def is_available() -> bool:
+        return runtime_present()
+
+    @staticmethod
+    def name() -> str:
+        return torchneuron.DEVICE_TYPE
+
+    def get_device_stats(self, device: Any) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def register_accelerators(cls, accelerator_registry: Any) -> None:
+        accelerator_registry.register(cls.name(), cls, description=cls.__name__)
+
+
+def register() -> None:
+    """Make ``accelerator="neuron"`` known to Lightning (once)."""
+    if torchneuron.DEVICE_TYPE not in AcceleratorRegistry:
+        NeuronAccelerator.register_accelerators(AcceleratorRegistry)
+
+
+def _neuron_accelerator() -> NeuronAccelerator:
+    register()
+    return NeuronAccelerator()
+
+
+NEURON = DevicePlatform(
+    name="neuron",
+    device_type=torchneuron.DEVICE_TYPE,
+    process_group_backend=torchneuron.PROCESS_GROUP_BACKEND,
+    compile_backend=torchneuron.COMPILE_BACKEND,
+    accelerator=_neuron_accelerator,
+    count_devices=_device_count,
+    device_of=lambda i: torch.device(torchneuron.DEVICE_TYPE, i),
+)
+
+
+def device_platform() -> DevicePlatform:
+    """Neuron when this machine can train on it, else the CPU."""
+    return NEURON if runtime_present() else CPU
+
+
+def cache_dir_of(env: dict[str, str] | None = None) -> Path | None:
+    """The persistent NEFF cache this process writes (``TORCH_NEURONX_NEFF_CACHE_DIR``), if set."""
+    value = (os.environ if env is None else env).get(torchneuron.NEFF_CACHE_ENV)
+    return Path(value) if value else None
+
+
+def cached_graphs(cache_dir: Path | None) -> int:
+    """Compiled graphs (NEFF files) in the cache folder; 0 when it does not exist yet."""
+    if cache_dir is None or not cache_dir.is_dir():
+        return 0
+    return sum(1 for _ in cache_dir.rglob(f"*{torchneuron.NEFF_SUFFIX}"))
