@@ -25,7 +25,8 @@ if [ -n "$wheels" ]; then
     [ "${#files[@]}" -gt 0 ] || { echo "gpu_check: no wheels in $wheels (run benchmarks/gpu_wheels.sh)" >&2; exit 1; }
     "${pip[@]}" --no-index "${files[@]}"
 else
-    "${pip[@]}" "peft==0.21.2" "datasets==4.4.1" "dill==0.4.0" "multiprocess==0.70.18" "fsspec==2025.10.0"
+    "${pip[@]}" "peft==0.21.2" "datasets==4.4.1" "dill==0.4.0" "multiprocess==0.70.18" "fsspec==2025.10.0" \
+        "lightning==2.5.6" "lightning-utilities==0.15.3" "torchmetrics==1.9.0"
 fi
 # trnft itself, built with the machine's setuptools (no build environment to download).
 "${pip[@]}" --no-index --no-build-isolation .

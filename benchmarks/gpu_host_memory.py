@@ -56,11 +56,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trnft.common.config.run_config import config_from_dict
 from trnft.common.training.lora import apply_lora
 from trnft.common.fsdp import parallel
+from trnft.common.fsdp.platform import CPU
 
 model_dir, approach, mode, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
 lora = mode == "lora"
 dtype = torch.bfloat16 if lora else torch.float32
-world = parallel.start_world(1, "cpu")
+world = parallel.start_world(1, CPU)
 cfg = config_from_dict({"run": {"name": "m", "root": "/tmp/unused"}, "model": {"name_or_path": str(model_dir),
       "platform": "gpu", "dtype": "bfloat16"}, "dataset": {"name": "x/y"}})
 config = AutoConfig.from_pretrained(model_dir)

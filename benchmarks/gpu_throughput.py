@@ -212,20 +212,22 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit("gpu_throughput: needs a CUDA GPU (or --tiny to check the script on CPU)")
         shape, device, name = LLAMA_31_8B, "cuda", torch.cuda.get_device_name(0)
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="trnft-throughput-") as tmp:
-        for mode in args.modes:
-            layers = args.layers_lora if mode == "lora" else args.layers_full
-            results.append(run_mode(Path(tmp), mode, shape, layers, args, device))
     print(f"device: {name}; peak bf16 {peak or 'unknown'} TFLOP/s; seq {args.seq}; micro-batch 1; bf16")
     print(
-        f"{'mode':6} {'layers':>6} {'trainable':>14} {'attention':>18} {'tokens/s/GPU':>13} {'TFLOP/s':>8} {'MFU':>6}"
+        f"{'mode':6} {'layers':>6} {'trainable':>14} {'attention':>18} {'tokens/s/GPU':>13} {'TFLOP/s':>8} {'MFU':>6}",
+        flush=True,
     )
-    for r in results:
+    # Each row prints as soon as its mode is measured (and its folder is gone), so a run cut short still
+    # reports what it measured.
+    for mode in args.modes:
+        layers = args.layers_lora if mode == "lora" else args.layers_full
+        with tempfile.TemporaryDirectory(prefix=f"trnft-throughput-{mode}-") as tmp:
+            r = run_mode(Path(tmp), mode, shape, layers, args, device)
         mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
         print(
             f"{r['mode']:6} {r['layers']:>6} {r['trainable']:>14,} {r['attention']:>18} "
-            f"{r['tokens_per_s']:>13,.0f} {r['tflops']:>8.1f} {mfu:>6}"
+            f"{r['tokens_per_s']:>13,.0f} {r['tflops']:>8.1f} {mfu:>6}",
+            flush=True,
         )
     return 0
 

@@ -7,7 +7,8 @@
 #
 # Only pure-Python packages the GPU tests and the throughput benchmark need beyond what a CUDA PyTorch
 # image already has (torch, transformers, safetensors, tokenizers, numpy, pyarrow, pandas, pyyaml, jinja2,
-# psutil, tensorboard, pytest). peft and datasets are pinned to the versions this repository's GPU path
+# psutil, tensorboard, pytest, tqdm). lightning is the FSDP2 trainer's (with its two pure-Python
+# dependencies); peft and datasets are pinned to the versions this repository's GPU path
 # is tested with on transformers 5 (see README, "GPU check"); fsspec to what datasets 4.4.1 accepts.
 # vLLM, flash-attn and the MiniLM scorer are too large to carry: their tests skip without them.
 set -euo pipefail
@@ -20,6 +21,9 @@ wheels=(
     "dill==0.4.0"
     "multiprocess==0.70.18"
     "fsspec==2025.10.0"
+    "lightning==2.5.6"
+    "lightning-utilities==0.15.3"
+    "torchmetrics==1.9.0"
 )
 rm -rf "$dir"
 mkdir -p "$dir"

@@ -20,7 +20,6 @@ from trnft.common.config.run_config import NeuronSection, dump_config, load_conf
 from trnft.common.pipeline.stages import STAGES, format_status
 from trnft.common.testing.fixtures import build_tiny_model, bundled_dataset_path
 
-
 # What a platform needs beyond the smoke config: neuron-native trains on trn2/trn3 instance types only (the
 # local run uses the CPU all the same; the instance type matters to the specs it would render).
 PLATFORM_OVERRIDES = {"neuron-native": ("cluster.instance_type=trn2.48xlarge",)}

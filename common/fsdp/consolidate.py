@@ -196,7 +196,9 @@ class GpuConsolidateFigures(Figures):
     bytes: int
 
     def summary(self) -> str:
-        return f"{self.kind} from {self.checkpoint}: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB (FSDP2)"
+        return (
+            f"{self.kind} from {self.checkpoint}: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB (FSDP2)"
+        )
 
 
 def convert(

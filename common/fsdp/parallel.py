@@ -23,6 +23,7 @@ backend ``neuron``) on Trainium 2/3, the CPU with gloo in the tests.
 from __future__ import annotations
 
 import contextlib
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,6 +94,26 @@ TP_DIM = "tensor_parallel"
 def world_of(mesh: Any, device: torch.device) -> World:
     """The :class:`World` of a process group Lightning has started, with its device mesh."""
     return World(device, dist.get_rank(), dist.get_world_size(), mesh[TP_DIM].size(), mesh)
+
+
+def start_world(tp: int, platform: Any) -> World:
+    """Join torchrun's process group and build the mesh Lightning's strategy builds, for tools that shard
+    a model without the trainer (``benchmarks/gpu_host_memory.py``). ``platform``: a DevicePlatform."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = platform.device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(platform.process_group_backend)
+    size = dist.get_world_size()
+    check_world(size, tp)
+    mesh = init_device_mesh(platform.device_type, (size // tp, tp), mesh_dim_names=(DP_DIM, TP_DIM))
+    return world_of(mesh, device)
+
+
+def stop_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_world(size: int, tp: int) -> None:

@@ -67,7 +67,12 @@ def test_minimal_config_gets_defaults(tmp_path):
         ("train", "micro_batch_size", 0, "train.micro_batch_size: must be >= 1, got 0"),
         ("train", "learning_rate", "fast", "train.learning_rate: must be a number, got 'fast'"),
         ("train", "bf16", "yes", "train.bf16: must be true or false, got 'yes'"),
-        ("model", "platform", "tpu", "model.platform: must be one of 'neuron', 'gpu', got 'tpu'"),
+        (
+            "model",
+            "platform",
+            "tpu",
+            "model.platform: must be one of 'neuron', 'gpu', 'neuron-native', got 'tpu'",
+        ),
         ("lora", "dropout", 1.5, "lora.dropout: must be < 1.0, got 1.5"),
         ("run", "name", "My_Run", "run.name: must match"),
         ("neuron", "cache_dir", "/fsx/cache.v2", "neuron.cache_dir: must not contain '.'"),

@@ -33,6 +33,9 @@ CASES = {
         ["cluster.instance_type=trn1n.32xlarge", "cluster.num_nodes=2", "run.name=llama31-8b-trn1n"],
     ),
     "trn2-48xl-x1": ("qwen3_8b_lora_trn2.yaml", []),
+    # neuron-native: compile and train are PyTorchJobs running torchrun (a trial run, then training).
+    "trn2-48xl-native-x1": ("llama31_8b_lora_trn2_native.yaml", []),
+    "trn2-48xl-native-x2": ("llama31_8b_lora_trn2_native.yaml", ["cluster.num_nodes=2"]),
     "p5-48xl-x2": ("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2"]),
     # Gang scheduling and a pinned zone, one golden each.
     "trn1-32xl-x2-volcano": (

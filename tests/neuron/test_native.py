@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,9 +133,9 @@ def test_settings_it_cannot_honour_are_one_line_and_exit_2(make_run, overrides, 
         assert not (run.root / stage).exists()
 
 
-def test_the_jobspec_refuses_a_trn1_instance_in_one_line(make_run, tmp_path):
-    run = _native(make_run)
-    cmd = [sys.executable, "-m", "trnft.common.cli", "jobspec", "--config", str(run.config)]
+def test_the_jobspec_refuses_a_trn1_instance_in_one_line(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "llama31_8b_lora_trn2_native.yaml"
+    cmd = [sys.executable, "-m", "trnft.common.cli", "jobspec", "--config", str(example)]
     proc = subprocess.run(
         [*cmd, "--out", str(tmp_path / "out"), "cluster.instance_type=trn1n.32xlarge"],
         capture_output=True, text=True, timeout=120,
