@@ -372,6 +372,20 @@ def trainer_class() -> type:
             refuse_non_finite(self.state.global_step, logs.get("loss"), logs.get("grad_norm"))
             super().log(logs, *args)
 
+        def maybe_save_checkpoint(self) -> None:
+            """Refuse a non-finite step at every optimizer step, not only at logging steps.
+
+            optimum-neuron calls this after every micro-batch. Once per finished optimizer step a step closure
+            reads the step's global gradient norm (the same on every rank, so every rank stops) and this rank's
+            running loss after the graph has run (no new graph is traced); it is added before the save
+            closure this call may add, so a non-finite state is refused before it can be checkpointed.
+            """
+            step = self.state.global_step
+            if step > self.trnft.checked_step:
+                self.trnft.checked_step = step
+                xm.add_step_closure(_refuse_non_finite_step, (step, self.running_loss, self.grad_norm))
+            super().maybe_save_checkpoint()
+
         # Checkpoints ------------------------------------------------------------------------------
         def _save_checkpoint(self) -> None:
             from optimum.neuron.utils.misc import is_precompilation
@@ -413,6 +427,15 @@ def trainer_class() -> type:
     return _TrnftNeuronTrainer
 
 
+def _refuse_non_finite_step(step: int, running_loss: Any, grad_norm: Any) -> None:
+    """The policy's refusal on device values of one optimizer step (a step closure: they are computed)."""
+    from trnft.common.training.policy import refuse_non_finite
+
+    loss = float(running_loss.detach().to("cpu").item()) if running_loss is not None else None
+    norm = grad_norm.detach().to("cpu").item() if hasattr(grad_norm, "detach") else grad_norm
+    refuse_non_finite(step, loss, norm)
+
+
 def _tp_pp() -> tuple[int, int]:
     from neuronx_distributed.parallel_layers import parallel_state
 
@@ -450,6 +473,7 @@ class _RunPlan:
     log: Callable[[str], None]
     saved: list[str]
     restored: list[str]
+    checked_step: int = 0  # the last optimizer step whose loss and gradient norm were checked
 
     @property
     def global_batch(self) -> int:

@@ -352,3 +352,20 @@ def test_a_refused_setting_is_one_line_and_writes_nothing(tmp_path, tiny_llama, 
     assert proc.stderr.strip().splitlines()[-1].startswith("trnft train: error: train.eval_steps:")
     assert "Traceback" not in proc.stderr
     assert not any((run.root / "train").glob("checkpoint-*"))
+
+
+def test_a_non_finite_step_is_refused_at_that_step_even_between_logging_steps(
+    tmp_path, tiny_llama, flash_tokenized
+):
+    """optimum-neuron logs only every logging_steps; the policy's check still runs at every optimizer step,
+    so a step whose weights overflowed is never checkpointed (save_steps 1, logging_steps 100)."""
+    train = {**TRAIN, "learning_rate": 1e30, "min_lr": 0.0, "max_grad_norm": 0.0, "warmup_steps": 0,
+             "max_steps": 5, "save_steps": 1, "logging_steps": 100}  # fmt: skip
+    run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized, lora={"enabled": False}, train=train)
+    proc = torchrun(run, "train")
+    assert proc.returncode != 0
+    line = next(x for x in proc.stderr.splitlines() if "non-finite" in x)
+    bad = int(line.split("train: step ")[1].split()[0])
+    assert bad < 5, line  # caught before the first logging step (100)
+    saved = sorted(int(p.name.split("-")[1]) for p in (run.root / "train").glob("checkpoint-*"))
+    assert all(step < bad for step in saved), (saved, line)
