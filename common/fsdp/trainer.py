@@ -334,7 +334,10 @@ class ShardedTrainFigures(TrainFigures):
     wall_s: float
     trainable_parameters: int  # whole-model count (every shard counted once)
     peak_host_rss_mb: float  # the largest of any rank's peak resident memory
-    # Graphs the device compiled after the run's first step (native Neuron); None: no compile cache here.
+    # The device's persistent compile cache (native Neuron; None: no compile cache here): graphs in it at
+    # the start, compiled in the first step (0: all of that step's graphs were cache hits), compiled after.
+    graphs_in_cache_at_start: int | None
+    graphs_compiled_first_step: int | None
     graphs_compiled_after_first_step: int | None
 
 
@@ -790,6 +793,8 @@ def _report(ctx: StageContext, module: ShardedCausalLM, record: RunRecord, wall:
         peak_host_rss_mb=_peak_rss_mb(world),
         checkpoints_saved=record.saved,
         final_checkpoint=final.path.name,
+        graphs_in_cache_at_start=record.graphs_at_start,
+        graphs_compiled_first_step=record.graphs_first_step,
         graphs_compiled_after_first_step=record.graphs_after_first_step,
     )
     layout = {"tp": world.tp, "dp": world.dp, "world": world.size, "global_batch": module.global_batch}

@@ -49,7 +49,12 @@ class RunRecord:
     tokens: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
-    graphs_after_first_step: int | None = None  # None where the device has no compile cache to watch
+    # Compile-cache counts (None where the device has no compile cache to watch): graphs in the cache when
+    # the run started, compiled during its first step (0: every graph of the step was a cache hit), and
+    # compiled after it (shapes or graphs that changed between steps).
+    graphs_at_start: int | None = None
+    graphs_first_step: int | None = None
+    graphs_after_first_step: int | None = None
 
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
@@ -70,7 +75,6 @@ class PolicyCallback(L.Callback):
         self.early = EarlyStopping(self.train.early_stopping_patience)
         self.record = record
         self.graph_counter = graph_counter
-        self._graphs_after_step_one: int | None = None
         self._started = 0.0
 
     # -- inside optimizer.step(), before the update ------------------------------------------------
@@ -81,6 +85,10 @@ class PolicyCallback(L.Callback):
         refuse_non_finite(step + 1, pl_module.step_loss, pl_module.step_grad_norm)
 
     # -- after each optimizer step -----------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.graph_counter is not None:
+            self.record.graphs_at_start = self.graph_counter()
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._started = time.perf_counter()
 
@@ -134,17 +142,17 @@ class PolicyCallback(L.Callback):
             logger.log_metrics(metrics, step=step)  # rank-zero only inside Lightning's loggers
 
     def _watch_graphs(self, step: int) -> None:
-        if self.graph_counter is None:
+        record = self.record
+        if self.graph_counter is None or record.graphs_at_start is None:
             return
-        graphs = self.graph_counter()
-        if step == self.record.start + 1:
-            self._graphs_after_step_one = graphs
-            self.record.graphs_after_first_step = 0
+        compiled = self.graph_counter() - record.graphs_at_start
+        if step == record.start + 1:
+            record.graphs_first_step, record.graphs_after_first_step = compiled, 0
             return
-        assert self._graphs_after_step_one is not None
-        new = graphs - self._graphs_after_step_one - (self.record.graphs_after_first_step or 0)
+        assert record.graphs_first_step is not None and record.graphs_after_first_step is not None
+        new = compiled - record.graphs_first_step - record.graphs_after_first_step
         if new > 0:
-            self.record.graphs_after_first_step = (self.record.graphs_after_first_step or 0) + new
+            record.graphs_after_first_step += new
             on_recompile(
                 self.ctx.cfg, self.ctx.rundir.manifest("compile") is not None, step, new, self.ctx.log
             )
