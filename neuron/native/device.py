@@ -2,8 +2,8 @@
 :class:`~trnft.common.fsdp.platform.DevicePlatform` built on it, and the compile-cache counter.
 
 :func:`device_platform` is the one place that picks Neuron or the CPU: Neuron when the driver exposes a
-device (``/dev/neuron*``) and torch-neuronx is installed, the CPU (gloo) otherwise, so ``trnft smoke
---platform neuron-native`` runs on a laptop.
+device (``/dev/neuron*``), the CPU (gloo) on a machine without one, so ``trnft smoke --platform
+neuron-native`` runs on a laptop. A Neuron device without torch-neuronx is refused, never trained around.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry
 
 from trnft.common.env import has_neuron_device
+from trnft.common.errors import TrnftError
 from trnft.common.fsdp.platform import CPU, DevicePlatform
 from trnft.neuron.native import torchneuron
 
@@ -106,8 +107,19 @@ NEURON = DevicePlatform(
 
 
 def device_platform() -> DevicePlatform:
-    """Neuron when this machine can train on it, else the CPU."""
-    return NEURON if runtime_present() else CPU
+    """Neuron on a machine with a Neuron device, the CPU on one without.
+
+    Raises:
+        TrnftError: a Neuron device without torch-neuronx (training would silently fall back to the CPU).
+    """
+    if not has_neuron_device():
+        return CPU
+    if importlib.util.find_spec("torch_neuronx") is None:
+        raise TrnftError(
+            "model.platform neuron-native: this node has a Neuron device but no torch-neuronx; run the "
+            "neuron-native image (containers/Dockerfile.neuron-native) instead of training on the CPU"
+        )
+    return NEURON
 
 
 def cache_dir_of(env: dict[str, str] | None = None) -> Path | None:

@@ -155,3 +155,12 @@ def test_the_pods_point_compile_and_train_at_one_cache_on_the_shared_volume():
     env = neuron_native_env(cfg, instance(cfg.cluster.instance_type), layout)
     assert env["TORCH_NEURONX_NEFF_CACHE_DIR"] == "/fsx/neuron_native_cache"
     assert env["NEURON_LOGICAL_NC_CONFIG"] == "2" and "NEURON_CC_FLAGS" not in env
+
+
+def test_a_neuron_device_without_torch_neuronx_is_refused_not_trained_on_the_cpu(monkeypatch):
+    from trnft.common.errors import TrnftError
+    from trnft.neuron.native import device
+
+    monkeypatch.setattr(device, "has_neuron_device", lambda: True)  # what /dev/neuron0 would say
+    with pytest.raises(TrnftError, match="has a Neuron device but no torch-neuronx"):
+        device.device_platform()
