@@ -150,8 +150,9 @@ def run_mode(work: Path, mode: str, shape: Shape, layers: int, args, device: str
             "save_steps": args.steps,
             "logging_steps": 1,
             "eval_steps": 0,
+            "activation_checkpointing": "full",
         },
-        "gpu": {"devices": 1, "activation_checkpointing": True, "attn_implementation": "auto"},
+        "gpu": {"devices": 1, "attn_implementation": "auto"},
     }
     config = folder / "run.yaml"
     config.write_text(json.dumps(raw))

@@ -83,7 +83,7 @@ def _infrastructure_or_bug(command: str, exc: BaseException) -> int:
     if out_of_device_memory(exc):
         print(
             f"trnft {command}: error: out of accelerator memory ({_first_line(exc)}); lower "
-            "train.micro_batch_size or dataset.max_seq_length, or turn on gpu.activation_checkpointing",
+            "train.micro_batch_size or dataset.max_seq_length, or set train.activation_checkpointing=full",
             file=sys.stderr,
             flush=True,
         )

@@ -109,6 +109,9 @@ def training_arguments(cfg: RunConfig, output_dir: Path, *, logging_steps: int |
         warmup_steps=t.warmup_steps,
         bf16=t.bf16,
         seed=t.seed,
+        # optimum-neuron enables it on the model (torch_xla's checkpoint) when pipeline parallelism is off.
+        gradient_checkpointing=t.activation_checkpointing == "full",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # trnft prunes (checkpoints.prune keeps train.keep_checkpoints complete ones)
@@ -574,6 +577,7 @@ class OptimumNeuronSettings:
     zero_1: bool
     save_steps: int
     logging_steps: int
+    gradient_checkpointing: bool  # read back from the model: train.activation_checkpointing reached it
 
 
 @dataclass(frozen=True)
@@ -617,6 +621,7 @@ def effective_settings(args: Any, model: Any) -> OptimumNeuronSettings:
         zero_1=args.zero_1,
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
+        gradient_checkpointing=bool(getattr(base, "is_gradient_checkpointing", False)),
     )
 
 

@@ -342,6 +342,22 @@ CASES = [
         ("gpu.strategy", "no longer a setting"),
         2,
     ),
+    Case(
+        "retired-gpu-activation-checkpointing",
+        _stage("status", gpu={"activation_checkpointing": True}),
+        ("gpu.activation_checkpointing", "no longer a setting", "use train.activation_checkpointing"),
+        2,
+    ),
+    Case(
+        "native-on-trn1",
+        _stage("tokenize", model={"platform": "neuron-native"}, neuron={"backend": "auto"}),
+        (
+            "cluster.instance_type",
+            "trn1.32xlarge cannot run model.platform neuron-native",
+            "model.platform: neuron",
+        ),
+        2,
+    ),
     Case("bad-run-name", _stage("status", run={"name": "My_Run"}), ("run.name", "must match"), 2),
     Case(
         "unknown-platform",

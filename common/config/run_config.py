@@ -199,6 +199,12 @@ class TrainSection:
     on_recompile: Literal["ignore", "warn", "fail"] = opt(
         "warn", "What train does when it compiles a graph after step 1 although the compile stage ran."
     )
+    activation_checkpointing: Literal["full", "off"] = opt(
+        "full",
+        "Recompute each decoder layer in backward (less activation memory, about a third more compute); "
+        "every platform: the FSDP2 trainer, optimum-neuron's gradient checkpointing on Trainium (not the "
+        "CPU-XLA rehearsal, which keeps its memory on the host).",
+    )
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -278,7 +284,6 @@ class GpuSection:
         "FSDP2: free gathered weights after forward (ZeRO-3, FULL_SHARD); false keeps them until backward "
         "(ZeRO-2, SHARD_GRAD_OP: more memory, less traffic).",
     )
-    activation_checkpointing: bool = opt(True, "Recompute each decoder layer in backward (less memory).")
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state.")
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
         "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
@@ -615,6 +620,7 @@ def _coerce(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
 RETIRED_KEYS = {
     "gpu.strategy": "the GPU trainer always shards with FSDP2; set gpu.devices (processes per node) and gpu.tp",
     "gpu.sharding_strategy": "use gpu.reshard_after_forward (true: FULL_SHARD, false: SHARD_GRAD_OP)",
+    "gpu.activation_checkpointing": "use train.activation_checkpointing (full or off), one key for every platform",
 }
 
 

@@ -430,7 +430,7 @@ class ShardedCausalLM(L.LightningModule):
                 model = apply_lora(model, cfg, cfg.lora.target_modules)
         model.config.use_cache = False
         base = model.get_base_model() if cfg.lora.enabled else model
-        if cfg.gpu.activation_checkpointing:
+        if cfg.train.activation_checkpointing == "full":
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         settings = parallel.ShardSettings(
@@ -720,6 +720,10 @@ def train(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     parallel.check_world(world_size, cfg.gpu.tp)
+    # Lightning's launcher calls torch.set_num_threads() when OMP_NUM_THREADS is unset; that pins MKL's
+    # thread count and changes CPU summation order (one process then trains measurably differently from
+    # the same run before Lightning). Naming the count torch already uses keeps torch's own threading.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
     module = ShardedCausalLM(ctx, platform, tokenized, world_size)
     record = RunRecord(start=0, resumed_from=None)

@@ -41,7 +41,9 @@ STAGES = ("tokenize", "compile", "train", "consolidate", "merge", "evaluate")
 
 # Config keys that never change a stage's output; they stay out of fingerprints so that, e.g., changing
 # the logging interval does not redo training.
-_TRAIN_RUNTIME_ONLY = ("logging_steps", "on_recompile", "keep_checkpoints")
+# Recomputing activations in backward gives the same numbers (dropout state is restored), only memory and
+# time change.
+_TRAIN_RUNTIME_ONLY = ("logging_steps", "on_recompile", "keep_checkpoints", "activation_checkpointing")
 
 
 def _train_keys(cfg: RunConfig) -> tuple[str, ...]:

@@ -114,7 +114,8 @@ SECTION_CHANGES = {
     "train": ("train.learning_rate=0.001", ("-", "stale", "stale", "stale", "stale", "stale")),
     "train-runtime": ("train.logging_steps=7", ("-",) * 6),  # how often to log: no output changes
     "neuron": ("neuron.checkpoint_format=plain", ("-", "stale", "stale", "stale", "stale", "stale")),
-    "gpu": ("gpu.activation_checkpointing=true", ("-",) * 6),  # the other platform's section
+    "gpu": ("gpu.reshard_after_forward=false", ("-",) * 6),  # the other platform's section
+    "train-recompute": ("train.activation_checkpointing=off", ("-",) * 6),  # memory and time, not numbers
     "eval": ("eval.max_new_tokens=5", ("-",) * 5 + ("stale",)),
     "cluster": ("cluster.num_nodes=2", ("-",) * 6),  # where pods run, not what they compute
 }

@@ -132,6 +132,7 @@ def test_a_full_run_writes_a_manifest_with_what_optimum_neuron_ran(uninterrupted
     assert settings.recompute_causal_mask is True and settings.zero_1 is False
     assert (settings.tensor_parallel_size, settings.data_parallel_size) == (1, 1)
     assert (settings.save_steps, settings.logging_steps) == (3, 1)
+    assert settings.gradient_checkpointing is True  # train.activation_checkpointing: full (the default)
     for step in (3, 6):
         state = json.loads(
             (uninterrupted.root / "train" / f"checkpoint-{step}" / "trnft_state" / "state.json").read_text()
