@@ -58,6 +58,43 @@ def preflight_or_fail() -> None:
         raise TrnftError(f"Neuron preflight: {problems[0]}")
 
 
+def check_settings(cfg: RunConfig) -> None:
+    """What the trn1 path refuses before any stage runs (one line each, exit 2).
+
+    - ``neuron.pp > 1``: optimum-neuron's pipeline inputs are exactly input_ids / attention_mask / labels
+      while trnft's batches carry position_ids, it ignores ``num_items_in_batch`` and cannot resume from
+      meta parameters; no pipeline run has executed end to end, so it is refused until one does.
+    - LoRA targets that name part of a group optimum-neuron fuses (:mod:`trnft.neuron.fused_groups`).
+    """
+    from trnft.common.errors import ConfigError
+    from trnft.neuron import fused_groups
+
+    if cfg.neuron.pp > 1:
+        raise ConfigError(
+            f"neuron.pp: {cfg.neuron.pp} (pipeline parallelism) has never run end to end on this path "
+            "(optimum-neuron's pipeline takes only input_ids/attention_mask/labels, ignores the global token "
+            "count and cannot resume); set neuron.pp=1 and use neuron.tp and data parallelism"
+        )
+    if cfg.lora.enabled:
+        fused_groups.check(cfg.lora.target_modules, _kv_heads(cfg), cfg.neuron.tp, cfg.neuron.fuse_qkv)
+
+
+def _kv_heads(cfg: RunConfig) -> int | None:
+    """The model's key/value heads when its config can be read here (a local folder or the HF cache)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            cfg.model.name_or_path,
+            revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+            local_files_only=True,
+        )
+    except Exception:  # not available offline here: the train stage (which loads it) checks again
+        return None
+    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+
+
 def _holds_nxd_shards(path: Path, depth: int = 3) -> bool:
     if path.name in _TAG_NAMES and (path / "model").is_dir():
         return True
@@ -75,6 +112,9 @@ class NeuronBackend(StageModules):
     runtime_only_keys: tuple[str, ...] = ("parallel_compile_workers",)
     compiles_graphs: bool = True
     accelerator: str = "neuron"
+
+    def check_config(self, cfg: RunConfig) -> None:
+        check_settings(cfg)
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
         return cfg.neuron.tp, cfg.neuron.pp

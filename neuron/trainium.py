@@ -62,6 +62,16 @@ FLASH_SEQUENCE_MULTIPLE = 2048
 def check_settings(cfg: RunConfig) -> None:
     """Refuse settings the Trainium path cannot honour (one line each, before anything runs)."""
     t, n, d = cfg.train, cfg.neuron, cfg.dataset
+    if cfg.lora.enabled:
+        from transformers import AutoConfig
+
+        from trnft.neuron import fused_groups
+
+        config = AutoConfig.from_pretrained(
+            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        fused_groups.check(cfg.lora.target_modules, kv_heads, n.tp, n.fuse_qkv)
     if t.eval_steps:
         raise ConfigError(
             "train.eval_steps: optimum-neuron's NeuronTrainer has no evaluation loop; set train.eval_steps=0 "

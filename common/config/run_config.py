@@ -406,13 +406,6 @@ class RunConfig:
                         "choose another run.root or set neuron.cache_dir",
                     )
                 )
-        if self.neuron.pp > 1 and self.neuron.backend == "cpu":
-            problems.append(
-                (
-                    "neuron.pp",
-                    f"pipeline parallelism needs Trainium; the cpu backend takes 1, got {self.neuron.pp}",
-                )
-            )
         cpu_neuron = self.model.platform == "neuron" and self.neuron.backend == "cpu"
         if cpu_neuron and self.neuron.cpu_devices % (self.neuron.tp * self.neuron.pp):
             problems.append(
