@@ -65,6 +65,7 @@ def check_settings(cfg: RunConfig) -> None:
       while trnft's batches carry position_ids, it ignores ``num_items_in_batch`` and cannot resume from
       meta parameters; no pipeline run has executed end to end, so it is refused until one does.
     - LoRA targets that name part of a group optimum-neuron fuses (:mod:`trnft.neuron.fused_groups`).
+    - On Trainium, a layout whose memory estimate exceeds a NeuronCore (:mod:`trnft.neuron.memory`).
     """
     from trnft.common.errors import ConfigError
     from trnft.neuron import fused_groups
@@ -75,24 +76,36 @@ def check_settings(cfg: RunConfig) -> None:
             "(optimum-neuron's pipeline takes only input_ids/attention_mask/labels, ignores the global token "
             "count and cannot resume); set neuron.pp=1 and use neuron.tp and data parallelism"
         )
+    config = _model_config(cfg)
     if cfg.lora.enabled:
-        fused_groups.check(cfg.lora.target_modules, _kv_heads(cfg), cfg.neuron.tp, cfg.neuron.fuse_qkv)
+        kv_heads = None if config is None else _kv_heads(config)
+        fused_groups.check(cfg.lora.target_modules, kv_heads, cfg.neuron.tp, cfg.neuron.fuse_qkv)
+    on_trainium = cfg.neuron.backend == "trainium" or (cfg.neuron.backend == "auto" and has_neuron_device())
+    if on_trainium and config is not None:
+        from trnft.common.cluster.instances import instance
+        from trnft.neuron import memory
+
+        memory.check(cfg, config, instance(cfg.cluster.instance_type))
 
 
-def _kv_heads(cfg: RunConfig) -> int | None:
-    """The model's key/value heads when its config can be read here (a local folder or the HF cache)."""
+def _model_config(cfg: RunConfig) -> Any:
+    """The model's config when it can be read here (a local folder or the HF cache), else None: the
+    train stage, which loads it, checks again."""
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             cfg.model.name_or_path,
             revision=cfg.model.revision,
             trust_remote_code=cfg.model.trust_remote_code,
             local_files_only=True,
         )
-    except Exception:  # not available offline here: the train stage (which loads it) checks again
+    except Exception:  # not available offline here
         return None
-    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+
+
+def _kv_heads(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def _holds_nxd_shards(path: Path, depth: int = 3) -> bool:

@@ -62,16 +62,18 @@ FLASH_SEQUENCE_MULTIPLE = 2048
 def check_settings(cfg: RunConfig) -> None:
     """Refuse settings the Trainium path cannot honour (one line each, before anything runs)."""
     t, n, d = cfg.train, cfg.neuron, cfg.dataset
+    from transformers import AutoConfig
+
+    from trnft.common.cluster.instances import instance
+    from trnft.neuron import fused_groups, memory
+
+    config = AutoConfig.from_pretrained(
+        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
     if cfg.lora.enabled:
-        from transformers import AutoConfig
-
-        from trnft.neuron import fused_groups
-
-        config = AutoConfig.from_pretrained(
-            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        )
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         fused_groups.check(cfg.lora.target_modules, kv_heads, n.tp, n.fuse_qkv)
+    memory.check(cfg, config, instance(cfg.cluster.instance_type))
     if t.eval_steps:
         raise ConfigError(
             "train.eval_steps: optimum-neuron's NeuronTrainer has no evaluation loop; set train.eval_steps=0 "
@@ -137,6 +139,8 @@ def training_arguments(cfg: RunConfig, output_dir: Path, *, logging_steps: int |
         recompute_causal_mask=n.attention == "flash",
         # trnft saves the optimizer moments per tensor/pipeline rank itself; ZeRO-1 would shard them over DP.
         zero_1=False,
+        # ... so optimum-neuron must not save them too (full fine-tuning at tp > 1 wrote them twice).
+        save_only_model=True,
         dataloader_drop_last=True,
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -300,9 +304,13 @@ def load_rank_weights(model: Any, checkpoint: Path, *, lora: bool, tp_rank: int,
 
 
 def build_model(cfg: RunConfig, args: Any) -> Any:
+    """optimum-neuron's training model, with LoRA when enabled. Everything drawn while building it (LoRA's
+    initial A matrices) comes from ``train.seed``, the same on every rank and in every run."""
     import torch
     from optimum.neuron.models.training import NeuronModelForCausalLM
+    from transformers import set_seed
 
+    set_seed(cfg.train.seed)
     model = NeuronModelForCausalLM.from_pretrained(
         cfg.model.name_or_path,
         args.trn_config,
@@ -385,6 +393,12 @@ def trainer_class() -> type:
             refuse_non_finite(self.state.global_step, logs.get("loss"), logs.get("grad_norm"))
             super().log(logs, *args)
 
+        def report_and_save_summary_metrics(self) -> None:
+            """optimum-neuron writes training_summary_metrics.json into the train folder from every rank;
+            rank 0 alone writes it (the other ranks' copies raced on one file)."""
+            if xm.is_master_ordinal(local=False):
+                super().report_and_save_summary_metrics()
+
         def maybe_save_checkpoint(self) -> None:
             """Refuse a non-finite step at every optimizer step, not only at logging steps.
 
@@ -438,6 +452,27 @@ def trainer_class() -> type:
             xm.rendezvous("trnft_checkpoint_committed")
 
     return _TrnftNeuronTrainer
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def agreed_resume_point(ctx: StageContext) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0 decides, after removing what an interrupted run (or
+    ``--force``) left, and the other ranks receive its answer instead of looking for themselves while rank 0
+    may still be deleting. The answer travels over a gloo group of the job's process group."""
+    import torch.distributed as dist
+
+    box: list[str | None] = [None]
+    if ctx.is_main:
+        found = checkpoints.resume_point(ctx.out_dir, ctx.fingerprint, ctx.log)
+        box = [str(found) if found else None]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = dist.new_group(backend="gloo")
+        dist.broadcast_object_list(box, src=0, group=group)
+        dist.destroy_process_group(group)
+    return Path(box[0]) if box[0] else None
 
 
 def _refuse_non_finite_step(step: int, running_loss: Any, grad_norm: Any) -> None:
@@ -515,20 +550,16 @@ def _dataset(
 
 def train(ctx: StageContext) -> StageOutcome:
     """Train (or resume) under torchrun with optimum-neuron; every rank runs this."""
-    cfg, log = ctx.cfg, ctx.log
+    cfg = ctx.cfg
+    log = ctx.log if ctx.is_main else _quiet  # one copy of every line, not one per rank
     check_settings(cfg)
     from neuronx_distributed.parallel_layers import parallel_state
 
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
     split = tokenized.split("train")
-    if ctx.is_main:
-        checkpoint = checkpoints.resume_point(ctx.out_dir, ctx.fingerprint, log)
-    else:
-        newest = checkpoints.newest_complete(ctx.out_dir)
-        checkpoint = newest.path if newest else None
-    resume = read_resume_state(checkpoint)
+    args = training_arguments(cfg, ctx.out_dir)  # starts the process group and NxD's parallel state
+    resume = read_resume_state(agreed_resume_point(ctx))
     start = resume.step if resume else 0
-    args = training_arguments(cfg, ctx.out_dir)
     dp_size, dp_rank = parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank()
     global_batch(cfg.train, dp_size)  # train.global_batch_size, when set, must match this layout
     plan = _RunPlan(cfg, split, ctx.out_dir, ctx.fingerprint, dp_size, start, resume, log, [], [])
@@ -588,6 +619,7 @@ class OptimumNeuronSettings:
     save_steps: int
     logging_steps: int
     gradient_checkpointing: bool  # read back from the model: train.activation_checkpointing reached it
+    save_only_model: bool  # optimum-neuron saves no optimizer state (trnft saves it once, per rank)
 
 
 @dataclass(frozen=True)
@@ -632,6 +664,7 @@ def effective_settings(args: Any, model: Any) -> OptimumNeuronSettings:
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
         gradient_checkpointing=bool(getattr(base, "is_gradient_checkpointing", False)),
+        save_only_model=args.save_only_model,
     )
 
 

@@ -35,6 +35,14 @@ class InstanceType:
     memory_gib: int
     target: str | None = None
     gpu_memory_gib: int | None = None
+    device_memory_gib: int | None = None  # HBM of one Trainium chip
+
+    def neuron_core_memory_gib(self, logical_nc_config: int = 1) -> float | None:
+        """HBM one training process (a logical NeuronCore) has on this instance."""
+        if self.device_memory_gib is None or not self.neuron_cores:
+            return None
+        per_core = self.device_memory_gib * self.neuron_devices / self.neuron_cores
+        return per_core * (logical_nc_config if self.target in LNC_TARGETS else 1)
 
     def ranks_per_node(self, logical_nc_config: int = 1) -> int:
         """Processes per node: one per (logical) NeuronCore, or one per GPU."""

@@ -59,7 +59,10 @@ def test_part_of_a_fused_group_is_one_line_naming_it(targets, kv_heads, tp, fuse
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["neuron.pp=2", "neuron.tp=1"], "neuron.pp: 2 (pipeline parallelism) has never run end to end on this path"),
+        (
+            ["neuron.pp=2", "neuron.tp=1"],
+            "neuron.pp: 2 (pipeline parallelism) has never run end to end on this path",
+        ),
         (["lora.target_modules=[gate_proj,q_proj,k_proj,v_proj]"], "add up_proj or remove gate_proj"),
         # the tiny Llama has 2 key/value heads: at neuron.tp=4 (8 CPU devices) q/k/v are one module
         (

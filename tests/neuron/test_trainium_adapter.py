@@ -133,6 +133,7 @@ def test_a_full_run_writes_a_manifest_with_what_optimum_neuron_ran(uninterrupted
     assert (settings.tensor_parallel_size, settings.data_parallel_size) == (1, 1)
     assert (settings.save_steps, settings.logging_steps) == (3, 1)
     assert settings.gradient_checkpointing is True  # train.activation_checkpointing: full (the default)
+    assert settings.save_only_model is True  # the optimizer moments are saved once, by trnft, per rank
     for step in (3, 6):
         state = json.loads(
             (uninterrupted.root / "train" / f"checkpoint-{step}" / "trnft_state" / "state.json").read_text()
@@ -187,6 +188,9 @@ def test_sigkill_during_a_save_then_rerun_continues_exactly(
     assert (train_dir / "checkpoint-3" / "trnft_state" / "state.json").is_file()
     assert not (train_dir / "checkpoint-6").exists()
     assert (train_dir / "checkpoint-6.staging-trn").is_dir()  # the half-done save
+    # Another process, the same train.seed: LoRA started from the same A, so step 3 is the same adapter.
+    first, straight = (_adapter_tensors(r / "train" / "checkpoint-3") for r in (run.root, uninterrupted.root))
+    assert all(torch.equal(first[name], straight[name]) for name in straight)
 
     resumed = ok(torchrun(run, "train"))
     assert "removing checkpoint-6.staging-trn, an interrupted save" in resumed.stdout
@@ -209,6 +213,16 @@ def test_sigkill_during_a_save_then_rerun_continues_exactly(
 
 
 @pytest.mark.slow  # the LoRA resume above covers the same code path in the default run
+def test_lora_starts_from_train_seed(tmp_path, tiny_llama, flash_tokenized, uninterrupted):
+    """Another train.seed draws another initial lora_A (the run stops after its checkpoint at step 3)."""
+    run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized, train={**TRAIN, "seed": 8})
+    assert torchrun(run, "train", env={"TRNFT_FAULT": "kill-during-step:4"}).returncode != 0
+    mine = _adapter_tensors(run.root / "train" / "checkpoint-3")
+    theirs = _adapter_tensors(uninterrupted.root / "train" / "checkpoint-3")
+    a_names = [n for n in theirs if "lora_A" in n]
+    assert a_names and all(not torch.equal(mine[n], theirs[n]) for n in a_names)
+
+
 def test_full_fine_tuning_resumes_exactly_and_consolidates(tmp_path, tiny_llama, flash_tokenized):
     """lora.enabled=false: optimum-neuron's model shards (shards/) are resumed and consolidated the same way."""
     full = {"lora": {"enabled": False}, "train": {**TRAIN, "learning_rate": 1e-4, "min_lr": 1e-5}}
