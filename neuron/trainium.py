@@ -120,6 +120,10 @@ def training_arguments(cfg: RunConfig, output_dir: Path, *, logging_steps: int |
         max_grad_norm=t.max_grad_norm,
         warmup_steps=t.warmup_steps,
         bf16=t.bf16,
+        # bf16 as autocast, not optimum-neuron's FULL_BF16 (which, without ZeRO-1, casts the trained weights
+        # and so the Adam moments to bf16): trained weights, their gradients (accumulated over micro-batches)
+        # and the optimizer state stay fp32, matmuls run in bf16 -- what the other platforms keep.
+        use_autocast=t.bf16,
         seed=t.seed,
         # optimum-neuron enables it on the model (torch_xla's checkpoint) when pipeline parallelism is off.
         gradient_checkpointing=t.activation_checkpointing == "full",
@@ -311,10 +315,13 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
+    # LoRA: the frozen base in model.dtype (PEFT makes the adapters fp32 over a bf16 base); full
+    # fine-tuning: the trained weights are fp32 masters, as on the other platforms.
+    dtype = getattr(torch, cfg.model.dtype) if cfg.lora.enabled else torch.float32
     model = NeuronModelForCausalLM.from_pretrained(
         cfg.model.name_or_path,
         args.trn_config,
-        torch_dtype=getattr(torch, cfg.model.dtype),
+        torch_dtype=dtype,
         attn_implementation=attn_implementation(cfg),
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -593,7 +600,7 @@ def train(ctx: StageContext) -> StageOutcome:
         restored_on_resume=sorted(set(plan.restored)),
         not_restored_on_resume=NOT_RESTORED if resume else [],
         non_pad_token_fraction=TokenizeFigures.of(ctx.upstream["tokenize"]).train.non_pad_fraction,
-        optimum_neuron=effective_settings(args, model),
+        optimum_neuron=effective_settings(args, trainer),
     )
     return StageOutcome(
         summary=figures.summary(),
@@ -619,6 +626,9 @@ class OptimumNeuronSettings:
     save_steps: int
     logging_steps: int
     gradient_checkpointing: bool  # read back from the model: train.activation_checkpointing reached it
+    mixed_precision: str  # optimum-neuron's mode: NO, AUTOCAST_BF16 (train.bf16) or FULL_BF16 (never chosen)
+    trained_dtypes: list[str]  # dtypes of the trained parameters after training
+    optimizer_state_dtypes: list[str]  # dtypes of the Adam moments after training
     save_only_model: bool  # optimum-neuron saves no optimizer state (trnft saves it once, per rank)
 
 
@@ -646,10 +656,19 @@ class TrainiumTrainFigures(Figures):
         return text
 
 
-def effective_settings(args: Any, model: Any) -> OptimumNeuronSettings:
-    """What optimum-neuron actually ran with, read back from its own objects (for the manifest)."""
+def effective_settings(args: Any, trainer: Any) -> OptimumNeuronSettings:
+    """What optimum-neuron actually ran with, read back from its own objects (for the manifest): the
+    trainer's model and optimizer after training, so the dtypes are the ones it trained in."""
     trn = args.trn_config
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trained = trainer.model
+    base = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    moments = {
+        str(value.dtype).removeprefix("torch.")
+        for state in optimizer.state.values()
+        for key, value in state.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    }
     return OptimumNeuronSettings(
         tensor_parallel_size=trn.tensor_parallel_size,
         pipeline_parallel_size=trn.pipeline_parallel_size,
@@ -664,6 +683,11 @@ def effective_settings(args: Any, model: Any) -> OptimumNeuronSettings:
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
         gradient_checkpointing=bool(getattr(base, "is_gradient_checkpointing", False)),
+        mixed_precision=trainer.accelerator.mixed_precision_config.mode.value,
+        trained_dtypes=sorted(
+            {str(p.dtype).removeprefix("torch.") for p in trained.parameters() if p.requires_grad}
+        ),
+        optimizer_state_dtypes=sorted(moments),
         save_only_model=args.save_only_model,
     )
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import Run, ok, smoke_raw, step_batch_loss
+from helpers import Run, ok, smoke_raw, step_batch_loss, write_config
 
 from trnft.common.config.run_config import config_from_dict
 from trnft.common.errors import ConfigError
@@ -212,7 +212,27 @@ def test_sigkill_during_a_save_then_rerun_continues_exactly(
         assert torch.equal(mine[name], theirs[name]), name
 
 
-@pytest.mark.slow  # the LoRA resume above covers the same code path in the default run
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_the_production_default_bf16_keeps_trained_weights_and_adam_moments_fp32(
+    tmp_path, tiny_llama, flash_tokenized, lora
+):
+    """train.bf16 with a bf16 model (the shipped examples) through the real NeuronTrainer: matmuls in bf16
+    (autocast), trained weights and Adam moments fp32 (optimum-neuron's FULL_BF16 would make both bf16)."""
+    run = _trainium_run(
+        tmp_path / "run", tiny_llama, flash_tokenized, lora={"enabled": lora},
+        train={**TRAIN, "bf16": True, "max_steps": 2, "save_steps": 2, "warmup_steps": 1},
+    )  # fmt: skip
+    run.raw["model"]["dtype"] = "bfloat16"  # the shipped examples' base dtype
+    write_config(run.config, run.raw)
+    ok(torchrun(run, "train"))
+    settings = run.figures("train", TrainiumTrainFigures).optimum_neuron
+    assert settings.mixed_precision == "AUTOCAST_BF16"
+    assert settings.trained_dtypes == ["float32"] and settings.optimizer_state_dtypes == ["float32"]
+    if lora:
+        saved = _adapter_tensors(run.root / "train" / "checkpoint-2")
+        assert saved and all(t.dtype == torch.float32 for t in saved.values())
+
+
 def test_lora_starts_from_train_seed(tmp_path, tiny_llama, flash_tokenized, uninterrupted):
     """Another train.seed draws another initial lora_A (the run stops after its checkpoint at step 3)."""
     run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized, train={**TRAIN, "seed": 8})
@@ -223,6 +243,7 @@ def test_lora_starts_from_train_seed(tmp_path, tiny_llama, flash_tokenized, unin
     assert a_names and all(not torch.equal(mine[n], theirs[n]) for n in a_names)
 
 
+@pytest.mark.slow  # the LoRA resume above covers the same code path in the default run
 def test_full_fine_tuning_resumes_exactly_and_consolidates(tmp_path, tiny_llama, flash_tokenized):
     """lora.enabled=false: optimum-neuron's model shards (shards/) are resumed and consolidated the same way."""
     full = {"lora": {"enabled": False}, "train": {**TRAIN, "learning_rate": 1e-4, "min_lr": 1e-5}}
