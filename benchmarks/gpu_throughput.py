@@ -14,8 +14,8 @@ MFU counts model FLOPs, not recomputation (activation checkpointing is extra wor
 the model does not need): per token, a forward pass is 2·N matmul FLOPs (N = parameters of every linear
 layer and the LM head; embedding lookups are free) plus 4·L·h·S for attention scores and values (L
 layers, hidden h, sequence S, no causal discount). Full fine-tuning's backward pass costs twice its
-forward (6·N + 12·L·h·S in all); LoRA's costs once (input gradients only; the adapters' own FLOPs are
-below 1 percent and left out): 4·N + 8·L·h·S. The peak is the GPU's dense bf16 rate (``--peak-tflops``
+forward (6·N + 12·L·h·S in all); LoRA's matmuls cost once (input gradients only; the adapters' own FLOPs
+are below 1 percent and left out) but attention's backward is twice its forward either way: 4·N + 12·L·h·S. The peak is the GPU's dense bf16 rate (``--peak-tflops``
 for a GPU not in the table).
 """
 
@@ -64,8 +64,13 @@ class Shape:
         return layers * (attention + mlp) + self.hidden * self.vocab  # + the LM head
 
     def flops_per_token(self, layers: int, seq: int, full: bool) -> float:
-        forward = 2 * self.linear_parameters(layers) + 4 * layers * self.hidden * seq
-        return forward * (3 if full else 2)
+        """Model FLOPs per token: forward 2N (matmuls) + 4·L·h·S (attention scores and values). Backward:
+        the input gradients cost the forward again for every matmul (2N + 4·L·h·S); full fine-tuning adds
+        the weight gradients (2N), while the attention's two products still need both operands' gradients
+        (another 4·L·h·S) with or without LoRA. So full 6N + 12·L·h·S, LoRA 4N + 12·L·h·S."""
+        matmuls = 2 * self.linear_parameters(layers)
+        attention = 4 * layers * self.hidden * seq
+        return matmuls * (3 if full else 2) + attention * 3
 
 
 LLAMA_31_8B = Shape(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256)

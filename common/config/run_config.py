@@ -289,10 +289,10 @@ class GpuSection:
         "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
     )
     wandb: bool = opt(False, "Also log to Weights & Biases.")
-    compile: bool = opt(
-        False,
+    compile: Literal["auto", "on", "off"] = opt(
+        "auto",
         "torch.compile each decoder block with the device's compile backend (inductor on CUDA, neuron on "
-        "native Neuron); the CPU runs eager.",
+        "native Neuron); auto: on for CUDA, off elsewhere (the CPU always runs eager).",
     )
 
 
@@ -465,6 +465,11 @@ def pinned_by_digest(image: str) -> bool:
 # Parsing
 
 
+# A setting whose words include "on"/"off" (gpu.compile, train.activation_checkpointing) gets them back when
+# YAML turned a bare `on` / `off` into a boolean.
+_YAML_WORDS = {True: "on", False: "off"}
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -554,6 +559,8 @@ def _coerce(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
         return _coerce(value, args[0], path, problems)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and _YAML_WORDS[value] in allowed:
+            value = _YAML_WORDS[value]  # YAML 1.1 reads a bare on/off as true/false
         if value not in allowed:
             problems.add(path, f"must be {_describe(tp)}, got {value!r}")
             return None

@@ -219,12 +219,23 @@ def _threads_per_process(nproc: int) -> Iterator[None]:
         del os.environ["OMP_NUM_THREADS"]
 
 
+def compile_backend(cfg: RunConfig, platform: DevicePlatform) -> str | None:
+    """The torch.compile backend of the decoder blocks (None: eager). auto compiles on CUDA only: the
+    Neuron backend's compile path is not yet measured here, and the CPU always runs eager."""
+    if platform.compile_backend is None or cfg.gpu.compile == "off":
+        return None
+    if cfg.gpu.compile == "auto" and platform.name != "cuda":
+        return None
+    return platform.compile_backend
+
+
 def attention_implementation(cfg: RunConfig, device: str) -> str:
-    """flash_attention_2 on CUDA when flash_attn is installed (auto), else sdpa; or what the config says."""
+    """flash_attention_2 on CUDA when flash_attn is installed and training in bf16 (auto; flash-attn has
+    no fp32 kernels), else sdpa; or what the config says."""
     wanted = cfg.gpu.attn_implementation
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if wanted == "auto":
-        return "flash_attention_2" if device == "cuda" and has_flash else "sdpa"
+        return "flash_attention_2" if device == "cuda" and has_flash and cfg.train.bf16 else "sdpa"
     if wanted == "flash_attention_2" and (device != "cuda" or not has_flash):
         raise ConfigError(
             "gpu.attn_implementation: flash_attention_2 needs CUDA and the flash_attn package; use auto or sdpa"
@@ -390,7 +401,7 @@ class ShardedCausalLM(L.LightningModule):
         self.accumulation = train.gradient_accumulation_steps
         self.global_batch = global_batch(train, world_size // self.cfg.gpu.tp)
         self.attn = attention_implementation(self.cfg, platform.device_type)
-        self.compile_backend = platform.compile_backend if self.cfg.gpu.compile else None
+        self.compile_backend = compile_backend(self.cfg, platform)
         self.step_count = 0
         self.step_loss = math.nan
         self.step_grad_norm = math.nan
@@ -452,9 +463,11 @@ class ShardedCausalLM(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         train = self.cfg.train
+        # One fused kernel per parameter group on CUDA (DTensor parameters included); foreach elsewhere.
+        fused = self.world.device.type == "cuda" and not self.cfg.gpu.cpu_offload
         return torch.optim.AdamW(
             self._param_groups(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-            eps=train.adam_epsilon, foreach=True,
+            eps=train.adam_epsilon, **({"fused": True} if fused else {"foreach": True}),
         )  # fmt: skip
 
     def _param_groups(self) -> list[dict[str, Any]]:

@@ -199,3 +199,16 @@ def test_with_overrides_keeps_the_rest(tmp_path):
 
 def test_decode_template():
     assert decode_template(r"a\nb\tc\\n") == "a\nb\tc\\n"
+
+
+def test_a_bare_on_or_off_in_yaml_is_the_word_not_a_boolean(tmp_path):
+    """YAML 1.1 reads `off` as false: settings whose words are on/off get their word back."""
+    path = tmp_path / "run.yaml"
+    head = "run: {name: t, root: /tmp/t}\nmodel: {name_or_path: /tmp/m}\ndataset: {name: a/b}\n"
+    path.write_text(head + "train: {activation_checkpointing: off}\ngpu: {compile: on}\n")
+    cfg = load_config(path)
+    assert (cfg.train.activation_checkpointing, cfg.gpu.compile) == ("off", "on")
+    path.write_text(head + "train: {activation_checkpointing: on}\n")
+    with pytest.raises(ConfigError) as err:  # no word "on" for this key: the boolean is still refused
+        load_config(path)
+    assert "train.activation_checkpointing: must be one of 'full', 'off', got True" in str(err.value)

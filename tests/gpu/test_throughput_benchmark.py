@@ -27,9 +27,19 @@ def test_flops_per_token_of_llama_31_8b():
     shape = bench.LLAMA_31_8B
     # 32 layers: q/o 4096x4096, k/v 4096x1024, MLP 3 x 4096x14336 = 218,103,808 per layer; LM head 525M.
     assert shape.linear_parameters(32) == 32 * 218_103_808 + 4096 * 128_256
-    forward = 2 * shape.linear_parameters(32) + 4 * 32 * 4096 * 4096
-    assert shape.flops_per_token(32, 4096, full=True) == 3 * forward
-    assert shape.flops_per_token(32, 4096, full=False) == 2 * forward
+    n = shape.linear_parameters(32)
+    attention = 4 * 32 * 4096 * 4096  # QK^T and AV: 2 products x 2 FLOPs x L x h x S per token
+    # By hand: forward 2N + A; backward input gradients 2N + A, weight gradients 2N (full only), and the
+    # attention products' second operand gradients another A with or without LoRA.
+    assert (
+        shape.flops_per_token(32, 4096, full=True)
+        == (2 * n + attention) + (2 * n + attention) + 2 * n + attention
+    )
+    assert (
+        shape.flops_per_token(32, 4096, full=False) == (2 * n + attention) + (2 * n + attention) + attention
+    )
+    # LoRA at 4096 tokens: 4N + 12LhS = 4 x 7.505e9 + 12 x 32 x 4096 x 4096 = 36.46 GFLOPs per token
+    assert round(shape.flops_per_token(32, 4096, full=False) / 1e9, 2) == 36.46
 
 
 @pytest.mark.slow
