@@ -78,8 +78,7 @@ def check_settings(cfg: RunConfig) -> None:
         )
     config = _model_config(cfg)
     if cfg.lora.enabled:
-        kv_heads = None if config is None else _kv_heads(config)
-        fused_groups.check(cfg.lora.target_modules, kv_heads, cfg.neuron.tp, cfg.neuron.fuse_qkv)
+        fused_groups.check(cfg.lora.target_modules, None if config is None else layout_of(cfg, config))
     on_trainium = cfg.neuron.backend == "trainium" or (cfg.neuron.backend == "auto" and has_neuron_device())
     if on_trainium and config is not None:
         from trnft.common.cluster.instances import instance
@@ -104,8 +103,16 @@ def _model_config(cfg: RunConfig) -> Any:
         return None
 
 
-def _kv_heads(config: Any) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+def layout_of(cfg: RunConfig, config: Any) -> Any:
+    """NxD's layout of this model at ``neuron.tp`` (a ConfigError names the key when it cannot split)."""
+    from trnft.neuron.parallel_layout import ModelDims, NeuronLayout
+
+    return NeuronLayout.for_model(
+        ModelDims.from_config(config),
+        cfg.neuron.tp,
+        fuse_qkv=cfg.neuron.fuse_qkv,
+        kv_size_multiplier=cfg.neuron.kv_size_multiplier,
+    )
 
 
 def _holds_nxd_shards(path: Path, depth: int = 3) -> bool:

@@ -71,8 +71,9 @@ def check_settings(cfg: RunConfig) -> None:
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
     if cfg.lora.enabled:
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        fused_groups.check(cfg.lora.target_modules, kv_heads, n.tp, n.fuse_qkv)
+        from trnft.neuron.backend import layout_of
+
+        fused_groups.check(cfg.lora.target_modules, layout_of(cfg, config))
     memory.check(cfg, config, instance(cfg.cluster.instance_type))
     if t.eval_steps:
         raise ConfigError(

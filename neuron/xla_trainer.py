@@ -41,7 +41,7 @@ from trnft.common.training.data import (
 from trnft.common.training.lora import ADAPTER, apply_lora, tie_lora_a
 from trnft.common.training.optim import global_batch, wants_decay
 from trnft.common.training.policy import lr_of
-from trnft.neuron import nxd_format
+from trnft.neuron import fused_groups, nxd_format
 from trnft.neuron.parallel_layout import (
     ModelDims,
     NeuronLayout,
@@ -82,14 +82,7 @@ def training_targets(cfg: RunConfig, layout: NeuronLayout) -> list[str]:
             f"lora.target_modules: {unsupported[0]!r} is not supported by the Trainium trainer; "
             f"use the projections {', '.join(SUPPORTED_TARGETS)}"
         )
-    for fused_name, parts in layout.fused_modules().items():
-        chosen = [p for p in parts if p in targets]
-        if chosen and len(chosen) != len(parts):
-            missing = [p for p in parts if p not in targets]
-            raise TrnftError(
-                f"lora.target_modules: on Trainium {', '.join(parts)} are one fused layer ({fused_name} at neuron.tp="
-                f"{layout.tp}); target all of them or none (missing: {', '.join(missing)})"
-            )
+    fused_groups.check(targets, layout)  # also refused before any stage runs (trnft.neuron.backend)
     return targets
 
 

@@ -1,58 +1,77 @@
-"""Fused LoRA groups of the trn1 path (optimum-neuron 0.4.5 NEW modeling, NEURON_FORMAT.md 2.4), refused at
-config time in one line, and pipeline parallelism refused until a pipeline run has executed."""
+"""Fused LoRA groups of the trn1 path, refused at config time in one line from the one layout rule
+(NeuronLayout, NEURON_FORMAT.md 2.4), and pipeline parallelism refused until a pipeline run has executed."""
 
 from __future__ import annotations
 
 import pytest
 
 from trnft.common.errors import ConfigError
-from trnft.neuron.fused_groups import check, qkv_fusion_reason
+from trnft.neuron.fused_groups import check, fused_modules
+from trnft.neuron.parallel_layout import ModelDims, NeuronLayout
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Llama-3.1-8B: 32 query heads, 8 key/value heads; an MHA model of the same width.
+LLAMA_8B = ModelDims(
+    hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256, layers=32
+)
+MHA = ModelDims(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=14336, vocab=128256, layers=32)
+
+
+def _layout(dims, tp, fuse_qkv=False):
+    return NeuronLayout.for_model(dims, tp, fuse_qkv=fuse_qkv)
 
 
 @pytest.mark.parametrize(
-    ("kv_heads", "tp", "fuse_qkv", "fused"),
+    ("dims", "tp", "fuse_qkv", "qkv_fused"),
     [
-        (8, 8, False, False),  # Llama-3.1-8B at tp 8: k/v split evenly, separate q/k/v
-        (8, 32, False, True),  # fewer kv heads than ranks: NxD's GQA QKV layer
-        (8, 16, False, True),
-        (4, 3, False, True),  # 3 does not divide 4
-        (32, 8, True, True),  # fuse_qkv on
-        (2, 1, False, False),  # tp 1: never fused without fuse_qkv (why the refusal was invisible there)
+        (LLAMA_8B, 8, False, False),  # k/v split evenly: separate q/k/v
+        (LLAMA_8B, 32, False, True),  # fewer kv heads than ranks: NxD's GQA QKV layer
+        (LLAMA_8B, 16, False, True),
+        (LLAMA_8B, 8, True, False),  # fuse_qkv fuses MHA models only
+        (MHA, 8, True, True),
+        (
+            LLAMA_8B,
+            1,
+            False,
+            False,
+        ),  # tp 1: never fused without fuse_qkv (why the failure was invisible there)
     ],
 )
-def test_when_q_k_v_are_one_module(kv_heads, tp, fuse_qkv, fused):
-    assert (qkv_fusion_reason(kv_heads, tp, fuse_qkv) is not None) is fused
+def test_which_layouts_fuse_q_k_v(dims, tp, fuse_qkv, qkv_fused):
+    modules = fused_modules(_layout(dims, tp, fuse_qkv))
+    assert modules["gate_up_proj"] == ("gate_proj", "up_proj")
+    assert ("qkv_proj" in modules) is qkv_fused
 
 
-def test_every_full_list_and_every_unfused_subset_passes():
-    check(ALL, 8, 32, False)
-    check(["q_proj", "v_proj", "gate_proj", "up_proj"], 8, 8, False)  # q/k/v separate at tp 8
-    check(["o_proj", "down_proj"], 8, 32, False)  # no member of a fused group named
+def test_full_lists_and_unfused_subsets_pass():
+    check(ALL, _layout(LLAMA_8B, 32))
+    check(["q_proj", "v_proj", "gate_proj", "up_proj"], _layout(LLAMA_8B, 8))
+    check(["o_proj", "down_proj"], _layout(LLAMA_8B, 32))
+    check(["q_proj"], None)  # no model config here: only the always-fused group is known
 
 
 @pytest.mark.parametrize(
-    ("targets", "kv_heads", "tp", "fuse_qkv", "message"),
+    ("targets", "layout", "message"),
     [
         (
             ["q_proj", "v_proj"],
-            8,
-            32,
-            False,
+            _layout(LLAMA_8B, 32),
             "lora.target_modules: names q_proj, v_proj but not k_proj; on the Trainium path they are one "
-            "module qkv_proj (the model's 8 key/value heads are fewer than neuron.tp=32 (NxD's GQA QKV "
-            "layer)), which LoRA adapts as a whole: add k_proj or remove q_proj, v_proj",
+            "module qkv_proj (the model's 8 key/value heads are fewer than neuron.tp=32: NxD's GQA QKV "
+            "layer), which LoRA adapts as a whole: add k_proj or remove q_proj, v_proj",
         ),
-        (["q_proj"], 32, 8, True, "one module qkv_proj (neuron.fuse_qkv is on)"),
-        (["k_proj"], 4, 3, False, "neuron.tp=3 does not divide the model's 4 key/value heads"),
-        (["gate_proj"], 8, 1, False, "add up_proj or remove gate_proj"),
-        (["up_proj", "q_proj"], None, 8, False, "optimum-neuron always fuses gate_proj and up_proj"),
+        (
+            ["q_proj"],
+            _layout(MHA, 8, True),
+            "(neuron.fuse_qkv is on and the model has as many key/value heads",
+        ),
+        (["gate_proj"], _layout(LLAMA_8B, 1), "add up_proj or remove gate_proj"),
+        (["up_proj", "q_proj"], None, "optimum-neuron always fuses gate_proj and up_proj"),
     ],
 )
-def test_part_of_a_fused_group_is_one_line_naming_it(targets, kv_heads, tp, fuse_qkv, message):
+def test_part_of_a_fused_group_is_one_line_naming_it(targets, layout, message):
     with pytest.raises(ConfigError) as err:
-        check(targets, kv_heads, tp, fuse_qkv)
+        check(targets, layout)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

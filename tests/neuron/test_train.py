@@ -201,11 +201,12 @@ def test_full_fine_tuning_writes_model_shards(make_run):
         ({"lora": {"target_modules": ["q_proj", "dense"]}}, "lora.target_modules: 'dense' is not supported"),
         (
             {"lora": {"target_modules": ["gate_proj", "down_proj"]}},
-            "gate_proj, up_proj are one fused layer (gate_up_proj",
+            "names gate_proj but not up_proj; on the Trainium path they are one module gate_up_proj",
         ),
         (
             {"neuron": {"tp": 4, "cpu_devices": 4}, "lora": {"target_modules": ["q_proj", "v_proj"]}},
-            "q_proj, k_proj, v_proj are one fused layer (qkv_proj at neuron.tp=4)",
+            "names q_proj, v_proj but not k_proj; on the Trainium path they are one module qkv_proj (the "
+            "model's 2 key/value heads are fewer than neuron.tp=4",
         ),
     ],
 )

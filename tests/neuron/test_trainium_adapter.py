@@ -234,9 +234,9 @@ def test_the_production_default_bf16_keeps_trained_weights_and_adam_moments_fp32
 
 
 def test_lora_starts_from_train_seed(tmp_path, tiny_llama, flash_tokenized, uninterrupted):
-    """Another train.seed draws another initial lora_A (the run stops after its checkpoint at step 3)."""
+    """Another train.seed draws another initial lora_A (the run is stopped while saving step 6)."""
     run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized, train={**TRAIN, "seed": 8})
-    assert torchrun(run, "train", env={"TRNFT_FAULT": "kill-during-step:4"}).returncode != 0
+    assert torchrun(run, "train", env={"TRNFT_FAULT": "kill-during-save:6"}).returncode != 0
     mine = _adapter_tensors(run.root / "train" / "checkpoint-3")
     theirs = _adapter_tensors(uninterrupted.root / "train" / "checkpoint-3")
     a_names = [n for n in theirs if "lora_A" in n]
