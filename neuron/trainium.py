@@ -312,10 +312,12 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
     """optimum-neuron's training model, with LoRA when enabled. Everything drawn while building it (LoRA's
     initial A matrices) comes from ``train.seed``, the same on every rank and in every run."""
     import torch
+    import torch_xla.core.xla_model as xm
     from optimum.neuron.models.training import NeuronModelForCausalLM
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
+    xm.set_rng_state(cfg.train.seed)  # the device generator too (set_seed does not reach it)
     # LoRA: the frozen base in model.dtype (PEFT makes the adapters fp32 over a bf16 base); full
     # fine-tuning: the trained weights are fp32 masters, as on the other platforms.
     dtype = getattr(torch, cfg.model.dtype) if cfg.lora.enabled else torch.float32
@@ -333,7 +335,23 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
 
     from trnft.common.training.lora import peft_config
 
-    return get_peft_model(model, peft_config(cfg, cfg.lora.target_modules))
+    peft_model = get_peft_model(model, peft_config(cfg, cfg.lora.target_modules))
+    _seed_lora_a(peft_model, cfg.train.seed)
+    return peft_model
+
+
+def _seed_lora_a(model: Any, seed: int) -> None:
+    """Draw every LoRA A from ``train.seed`` and its tensor name (PEFT's kaiming-uniform init, as the FSDP2
+    trainer draws it). optimum-neuron's LoRA layers draw A from a generator that neither transformers'
+    set_seed nor torch-xla's RNG state reaches: two seeds gave the same adapter."""
+    import torch
+
+    from trnft.common.training.lora import lora_init
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.copy_(lora_init(name, tuple(param.shape), seed).to(param.device, param.dtype))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trnft.common.errors import ConfigError, TrnftError
+from trnft.common.training.lora import lora_init
 from trnft.common.training.tensor_parallel import DECODER_SPLITS, projection_kind
 
 # Path segments PEFT puts around the base model's modules: dropping them gives the Hugging Face name.
@@ -327,20 +327,6 @@ def load_base_weights(model: Any, model_dir: Path, device: torch.device) -> int:
             loaded += 1
     files.release()
     return loaded
-
-
-def lora_init(fqn: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """PEFT's default LoRA init, drawn from a generator seeded by the run seed and the tensor's name.
-
-    lora_A: kaiming-uniform (a = sqrt(5)), lora_B: zeros, so training starts at the base model. The same
-    name gives the same tensor in any layout (one process, data or tensor parallel).
-    """
-    if ".lora_B." in fqn or ".lora_embedding_B." in fqn:
-        return torch.zeros(shape)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(fqn.encode()))
-    fan_in = shape[1]
-    bound = 1.0 / (fan_in**0.5)  # kaiming_uniform with a = sqrt(5): gain^2 = 2 / 6
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
 def init_lora_weights(model: Any, seed: int, device: torch.device) -> int:

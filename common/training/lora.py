@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,3 +97,19 @@ def apply_lora(
     if tie_groups:
         tie_lora_a(peft_model, tie_groups)
     return peft_model
+
+
+def lora_init(fqn: str, shape: tuple[int, ...], seed: int) -> Any:
+    """PEFT's default LoRA init, drawn from a generator seeded by the run seed and the tensor's name.
+
+    lora_A: kaiming-uniform (a = sqrt(5)), lora_B: zeros, so training starts at the base model. The same
+    name gives the same tensor in any layout (one process, data or tensor parallel).
+    """
+    import torch
+
+    if ".lora_B." in fqn or ".lora_embedding_B." in fqn:
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(fqn.encode()))
+    fan_in = shape[1]
+    bound = 1.0 / (fan_in**0.5)  # kaiming_uniform with a = sqrt(5): gain^2 = 2 / 6
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
