@@ -69,6 +69,7 @@ def check_settings(cfg: RunConfig) -> None:
     """
     from trnft.common.errors import ConfigError
     from trnft.neuron import fused_groups
+    from trnft.neuron.parallel_layout import model_layout
 
     if cfg.neuron.pp > 1:
         raise ConfigError(
@@ -78,7 +79,7 @@ def check_settings(cfg: RunConfig) -> None:
         )
     config = _model_config(cfg)
     if cfg.lora.enabled:
-        fused_groups.check(cfg.lora.target_modules, None if config is None else layout_of(cfg, config))
+        fused_groups.check(cfg.lora.target_modules, None if config is None else model_layout(cfg, config))
     on_trainium = cfg.neuron.backend == "trainium" or (cfg.neuron.backend == "auto" and has_neuron_device())
     if on_trainium and config is not None:
         from trnft.common.cluster.instances import instance
@@ -101,18 +102,6 @@ def _model_config(cfg: RunConfig) -> Any:
         )
     except Exception:  # not available offline here
         return None
-
-
-def layout_of(cfg: RunConfig, config: Any) -> Any:
-    """NxD's layout of this model at ``neuron.tp`` (a ConfigError names the key when it cannot split)."""
-    from trnft.neuron.parallel_layout import ModelDims, NeuronLayout
-
-    return NeuronLayout.for_model(
-        ModelDims.from_config(config),
-        cfg.neuron.tp,
-        fuse_qkv=cfg.neuron.fuse_qkv,
-        kv_size_multiplier=cfg.neuron.kv_size_multiplier,
-    )
 
 
 def _holds_nxd_shards(path: Path, depth: int = 3) -> bool:

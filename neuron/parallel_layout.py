@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError
 from trnft.common.training.tensor_parallel import COLUMN_PROJECTIONS, DECODER_SPLITS, ROW_PROJECTIONS
 
@@ -493,3 +494,14 @@ def parameter_metadata(
     for layer in range(layout.dims.layers):
         specs.extend(_specs(layout, prefix, layer, lora_targets or set()))
     return {"parameters": parameters, "model_weight_transformation_specs": specs}
+
+
+def model_layout(cfg: RunConfig, config: Any) -> NeuronLayout:
+    """NxD's layout of the model a transformers ``config`` describes, at the run's ``neuron.*`` settings
+    (a ConfigError names the key when the model cannot be split that way)."""
+    return NeuronLayout.for_model(
+        ModelDims.from_config(config),
+        cfg.neuron.tp,
+        fuse_qkv=cfg.neuron.fuse_qkv,
+        kv_size_multiplier=cfg.neuron.kv_size_multiplier,
+    )

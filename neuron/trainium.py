@@ -71,9 +71,9 @@ def check_settings(cfg: RunConfig) -> None:
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
     if cfg.lora.enabled:
-        from trnft.neuron.backend import layout_of
+        from trnft.neuron.parallel_layout import model_layout
 
-        fused_groups.check(cfg.lora.target_modules, layout_of(cfg, config))
+        fused_groups.check(cfg.lora.target_modules, model_layout(cfg, config))
     memory.check(cfg, config, instance(cfg.cluster.instance_type))
     if t.eval_steps:
         raise ConfigError(

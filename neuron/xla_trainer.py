@@ -43,8 +43,8 @@ from trnft.common.training.optim import global_batch, wants_decay
 from trnft.common.training.policy import lr_of
 from trnft.neuron import fused_groups, nxd_format
 from trnft.neuron.parallel_layout import (
-    ModelDims,
     NeuronLayout,
+    model_layout,
     parameter_metadata,
     parse_key,
     shard_state_dict,
@@ -84,15 +84,6 @@ def training_targets(cfg: RunConfig, layout: NeuronLayout) -> list[str]:
         )
     fused_groups.check(targets, layout)  # also refused before any stage runs (trnft.neuron.backend)
     return targets
-
-
-def model_layout(cfg: RunConfig, config: Any) -> NeuronLayout:
-    return NeuronLayout.for_model(
-        ModelDims.from_config(config),
-        cfg.neuron.tp,
-        fuse_qkv=cfg.neuron.fuse_qkv,
-        kv_size_multiplier=cfg.neuron.kv_size_multiplier,
-    )
 
 
 # --------------------------------------------------------------------------------------------------
