@@ -343,15 +343,34 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
 def _seed_lora_a(model: Any, seed: int) -> None:
     """Draw every LoRA A from ``train.seed`` and its tensor name (PEFT's kaiming-uniform init, as the FSDP2
     trainer draws it). optimum-neuron's LoRA layers draw A from a generator that neither transformers'
-    set_seed nor torch-xla's RNG state reaches: two seeds gave the same adapter."""
+    set_seed nor torch-xla's RNG state reaches: two seeds gave the same adapter.
+
+    A tensor-parallel LoRA A (the A of a row-parallel layer, split along its input) is drawn whole and this
+    rank keeps its contiguous part, so the adapter is the same at every tp.
+    """
     import torch
+    from neuronx_distributed.parallel_layers import parallel_state
 
     from trnft.common.training.lora import lora_init
 
+    tp, rank = (
+        parallel_state.get_tensor_model_parallel_size(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                param.copy_(lora_init(name, tuple(param.shape), seed).to(param.device, param.dtype))
+            if ".lora_A." not in name:
+                continue
+            split = tp > 1 and getattr(param, "tensor_model_parallel", False)
+            if split and getattr(param, "partition_stride", 1) != 1:
+                raise TrnftError(f"{name}: a strided tensor-parallel LoRA A is not supported")
+            shape = list(param.shape)
+            if split:
+                shape[param.partition_dim] *= tp
+            full = lora_init(name, tuple(shape), seed)
+            if split:
+                full = torch.chunk(full, tp, dim=param.partition_dim)[rank]
+            param.copy_(full.to(param.device, param.dtype))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""Test double of neuronx-distributed 0.15 (tensor- and pipeline-parallel size 1 only); see ../README.md."""
+"""Test double of neuronx-distributed 0.15 (tensor and data parallel; pipeline-parallel size 1); see ../README.md."""
+
+import xla_multiprocess_cpu as _xla_multiprocess_cpu
 
 from . import _limits
 from ._limits import placeholder_getattr as _placeholder_getattr
 
 _limits.install()
+if _xla_multiprocess_cpu.wanted():
+    # Two or more torchrun processes on torch-xla's CPU device: collectives over gloo (see that module).
+    _xla_multiprocess_cpu.install()
 
 from . import kernels, modules, optimizer, parallel_layers, pipeline, trainer, utils  # noqa: E402, F401
 

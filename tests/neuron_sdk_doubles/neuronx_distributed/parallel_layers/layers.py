@@ -1,8 +1,12 @@
-"""NxD's parallel layers at tensor-parallel size 1: the full weight on every rank, NxD's attributes on it.
+"""NxD's parallel layers: column-parallel, row-parallel and vocabulary-parallel embedding, any tp.
 
 Shapes, attribute names and the tensor-parallel metadata (``tensor_model_parallel``, ``partition_dim``,
 ``partition_stride``, ``num_partitions``) follow neuronx-distributed 0.15 ``parallel_layers/layers.py``, because
-optimum-neuron reads them to write ``mp_metadata_pp_rank_*.json`` and to adapt state dicts.
+optimum-neuron reads them to write ``mp_metadata_pp_rank_*.json`` and to adapt state dicts. Forward passes as
+NxD's: column = copy-to-region (or the sequence-parallel gather), local matmul, optional gather of the output;
+row = optional scatter of the input, local matmul, all-reduce (or reduce-scatter under sequence parallelism),
+then the bias, which is not split; embedding = this rank's vocabulary range, other ids masked to zero rows,
+all-reduce. ``create_local_weight`` takes rank ``r``'s stride pieces ``r::tp`` as NxD does.
 """
 
 from __future__ import annotations
@@ -15,15 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._limits import placeholder_getattr as _placeholder_getattr
-from . import parallel_state
+from . import mappings, parallel_state
 from .utils import divide, set_tensor_model_parallel_attributes
-
-
-def _check_tp() -> None:
-    if parallel_state.get_tensor_model_parallel_size() != 1:
-        from .._limits import unsupported
-
-        raise unsupported("parallel layers at tp > 1")
 
 
 def create_local_weight(
@@ -34,13 +31,16 @@ def create_local_weight(
     out_weight: torch.Tensor | None = None,
     return_master_weight: bool = False,
 ):
-    """Rank 0's slice of ``full_weight`` (at tp=1 the whole tensor), written into ``out_weight`` if given."""
+    """This rank's slice of ``full_weight``: split into pieces of ``per_partition_size / stride`` along
+    ``partition_dim``, rank r keeps pieces ``r::tp`` (NxD 0.15), written into ``out_weight`` if given."""
     world = parallel_state.get_tensor_model_parallel_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
     if full_weight.shape[partition_dim] != per_partition_size * world:
         raise ValueError(
             f"create_local_weight: dim {partition_dim} of {tuple(full_weight.shape)} is not {per_partition_size} x {world}"
         )
-    local = full_weight
+    pieces = torch.split(full_weight, divide(per_partition_size, stride), dim=partition_dim)
+    local = torch.cat(pieces[rank::world], dim=partition_dim)
     if out_weight is not None:
         with torch.no_grad():
             out_weight.copy_(local)
@@ -53,7 +53,6 @@ class BaseParallelLayer(nn.Module):
         super().__init__()
         if not parallel_state.model_parallel_is_initialized():
             raise RuntimeError("neuronx_distributed: initialize_model_parallel() has not been called")
-        _check_tp()
         self.tensor_parallel_group = parallel_state.get_tensor_model_parallel_group()
         self.tensor_model_parallel_group = self.tensor_parallel_group
 
@@ -69,7 +68,8 @@ class BaseParallelLinear(BaseParallelLayer):
     def initialize_weight_and_bias(self) -> None:
         self.weight = nn.Parameter(torch.empty(*self.weight_shape, dtype=self.dtype, device=self.device))
         self.device = self.weight.device
-        set_tensor_model_parallel_attributes(self.weight, True, self.weight_partition_dim, self.stride, 1)
+        tp = parallel_state.get_tensor_model_parallel_size()
+        set_tensor_model_parallel_attributes(self.weight, True, self.weight_partition_dim, self.stride, tp)
         if self.weight.device.type != "meta":
             with torch.no_grad():
                 self._init_weight(self.weight)
@@ -78,7 +78,7 @@ class BaseParallelLinear(BaseParallelLayer):
             return
         self.bias = nn.Parameter(torch.empty(*self.bias_shape, dtype=self.dtype, device=self.device))
         if self.bias_is_parallel:
-            set_tensor_model_parallel_attributes(self.bias, True, 0, self.stride, 1)
+            set_tensor_model_parallel_attributes(self.bias, True, 0, self.stride, tp)
         if self.bias.device.type != "meta":
             with torch.no_grad():
                 self.bias.zero_()
@@ -134,9 +134,14 @@ class ColumnParallelLinear(BaseParallelLinear):
     def forward(
         self, input: torch.Tensor, *args: Any
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        if self.skip_bias_add:
-            return F.linear(input, self.weight), self.bias
-        return F.linear(input, self.weight, self.bias)
+        if self.sequence_parallel_enabled:
+            input = mappings.gather_from_sequence_parallel_region(input, self.sequence_dimension or 0)
+        else:
+            input = mappings.copy_to_tensor_model_parallel_region(input)
+        output = F.linear(input, self.weight, None if self.skip_bias_add else self.bias)
+        if self.gather_output:
+            output = mappings.gather_from_tensor_model_parallel_region(output)
+        return (output, self.bias) if self.skip_bias_add else output
 
 
 class RowParallelLinear(BaseParallelLinear):
@@ -183,9 +188,16 @@ class RowParallelLinear(BaseParallelLinear):
         self.initialize_weight_and_bias()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.input_is_parallel:
+            input = mappings.scatter_to_tensor_model_parallel_region(input)
+        output = F.linear(input, self.weight)
+        if self.sequence_parallel_enabled:
+            output = mappings.reduce_scatter_to_sequence_parallel_region(output, self.sequence_dimension or 0)
+        elif self.reduce_output:
+            output = mappings.reduce_from_tensor_model_parallel_region(output)
         if self.skip_bias_add:
-            return F.linear(input, self.weight), self.bias
-        return F.linear(input, self.weight, self.bias)
+            return output, self.bias
+        return output if self.bias is None else output + self.bias
 
 
 class ParallelEmbedding(BaseParallelLayer):
@@ -224,22 +236,29 @@ class ParallelEmbedding(BaseParallelLayer):
         self.stride = 1
         self.pad = pad
         self.sequence_parallel_enabled = sequence_parallel_enabled
-        self.start_index, self.end_index = 0, num_embeddings
-        self.num_embeddings_per_partition = num_embeddings
+        self.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        per_partition = divide(num_embeddings, self.tensor_model_parallel_size)
+        self.start_index, self.end_index = rank * per_partition, (rank + 1) * per_partition
+        self.num_embeddings_per_partition = per_partition
         self.embedding_dim_per_partition = embedding_dim
-        self.per_partition_size = num_embeddings
+        self.per_partition_size = per_partition
         self.weight_partition_dim = 0
         self.init_method = init_method
         self.dtype = dtype
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=dtype, device=device))
-        set_tensor_model_parallel_attributes(self.weight, True, 0, 1, 1)
+        self.weight = nn.Parameter(torch.empty(per_partition, embedding_dim, dtype=dtype, device=device))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1, self.tensor_model_parallel_size)
         if self.weight.device.type != "meta":
             with torch.no_grad():
                 init_method(self.weight)
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        return F.embedding(
-            input_,
+        sharded = self.tensor_model_parallel_size > 1
+        if sharded:
+            in_range = (input_ >= self.start_index) & (input_ < self.end_index)
+            input_ = torch.mul(input_.clone() - self.start_index, in_range.long())
+        output = F.embedding(
+            input_.long(),
             self.weight,
             self.padding_idx,
             self.max_norm,
@@ -247,6 +266,13 @@ class ParallelEmbedding(BaseParallelLayer):
             self.scale_grad_by_freq,
             self.sparse,
         )
+        if not sharded:
+            return output
+        output = torch.mul(output, in_range.unsqueeze(-1).to(output.dtype))
+        if self.sequence_parallel_enabled:
+            # NxD moves the sequence first ([batch, seq, hidden] -> [seq, batch, hidden]) before splitting it.
+            return mappings.reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous(), 0)
+        return mappings.reduce_from_tensor_model_parallel_region(output)
 
 
 __getattr__ = _placeholder_getattr(__name__)

@@ -1,12 +1,19 @@
-"""NxD's ``save_checkpoint`` (synchronous) in the on-disk layout of neuronx-distributed 0.15.
+"""NxD's ``save_checkpoint`` (synchronous) in the on-disk layout of neuronx-distributed 0.15, any tp and dp.
 
-``<dir>/<tag>/checkpoint`` first, ``model/dp_rank_00_tp_rank_00_pp_rank_00.pt`` (a plain ``torch.save`` dict,
-or with ``use_xser`` a dict of ``TensorReference`` plus ``.pt.tensors/tensor_<tid>.pt`` and ``.pt.info.pt``),
-optionally ``optim/dp_rank_..pt``, and ``done`` last. Only data-parallel rank 0 writes model files.
+Every rank must call it (NxD meets in ``xm.rendezvous`` several times; here the meeting points are gloo
+``monitored_barrier`` calls, so a rank that does not call makes the others raise, naming it, instead of
+hanging). Rank 0 creates ``<dir>/<tag>/checkpoint`` first and ``done`` last, after every rank has written.
+Model files are ``model/dp_rank_00_tp_rank_XX_pp_rank_00.pt`` for each tensor-parallel rank. Without ``use_xser``
+the first rank of each data-parallel group writes its tensor rank's file (``torch.save``); with ``use_xser`` the
+file is a dict of ``TensorReference`` plus ``.pt.info.pt`` written by data-parallel rank 0, and the tensor files
+``.pt.tensors/tensor_<tid>.pt`` are spread over the data-parallel ranks: tensors sorted by byte size (stable),
+each put into the bin with the smallest total so far, bin ``i`` written by data-parallel rank ``i``
+(NxD's ``_assign_tensors_to_bins``). An optimizer, when passed, goes to ``optim/`` from data-parallel rank 0.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,34 @@ class _IOState:
 g_iostate = _IOState()
 
 
+def _meet(what: str) -> None:
+    """Every rank reaches this point, or the ones that did raise naming the ones that did not."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    seconds = float(os.environ.get("NXD_DOUBLE_SAVE_TIMEOUT_S", "120"))
+    try:
+        dist.monitored_barrier(
+            group=parallel_state.gloo_world_group(), timeout=datetime.timedelta(seconds=seconds)
+        )
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"neuronx_distributed.trainer.save_checkpoint ({what}) must be called by every rank: {exc}"
+        ) from exc
+
+
+def assign_tensors_to_bins(sizes: list[int], bin_count: int) -> list[list[int]]:
+    """Tensor indices per bin: ascending byte size, each into the currently smallest bin (NxD 0.15)."""
+    bins: list[list[int]] = [[] for _ in range(bin_count)]
+    totals = [0] * bin_count
+    for index, size in sorted(enumerate(sizes), key=lambda pair: pair[1]):
+        target = totals.index(min(totals))
+        bins[target].append(index)
+        totals[target] += size
+    return bins
+
+
 def _shard_name(dp: int) -> str:
     tp = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_rank()
@@ -48,22 +83,31 @@ def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write(path: Path, state: dict[str, Any], use_xser: bool) -> None:
+def _write_model(path: Path, state: dict[str, Any], use_xser: bool) -> None:
+    """This rank's part of the model file of its tensor-parallel rank (see the module docstring)."""
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_size()
     if not use_xser:
-        torch.save(state, path)
+        if dp_rank == 0:
+            torch.save(_to_cpu(state), path)
         return
     from torch_xla.utils.serialization import TensorReference
 
+    names = [n for n, v in state.items() if isinstance(v, torch.Tensor)]
+    sizes = [state[n].numel() * state[n].element_size() for n in names]
+    mine = set(assign_tensors_to_bins(sizes, dp_size)[dp_rank])
     tensors_dir = Path(str(path) + ".tensors")
     tensors_dir.mkdir(parents=True, exist_ok=True)
     refs: dict[str, Any] = {}
     info: dict[int, dict[str, Any]] = {}
-    for tid, (name, tensor) in enumerate(state.items()):
-        torch.save(tensor, tensors_dir / f"tensor_{tid}.pt")
+    for tid, name in enumerate(names):
+        tensor = state[name]
+        if tid in mine:
+            torch.save(tensor.detach().cpu().clone(), tensors_dir / f"tensor_{tid}.pt")
         refs[name] = TensorReference(tid)
         info[tid] = {"dtype": tensor.dtype, "shape": tuple(tensor.shape), "expert_model_parallel": False}
-    torch.save(info, str(path) + ".info.pt")
-    torch.save(refs, path)
+    if dp_rank == 0:
+        torch.save(info, str(path) + ".info.pt")
+        torch.save(refs, path)
 
 
 def _mark(path: Path) -> None:
@@ -91,24 +135,32 @@ def save_checkpoint(
         from .._limits import unsupported
 
         raise unsupported("async_save")
+    import torch.distributed as dist
+
     folder = Path(checkpoint_dir_str) / tag
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     dp_rank = parallel_state.get_data_parallel_rank()
-    if dp_rank == 0:
+    _meet("start")
+    if rank0:
         folder.mkdir(parents=True, exist_ok=True)
         _mark(folder / "checkpoint")
-    if model is not None and dp_rank == 0:
-        state = model if isinstance(model, dict) else model.state_dict()
         (folder / "model").mkdir(exist_ok=True)
-        _write(folder / "model" / _shard_name(0), _to_cpu(state), use_xser)
+        if optimizer is not None:
+            (folder / "optim").mkdir(exist_ok=True)
+    _meet("folders created")
     if optimizer is not None and dp_rank == 0:
-        (folder / "optim").mkdir(exist_ok=True)
         torch.save(_to_cpu(optimizer.state_dict()), folder / "optim" / _shard_name(0))
-    if scheduler is not None and dp_rank == 0:
+    if model is not None:
+        state = model if isinstance(model, dict) else model.state_dict()
+        _write_model(folder / "model" / _shard_name(0), state, use_xser)
+    if scheduler is not None and rank0:
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-    if user_content is not None and dp_rank == 0:
+    if user_content is not None and rank0:
         torch.save(user_content, folder / "user_content.pt")
-    if dp_rank == 0:
+    _meet("files written")
+    if rank0:
         _mark(folder / "done")
+    _meet("done marked")
 
 
 __getattr__ = _placeholder_getattr(__name__)

@@ -1,0 +1,89 @@
+"""The NxD doubles at two ranks, checked against what neuronx-distributed 0.15 (Neuron SDK 2.26, tag v2.26.0 of
+github.com/aws-neuron/neuronx-distributed) does. Each fact and where upstream does it:
+
+- rank grid: ``parallel_layers/parallel_state.py`` ``initialize_model_parallel`` reshapes the world row-major to
+  ``[PP, DP, TP]``: tensor-parallel groups are contiguous ranks, data-parallel groups stride by tp;
+- ``ColumnParallelLinear`` / ``RowParallelLinear`` (``parallel_layers/layers.py``): weight split on dim 0 / dim 1,
+  copy-to-region before the column matmul (its backward all-reduces the input gradient), all-reduce after the
+  row matmul, the row bias added after the reduction; ``create_local_weight`` keeps stride pieces ``r::tp``;
+- ``ParallelEmbedding._forward_shard_across_vocab``: ids outside the rank's range masked to zero rows, then
+  all-reduce;
+- parallel cross-entropy: optimum-neuron 0.4.5's own ``models/training/loss_utils.py`` ``_ParallelCrossEntropy``
+  over the doubles' tensor-parallel group;
+- ``parallel_layers/grads.py`` ``get_grad_norm`` (``force_spmd=True``): split parameters count their shard on
+  every rank, whole ones ``1/tp`` per rank, all-reduced over the tensor-parallel group; ``bucket_allreduce_gradients``
+  sums with scale ``1/dp`` over the data-parallel replica groups;
+- ``trainer/checkpoint.py`` ``save_checkpoint`` / ``_xser_save_data`` / ``_assign_tensors_to_bins``: xser tensor
+  files spread over data-parallel ranks by ascending size into the smallest bin, the reference file from
+  data-parallel rank 0; every rank meets in ``xm.rendezvous`` (the double raises instead of hanging when a
+  rank does not come).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.neuron") is None,
+    reason="optimum-neuron 0.4.5 is not installed (dev extra, Python < 3.12)",
+)
+
+DOUBLES = Path(__file__).resolve().parents[1] / "neuron_sdk_doubles"
+CHECKS = Path(__file__).with_name("nxd_double_checks.py")
+
+
+def _two_ranks(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(CHECKS),
+        *args,
+    ]
+    full = {
+        **os.environ,
+        "PJRT_DEVICE": "CPU",
+        "PYTHONPATH": os.pathsep.join([str(DOUBLES), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
+    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=600)
+
+
+def _passed(proc: subprocess.CompletedProcess) -> list[str]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line.removeprefix("PASS ") for line in proc.stdout.splitlines() if line.startswith("PASS ")]
+
+
+def test_tensor_parallel_doubles_equal_the_dense_computation():
+    assert _passed(_two_ranks("2")) == [
+        "rank grid tp=2",
+        "column + row parallel forward",
+        "column + row parallel input gradient (copy-to-region all-reduce)",
+        "create_local_weight stride 2",
+        "parallel embedding",
+        "parallel cross-entropy, loss and logit gradient",
+        "gradient norm reduced over the tensor-parallel group",
+    ]
+
+
+def test_data_parallel_doubles_average_gradients_and_spread_checkpoint_files(tmp_path):
+    assert _passed(_two_ranks("1", str(tmp_path))) == [
+        "rank grid tp=1",
+        "bucket all-reduce averages over data-parallel ranks",
+        "save_checkpoint spreads tensor files over data-parallel ranks",
+    ]
+
+
+def test_save_checkpoint_raises_when_a_rank_does_not_call_it(tmp_path):
+    proc = _two_ranks("missing-rank", str(tmp_path), env={"NXD_DOUBLE_SAVE_TIMEOUT_S": "3"})
+    assert proc.returncode != 0
+    assert "save_checkpoint (start) must be called by every rank" in proc.stdout + proc.stderr
+    assert not (tmp_path / "tag" / "done").exists()
