@@ -9,9 +9,11 @@ Every stage subcommand takes ``--config FILE`` and ``key.sub=value`` overrides a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
+from trnft.common import stop
 from trnft.common.config.run_config import load_config
 from trnft.common.env import set_process_defaults
 from trnft.common.errors import TrnftError
@@ -228,7 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     command = COMMANDS[args.command]
-    return run_command(args.command, lambda: command(args, _log), debug=args.debug)
+    if os.environ.get(stop.DIE_WITH_PARENT_ENV) == "1":
+        stop.die_with_parent()  # a worker `trnft train` started locally: it ends with that process
+    previous = (
+        stop.install_raising()
+    )  # SIGTERM / SIGHUP: clean up, exit 143 / 129 (the train loop saves first)
+    try:
+        return run_command(args.command, lambda: command(args, _log), debug=args.debug)
+    finally:
+        stop.restore(previous)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import traceback
 from collections.abc import Callable
 
 from trnft.common.errors import TrnftError
+from trnft.common.stop import Stopped
 
 DEBUG_ENV = "TRNFT_DEBUG"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -58,6 +59,13 @@ def run_command(command: str, work: Callable[[], int], *, debug: bool = False) -
         if debug_requested(debug):
             traceback.print_exc()
         print(f"trnft {command}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except Stopped as exc:
+        print(
+            f"trnft {command}: {exc}; exiting {exc.exit_code}, which the cluster retries (the rerun resumes)",
+            file=sys.stderr,
+            flush=True,
+        )
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"trnft {command}: interrupted", file=sys.stderr, flush=True)

@@ -17,8 +17,10 @@ Two behaviours:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -26,6 +28,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # SIGKILL (torch's own default is 30 s). The train job's terminationGracePeriodSeconds is this plus a margin.
 GRACE_ENV = "TRNFT_STOP_GRACE_S"
 DEFAULT_GRACE_S = 300
+# Set by a local `trnft train` for the workers it starts (see die_with_parent).
+DIE_WITH_PARENT_ENV = "TRNFT_DIE_WITH_PARENT"
 
 _requested: list[int] = []
 
@@ -57,13 +61,24 @@ def _remember(signum: int, frame: Any) -> None:
         _requested.append(signum)
 
 
-def install_raising() -> None:
-    """Stop signals raise :class:`Stopped` (only from the main thread, where Python allows handlers)."""
-    for sig in STOP_SIGNALS:
+def install_raising(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> dict[int, Any]:
+    """Stop signals raise :class:`Stopped`; returns the handlers they replace (for :func:`restore`).
+
+    SIGINT keeps Python's KeyboardInterrupt (the CLI reports it as 130 already). Only the main thread may
+    set handlers; elsewhere nothing changes.
+    """
+    previous: dict[int, Any] = {}
+    for sig in signals:
         try:
-            signal.signal(sig, _raise)
+            previous[sig] = signal.signal(sig, _raise)
         except ValueError:  # not the main thread
-            return
+            break
+    return previous
+
+
+def restore(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def install_cooperative() -> None:
@@ -75,16 +90,25 @@ def install_cooperative() -> None:
             return
 
 
+def install_cooperative_keeping() -> dict[int, Any]:
+    """:func:`install_cooperative`, returning the handlers it replaced (for :func:`restore`)."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    reset()
+    install_cooperative()
+    return previous
+
+
 def requested() -> int:
     """The first stop signal received in this process since cooperative handling began, or 0."""
     return _requested[0] if _requested else 0
 
 
-def agreed_stop(device: Any = None) -> int:
+def agreed_stop(device: Any = None, group: Any = None) -> int:
     """The stop signal any rank received (the largest number), the same answer on every rank; 0 for none.
 
     Collective: every rank of the default process group must call it at the same point (after each optimizer
-    step). Without a process group it is this process's own :func:`requested`.
+    step); ``group`` (default: the default group) may be a gloo group on CPU when the default one is a
+    device's. Without a process group it is this process's own :func:`requested`.
     """
     import torch
     import torch.distributed as dist
@@ -93,10 +117,57 @@ def agreed_stop(device: Any = None) -> int:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return mine
     flag = torch.tensor([mine], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag.item())
 
 
 def reset() -> None:
     """Forget a received signal (tests; a new run in the same process)."""
     _requested.clear()
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies, even by SIGKILL (``prctl(PR_SET_PDEATHSIG)``).
+
+    torch's launcher starts workers in their own sessions, so a local ``trnft train`` killed outright would
+    leave them training; the workers it starts call this first.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def workers_get_grace(seconds: int) -> Iterator[None]:
+    """While torch's elastic agent runs here, a stop signal gives its workers ``seconds`` (not torch's 30) to
+    exit after it forwards the signal, before SIGKILL.
+
+    The agent's shutdown calls ``PContext.close(death_sig)`` and takes the default ``timeout`` (torch 2.8:
+    ``close(self, death_sig=None, timeout=30)``; pinned in tests/common/test_stop.py).
+    """
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    original = PContext.close
+
+    def close(self: Any, death_sig: Any = None, timeout: int = seconds) -> None:
+        original(self, death_sig, timeout)
+
+    PContext.close = close  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PContext.close = original  # type: ignore[method-assign]
+
+
+def signal_of_agent_exception(exc: BaseException) -> int | None:
+    """The signal number of torch elastic's SignalException (the agent was told to stop), else None."""
+    if type(exc).__name__ == "SignalException" and hasattr(exc, "sigval"):
+        return int(exc.sigval)
+    return None

@@ -35,6 +35,7 @@ from typing import Any
 import jinja2
 import yaml
 
+from trnft.common import stop
 from trnft.common.cluster import launch
 from trnft.common.cluster.instances import InstanceType, Layout, instance, training_layout
 from trnft.common.config.run_config import (
@@ -85,6 +86,8 @@ OFFLINE_STAGES = ("consolidate", "merge", "evaluate")
 # Failure handling (the exit classes of trnft.common.exits). PyTorchJobs: training-operator v1.9's ExitCode
 # policy restarts a replica only for a retryable exit (128 and above) and fails the job on 1-127.
 RESTART_POLICY = "ExitCode"
+# Seconds of a training pod's termination grace beyond cluster.stop_grace_seconds: the exit after the save.
+STOP_MARGIN_S = 30
 # A failed job deletes its still-running pods (they hold accelerators and EFA interfaces and would wait
 # out a rendezvous that cannot complete); finished pods stay for their logs.
 CLEAN_POD_POLICY = "Running"
@@ -138,6 +141,7 @@ class Pod:
     container_name: str = CONTAINER
     affinity: dict[str, Any] | None = None
     scheduler_name: str | None = None
+    termination_grace_seconds: int | None = None
 
 
 @dataclass
@@ -398,9 +402,13 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
     else:
         # `trnft compile` wraps the same torchrun command in neuron_parallel_compile (trnft.neuron.compile).
         command = _stage_command(stage)
+    # A stop signal reaches `trnft torchrun`, which gives the workers cluster.stop_grace_seconds to save
+    # the step they are in (trnft.common.stop); the pod's grace covers that plus the exit.
+    env[stop.GRACE_ENV] = str(cfg.cluster.stop_grace_seconds)
     pod = _pod(
         cfg, stage, placement, command, env, restart_policy=None, image=cfg.cluster.image, nodes=layout.nodes
     )
+    pod.termination_grace_seconds = cfg.cluster.stop_grace_seconds + STOP_MARGIN_S
     return Document(
         template=TEMPLATES[(cfg.model.platform, stage)],
         header=f"trnft {stage} for run {cfg.run.name}: {layout.describe()} on {inst.name}",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from trnft.common import stop
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.pipeline import checkpoints
@@ -103,10 +104,19 @@ def train_cpu(ctx: StageContext) -> StageOutcome:
         log(f"train: resumed from {resume.name} at step {trainer.step}")
     run = _CpuRun(trainer.step, compile_count(), ctx.rundir.manifest("compile") is not None)
     writer = _tensorboard(ctx.out_dir)
+    previous = stop.install_cooperative_keeping()  # a stop signal ends the run after its step, saved
     try:
         while trainer.step < cfg.train.max_steps:
             _cpu_step(ctx, trainer, tokenized, run, writer)
+            signum = stop.requested()  # one process (SPMD over its devices): nothing to agree on
+            if signum and trainer.step < cfg.train.max_steps:
+                if not run.saved or run.saved[-1] != f"checkpoint-{trainer.step}":
+                    run.saved.append(trainer.save(ctx.out_dir, ctx.fingerprint, tokenized.tokenizer_dir).name)
+                log(f"train: {stop.signal.Signals(signum).name} received; stopping after step {trainer.step} "
+                    f"with {run.saved[-1]} saved")  # fmt: skip
+                raise stop.Stopped(signum, f"{run.saved[-1]} saved; the rerun resumes there")
     finally:
+        stop.restore(previous)
         if writer is not None:
             writer.close()
     return _cpu_report(ctx, trainer, resume, run)

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from trnft.common import stop
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.pipeline import checkpoints
@@ -452,10 +453,18 @@ def trainer_class() -> type:
             running loss after the graph has run (no new graph is traced); it is added before the save
             closure this call may add, so a non-finite state is refused before it can be checkpointed.
             """
-            step = self.state.global_step
-            if step > self.trnft.checked_step:
-                self.trnft.checked_step = step
+            step, plan = self.state.global_step, self.trnft
+            if step > plan.checked_step:
+                plan.checked_step = step
                 xm.add_step_closure(_refuse_non_finite_step, (step, self.running_loss, self.grad_norm))
+                checkpoints.fault_point("step", step)
+                # A stop signal on any rank (over gloo, outside the device graph): every rank saves this
+                # step and leaves the loop; train() then exits 128 + N.
+                signum = stop.agreed_stop(group=plan.stop_group)
+                if signum and step < plan.cfg.train.max_steps:
+                    plan.stopped_by = signum
+                    self.control.should_save = True
+                    self.control.should_training_stop = True
             super().maybe_save_checkpoint()
 
         # Checkpoints ------------------------------------------------------------------------------
@@ -520,6 +529,15 @@ def agreed_resume_point(ctx: StageContext) -> Path | None:
     return Path(box[0]) if box[0] else None
 
 
+def _gloo_world() -> Any:
+    """A gloo group of every rank (collective: every rank calls it), or None in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.new_group(backend="gloo")
+    return None
+
+
 def _refuse_non_finite_step(step: int, running_loss: Any, grad_norm: Any) -> None:
     """The policy's refusal on device values of one optimizer step (a step closure: they are computed)."""
     from trnft.common.training.policy import refuse_non_finite
@@ -567,6 +585,8 @@ class _RunPlan:
     saved: list[str]
     restored: list[str]
     checked_step: int = 0  # the last optimizer step whose loss and gradient norm were checked
+    stop_group: Any = None  # a gloo group of every rank for the stop-signal agreement (None: one process)
+    stopped_by: int = 0  # the stop signal that ended the run after saving, 0 when none did
 
     @property
     def global_batch(self) -> int:
@@ -620,7 +640,17 @@ def train(ctx: StageContext) -> StageOutcome:
         )
     dataset = _dataset(cfg, split, dp_size, dp_rank, start, cfg.train.max_steps - start)
     trainer = trainer_class()(model=model, args=args, train_dataset=dataset, trnft=plan)
-    trainer.train()  # returns None in every optimum-neuron 0.4.x release; figures come from the state
+    plan.stop_group = _gloo_world()
+    previous = stop.install_cooperative_keeping()  # a stop signal ends the run after its step, saved
+    try:
+        trainer.train()  # returns None in every optimum-neuron 0.4.x release; figures come from the state
+    finally:
+        stop.restore(previous)
+    if plan.stopped_by:
+        step = trainer.state.global_step
+        log(f"train: {stop.signal.Signals(plan.stopped_by).name} received; stopping after step {step} "
+            f"with checkpoint-{step} saved")  # fmt: skip
+        raise stop.Stopped(plan.stopped_by, f"checkpoint-{step} saved; the rerun resumes there")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     final = checkpoints.newest_complete(ctx.out_dir)
     if ctx.is_main and (final is None or final.step != cfg.train.max_steps):

@@ -53,14 +53,17 @@ def run_torchrun(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from trnft.common import stop
     from trnft.common.errors import ProcessFailed, TrnftError
     from trnft.common.exits import exit_code_of_process, is_retryable
 
     if not argv:
         raise TrnftError("torchrun: give torchrun's flags and the module to run, as for torchrun itself")
     args = get_args_parser().parse_args(list(argv))
+    grace = stop.grace_seconds()
     try:
-        run(args)
+        with stop.workers_get_grace(grace):
+            run(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = exit_code_of_process(failure.exitcode) or 1
@@ -68,5 +71,15 @@ def run_torchrun(argv: Sequence[str]) -> int:
         raise ProcessFailed(
             f"torchrun: worker {rank} exited with {code} ({kind}) and stopped the job; its error is above",
             code,
+        ) from exc
+    except Exception as exc:
+        signum = stop.signal_of_agent_exception(exc)
+        if signum is None:
+            raise
+        # torch's agent forwarded the signal and waited up to `grace` s for the workers (the train loop
+        # saves the step it is in); the job was stopped, not failed: 128 + N, retryable.
+        raise ProcessFailed(
+            f"torchrun: stopped by {stop.signal.Signals(signum).name}; workers had up to {grace}s to save",
+            128 + signum,
         ) from exc
     return 0

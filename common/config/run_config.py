@@ -355,6 +355,13 @@ class ClusterSection:
         "or peer, a collective timeout); configuration and input errors never restart.",
         ge=0,
     )
+    stop_grace_seconds: int = opt(
+        300,
+        "After SIGTERM (eviction, drain, spot reclaim), how long training may take to finish its step and "
+        "save it before SIGKILL; the train and compile pods' terminationGracePeriodSeconds is this plus 30.",
+        ge=30,
+        le=86_400,
+    )
     zone: str | None = opt(
         None,
         "Availability zone of multi-node jobs (topology.kubernetes.io/zone); default: whichever zone the "

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trnft.common import stop
 from trnft.common.config.run_config import RunConfig, dump_config
 from trnft.common.errors import ConfigError, ProcessFailed, TrnftError
 from trnft.common.exits import exit_code_of_process
@@ -190,7 +191,8 @@ def _launch(
         )
         log(f"train: starting {nproc} {platform.name} processes (gpu.devices)")
         try:
-            with _threads_per_process(nproc):
+            grace = stop.workers_get_grace(stop.grace_seconds())
+            with _threads_per_process(nproc), _workers_die_with_this_process(), grace:
                 elastic_launch(launch, sys.executable)(*argv)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
@@ -198,12 +200,27 @@ def _launch(
             raise ProcessFailed(
                 f"train: process {rank} of {nproc} exited with code {code}; its error is above", code
             ) from exc
+        except Exception as exc:
+            signum = stop.signal_of_agent_exception(exc)
+            if signum is None:
+                raise
+            raise stop.Stopped(signum, "the training processes saved the step they were in") from exc
     manifest = rundir.manifest(spec.name)
     if manifest is None:
         raise TrnftError(
             f"train: the {nproc} processes ended without writing {rundir.stage_dir('train')}/manifest.json"
         )
     return StageResult(spec.name, False, manifest, rundir.stage_dir(spec.name))
+
+
+@contextlib.contextmanager
+def _workers_die_with_this_process() -> Iterator[None]:
+    """The started processes end when this one does, even by SIGKILL (they run in their own sessions)."""
+    os.environ[stop.DIE_WITH_PARENT_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(stop.DIE_WITH_PARENT_ENV, None)
 
 
 @contextlib.contextmanager
@@ -747,6 +764,8 @@ def train(
     try:
         with _quiet_about_the_step_dataset():
             trainer.fit(module)
+        if record.stopped_by:
+            raise stop.Stopped(record.stopped_by, f"{record.saved[-1]} saved; the rerun resumes there")
         wall = time.perf_counter() - t0
         return _report(ctx, module, record, wall)
     finally:

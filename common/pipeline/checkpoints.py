@@ -130,11 +130,25 @@ def fault_point(where: str, step: int | str) -> None:
     still a staging folder: the case a marker-only reader would wrongly accept) and after a step
     (``step``); every stage calls it as ``<stage>:started``, ``<stage>:written`` (the body returned) and
     ``<stage>:manifest`` (the manifest is written, the folder not yet renamed into place).
-    """
-    if os.environ.get("TRNFT_FAULT", "") == f"kill-during-{where}:{step}":
-        import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    ``TRNFT_FAULT=term-during-<where>:<step>`` sends SIGTERM instead (an eviction), to the rank named by
+    ``TRNFT_FAULT_RANK`` when set (the others must learn of it from that rank), else to every rank;
+    ``stall-during-<where>:<step>`` sleeps there for a minute (a test then signals the process).
+    """
+    fault = os.environ.get("TRNFT_FAULT", "")
+    if fault == f"stall-during-{where}:{step}":
+        import time
+
+        time.sleep(60)
+        return
+    if fault not in (f"kill-during-{where}:{step}", f"term-during-{where}:{step}"):
+        return
+    only = os.environ.get("TRNFT_FAULT_RANK")
+    if only is not None and os.environ.get("RANK", "0") != only:
+        return
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL if fault.startswith("kill-") else signal.SIGTERM)
 
 
 def resume_point(train_dir: Path, fingerprint: str, log: Callable[[str], None]) -> Path | None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import lightning as L
 
+from trnft.common import stop
 from trnft.common.pipeline import checkpoints
 from trnft.common.pipeline.stages import StageContext
 from trnft.common.training.policy import Cadence, EarlyStopping, lr_of, on_recompile, refuse_non_finite
@@ -49,6 +50,7 @@ class RunRecord:
     tokens: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    stopped_by: int = 0  # a stop signal (SIGTERM, ...) ended the run after saving; 0 when none did
     # Compile-cache counts (None where the device has no compile cache to watch): graphs in the cache when
     # the run started, compiled during its first step (0: every graph of the step was a cache hit), and
     # compiled after it (shapes or graphs that changed between steps).
@@ -86,6 +88,9 @@ class PolicyCallback(L.Callback):
 
     # -- after each optimizer step -----------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # Replaces Lightning's own SIGTERM handler (which broadcasts from inside the handler, wherever the
+        # main thread is): from here a stop signal only sets a flag, read after each step (stop.agreed_stop).
+        stop.install_cooperative()
         if self.graph_counter is not None:
             self.record.graphs_at_start = self.graph_counter()
 
@@ -124,14 +129,25 @@ class PolicyCallback(L.Callback):
                     self.ctx.log(
                         f"train: early stop at step {step}: {self.early.patience} validations without improvement"
                     )
-        if self.cadence.saves(step, stopping=record.stopped_early):
+        saved_now = self.cadence.saves(step, stopping=record.stopped_early)
+        if saved_now:
             record.saved.append(pl_module.save())
             if pl_module.is_main:
                 self.ctx.log(f"train: saved {record.saved[-1]}")
+        signum = stop.agreed_stop(pl_module.device)  # every rank, every step: the same answer everywhere
+        if signum and step < self.train.max_steps:
+            record.stopped_by = signum
+            if not saved_now:
+                record.saved.append(pl_module.save())
+            if pl_module.is_main:
+                self.ctx.log(
+                    f"train: {stop.signal.Signals(signum).name} received; stopping after step {step} "
+                    f"with {record.saved[-1]} saved"
+                )
         if pl_module.is_main:
             summary = f"step {step} of {self.train.max_steps}"
             self.ctx.rundir.write_progress("train", {"summary": summary, "step": step})
-        if record.stopped_early:
+        if record.stopped_early or record.stopped_by:
             trainer.should_stop = True
 
     # -- helpers -----------------------------------------------------------------------------------

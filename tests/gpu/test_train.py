@@ -277,6 +277,27 @@ def test_two_rank_resume_after_sigkill_equals_the_uninterrupted_run(one_process,
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_sigterm_to_one_rank_saves_the_step_it_was_in_and_the_rerun_ends_like_the_uninterrupted_run(
+    one_process, two_ranks
+):
+    """An eviction: SIGTERM reaches rank 1 during step 4 (checkpoints are due at 3 and 6). Both ranks agree
+    to stop after step 4, save checkpoint-4 and exit 143; the rerun resumes at step 4, not 3."""
+    _, make = one_process
+    evicted = make("dp2-term", train={**SHARDED, "gradient_accumulation_steps": 1}, gpu={"devices": 2})
+    stopped = evicted.stage("train", env={"TRNFT_FAULT": "term-during-step:4", "TRNFT_FAULT_RANK": "1"})
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM received; stopping after step 4 with checkpoint-4 saved" in stopped.stdout
+    assert "stopped by SIGTERM" in stopped.stderr
+    train_dir = evicted.root / "train"
+    assert (train_dir / "checkpoint-4" / "done").is_file() and not (train_dir / "manifest.json").exists()
+    resumed = ok(evicted.stage("train"))
+    assert "resuming checkpoint-4 at step 4" in resumed.stdout
+    a, b = two_ranks.figures("train", ShardedTrainFigures), evicted.figures("train", ShardedTrainFigures)
+    assert b.start_step == 4 and b.losses == a.losses
+    ta, tb = _adapter(two_ranks, 6), _adapter(evicted, 6)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def _adapted_logits(base, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

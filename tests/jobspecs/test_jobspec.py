@@ -623,3 +623,22 @@ def test_the_printed_commands_wait_bounded_and_stop_at_a_failure(tmp_path, capsy
         == 0
     )
     assert "note: cluster.image r/trnft:latest is a tag" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grace", [None, 900])
+def test_training_pods_get_the_grace_to_save_a_step_after_sigterm(grace):
+    """The pod's terminationGracePeriodSeconds covers `trnft torchrun`'s grace for its workers
+    (cluster.stop_grace_seconds, default 300) plus 30 s to exit; other stages keep Kubernetes' default."""
+    overrides = ["cluster.num_nodes=2", *([f"cluster.stop_grace_seconds={grace}"] if grace else [])]
+    seconds = grace or 300
+    seen = set()
+    for name, doc in _docs("llama31_8b_lora_trn1.yaml", overrides):
+        for pod in _pods(doc):
+            env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+            if doc["kind"] == "PyTorchJob":
+                seen.add(name)
+                assert pod["spec"]["terminationGracePeriodSeconds"] == seconds + 30
+                assert env["TRNFT_STOP_GRACE_S"] == str(seconds)
+            else:
+                assert "terminationGracePeriodSeconds" not in pod["spec"]
+    assert len(seen) == 2  # compile and train

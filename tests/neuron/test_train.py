@@ -252,3 +252,21 @@ def test_a_non_finite_step_stops_the_run_before_it_is_saved(make_run):
     bad = int(line.split("step ")[1].split()[0])
     saved = sorted(int(p.name.split("-")[1]) for p in (run.root / "train").glob("checkpoint-*"))
     assert saved == list(range(1, bad))  # every finite step saved, the non-finite one not
+
+
+def test_sigterm_saves_the_step_in_flight_exits_143_and_the_rerun_ends_like_the_uninterrupted_run(make_run):
+    """The CPU-XLA trainer is one process: SIGTERM during step 3 (checkpoints due at 4 and 6) saves
+    checkpoint-3 after that step and exits 143; the rerun resumes there."""
+    common = {"train": {"max_steps": 6, "save_steps": 4, "logging_steps": 1, "warmup_steps": 1}}
+    straight = make_run(**common)
+    ok(straight.stage("train"))
+    run = make_run(**common)
+    stopped = run.stage("train", env={"TRNFT_FAULT": "term-during-step:3"})
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "SIGTERM received; stopping after step 3 with checkpoint-3 saved" in stopped.stdout
+    assert checkpoints.newest_complete(run.root / "train").step == 3
+    resumed = ok(run.stage("train"))
+    assert "resumed from checkpoint-3 at step 3" in resumed.stdout
+    assert run.figures("train", XlaTrainFigures).losses == straight.figures("train", XlaTrainFigures).losses
+    mine, theirs = (_adapter(r.root / "train" / "checkpoint-6") for r in (run, straight))
+    assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in theirs)

@@ -527,3 +527,21 @@ def test_tp2_sigkill_during_a_save_resumes_exactly_and_force_restarts_on_every_r
         again.start_step == 0
         and again.logged_losses == tp2.figures("train", TrainiumTrainFigures).logged_losses
     )
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_in_flight_and_the_rerun_ends_like_the_uninterrupted_run(
+    tmp_path, tiny_llama, flash_tokenized, uninterrupted
+):
+    run = _trainium_run(tmp_path / "run", tiny_llama, flash_tokenized)
+    stopped = torchrun(run, "train", env={"TRNFT_FAULT": "term-during-step:4"})
+    assert stopped.returncode != 0
+    assert "SIGTERM received; stopping after step 4 with checkpoint-4 saved" in stopped.stdout
+    assert (run.root / "train" / "checkpoint-4" / "trnft_state" / "state.json").is_file()
+    resumed = ok(torchrun(run, "train"))
+    assert "resuming from checkpoint-4 at step 4" in resumed.stdout
+    expected = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses[4:]
+    assert run.figures("train", TrainiumTrainFigures).logged_losses == expected
+    mine = _adapter_tensors(run.root / "train" / "checkpoint-6")
+    theirs = _adapter_tensors(uninterrupted.root / "train" / "checkpoint-6")
+    assert all(torch.equal(mine[n], theirs[n]) for n in theirs)

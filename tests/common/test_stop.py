@@ -1,0 +1,162 @@
+"""Stop signals: what an eviction (SIGTERM) does to `trnft torchrun`, a stage, and a local `trnft train`.
+
+Real processes throughout: torch's elastic agent as `trnft torchrun` runs it, workers that are plain scripts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from trnft.common import stop
+
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    out = sys.argv[1]
+    save_seconds = float(sys.argv[2])
+
+    def on_term(signum, frame):
+        time.sleep(save_seconds)  # a step finishing and a checkpoint being written
+        open(os.path.join(out, "saved"), "w").close()
+        sys.exit(128 + signum)
+
+    if save_seconds >= 0:
+        signal.signal(signal.SIGTERM, on_term)
+    open(os.path.join(out, "worker.pid"), "w").write(str(os.getpid()))
+    time.sleep(120)
+    """
+)
+
+
+def _start_torchrun(tmp_path: Path, save_seconds: float, grace: int | None = None) -> subprocess.Popen:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ}
+    if grace is not None:
+        env[stop.GRACE_ENV] = str(grace)
+    cmd = [sys.executable, "-m", "trnft.common.cli", "torchrun", "--standalone", "--nproc_per_node=1"]
+    proc = subprocess.Popen(
+        [*cmd, str(script), str(tmp_path), str(save_seconds)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while not (tmp_path / "worker.pid").is_file():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the worker did not start"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    return proc
+
+
+def test_sigterm_to_trnft_torchrun_exits_143_not_1(tmp_path):
+    proc = _start_torchrun(tmp_path, save_seconds=-1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err
+
+
+def test_a_sigtermed_worker_exits_trnft_torchrun_with_143(tmp_path):
+    proc = _start_torchrun(tmp_path, save_seconds=-1)  # the worker keeps the default SIGTERM action
+    os.kill(int((tmp_path / "worker.pid").read_text()), signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+
+
+@pytest.mark.parametrize(("grace", "saved"), [(20, True), (1, False)])
+def test_workers_get_the_configured_grace_to_save_before_sigkill(tmp_path, grace, saved):
+    """The worker needs 4 s to save after SIGTERM: a 20 s grace lets it, a 1 s grace SIGKILLs it first."""
+    proc = _start_torchrun(tmp_path, save_seconds=4, grace=grace)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err[-2000:]
+    assert (tmp_path / "saved").exists() is saved
+
+
+def test_torch_elastic_still_shuts_workers_down_through_pcontext_close_with_its_default_timeout():
+    """`stop.workers_get_grace` changes the default of `PContext.close(death_sig, timeout=30)`, which torch
+    2.8's LocalElasticAgent._shutdown calls without a timeout (torch/distributed/elastic/agent/server/
+    local_elastic_agent.py; torch/distributed/elastic/multiprocessing/api.py)."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    params = inspect.signature(PContext.close).parameters
+    assert list(params)[:3] == ["self", "death_sig", "timeout"] and params["timeout"].default == 30
+    assert "self._pcontext.close(death_sig)" in inspect.getsource(LocalElasticAgent._shutdown)
+    with stop.workers_get_grace(7):
+        assert inspect.signature(PContext.close).parameters["timeout"].default == 7
+    assert inspect.signature(PContext.close).parameters["timeout"].default == 30
+
+
+def test_sigterm_during_a_staged_stage_removes_its_staging_keeps_the_old_output_and_exits_143(make_run):
+    """Tokenize redone with --force, SIGTERMed while it writes into its staging folder: the staging folder
+    is gone, the complete output it was replacing is untouched, exit 143."""
+    run = make_run()
+    before = (run.root / "tokenize" / "manifest.json").read_text()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trnft.common.cli", "tokenize", "--config", str(run.config), "--force"],
+        env={**os.environ, "TRNFT_FAULT": "stall-during-tokenize:started"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while not list(run.root.glob("tokenize.staging-*")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    assert not list(run.root.glob("tokenize.staging-*"))
+    assert (run.root / "tokenize" / "manifest.json").read_text() == before
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.is_file() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkill_of_a_local_train_ends_the_processes_it_started(make_run):
+    run = make_run(platform="gpu", gpu={"devices": 2}, train={"max_steps": 10_000, "save_steps": 10_000})
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "trnft.common.cli", "train", "--config", str(run.config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while len(workers) < 2:
+        assert parent.poll() is None and time.time() < deadline
+        workers = _children(parent.pid)
+        time.sleep(0.5)
+    time.sleep(3)  # past die_with_parent in each worker
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 30
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(_alive(w) for w in workers)
