@@ -390,7 +390,7 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
     name = job_name(cfg, stage)
     env = backend.of(cfg).launch_env(cfg, inst, layout)
     if efa:
-        env.update(launch.efa_env())
+        env.update(launch.efa_env(inst.efa_rdma_read))
     if stage == "train" or cfg.model.platform in COMPILE_UNDER_TORCHRUN:
         # The operator injects MASTER_ADDR/MASTER_PORT; kubelet expands $(VAR) in the command.
         command = launch.torchrun_argv(

@@ -36,6 +36,7 @@ class InstanceType:
     target: str | None = None
     gpu_memory_gib: int | None = None
     device_memory_gib: int | None = None  # HBM of one Trainium chip
+    efa_rdma_read: bool = False  # EFA with RDMA read: FI_EFA_USE_DEVICE_RDMA may be set
 
     def neuron_core_memory_gib(self, logical_nc_config: int = 1) -> float | None:
         """HBM one training process (a logical NeuronCore) has on this instance."""

@@ -42,9 +42,13 @@ def torchrun_argv(
     ]
 
 
-def efa_env() -> dict[str, str]:
-    """libfabric over EFA for multi-node collectives."""
-    return {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}
+def efa_env(rdma_read: bool) -> dict[str, str]:
+    """libfabric over EFA for multi-node collectives; device RDMA only where the EFA device can read
+    remotely (libfabric aborts at start-up when told to use it on a device without)."""
+    env = {"FI_PROVIDER": "efa", "FI_EFA_FORK_SAFE": "1"}
+    if rdma_read:
+        env["FI_EFA_USE_DEVICE_RDMA"] = "1"
+    return env
 
 
 def run_torchrun(argv: Sequence[str]) -> int:

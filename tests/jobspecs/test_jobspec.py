@@ -642,3 +642,13 @@ def test_training_pods_get_the_grace_to_save_a_step_after_sigterm(grace):
             else:
                 assert "terminationGracePeriodSeconds" not in pod["spec"]
     assert len(seen) == 2  # compile and train
+
+
+@pytest.mark.parametrize(("instance", "rdma"), [("p5.48xlarge", True), ("g6e.48xlarge", False)])
+def test_efa_device_rdma_only_where_the_instance_supports_rdma_read(instance, rdma):
+    docs = _docs("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2", f"cluster.instance_type={instance}"])
+    (train,) = [d for _, d in docs if d["kind"] == "PyTorchJob" and d["metadata"]["name"].endswith("train")]
+    for pod in _pods(train):
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["FI_PROVIDER"] == "efa"
+        assert ("FI_EFA_USE_DEVICE_RDMA" in env) is rdma
