@@ -34,6 +34,31 @@ from trnft.common.errors import TrnftError
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 124  # as timeout(1) reports it
+# kubectl cannot reach or authenticate to the cluster in a way retrying will not fix (no kubeconfig, a missing
+# credential plugin, a forbidden namespace): not the job's failure (sysexits' EX_UNAVAILABLE).
+EXIT_KUBECTL = 69
+# kubectl failures that pass by themselves: the API server restarting or overloaded, the network, a token that
+# expired and is refreshed by the credential plugin on the next call. `wait` retries them until --timeout.
+TRANSIENT_KUBECTL = (
+    "connection refused",
+    "was refused",
+    "connection reset",
+    "i/o timeout",
+    "tls handshake timeout",
+    "timeout awaiting response headers",
+    "the server is currently unable to handle the request",
+    "service unavailable",
+    "too many requests",
+    "etcdserver",
+    "unexpected eof",
+    "http2: client connection lost",
+    "no route to host",
+    "did not answer",
+    "unauthorized",
+)
+# Consecutive Unauthorized answers after which the credential is wrong rather than expiring.
+UNAUTHORIZED_RETRIES = 3
+MAX_BACKOFF_S = 300.0
 # The resource names kubectl takes for the kinds trnft renders.
 RESOURCES = {"Job": "jobs.batch", "PyTorchJob": "pytorchjobs.kubeflow.org"}
 
@@ -138,27 +163,53 @@ def job_state(obj: dict[str, Any]) -> JobState:
     raise TrnftError(f"{obj.get('kind')!r} is not a Job or PyTorchJob")
 
 
+class KubectlError(TrnftError):
+    """kubectl failed. ``transient``: worth retrying; otherwise access is broken (:data:`EXIT_KUBECTL`)."""
+
+    def __init__(self, message: str, *, transient: bool, unauthorized: bool = False) -> None:
+        super().__init__(message)
+        self.exit_code = EXIT_FAILED if transient else EXIT_KUBECTL
+        self.transient = transient
+        self.unauthorized = unauthorized
+
+
 def run_kubectl(args: Sequence[str]) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(["kubectl", *args], capture_output=True, text=True, timeout=120)
     except FileNotFoundError as exc:
-        raise TrnftError("kubectl is not on PATH; install it and point it at the cluster") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise TrnftError(f"kubectl {' '.join(args[:2])} did not answer in 120 s; check the cluster") from exc
+        raise KubectlError(
+            "kubectl is not on PATH; install it and point it at the cluster", transient=False
+        ) from exc
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(["kubectl", *args], 1, "", "kubectl did not answer in 120 s")
 
 
-def _kubectl_error(proc: subprocess.CompletedProcess, what: str) -> TrnftError:
-    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
-    return TrnftError(
-        f"kubectl {what} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
+def _kubectl_error(proc: subprocess.CompletedProcess, what: str) -> KubectlError:
+    text = (proc.stderr or proc.stdout or "").strip()
+    lines = text.splitlines()
+    last = lines[-1] if lines else "no output"
+    lowered = text.lower()
+    unauthorized = "unauthorized" in lowered
+    transient = any(pattern in lowered for pattern in TRANSIENT_KUBECTL)
+    fix = (
+        ""
+        if transient
+        else "; check kubectl's context, credentials and credential plugin (`kubectl auth whoami`)"
+    )
+    return KubectlError(
+        f"kubectl {what} failed (exit {proc.returncode}): {last}{fix}",
+        transient=transient,
+        unauthorized=unauthorized,
     )
 
 
 def get_job(ref: JobRef, kubectl: Kubectl = run_kubectl) -> dict[str, Any] | None:
-    """The job as the cluster has it, or None when it does not exist."""
+    """The job as the cluster has it, or None when the API server says it does not exist."""
     proc = kubectl(["get", ref.resource, "-n", ref.namespace, "-o", "json"])
     if proc.returncode != 0:
-        if "NotFound" in (proc.stderr or "") or "not found" in (proc.stderr or ""):
+        # Only the API server's own answer: "exec: executable aws not found" (a credential plugin missing)
+        # also says "not found".
+        if "(NotFound)" in (proc.stderr or ""):
             return None
         raise _kubectl_error(proc, f"get {ref.resource}")
     try:
@@ -167,9 +218,36 @@ def get_job(ref: JobRef, kubectl: Kubectl = run_kubectl) -> dict[str, Any] | Non
         raise TrnftError(f"kubectl get {ref.resource} did not print JSON") from exc
 
 
-def _hints(ref: JobRef) -> str:
-    # A Job's logs by the job; a PyTorchJob's from its Master pod (the operator names it <job>-master-0).
-    logs = f"job/{ref.name}" if ref.kind == "Job" else f"{ref.name}-master-0"
+POD_SELECTORS = {"Job": "batch.kubernetes.io/job-name", "PyTorchJob": "training.kubeflow.org/job-name"}
+
+
+def failed_pod(ref: JobRef, kubectl: Kubectl = run_kubectl) -> str | None:
+    """The first pod of the job that failed (phase Failed, or a container that ended non-zero), by finish
+    time; None when none is left or kubectl cannot tell. With ``cleanPodPolicy: Running`` the operator
+    deletes a PyTorchJob's still-running Master when a Worker fails, so the failed one is the pod to read."""
+    try:
+        proc = kubectl(
+            ["get", "pods", "-n", ref.namespace, "-l", f"{POD_SELECTORS[ref.kind]}={ref.name}", "-o", "json"]
+        )
+        pods = json.loads(proc.stdout).get("items", []) if proc.returncode == 0 else []
+    except (KubectlError, json.JSONDecodeError, AttributeError):
+        return None
+    failed: list[tuple[str, str]] = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        ended = [
+            (c.get("state") or {}).get("terminated") or {} for c in status.get("containerStatuses") or []
+        ]
+        bad = [t for t in ended if t.get("exitCode", 0) != 0]
+        if status.get("phase") == "Failed" or bad:
+            finished = min((t.get("finishedAt") or "~" for t in bad), default="~")
+            failed.append((finished, (pod.get("metadata") or {}).get("name", "?")))
+    return min(failed)[1] if failed else None
+
+
+def _hints(ref: JobRef, pod: str | None = None) -> str:
+    # A Job's logs by the job; a PyTorchJob's from the pod that failed, else its Master (<job>-master-0).
+    logs = pod or (f"job/{ref.name}" if ref.kind == "Job" else f"{ref.name}-master-0")
     return (
         f"see `kubectl describe {ref.resource} -n {ref.namespace}` and "
         f"`kubectl logs -n {ref.namespace} {logs} --tail=50`"
@@ -187,11 +265,31 @@ def wait(
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Poll ``ref`` until it succeeds (0), fails (:data:`EXIT_FAILED`) or ``timeout_s`` passes
-    (:data:`EXIT_TIMEOUT`). A job that does not exist is an error: apply it first."""
+    (:data:`EXIT_TIMEOUT`). A job that does not exist is an error: apply it first.
+
+    A transient kubectl failure (see :data:`TRANSIENT_KUBECTL`) is retried with doubling pauses (up to
+    :data:`MAX_BACKOFF_S`) until the deadline; Unauthorized :data:`UNAUTHORIZED_RETRIES` times in a row, or
+    any other kubectl failure, is a :class:`KubectlError` with :data:`EXIT_KUBECTL`."""
     deadline = clock() + timeout_s
     last = None
+    failures = unauthorized = 0
     while True:
-        obj = get_job(ref, kubectl)
+        try:
+            obj = get_job(ref, kubectl)
+        except KubectlError as exc:
+            unauthorized = unauthorized + 1 if exc.unauthorized else 0
+            if not exc.transient or unauthorized >= UNAUTHORIZED_RETRIES:
+                raise KubectlError(str(exc), transient=False) from exc
+            failures += 1
+            remaining = deadline - clock()
+            if remaining <= 0:
+                log(f"{ref}: kubectl kept failing until --timeout ({exc}); the job itself is unknown")
+                return EXIT_TIMEOUT
+            pause = min(interval_s * 2 ** (failures - 1), MAX_BACKOFF_S, remaining)
+            log(f"{ref}: {exc}; retrying in {format_duration(pause)} (transient, attempt {failures})")
+            sleep(pause)
+            continue
+        failures = unauthorized = 0
         if obj is None:
             raise TrnftError(f"{ref}: not found in the cluster; submit it first (`trnft submit {ref.file}`)")
         state = job_state(obj)
@@ -201,7 +299,11 @@ def wait(
         if state.phase == "succeeded":
             return 0
         if state.phase == "failed":
-            log(f"{ref}: failed; {_hints(ref)}; fix the cause, then `trnft submit {ref.file}` reruns it")
+            pod = failed_pod(ref, kubectl)
+            named = f"pod {pod} failed; " if pod else ""
+            log(
+                f"{ref}: failed; {named}{_hints(ref, pod)}; fix the cause, then `trnft submit {ref.file}` reruns it"
+            )
             return EXIT_FAILED
         remaining = deadline - clock()
         if remaining <= 0:

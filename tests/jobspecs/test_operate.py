@@ -15,8 +15,10 @@ from trnft.common import cli
 from trnft.common.errors import TrnftError
 from trnft.jobspecs.operate import (
     EXIT_FAILED,
+    EXIT_KUBECTL,
     EXIT_TIMEOUT,
     JobRef,
+    KubectlError,
     job_state,
     parse_duration,
     read_job_ref,
@@ -56,16 +58,22 @@ def test_job_state_of_every_recorded_status(name, phase, words):
 class FakeKubectl:
     """Answers `kubectl get` with recorded objects in turn (the last one repeats); records every call."""
 
-    def __init__(self, *gets: str | None, fail: dict[str, str] | None = None) -> None:
+    def __init__(self, *gets: str | None, fail: dict[str, str] | None = None, pods=None) -> None:
+        """``gets``: recorded object names, None (NotFound) or ``"!<stderr>"`` (kubectl fails so)."""
         self.gets = list(gets)
         self.calls: list[list[str]] = []
         self.fail = fail or {}
+        self.pods = pods or []
 
     def __call__(self, args):
         self.calls.append(list(args))
         verb = args[0]
         if verb in self.fail:
             return subprocess.CompletedProcess(args, 1, "", self.fail[verb])
+        if verb == "get" and args[1] == "pods":
+            return subprocess.CompletedProcess(args, 0, json.dumps({"items": self.pods}), "")
+        if verb == "get" and self.gets and isinstance(self.gets[0], str) and self.gets[0].startswith("!"):
+            return subprocess.CompletedProcess(args, 1, "", self.gets.pop(0)[1:])
         if verb == "get":
             name = self.gets.pop(0) if len(self.gets) > 1 else self.gets[0]
             if name is None:
@@ -147,9 +155,72 @@ def test_wait_for_a_job_that_does_not_exist_is_one_error():
     with pytest.raises(TrnftError, match="not found in the cluster; submit it first"):
         _wait(JOB, FakeKubectl(None))
     with pytest.raises(
-        TrnftError, match=r"kubectl get jobs\.batch/llama31-8b-lora-tokenize failed .*Unauthorized"
+        TrnftError, match=r"kubectl get jobs\.batch/llama31-8b-lora-tokenize failed .*forbidden"
     ):
-        _wait(JOB, FakeKubectl("job-running", fail={"get": "error: You must be logged in (Unauthorized)"}))
+        _wait(
+            JOB,
+            FakeKubectl(
+                "job-running", fail={"get": "Error from server (Forbidden): jobs.batch is forbidden"}
+            ),
+        )
+
+
+REFUSED = "!The connection to the server 10.0.0.1:443 was refused - did you specify the right host or port?"
+UNAUTHORIZED = "!error: You must be logged in to the server (Unauthorized)"
+
+
+def test_wait_rides_out_a_flapping_api_server_and_an_expiring_token():
+    kubectl = FakeKubectl("job-running", REFUSED, REFUSED, UNAUTHORIZED, "job-running", "job-complete")
+    code, lines, waited = _wait(JOB, kubectl)
+    assert code == 0
+    retries = [line for line in lines if "retrying in" in line]
+    assert len(retries) == 3 and "attempt 1" in retries[0] and "attempt 3" in retries[2]
+    assert waited == 20 + 20 + 40 + 80 + 20  # the pauses double while kubectl fails, then the interval again
+
+
+def test_a_transient_failure_that_lasts_past_the_timeout_ends_the_wait_with_124():
+    code, lines, waited = _wait(JOB, FakeKubectl(*[REFUSED] * 50), timeout_s=600)
+    assert code == EXIT_TIMEOUT and waited == 600
+    assert "kubectl kept failing until --timeout" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("answers", "words"),
+    [
+        ([UNAUTHORIZED] * 5, "Unauthorized"),  # three in a row: the credential is wrong, not expiring
+        (
+            ["!Unable to connect to the server: getting credentials: exec: executable aws not found"],
+            "aws not found",
+        ),
+        (['!error: error loading config file "/root/.kube/config": open: no such file'], "loading config"),
+    ],
+)
+def test_broken_cluster_access_is_its_own_exit_code_not_a_failed_job(answers, words):
+    with pytest.raises(KubectlError, match=words) as info:
+        _wait(JOB, FakeKubectl(*answers))
+    assert info.value.exit_code == EXIT_KUBECTL and "not found in the cluster" not in str(info.value)
+
+
+def test_the_failure_hint_names_the_pod_that_failed():
+    """cleanPodPolicy: Running deleted the running Master when Worker 1 failed: name the Worker's pod."""
+    worker = {
+        "metadata": {"name": "llama31-8b-lora-train-worker-1"},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"state": {"terminated": {"exitCode": 2, "finishedAt": "2026-12-04T10:00:00Z"}}}
+            ],
+        },
+    }
+    healthy = {"metadata": {"name": "llama31-8b-lora-train-worker-0"}, "status": {"phase": "Running"}}
+    kubectl = FakeKubectl("pytorchjob-running", "pytorchjob-failed", pods=[healthy, worker])
+    code, lines, _ = _wait(TRAIN, kubectl)
+    assert code == EXIT_FAILED
+    assert "pod llama31-8b-lora-train-worker-1 failed" in lines[-1]
+    assert "kubectl logs -n ml llama31-8b-lora-train-worker-1" in lines[-1]
+    assert kubectl.calls[-1] == [
+        "get", "pods", "-n", "ml", "-l", "training.kubeflow.org/job-name=llama31-8b-lora-train", "-o", "json"
+    ]  # fmt: skip
 
 
 def test_submit_applies_a_new_job():
@@ -253,7 +324,8 @@ def test_submit_and_wait_through_kubectl(tmp_path):
     proc = _trnft(env, "submit", str(spec), "--wait", "--interval", "1s", "--timeout", "1m")
     assert proc.returncode == EXIT_FAILED, proc.stderr
     calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
-    assert [c[0] for c in calls] == ["get", "apply", "get", "get"]
+    assert [c[0] for c in calls] == ["get", "apply", "get", "get", "get"]  # the last: the job's pods
+    assert calls[-1][1] == "pods"
     assert "PodFailurePolicy" in proc.stdout and "trnft submit" in proc.stdout
 
     # The rerun after the fix: the failed job is deleted with its pods, applied again, and completes.
@@ -275,6 +347,6 @@ def test_commands_without_kubectl_or_spec_are_one_line(tmp_path, capsys, monkeyp
     assert cli.main(["jobspec", "--config", str(EXAMPLE), "--out", str(tmp_path / "out")]) == 0
     capsys.readouterr()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert cli.main(["wait", str(tmp_path / "out" / "01-tokenize.yaml")]) == 1
+    assert cli.main(["wait", str(tmp_path / "out" / "01-tokenize.yaml")]) == EXIT_KUBECTL
     err = capsys.readouterr().err
     assert "kubectl is not on PATH" in err and err.count("\n") == 1
