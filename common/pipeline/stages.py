@@ -24,7 +24,7 @@ from typing import Any
 
 from trnft.common.config.run_config import RunConfig, select, stable_hash, to_dict
 from trnft.common.errors import TrnftError, UpstreamError
-from trnft.common.pipeline import backend, checkpoints, inputs
+from trnft.common.pipeline import attempts, backend, checkpoints, inputs
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.hashing import library_versions
 from trnft.common.pipeline.rundir import (
@@ -340,6 +340,20 @@ def run_stage(
         return _execute(ctx, body, plan)
 
     with _LockOrNothing(rundir, spec.name, main):
+        if main:
+            if force:
+                attempts.clear(rundir.meta, spec.name)
+            try:
+                failed = rundir.failure(spec.name)
+            except (OSError, ValueError):  # a damaged failure record only loses the reason in the message
+                failed = None
+            attempts.begin(
+                rundir.meta,
+                spec.name,
+                progress=_progress(rundir, spec.name),
+                limit=cfg.cluster.backoff_limit,
+                last_failure=(failed or {}).get("error") if isinstance(failed, dict) else None,
+            )
         try:
             if spec.in_place:
                 if main and force and final.exists():
@@ -363,6 +377,7 @@ def run_stage(
             raise
         if main:
             rundir.clear_failure(spec.name)
+            attempts.clear(rundir.meta, spec.name)
     if main:
         log(f"{spec.name}: complete in {manifest['duration_s']:.1f}s, {outcome.summary}")
     return StageResult(spec.name, False, manifest, final)
@@ -376,6 +391,14 @@ class _Plan:
     subset: dict[str, Any]
     started: float
     started_at: str
+
+
+def _progress(rundir: RunDir, stage: str) -> int | None:
+    """How far a stage has got that a retry keeps: train's newest complete checkpoint step."""
+    if stage != "train":
+        return None
+    newest = checkpoints.newest_complete(rundir.stage_dir(stage))
+    return newest.step if newest else None
 
 
 class _LockOrNothing:

@@ -200,3 +200,47 @@ def test_non_main_ranks_write_no_manifest(cfg, monkeypatch):
     result = run_stage(SPECS["train"], cfg, writing_body("w"), log=lambda m: None)
     assert result.manifest == {}
     assert not (Path(cfg.run.root) / "train" / "manifest.json").exists()
+
+
+def test_retries_in_a_cluster_job_are_bounded_and_progress_restarts_the_count(cfg, monkeypatch):
+    """training-operator never bounds ExitCode retries (kubeflow/trainer#2045): the run directory does. With
+    cluster.backoff_limit 2, the third start after two failures without progress refuses, permanently."""
+    monkeypatch.setenv("TRNFT_JOB_NAME", "t-tokenize")
+    cfg = with_overrides(cfg, ["cluster.backoff_limit=2"])
+
+    def lost_peer(ctx):
+        raise RuntimeError("NCCL watchdog: collective timed out")
+
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            run_stage(SPECS["tokenize"], cfg, lost_peer, log=lambda m: None)
+    calls: list = []
+    with pytest.raises(
+        TrnftError, match=r"2 attempts since the start made no progress .*NCCL watchdog"
+    ) as info:
+        run_stage(SPECS["tokenize"], cfg, writing_body(calls=calls), log=lambda m: None)
+    assert info.value.exit_code == 1 and calls == []  # permanent, and the body never ran
+    assert "--force" in str(info.value)
+    # --force clears the budget; success removes the record.
+    run_stage(SPECS["tokenize"], cfg, writing_body(), force=True, log=lambda m: None)
+    assert not (Path(cfg.run.root) / ".trnft" / "tokenize.attempts.json").exists()
+
+
+def test_train_attempts_that_saved_a_new_checkpoint_do_not_use_the_budget(cfg, monkeypatch):
+    monkeypatch.setenv("TRNFT_JOB_NAME", "t-train")
+    cfg = with_overrides(cfg, ["cluster.backoff_limit=1"])
+    rundir = RunDir(cfg.run.root)
+    from trnft.common.pipeline import attempts
+
+    attempts.begin(rundir.meta, "train", progress=None, limit=1, last_failure=None)
+    with pytest.raises(TrnftError, match="1 attempts since the start"):
+        attempts.begin(rundir.meta, "train", progress=None, limit=1, last_failure=None)
+    attempts.begin(rundir.meta, "train", progress=40, limit=1, last_failure=None)  # checkpoint-40 since
+    with pytest.raises(TrnftError, match="since checkpoint-40 made no progress"):
+        attempts.begin(rundir.meta, "train", progress=40, limit=1, last_failure="evicted")
+
+
+def test_local_runs_have_no_retry_budget(cfg, monkeypatch):
+    monkeypatch.delenv("TRNFT_JOB_NAME", raising=False)
+    cfg = with_overrides(cfg, ["cluster.backoff_limit=0"])
+    run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
