@@ -617,6 +617,14 @@ def command(args: Any, log: Callable[[str], None]) -> int:
     )
     for line in apply_lines(out, cfg):
         log(f"  {line}")
+    if cfg.cluster.gang_scheduler == "kueue":
+        log(
+            "note: Kueue queues these PyTorchJobs only with its `kubeflow.org/pytorchjob` integration enabled "
+            "(off by default and deprecated since Kueue v0.19): add it to integrations.frameworks of the Kueue "
+            "Configuration, set waitForPodsReady, and give the ClusterQueue quota for every resource the pods "
+            "request (aws.amazon.com/neuron or nvidia.com/gpu, vpc.amazonaws.com/efa, cpu, memory); "
+            "otherwise they run unqueued (README, Kueue)"
+        )
     for key, image in (("cluster.image", cfg.cluster.image), ("cluster.eval_image", cfg.cluster.eval_image)):
         if image and not pinned_by_digest(image):
             log(

@@ -652,3 +652,12 @@ def test_efa_device_rdma_only_where_the_instance_supports_rdma_read(instance, rd
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert env["FI_PROVIDER"] == "efa"
         assert ("FI_EFA_USE_DEVICE_RDMA" in env) is rdma
+
+
+def test_kueue_with_pytorchjobs_says_the_integration_must_be_enabled(tmp_path, capsys):
+    args = ["jobspec", "--config", str(EXAMPLES / "llama31_8b_lora_trn1.yaml"), "--out", str(tmp_path / "o")]
+    assert cli.main([*args, "cluster.gang_scheduler=kueue", "cluster.queue=training"]) == 0
+    out = capsys.readouterr().out
+    assert "kubeflow.org/pytorchjob` integration enabled" in out and "waitForPodsReady" in out
+    assert cli.main(args) == 0  # rendered again without Kueue: no note
+    assert "integration enabled" not in capsys.readouterr().out
