@@ -208,6 +208,13 @@ def check_cluster_config(cfg: RunConfig) -> None:
                 f"{key}: {value} is not on the shared volume mounted at {mount} (cluster.storage.mount_path); "
                 "pods see only that volume"
             )
+    if c.num_nodes > 1 and not c.zone and c.gang_scheduler == "none":
+        # The pods follow the first one's zone (EFA works within one zone); without a gang scheduler that
+        # zone may lack room for the rest, which then wait out the rendezvous, fail, and are retried.
+        raise ConfigError(
+            f"cluster.num_nodes: {c.num_nodes} nodes need cluster.zone (the zone with your capacity and FSx "
+            "volume) or cluster.gang_scheduler: kueue or volcano (all pods placed together, or none)"
+        )
     if c.eval_image and not c.eval_instance_type:
         raise ConfigError(
             "cluster.eval_image: set only with cluster.eval_instance_type (evaluate on GPU nodes)"

@@ -27,16 +27,33 @@ CRDS = [None, str(UPSTREAM_CRD)]
 
 CASES = {
     "trn1-32xl-x1": ("llama31_8b_lora_trn1.yaml", []),
-    "trn1-32xl-x4": ("llama31_8b_lora_trn1.yaml", ["cluster.num_nodes=4", "run.name=llama31-8b-lora-x4"]),
+    "trn1-32xl-x4": (
+        "llama31_8b_lora_trn1.yaml",
+        [
+            "cluster.num_nodes=4",
+            "run.name=llama31-8b-lora-x4",
+            "cluster.gang_scheduler=volcano",
+            "cluster.queue=q",
+        ],
+    ),
     "trn1n-32xl-x2": (
         "llama31_8b_lora_trn1.yaml",
-        ["cluster.instance_type=trn1n.32xlarge", "cluster.num_nodes=2", "run.name=llama31-8b-trn1n"],
+        [
+            "cluster.instance_type=trn1n.32xlarge",
+            "cluster.num_nodes=2",
+            "run.name=llama31-8b-trn1n",
+            "cluster.gang_scheduler=kueue",
+            "cluster.queue=q",
+        ],
     ),
     "trn2-48xl-x1": ("qwen3_8b_lora_trn2.yaml", []),
     # neuron-native: compile and train are PyTorchJobs running torchrun (a trial run, then training).
     "trn2-48xl-native-x1": ("llama31_8b_lora_trn2_native.yaml", []),
-    "trn2-48xl-native-x2": ("llama31_8b_lora_trn2_native.yaml", ["cluster.num_nodes=2"]),
-    "p5-48xl-x2": ("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2"]),
+    "trn2-48xl-native-x2": (
+        "llama31_8b_lora_trn2_native.yaml",
+        ["cluster.num_nodes=2", "cluster.gang_scheduler=kueue", "cluster.queue=q"],
+    ),
+    "p5-48xl-x2": ("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2", "cluster.zone=us-west-2b"]),
     # Gang scheduling and a pinned zone, one golden each.
     "trn1-32xl-x2-volcano": (
         "llama31_8b_lora_trn1.yaml",
@@ -469,7 +486,7 @@ def test_rerender_replaces_the_folder_and_refuses_foreign_files(tmp_path):
     out = tmp_path / "specs"
     args = ["jobspec", "--config", str(EXAMPLES / "llama31_8b_lora_trn1.yaml"), "--out", str(out)]
     assert cli.main(args) == 0
-    assert cli.main([*args, "cluster.num_nodes=2"]) == 0
+    assert cli.main([*args, "cluster.num_nodes=2", "cluster.zone=us-west-2a"]) == 0
     assert "--nnodes=2" in (out / "03-train.yaml").read_text()
     (out / "notes.txt").write_text("mine")
     assert cli.main(args) == 1
@@ -480,7 +497,7 @@ def test_rerender_replaces_the_folder_and_refuses_foreign_files(tmp_path):
 
 EXAMPLE_FILES = ["llama31_8b_lora_trn1.yaml", "llama31_8b_lora_p5.yaml", "qwen3_8b_lora_trn2.yaml"]
 SCHEDULERS = {
-    "default": [],
+    "zone": ["cluster.zone=us-west-2a"],  # no gang scheduler: multi-node needs the zone named
     "kueue": ["cluster.gang_scheduler=kueue", "cluster.queue=trn-queue"],
     "volcano": ["cluster.gang_scheduler=volcano", "cluster.queue=training"],
 }
@@ -538,7 +555,7 @@ def test_permanent_exits_fail_at_once_and_retryable_ones_restart(case):
     assert {"Job", "PyTorchJob"} <= kinds
 
 
-@pytest.mark.parametrize("case", ["trn1-32xl-x4", "p5-48xl-x2", "trn1n-32xl-x2"])
+@pytest.mark.parametrize("case", ["trn1-32xl-x4", "trn1n-32xl-x2", "trn2-48xl-native-x2"])
 def test_multi_node_pods_stay_in_one_zone(case):
     files = rendered(case)
     (train,) = files[STAGE_FILES["train"]]
@@ -629,7 +646,11 @@ def test_the_printed_commands_wait_bounded_and_stop_at_a_failure(tmp_path, capsy
 def test_training_pods_get_the_grace_to_save_a_step_after_sigterm(grace):
     """The pod's terminationGracePeriodSeconds covers `trnft torchrun`'s grace for its workers
     (cluster.stop_grace_seconds, default 300) plus 30 s to exit; other stages keep Kubernetes' default."""
-    overrides = ["cluster.num_nodes=2", *([f"cluster.stop_grace_seconds={grace}"] if grace else [])]
+    overrides = [
+        "cluster.num_nodes=2",
+        "cluster.zone=us-west-2a",
+        *([f"cluster.stop_grace_seconds={grace}"] if grace else []),
+    ]
     seconds = grace or 300
     seen = set()
     for name, doc in _docs("llama31_8b_lora_trn1.yaml", overrides):
@@ -646,7 +667,10 @@ def test_training_pods_get_the_grace_to_save_a_step_after_sigterm(grace):
 
 @pytest.mark.parametrize(("instance", "rdma"), [("p5.48xlarge", True), ("g6e.48xlarge", False)])
 def test_efa_device_rdma_only_where_the_instance_supports_rdma_read(instance, rdma):
-    docs = _docs("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2", f"cluster.instance_type={instance}"])
+    docs = _docs(
+        "llama31_8b_lora_p5.yaml",
+        ["cluster.num_nodes=2", "cluster.zone=us-west-2a", f"cluster.instance_type={instance}"],
+    )
     (train,) = [d for _, d in docs if d["kind"] == "PyTorchJob" and d["metadata"]["name"].endswith("train")]
     for pod in _pods(train):
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
@@ -661,3 +685,11 @@ def test_kueue_with_pytorchjobs_says_the_integration_must_be_enabled(tmp_path, c
     assert "kubeflow.org/pytorchjob` integration enabled" in out and "waitForPodsReady" in out
     assert cli.main(args) == 0  # rendered again without Kueue: no note
     assert "integration enabled" not in capsys.readouterr().out
+
+
+def test_multi_node_without_a_zone_or_a_gang_scheduler_is_refused(tmp_path, capsys):
+    args = ["jobspec", "--config", str(EXAMPLES / "llama31_8b_lora_trn1.yaml"), "--out", str(tmp_path / "o")]
+    assert cli.main([*args, "cluster.num_nodes=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cluster.zone" in err[0] and "cluster.gang_scheduler" in err[0]
+    assert not (tmp_path / "o").exists()
