@@ -258,6 +258,26 @@ CASES = [
         ("nope.yaml", "not found"),
         2,
     ),
+    Case(
+        "config-duplicate-section",
+        lambda e: [
+            "status",
+            "--config",
+            str(e.file("dup.yaml", "train:\n  learning_rate: 0.003\ntrain:\n  save_steps: 2\n")),
+        ],
+        ("dup.yaml", "'train' is written twice", "lines 1 and 3"),
+        2,
+    ),
+    Case(
+        "config-duplicate-key",
+        lambda e: [
+            "status",
+            "--config",
+            str(e.file("dupkey.yaml", "train:\n  save_steps: 2\n  save_steps: 100\n")),
+        ],
+        ("dupkey.yaml", "'save_steps' is written twice", "lines 2 and 3"),
+        2,
+    ),
     Case("config-is-a-folder", lambda e: ["status", "--config", str(e.tmp)], ("is a directory",), 2),
     Case(
         "config-not-yaml",

@@ -838,16 +838,44 @@ def config_from_dict(
     return cfg
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: str, first: int, again: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping without a word (`train:` written twice, the second
+    silently replacing the first); a run config refuses it instead. Keys brought in by a merge (`<<:`) may be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                raise DuplicateKeyError(key_node.value, seen[key_node.value], line)
+            seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(p: Path) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"config file {p} is a directory; pass --config with the run YAML inside it")
     if not p.is_file():
         raise ConfigError(f"config file {p} not found; pass --config PATH to a run YAML (see examples/)")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{p}: key {exc.key!r} is written twice in one mapping (lines {exc.first} and {exc.again}); "
+            "YAML would silently keep the second: keep one"
         ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
