@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from trnft.common import stop
 from trnft.common.config.run_config import load_config
@@ -202,6 +203,14 @@ def _log(message: str) -> None:
 
 def _status_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     cfg = load_config(args.config, args.overrides)
+    root = Path(cfg.run.root)
+    if root.exists() and not root.is_dir():
+        raise TrnftError(f"run.root: {root} is a file, not a run directory; check run.root in {args.config}")
+    if not root.exists():
+        raise TrnftError(
+            f"run.root: {root} does not exist: no stage of run {cfg.run.name} has run there (check run.root, "
+            "or run `trnft tokenize` first)"
+        )
     print(format_status(cfg), flush=True)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,10 +85,23 @@ def test_standalone_consolidate_needs_its_paths(capsys):
 
 
 def test_status_prints_one_row_per_stage(run_config, capsys):
-    assert cli.main(["status", "--config", str(run_config())]) == 0
+    from trnft.common.config.run_config import load_config
+
+    config = run_config()
+    Path(load_config(config).run.root).mkdir(parents=True)
+    assert cli.main(["status", "--config", str(config)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:]] == list(STAGES)
     assert all(line.split()[1] == "missing" for line in lines[2:])
+
+
+def test_status_of_a_run_root_that_does_not_exist_or_is_a_file_says_so(run_config, tmp_path, capsys):
+    assert cli.main(["status", "--config", str(run_config()), f"run.root={tmp_path / 'nowhere'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["status", "--config", str(run_config()), f"run.root={tmp_path / 'afile'}"]) == 1
+    assert "is a file, not a run directory" in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback_behind_the_one_line(tmp_path, capsys, monkeypatch):
