@@ -311,6 +311,12 @@ CASES = [
         2,
     ),
     Case(
+        "huge-step-count",
+        _stage("status", train={"max_steps": 10**30}),
+        ("train.max_steps", "100000000"),
+        2,
+    ),
+    Case(
         "below-minimum",
         _stage("status", train={"micro_batch_size": 0}),
         ("train.micro_batch_size", "must be >= 1"),

@@ -63,6 +63,11 @@ DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 NEURON_CACHE_DIR_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/-")
 
 
+# Step counts above this are typing errors, not runs (1e8 steps at 10 steps/s is about four months); a count
+# like 10**30 made the schedule flat (warmup and decay fractions of it are 0) without a word.
+MAX_STEP_COUNT = 100_000_000
+
+
 @dataclass(**_CFG)
 class RunSection:
     """Where the run lives and what it is called."""
@@ -171,7 +176,7 @@ class LoraSection:
 class TrainSection:
     """Optimizer, schedule, batch and checkpoint settings shared by both training paths."""
 
-    max_steps: int = opt(1000, "Optimizer steps.", ge=1)
+    max_steps: int = opt(1000, "Optimizer steps.", ge=1, le=MAX_STEP_COUNT)
     micro_batch_size: int = opt(1, "Sequences per data-parallel rank per forward pass.", ge=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", ge=1)
     global_batch_size: int | None = opt(
@@ -181,7 +186,7 @@ class TrainSection:
     )
     learning_rate: float = opt(2e-4, "Peak learning rate.", gt=0.0)
     min_lr: float = opt(0.0, "Cosine floor of the learning rate.", ge=0.0)
-    warmup_steps: int = opt(0, "Linear warmup steps.", ge=0)
+    warmup_steps: int = opt(0, "Linear warmup steps.", ge=0, le=MAX_STEP_COUNT)
     weight_decay: float = opt(0.0, "AdamW weight decay (not on biases and norms).", ge=0.0)
     adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
     adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
@@ -189,10 +194,14 @@ class TrainSection:
     max_grad_norm: float = opt(1.0, "Global gradient-norm clip; 0 turns clipping off.", ge=0.0)
     bf16: bool = opt(True, "Compute in bfloat16 (adapter weights and optimizer state stay fp32).")
     seed: int = opt(42, "Seed of weights init, dropout and data order.")
-    save_steps: int = opt(100, "Save a checkpoint every N optimizer steps (and at the end).", ge=1)
+    save_steps: int = opt(
+        100, "Save a checkpoint every N optimizer steps (and at the end).", ge=1, le=MAX_STEP_COUNT
+    )
     keep_checkpoints: int = opt(2, "Keep the newest N complete checkpoints.", ge=1)
-    logging_steps: int = opt(10, "Log every N optimizer steps.", ge=1)
-    eval_steps: int = opt(0, "Validate every N optimizer steps; 0 turns validation off.", ge=0)
+    logging_steps: int = opt(10, "Log every N optimizer steps.", ge=1, le=MAX_STEP_COUNT)
+    eval_steps: int = opt(
+        0, "Validate every N optimizer steps; 0 turns validation off.", ge=0, le=MAX_STEP_COUNT
+    )
     eval_batches: int = opt(8, "Validation batches per validation run.", ge=1)
     early_stopping_patience: int = opt(0, "Stop after N validations without improvement; 0 = off.", ge=0)
     compile_steps: int = opt(3, "Steps the compile stage traces (neuron_parallel_compile trial run).", ge=1)
