@@ -479,6 +479,11 @@ def validate_files(paths: Iterable[Path], crd_path: str | None = None) -> list[s
     for p in paths:
         try:
             docs += [(str(p), d) for d in yaml.safe_load_all(p.read_text()) if d is not None]
-        except (OSError, yaml.YAMLError) as exc:
-            lines.append(f"{p}: cannot read as YAML ({exc})")
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            lines.append(f"{p}{where}: not valid YAML ({problem}); fix the file or render it again")
+        except (OSError, UnicodeDecodeError) as exc:
+            lines.append(f"{p}: cannot be read ({exc.strerror if isinstance(exc, OSError) else exc.reason})")
     return lines + validate_documents(docs, crd_path)

@@ -693,3 +693,21 @@ def test_multi_node_without_a_zone_or_a_gang_scheduler_is_refused(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cluster.zone" in err[0] and "cluster.gang_scheduler" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_files_that_are_not_yaml_are_one_line_each(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [unclosed\nb: 1\n")
+    args = [
+        "jobspec",
+        "--config",
+        str(EXAMPLES / "smoke.yaml"),
+        "--files",
+        str(broken),
+        str(tmp_path / "no.yaml"),
+    ]
+    assert cli.main(args) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith(f"{broken} line 2 column 2: not valid YAML (")
+    assert out[1] == f"{tmp_path / 'no.yaml'}: cannot be read (No such file or directory)"
+    assert out[2] == "2 file(s): 2 problem(s)" and len(out) == 3
