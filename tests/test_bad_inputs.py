@@ -604,6 +604,20 @@ CASES = [
         ("run/merge",),
     ),
     Case(
+        "lora-rank-above-the-layer",
+        _tokenized("train", model={"platform": "gpu"}, lora={"r": 512}),
+        ("lora.r: 512 is larger than", "use lora.r <="),
+        2,
+        ("run/train",),
+    ),
+    Case(
+        "lora-rank-above-the-layer-trn1-cpu",
+        _tokenized("train", lora={"r": 512}),
+        ("lora.r: 512 is larger than", "use lora.r <="),
+        2,
+        ("run/train/checkpoint-1",),
+    ),
+    Case(
         "gpu-train-before-tokenize",
         _stage("train", model={"platform": "gpu"}, gpu={"devices": 2}),
         ("train needs a complete tokenize stage",),

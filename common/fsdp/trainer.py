@@ -288,7 +288,7 @@ def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int, platform: Devic
     with torch.device("meta"):  # structure only: target names and decoder-layer classes, no weights
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.enabled:
-        check_targets(skeleton, cfg.lora.target_modules)
+        check_targets(skeleton, cfg.lora.target_modules, cfg.lora.r)
     parallel.decoder_layers(skeleton)
     if cfg.train.eval_steps and not tokenized.has_split("validation"):
         raise ConfigError(

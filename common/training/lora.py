@@ -35,8 +35,10 @@ def stores_weights_transposed(model: Any, targets: Sequence[str]) -> bool:
     )
 
 
-def check_targets(model: Any, targets: Sequence[str]) -> None:
-    """Every target must name a Linear layer of the model (by its leaf name)."""
+def check_targets(model: Any, targets: Sequence[str], rank: int | None = None) -> None:
+    """Every target must name a Linear layer of the model (by its leaf name); with ``rank``, the rank must not
+    exceed the smaller side of any targeted layer (B·A of rank r over a d-wide side has rank at most d: the
+    extra rank only costs memory, and a typo like 512 for 16 trained, consolidated and merged silently)."""
     available = linear_names(model)
     for target in targets:
         if target not in available:
@@ -44,6 +46,17 @@ def check_targets(model: Any, targets: Sequence[str]) -> None:
                 f"lora.target_modules: {target!r} is not a linear layer of {type(model).__name__}; "
                 f"its linear layers are: {', '.join(available)}"
             )
+    if rank is None:
+        return
+    types = _linear_types()
+    for name, module in model.named_modules():
+        if isinstance(module, types) and name.rsplit(".", 1)[-1] in targets:
+            side = min(module.weight.shape[-2:])
+            if rank > side:
+                raise ConfigError(
+                    f"lora.r: {rank} is larger than {name.rsplit('.', 1)[-1]}'s smaller side ({side}); a rank above "
+                    f"min(in, out) adds nothing; use lora.r <= {side}"
+                )
 
 
 def peft_config(cfg: RunConfig, targets: Sequence[str], *, fan_in_fan_out: bool = False) -> Any:
@@ -88,7 +101,7 @@ def apply_lora(
     """Wrap ``model`` with a PEFT LoRA adapter (fp32 adapter weights) and tie fused groups' LoRA A."""
     from peft import get_peft_model
 
-    check_targets(model, targets)
+    check_targets(model, targets, cfg.lora.r)
     config = peft_config(cfg, targets, fan_in_fan_out=stores_weights_transposed(model, targets))
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, param in peft_model.named_parameters():
