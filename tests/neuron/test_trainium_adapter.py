@@ -458,6 +458,7 @@ def _consolidated(run: Run, step: int, out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter_model.safetensors")
 
 
+@pytest.mark.slow  # two torchrun runs (about 2.5 min): keeps the default suite under 20 min
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])
 def test_two_processes_write_nxds_files_and_report_the_layout(layout, request):
     run = request.getfixturevalue(layout)
@@ -480,6 +481,7 @@ def test_two_processes_write_nxds_files_and_report_the_layout(layout, request):
     assert optimizer == [f"optimizer_tp_rank_{r:02d}_pp_rank_00.pt" for r in range(tp)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])
 def test_two_processes_train_the_adapter_one_process_trains(layout, request, uninterrupted, tmp_path):
     """Same data, same seed: the losses and the consolidated adapter of checkpoint-6 match the one-process
