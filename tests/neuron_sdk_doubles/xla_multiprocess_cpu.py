@@ -127,24 +127,23 @@ def _gathered(t: torch.Tensor, dim: int, members: list[int], group: Any) -> torc
     return torch.cat(parts, dim=dim).to(t.dtype).to(t.device)
 
 
+def _each(value: Any, compute: Any, output: Any) -> Any:
+    """``compute`` over one tensor or a list of them, as torch-xla returns it: into ``output`` when given."""
+    single = isinstance(value, torch.Tensor)
+    results = [compute(v) for v in ([value] if single else value)]
+    if output is None:
+        return results[0] if single else results
+    with torch.no_grad():
+        for o, r in zip([output] if single else output, results):
+            o.copy_(r)
+    return output
+
+
 def all_gather(
     value: Any, dim: int = 0, groups: Any = None, output: Any = None, pin_layout: bool = True, **kw
 ):
     members, group = _my_group(groups)
-    if isinstance(value, torch.Tensor):
-        result = _gathered(value, dim, members, group)
-        if output is not None:
-            with torch.no_grad():
-                output.copy_(result)
-            return output
-        return result
-    results = [_gathered(v, dim, members, group) for v in value]
-    if output is not None:
-        with torch.no_grad():
-            for o, r in zip(output, results):
-                o.copy_(r)
-        return output
-    return results
+    return _each(value, lambda t: _gathered(t, dim, members, group), output)
 
 
 def reduce_scatter(
@@ -165,20 +164,7 @@ def reduce_scatter(
         full = _reduced(t, reduce_type, scale, group)
         return torch.chunk(full, shard_count, dim=scatter_dim)[position].contiguous().to(t.device)
 
-    if isinstance(input, torch.Tensor):
-        result = one(input)
-        if output is not None:
-            with torch.no_grad():
-                output.copy_(result)
-            return output
-        return result
-    results = [one(t) for t in input]
-    if output is not None:
-        with torch.no_grad():
-            for o, r in zip(output, results):
-                o.copy_(r)
-        return output
-    return results
+    return _each(input, one, output)
 
 
 def collective_broadcast(
