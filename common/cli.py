@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="OUTDIR", default="jobspecs-out", help="Folder for the rendered specs.")
     p.add_argument("--validate", action="store_true", help="Validate every rendered document offline.")
     p.add_argument(
+        "--runtimes",
+        action="store_true",
+        help="Render the ClusterTrainingRuntime the run's TrainJobs use instead (cluster-scoped: applied once "
+        "per cluster by an admin).",
+    )
+    p.add_argument(
         "--files", nargs="*", metavar="YAML", help="Validate these rendered files instead of rendering."
     )
 

@@ -60,7 +60,11 @@ TRANSIENT_KUBECTL = (
 UNAUTHORIZED_RETRIES = 3
 MAX_BACKOFF_S = 300.0
 # The resource names kubectl takes for the kinds trnft renders.
-RESOURCES = {"Job": "jobs.batch", "PyTorchJob": "pytorchjobs.kubeflow.org"}
+RESOURCES = {
+    "Job": "jobs.batch",
+    "PyTorchJob": "pytorchjobs.kubeflow.org",
+    "TrainJob": "trainjobs.trainer.kubeflow.org",
+}
 
 Kubectl = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -94,7 +98,7 @@ class JobState:
 
 
 def read_job_ref(file: Path) -> tuple[JobRef | None, list[dict[str, Any]]]:
-    """The Job or PyTorchJob a rendered spec file holds (None for the ConfigMap file), and its documents."""
+    """The Job, PyTorchJob or TrainJob a rendered spec file holds (None for the ConfigMap file), and its documents."""
     if not file.is_file():
         raise TrnftError(f"{file}: no such spec file; render the specs with `trnft jobspec` first")
     try:
@@ -129,7 +133,7 @@ def _why(condition: dict[str, Any]) -> str:
 
 
 def job_state(obj: dict[str, Any]) -> JobState:
-    """Decide a Job's or PyTorchJob's state from its ``status`` (as ``kubectl get -o json`` shows it)."""
+    """Decide a Job's, PyTorchJob's or TrainJob's state from its ``status`` (as ``kubectl get -o json`` shows it)."""
     kind = obj.get("kind")
     status = obj.get("status") or {}
     if kind == "Job":
@@ -160,7 +164,24 @@ def job_state(obj: dict[str, Any]) -> JobState:
             active = sum(int((r or {}).get("active") or 0) for r in replicas.values())
             return JobState("running", f"{active} pod(s) running")
         return JobState("waiting", "created, pods not running yet (scheduling or pulling the image)")
-    raise TrnftError(f"{obj.get('kind')!r} is not a Job or PyTorchJob")
+    if kind == "TrainJob":
+        # Trainer v2.3.0 copies the JobSet's Completed/Failed conditions as Complete/Failed
+        # (plugins/jobset Status) and counts the child Jobs in jobsStatus.
+        if _condition(status, "Complete"):
+            return JobState("succeeded", "complete")
+        if failed := _condition(status, "Failed"):
+            return JobState("failed", _why(failed))
+        if _condition(status, "Suspended") or (obj.get("spec") or {}).get("suspend"):
+            return JobState("waiting", "suspended (waiting for admission, e.g. by Kueue)")
+        jobs = status.get("jobsStatus") or []
+        ready = sum(int(j.get("ready") or 0) for j in jobs)
+        active = sum(int(j.get("active") or 0) for j in jobs)
+        if ready:
+            return JobState("running", f"{ready} child job(s) with every pod ready")
+        if active:
+            return JobState("running", f"{active} child job(s) active, pods starting")
+        return JobState("waiting", "created, pods not running yet (scheduling or pulling the image)")
+    raise TrnftError(f"{obj.get('kind')!r} is not a Job, PyTorchJob or TrainJob")
 
 
 class KubectlError(TrnftError):
@@ -218,7 +239,12 @@ def get_job(ref: JobRef, kubectl: Kubectl = run_kubectl) -> dict[str, Any] | Non
         raise TrnftError(f"kubectl get {ref.resource} did not print JSON") from exc
 
 
-POD_SELECTORS = {"Job": "batch.kubernetes.io/job-name", "PyTorchJob": "training.kubeflow.org/job-name"}
+POD_SELECTORS = {
+    "Job": "batch.kubernetes.io/job-name",
+    "PyTorchJob": "training.kubeflow.org/job-name",
+    # The JobSet a TrainJob runs on has the TrainJob's name and labels every pod with it.
+    "TrainJob": "jobset.sigs.k8s.io/jobset-name",
+}
 
 
 def failed_pod(ref: JobRef, kubectl: Kubectl = run_kubectl) -> str | None:
@@ -246,8 +272,16 @@ def failed_pod(ref: JobRef, kubectl: Kubectl = run_kubectl) -> str | None:
 
 
 def _hints(ref: JobRef, pod: str | None = None) -> str:
-    # A Job's logs by the job; a PyTorchJob's from the pod that failed, else its Master (<job>-master-0).
-    logs = pod or (f"job/{ref.name}" if ref.kind == "Job" else f"{ref.name}-master-0")
+    # A Job's logs by the job; a PyTorchJob's from the pod that failed, else its Master (<job>-master-0); a
+    # TrainJob's pod names end in a random suffix, so by label, each line prefixed with its pod.
+    if pod:
+        logs = pod
+    elif ref.kind == "Job":
+        logs = f"job/{ref.name}"
+    elif ref.kind == "TrainJob":
+        logs = f"-l {POD_SELECTORS['TrainJob']}={ref.name} --prefix"
+    else:
+        logs = f"{ref.name}-master-0"
     return (
         f"see `kubectl describe {ref.resource} -n {ref.namespace}` and "
         f"`kubectl logs -n {ref.namespace} {logs} --tail=50`"
@@ -390,7 +424,7 @@ def wait_command(args: Any, log: Callable[[str], None]) -> int:
     file = Path(args.file)
     ref, _ = read_job_ref(file)
     if ref is None:
-        raise TrnftError(f"{file}: holds no Job or PyTorchJob to wait for")
+        raise TrnftError(f"{file}: holds no Job, PyTorchJob or TrainJob to wait for")
     timeout_s = parse_duration(args.timeout, "--timeout")
     interval_s = parse_duration(args.interval, "--interval")
     return wait(ref, timeout_s=timeout_s, interval_s=interval_s, log=log)

@@ -17,6 +17,10 @@ merge       Job (CPU)                Job (CPU)                                  
 evaluate    Job (GPU if cluster.eval_instance_type, else CPU)
 =========== ======================== ================================================ ==========================================
 
+compile and train on accelerators are Kubeflow Trainer v2 TrainJobs (``cluster.operator: trainjob``, the
+default; :mod:`trnft.jobspecs.trainjob`) on a ClusterTrainingRuntime per instance type that
+``trnft jobspec --runtimes`` renders, or training-operator v1 PyTorchJobs (``cluster.operator: pytorchjob``).
+
 Instance facts come from ``common/cluster/instances.yaml``; processes, world size and TP x PP x DP are derived
 and checked (:func:`trnft.common.instances.training_layout`) before anything is rendered. The Hugging
 Face token is only ever a Secret reference.
@@ -25,6 +29,7 @@ Face token is only ever a Secret reference.
 from __future__ import annotations
 
 import math
+import shlex
 import shutil
 import uuid
 from collections.abc import Callable
@@ -50,6 +55,7 @@ from trnft.common.exits import FIRST_RETRYABLE
 from trnft.common.pipeline import backend
 from trnft.common.pipeline.atomic import swap_into_place
 from trnft.common.pipeline.stages import STAGES
+from trnft.jobspecs import trainjob
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "00-config.yaml"
@@ -162,6 +168,7 @@ class Document:
     run_policy: dict[str, Any] = field(default_factory=dict)
     pod_failure_policy: dict[str, Any] = field(default_factory=dict)
     config_yaml: str = ""
+    body: dict[str, Any] = field(default_factory=dict)  # a whole document (object.yaml.j2)
 
 
 def job_name(cfg: RunConfig, stage: str) -> str:
@@ -290,18 +297,27 @@ def _resources(cfg: RunConfig, placement: Placement) -> dict[str, dict[str, str]
     return {"requests": {**devices, **host}, "limits": dict(devices)}
 
 
+def _accelerator_toleration(kind: str) -> dict[str, Any]:
+    # Accelerator node groups are commonly tainted with their device resource name.
+    return {
+        "neuron": {"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"},
+        "gpu": {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    }[kind]
+
+
 def _tolerations(cfg: RunConfig, placement: Placement) -> list[dict[str, Any]]:
     if placement.kind == "cpu":
         return []
-    # Accelerator node groups are commonly tainted with their device resource name.
-    auto = {
-        "neuron": {"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"},
-        "gpu": {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-    }[placement.kind]
+    auto = _accelerator_toleration(placement.kind)
     tolerations = [dict(t) for t in cfg.cluster.tolerations]
     if auto not in tolerations:
         tolerations.append(auto)
     return tolerations
+
+
+def _shm_gib(placement: Placement) -> int:
+    inst = placement.instance
+    return 2 if placement.kind == "cpu" else max(8, (inst.memory_gib if inst else 64) // 8)
 
 
 def _pod(
@@ -309,8 +325,7 @@ def _pod(
     *, restart_policy: str | None, image: str, nodes: int = 1,
 ) -> Pod:  # fmt: skip
     inst = placement.instance
-    shm_gib = 2 if placement.kind == "cpu" else max(8, (inst.memory_gib if inst else 64) // 8)
-    volumes, mounts = _volumes(cfg, shm_gib)
+    volumes, mounts = _volumes(cfg, _shm_gib(placement))
     node_selector = {}
     selector_type = inst.name if inst is not None else cfg.cluster.cpu_instance_type
     if selector_type:
@@ -338,7 +353,7 @@ def _pod(
         security_context={"capabilities": {"add": ["IPC_LOCK"]}} if placement.efa else None,
         restart_policy=restart_policy,
         affinity=_same_zone_affinity(cfg, stage) if nodes > 1 and not cfg.cluster.zone else None,
-        scheduler_name=VOLCANO_SCHEDULER if nodes > 1 and cfg.cluster.gang_scheduler == "volcano" else None,
+        scheduler_name=VOLCANO_SCHEDULER if _volcano(cfg, nodes) else None,
     )
 
 
@@ -367,9 +382,14 @@ def _queue_labels(cfg: RunConfig) -> dict[str, str]:
     return {KUEUE_QUEUE_LABEL: cfg.cluster.queue} if cfg.cluster.gang_scheduler == "kueue" else {}
 
 
+def _volcano(cfg: RunConfig, nodes: int) -> bool:
+    """Volcano gang-schedules multi-node jobs (a single pod needs no PodGroup)."""
+    return cfg.cluster.gang_scheduler == "volcano" and nodes > 1
+
+
 def _run_policy(cfg: RunConfig, nodes: int) -> dict[str, Any]:
     policy: dict[str, Any] = {"backoffLimit": cfg.cluster.backoff_limit, "cleanPodPolicy": CLEAN_POD_POLICY}
-    if cfg.cluster.gang_scheduler == "volcano" and nodes > 1:
+    if _volcano(cfg, nodes):
         # The operator makes a Volcano PodGroup: no pod starts until all `nodes` can.
         scheduling: dict[str, Any] = {"minAvailable": nodes}
         if cfg.cluster.queue:
@@ -398,11 +418,13 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
     env = backend.of(cfg).launch_env(cfg, inst, layout)
     if efa:
         env.update(launch.efa_env(inst.efa_rdma_read))
+    trainer_v2 = cfg.cluster.operator == "trainjob"
     if stage == "train" or cfg.model.platform in COMPILE_UNDER_TORCHRUN:
-        # The operator injects MASTER_ADDR/MASTER_PORT; kubelet expands $(VAR) in the command.
+        # The operator injects MASTER_ADDR/MASTER_PORT (Trainer v2: PET_MASTER_ADDR/PET_MASTER_PORT); kubelet
+        # expands $(VAR) in the command.
         command = launch.torchrun_argv(
             layout,
-            rdzv_endpoint="$(MASTER_ADDR):$(MASTER_PORT)",
+            rdzv_endpoint=trainjob.MASTER_ENDPOINT if trainer_v2 else "$(MASTER_ADDR):$(MASTER_PORT)",
             rdzv_id=name,
             entry=("trnft.common.cli", stage),
         )
@@ -416,16 +438,42 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
         cfg, stage, placement, command, env, restart_policy=None, image=cfg.cluster.image, nodes=layout.nodes
     )
     pod.termination_grace_seconds = cfg.cluster.stop_grace_seconds + STOP_MARGIN_S
+    header = f"trnft {stage} for run {cfg.run.name}: {layout.describe()} on {inst.name}"
+    labels = {**pod.labels, **_queue_labels(cfg)}
+    annotations = {
+        "trnft.dev/world-size": str(layout.world),
+        "trnft.dev/parallel": f"tp={layout.tp},pp={layout.pp},dp={layout.dp}",
+    }
+    if trainer_v2:
+        volcano = _volcano(cfg, layout.nodes)
+        runtime = trainjob.runtime_name(inst.name, volcano)
+        annotations["trnft.dev/runtime"] = runtime
+        body = trainjob.trainjob_body(
+            name=name,
+            namespace=cfg.cluster.namespace,
+            labels=labels,
+            annotations=annotations,
+            runtime=runtime,
+            pod=pod,
+            nodes=layout.nodes,
+            nproc_per_node=layout.nproc_per_node,
+            volcano_queue=cfg.cluster.queue if volcano else None,
+        )
+        return Document(
+            template="object.yaml.j2",
+            header=header,
+            name=name,
+            namespace=cfg.cluster.namespace,
+            labels=labels,
+            body=body,
+        )
     return Document(
         template=TEMPLATES[(cfg.model.platform, stage)],
-        header=f"trnft {stage} for run {cfg.run.name}: {layout.describe()} on {inst.name}",
+        header=header,
         name=name,
         namespace=cfg.cluster.namespace,
-        labels={**pod.labels, **_queue_labels(cfg)},
-        annotations={
-            "trnft.dev/world-size": str(layout.world),
-            "trnft.dev/parallel": f"tp={layout.tp},pp={layout.pp},dp={layout.dp}",
-        },
+        labels=labels,
+        annotations=annotations,
         pod=pod,
         nproc_per_node=str(layout.nproc_per_node),
         workers=layout.nodes - 1,
@@ -460,6 +508,51 @@ def _evaluate_placement(cfg: RunConfig) -> tuple[Placement, str]:
     return Placement(
         kind="gpu", instance=inst, devices=cfg.eval.tensor_parallel_size
     ), cfg.cluster.eval_image or cfg.cluster.image
+
+
+def runtime_document(cfg: RunConfig) -> Document:
+    """The ClusterTrainingRuntime this config's TrainJobs reference (``trnft jobspec --runtimes``)."""
+    inst = instance(cfg.cluster.instance_type)
+    layout = training_layout(cfg)
+    volcano = _volcano(cfg, layout.nodes)
+    name = trainjob.runtime_name(inst.name, volcano)
+    placement = Placement(kind=inst.accelerator, instance=inst, devices=inst.neuron_devices or inst.gpus)
+    volumes, mounts = _volumes(cfg, _shm_gib(placement))
+    body = trainjob.runtime_body(
+        name=name,
+        accelerator=inst.accelerator,
+        instance_name=inst.name,
+        image=cfg.cluster.image,
+        node_resources=_resources(cfg, placement),
+        tolerations=[_accelerator_toleration(inst.accelerator)],
+        shm_volume=next(v for v in volumes if v["name"] == "shm"),
+        shm_mount=next(m for m in mounts if m["name"] == "shm"),
+        ipc_lock=inst.efa > 0,
+        volcano=volcano,
+    )
+    return Document(
+        template="object.yaml.j2",
+        header=(
+            f"Kubeflow Trainer v2 runtime of trnft's TrainJobs on {inst.name}"
+            + (" (Volcano gang scheduling)" if volcano else "")
+            + "; cluster-scoped, applied once per cluster by an admin"
+        ),
+        name=name,
+        namespace="",
+        labels=body["metadata"]["labels"],
+        body=body,
+    )
+
+
+def runtime_file(cfg: RunConfig) -> str:
+    return f"runtime-{runtime_document(cfg).name}.yaml"
+
+
+def render_runtimes(cfg: RunConfig) -> dict[str, str]:
+    """File name -> YAML text of the runtime this config's TrainJobs need."""
+    check_cluster_config(cfg)
+    doc = runtime_document(cfg)
+    return {runtime_file(cfg): _environment().get_template(doc.template).render(doc=doc)}
 
 
 def plan(cfg: RunConfig) -> dict[str, Document]:
@@ -537,6 +630,9 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["nested"] = nested
+    env.filters["document"] = lambda value: yaml.dump(
+        value, Dumper=_SpecDumper, default_flow_style=False, sort_keys=False, width=1000
+    ).rstrip("\n")
     return env
 
 
@@ -546,6 +642,7 @@ def render(cfg: RunConfig) -> dict[str, str]:
     return {file: env.get_template(doc.template).render(doc=doc) for file, doc in plan(cfg).items()}
 
 
+RUNTIME_RESOURCE = "clustertrainingruntimes.trainer.kubeflow.org"
 # How long `trnft submit --wait` watches each stage before it gives up watching (the job keeps running).
 WAIT_TIMEOUTS = {
     "tokenize": "2h",
@@ -565,6 +662,9 @@ def apply_lines(out: Path, cfg: RunConfig) -> list[str]:
     fails, or when its bounded timeout passes.
     """
     lines = [f"kubectl apply -f {out / CONFIG_FILE}"]
+    if cfg.cluster.operator == "trainjob":
+        # Fails at once, before any stage runs, when the admin has not applied the runtime yet.
+        lines.insert(0, f"kubectl get {RUNTIME_RESOURCE}/{runtime_document(cfg).name}")
     for stage in STAGES:
         lines.append(f"trnft submit {out / STAGE_FILES[stage]} --wait --timeout {WAIT_TIMEOUTS[stage]}")
     return lines
@@ -604,16 +704,32 @@ def command(args: Any, log: Callable[[str], None]) -> int:
         log(f"{len(args.files)} file(s): {'valid' if not problems else f'{len(problems)} problem(s)'}")
         return 1 if problems else 0
     cfg = load_config(args.config, args.overrides)
-    files = render(cfg)
+    runtimes = getattr(args, "runtimes", False)
+    if runtimes and cfg.cluster.operator != "trainjob":
+        raise ConfigError(
+            "--runtimes: cluster.operator is pytorchjob, which needs no runtime; set cluster.operator=trainjob"
+        )
+    files = render_runtimes(cfg) if runtimes else render(cfg)
     if args.validate:
         docs = [(name, doc) for name, text in files.items() for doc in yaml.safe_load_all(text) if doc]
         problems = k8s_validate.validate_documents(docs)
+        if cfg.cluster.operator == "trainjob" and not runtimes:
+            # Every TrainJob against the runtime it names, as Trainer's webhook checks its patches.
+            problems += k8s_validate.trainjob_runtime_problems(docs, runtime_document(cfg).body)
         if problems:
             raise TrnftError(
                 f"rendered specs are invalid ({len(problems)} problem(s)): " + "; ".join(problems)
             )
     out = Path(args.out)
     write_atomically(out, files)
+    if runtimes:
+        (name,) = files
+        log(f"wrote {out / name}" + (" (validated)" if args.validate else ""))
+        log(
+            f"apply it once per cluster, with rights on cluster-scoped objects: kubectl apply -f {out / name} "
+            "(reapplying is safe; a changed runtime applies to TrainJobs created afterwards)"
+        )
+        return 0
     layout = training_layout(cfg)
     log(
         f"wrote {len(files)} specs to {out}/ for run {cfg.run.name}: {layout.describe()}"
@@ -624,7 +740,30 @@ def command(args: Any, log: Callable[[str], None]) -> int:
     )
     for line in apply_lines(out, cfg):
         log(f"  {line}")
-    if cfg.cluster.gang_scheduler == "kueue":
+    if cfg.cluster.operator == "trainjob":
+        log(
+            f"note: compile and train are TrainJobs on ClusterTrainingRuntime {runtime_document(cfg).name} "
+            "(Kubeflow Trainer v2.3+, JobSet v0.10+); have a cluster admin apply it once: "
+            + shlex.join(
+                [
+                    "trnft",
+                    "jobspec",
+                    *(f"--config={c}" for c in args.config),
+                    *args.overrides,
+                    "--runtimes",
+                    "--out",
+                    "runtimes",
+                ]
+            )
+        )
+    if cfg.cluster.gang_scheduler == "kueue" and cfg.cluster.operator == "trainjob":
+        log(
+            "note: Kueue admits the TrainJobs (its trainjob integration is on by default) and the Jobs from "
+            f"LocalQueue {cfg.cluster.queue}; set waitForPodsReady and give the ClusterQueue quota for every "
+            "resource the pods request (aws.amazon.com/neuron or nvidia.com/gpu, vpc.amazonaws.com/efa, cpu, "
+            "memory) (README, Kueue)"
+        )
+    elif cfg.cluster.gang_scheduler == "kueue":
         log(
             "note: Kueue queues these PyTorchJobs only with its `kubeflow.org/pytorchjob` integration enabled "
             "(off by default and deprecated since Kueue v0.19): add it to integrations.frameworks of the Kueue "

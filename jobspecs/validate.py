@@ -212,6 +212,31 @@ def _pytorchjob_validator(crd_path: str | None) -> Any:
     return Draft202012Validator(own_pytorchjob_schema(), registry=_registry())
 
 
+# -- Kubeflow Trainer v2 schemas ---------------------------------------------------------------------
+
+TRAINER_CRD_DIR = Path(__file__).parent / "crds"
+TRAINER_CRD_FILES = {
+    "TrainJob": "trainer.kubeflow.org_trainjobs.yaml.gz",
+    "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml.gz",
+}
+TRAINER_API_VERSION = "trainer.kubeflow.org/v1alpha1"
+
+
+def trainer_crd(kind: str) -> dict[str, Any]:
+    """The upstream Trainer v2.3.0 CRD of ``kind``, shipped gzipped in ``jobspecs/crds``."""
+    import gzip
+
+    text = gzip.decompress((TRAINER_CRD_DIR / TRAINER_CRD_FILES[kind]).read_bytes()).decode()
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@functools.cache
+def _trainer_validator(kind: str) -> Any:
+    from jsonschema import Draft7Validator
+
+    return Draft7Validator(crd_to_schema(trainer_crd(kind), "v1alpha1"))
+
+
 def default_crd_path() -> str | None:
     path = os.environ.get("TRNFT_PYTORCHJOB_CRD")
     return path if path and Path(path).is_file() else None
@@ -225,6 +250,17 @@ def _pod_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     spec = doc.get("spec") or {}
     if kind == "Job":
         return [("spec.template.spec", ((spec.get("template") or {}).get("spec") or {}))]
+    if kind == "ClusterTrainingRuntime":
+        return [
+            (
+                f"spec.template.spec.replicatedJobs.{i}.template.spec.template.spec",
+                (((rjob or {}).get("template") or {}).get("spec") or {}).get("template", {}).get("spec")
+                or {},
+            )
+            for i, rjob in enumerate(
+                ((spec.get("template") or {}).get("spec") or {}).get("replicatedJobs") or []
+            )
+        ]
     if kind == "PyTorchJob":
         out = []
         for rtype, replica in (spec.get("pytorchReplicaSpecs") or {}).items():
@@ -251,7 +287,7 @@ def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
     kind = doc.get("kind")
     meta = doc.get("metadata") or {}
     name = meta.get("name", "")
-    if kind in ("Job", "PyTorchJob") and not DNS_1035.match(str(name)):
+    if kind in ("Job", "PyTorchJob", "TrainJob") and not DNS_1035.match(str(name)):
         problems.append(
             (
                 "metadata.name",
@@ -260,7 +296,7 @@ def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
         )
     if len(str(name)) > 63:
         problems.append(("metadata.name", f"{name!r} is longer than 63 characters"))
-    if kind == "ConfigMap" and not DNS_1123_SUBDOMAIN.match(str(name)):
+    if kind in ("ConfigMap", "ClusterTrainingRuntime") and not DNS_1123_SUBDOMAIN.match(str(name)):
         problems.append(("metadata.name", f"{name!r} is not a DNS-1123 subdomain"))
     if "namespace" in meta and not DNS_1123_LABEL.match(str(meta["namespace"])):
         problems.append(("metadata.namespace", f"{meta['namespace']!r} is not a DNS-1123 label"))
@@ -292,6 +328,10 @@ def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
 
     if kind == "Job":
         problems += _pod_failure_policy_problems(spec.get("podFailurePolicy"))
+    if kind == "TrainJob":
+        problems += _trainjob_problems(doc)
+    if kind == "ClusterTrainingRuntime":
+        problems += _runtime_problems(doc)
 
     for path, pod in _pod_specs(doc):
         containers = pod.get("containers") or []
@@ -332,14 +372,14 @@ def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
-def _pod_failure_policy_problems(policy: Any) -> list[tuple[str, str]]:
+def _pod_failure_policy_problems(policy: Any, at: str = "spec.podFailurePolicy") -> list[tuple[str, str]]:
     """The API server's rules for a Job's podFailurePolicy exit codes (no schema holds them)."""
     problems: list[tuple[str, str]] = []
     for i, rule in enumerate((policy or {}).get("rules") or []):
         codes = (rule.get("onExitCodes") or {}).get("values")
         if codes is None:
             continue
-        path = f"spec.podFailurePolicy.rules.{i}.onExitCodes.values"
+        path = f"{at}.rules.{i}.onExitCodes.values"
         if not codes or len(codes) > 255:
             problems.append((path, f"must hold 1 to 255 exit codes, got {len(codes)}"))
         if list(codes) != sorted(set(codes)):
@@ -347,6 +387,244 @@ def _pod_failure_policy_problems(policy: Any) -> list[tuple[str, str]]:
         if rule["onExitCodes"].get("operator") == "In" and 0 in codes:
             problems.append((path, "0 cannot be used with the In operator"))
     return problems
+
+
+def _world_problems(
+    annotations: dict[str, Any],
+    pods: int,
+    nproc: int,
+    command: list[str],
+    env: dict[str, Any],
+    cpath: str,
+    nproc_key: str,
+) -> list[tuple[str, str]]:
+    """Pods x processes, torchrun's flags, NEURON_RT_NUM_CORES and TP x PP x DP agree with the world size."""
+    problems = []
+    world = int(annotations["trnft.dev/world-size"])
+    if pods * nproc != world:
+        problems.append((nproc_key, f"{pods} pods x {nproc} processes != world size {world}"))
+    if "torchrun" in command:
+        if _flag(command, "nproc_per_node") != str(nproc):
+            problems.append(
+                (
+                    f"{cpath}.command",
+                    f"torchrun --nproc_per_node={_flag(command, 'nproc_per_node')} != {nproc_key} {nproc}",
+                )
+            )
+        if _flag(command, "nnodes") != str(pods):
+            problems.append(
+                (f"{cpath}.command", f"torchrun --nnodes={_flag(command, 'nnodes')} != {pods} pods")
+            )
+        if _flag(command, "rdzv_backend") not in ("c10d",):
+            problems.append((f"{cpath}.command", "torchrun must use the c10d rendezvous (no etcd)"))
+    if "NEURON_RT_NUM_CORES" in env and env["NEURON_RT_NUM_CORES"] != str(nproc):
+        problems.append(
+            (f"{cpath}.env", f"NEURON_RT_NUM_CORES={env['NEURON_RT_NUM_CORES']} != {nproc_key} {nproc}")
+        )
+    tp, pp, dp = (
+        int(kv.split("=")[1]) for kv in annotations.get("trnft.dev/parallel", "tp=1,pp=1,dp=0").split(",")
+    )
+    if tp * pp * dp != world:
+        problems.append(
+            ("metadata.annotations.trnft.dev/parallel", f"TP x PP x DP = {tp}x{pp}x{dp} != world {world}")
+        )
+    return problems
+
+
+DOMAIN_PREFIXED_PATH = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/\S+$")
+NODE_CONTAINER = "node"
+
+
+def _patched_pod_specs(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(path, replicated job name, pod spec patch) of every runtime patch of a TrainJob."""
+    out = []
+    for i, patch in enumerate((doc.get("spec") or {}).get("runtimePatches") or []):
+        template = ((patch or {}).get("trainingRuntimeSpec") or {}).get("template") or {}
+        for j, rjob in enumerate((template.get("spec") or {}).get("replicatedJobs") or []):
+            pod = ((((rjob or {}).get("template") or {}).get("spec") or {}).get("template") or {}).get(
+                "spec"
+            ) or {}
+            out.append(
+                (
+                    f"spec.runtimePatches.{i}.trainingRuntimeSpec.template.spec.replicatedJobs.{j}.template.spec.template.spec",
+                    rjob.get("name"),
+                    pod,
+                )
+            )
+    return out
+
+
+def _trainjob_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """Trainer v2.3.0's webhook rules on a TrainJob (plugins/torch, plugins/jobset) and trnft's invariants."""
+    from trnft.jobspecs.trainjob import RESERVED_ENV
+
+    problems: list[tuple[str, str]] = []
+    spec = doc.get("spec") or {}
+    trainer = spec.get("trainer") or {}
+    env_list = trainer.get("env") or []
+    reserved = sorted({e.get("name") for e in env_list} & set(RESERVED_ENV))
+    if reserved:
+        problems.append(
+            ("spec.trainer.env", f"must not set {', '.join(reserved)} (the torch plugin injects them)")
+        )
+    for j, env in enumerate(env_list):
+        if SECRET_NAME.search(str(env.get("name", ""))) and "value" in env:
+            problems.append(
+                (
+                    f"spec.trainer.env.{j}.value",
+                    f"{env['name']} must come from a Secret (valueFrom.secretKeyRef), not a literal",
+                )
+            )
+    for section in ("requests", "limits"):
+        for res, qty in ((trainer.get("resourcesPerNode") or {}).get(section) or {}).items():
+            if not QUANTITY.match(str(qty)):
+                problems.append(
+                    (f"spec.trainer.resourcesPerNode.{section}.{res}", f"{qty!r} is not a quantity")
+                )
+    for i, patch in enumerate(spec.get("runtimePatches") or []):
+        if not DOMAIN_PREFIXED_PATH.match(str((patch or {}).get("manager", ""))):
+            problems.append(
+                (f"spec.runtimePatches.{i}.manager", "must be a domain-prefixed path, e.g. example.com/tool")
+            )
+    for path, _, pod in _patched_pod_specs(doc):
+        for k, c in enumerate(pod.get("containers") or []):
+            if c.get("name") == NODE_CONTAINER and c.get("env"):
+                problems.append(
+                    (f"{path}.containers.{k}.env", "the node container gets env from spec.trainer.env only")
+                )
+    annotations = (doc.get("metadata") or {}).get("annotations") or {}
+    if "trnft.dev/world-size" in annotations:
+        if trainer.get("numProcPerNode") is None:
+            # `auto` counts only GPU-named resources: Trainium would get one process per CPU.
+            problems.append(("spec.trainer.numProcPerNode", "trnft TrainJobs give the number of processes"))
+        else:
+            env = {e.get("name"): e.get("value") for e in env_list}
+            problems += _world_problems(
+                annotations,
+                int(trainer.get("numNodes") or 1),
+                int(trainer["numProcPerNode"]),
+                trainer.get("command") or [],
+                env,
+                "spec.trainer",
+                "spec.trainer.numProcPerNode",
+            )
+        if int(trainer.get("numNodes") or 1) > 1:
+            for path, _, pod in _patched_pod_specs(doc):
+                if not _one_zone(pod):
+                    problems.append(
+                        (
+                            path,
+                            "a multi-node job must keep its pods in one zone (zone node selector or pod affinity)",
+                        )
+                    )
+    return problems
+
+
+def _one_zone(pod: dict[str, Any]) -> bool:
+    pinned = "topology.kubernetes.io/zone" in (pod.get("nodeSelector") or {})
+    terms = ((pod.get("affinity") or {}).get("podAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or []
+    return pinned or any(t.get("topologyKey") == "topology.kubernetes.io/zone" for t in terms)
+
+
+def _runtime_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """A ClusterTrainingRuntime as Trainer needs it and as trnft's failure classes need it: one trainer
+    replicated job with a ``node`` container; its Job fails on the first failed pod (the JobSet restarts
+    the gang); the JobSet rules' message patterns point at FailJob rules of the matching kind."""
+    from trnft.jobspecs.trainjob import ANCESTOR_LABEL, ANCESTOR_TRAINER
+
+    problems: list[tuple[str, str]] = []
+    jobset = ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+    rjobs = jobset.get("replicatedJobs") or []
+    trainers = [
+        (i, r)
+        for i, r in enumerate(rjobs)
+        if (((r.get("template") or {}).get("metadata") or {}).get("labels") or {}).get(ANCESTOR_LABEL)
+        == ANCESTOR_TRAINER
+    ]
+    if len(trainers) != 1:
+        problems.append(
+            (
+                "spec.template.spec.replicatedJobs",
+                f"needs exactly one job labelled {ANCESTOR_LABEL}: trainer, got {len(trainers)}",
+            )
+        )
+        return problems
+    i, rjob = trainers[0]
+    at = f"spec.template.spec.replicatedJobs.{i}.template.spec"
+    job = (rjob.get("template") or {}).get("spec") or {}
+    pod = (job.get("template") or {}).get("spec") or {}
+    if not any(c.get("name") == NODE_CONTAINER for c in pod.get("containers") or []):
+        problems.append((f"{at}.template.spec.containers", "the trainer job needs a container named node"))
+    policy = job.get("podFailurePolicy")
+    problems += _pod_failure_policy_problems(policy, f"{at}.podFailurePolicy")
+    if policy is not None and pod.get("restartPolicy") != "Never":
+        problems.append((f"{at}.template.spec.restartPolicy", "must be Never when podFailurePolicy is set"))
+    if (doc.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/name") != "trnft":
+        return problems
+    if job.get("backoffLimit") != 0:
+        problems.append(
+            (
+                f"{at}.backoffLimit",
+                f"must be 0 (a failed pod restarts the whole gang), got {job.get('backoffLimit')!r}",
+            )
+        )
+    failure = jobset.get("failurePolicy") or {}
+    if not isinstance(failure.get("maxRestarts"), int):
+        problems.append(("spec.template.spec.failurePolicy.maxRestarts", "restarts must be bounded"))
+    rules = (policy or {}).get("rules") or []
+    wanted = {"evicted": "onPodConditions", "permanent-exit": "onExitCodes"}
+    for k, rule in enumerate(failure.get("rules") or []):
+        if rule.get("name") not in wanted:
+            continue
+        for pattern in rule.get("onJobFailureMessagePatterns") or []:
+            match = re.search(r"rule at index (\d+)\$$", pattern)
+            index = int(match.group(1)) if match else -1
+            target = rules[index] if 0 <= index < len(rules) else {}
+            if target.get("action") != "FailJob" or wanted[rule["name"]] not in target:
+                problems.append(
+                    (
+                        f"spec.template.spec.failurePolicy.rules.{k}.onJobFailureMessagePatterns",
+                        f"{pattern!r} must point at the FailJob rule {wanted[rule['name']]} of the podFailurePolicy",
+                    )
+                )
+    return problems
+
+
+def trainjob_runtime_problems(docs: Iterable[tuple[str, Any]], runtime: dict[str, Any]) -> list[str]:
+    """Every TrainJob in ``docs`` against ``runtime``: the name it references, and (Trainer's webhook) every
+    patched replicated job and container exists in the runtime."""
+    name = (runtime.get("metadata") or {}).get("name")
+    rjobs = (((runtime.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
+        "replicatedJobs"
+    ) or []
+    containers = {
+        r.get("name"): {
+            c.get("name")
+            for c in (((r.get("template") or {}).get("spec") or {}).get("template") or {})
+            .get("spec", {})
+            .get("containers")
+            or []
+        }
+        for r in rjobs
+    }
+    lines = []
+    for source, doc in docs:
+        if not isinstance(doc, dict) or doc.get("kind") != "TrainJob":
+            continue
+        label = f"{source}: TrainJob/{(doc.get('metadata') or {}).get('name')}"
+        ref = ((doc.get("spec") or {}).get("runtimeRef") or {}).get("name")
+        if ref != name:
+            lines.append(f"{label}: spec.runtimeRef.name: {ref!r} is not the rendered runtime {name!r}")
+        for path, rjob, pod in _patched_pod_specs(doc):
+            if rjob not in containers:
+                lines.append(f"{label}: {path}: replicated job {rjob!r} is not in runtime {name}")
+                continue
+            for c in pod.get("containers") or []:
+                if c.get("name") not in containers[rjob]:
+                    lines.append(f"{label}: {path}: container {c.get('name')!r} is not in runtime {name}")
+    return lines
 
 
 def _trnft_invariants(doc: dict[str, Any], cpath: str, container: dict[str, Any]) -> list[tuple[str, str]]:
@@ -362,40 +640,17 @@ def _trnft_invariants(doc: dict[str, Any], cpath: str, container: dict[str, Any]
     if doc.get("kind") == "PyTorchJob" and "trnft.dev/world-size" in annotations:
         spec = doc["spec"]
         problems += _failure_handling_problems(spec)
-        world = int(annotations["trnft.dev/world-size"])
         replicas = sum(int((r or {}).get("replicas") or 0) for r in spec["pytorchReplicaSpecs"].values())
-        nproc = int(spec.get("nprocPerNode", "0"))
-        if replicas * nproc != world:
-            problems.append(
-                ("spec.nprocPerNode", f"{replicas} pods x {nproc} processes != world size {world}")
-            )
-        command = container.get("command") or []
-        if "torchrun" in command:
-            if _flag(command, "nproc_per_node") != str(nproc):
-                problems.append(
-                    (
-                        f"{cpath}.command",
-                        f"torchrun --nproc_per_node={_flag(command, 'nproc_per_node')} != nprocPerNode {nproc}",
-                    )
-                )
-            if _flag(command, "nnodes") != str(replicas):
-                problems.append(
-                    (f"{cpath}.command", f"torchrun --nnodes={_flag(command, 'nnodes')} != {replicas} pods")
-                )
-            if _flag(command, "rdzv_backend") not in ("c10d",):
-                problems.append((f"{cpath}.command", "torchrun must use the c10d rendezvous (no etcd)"))
         env = {e.get("name"): e.get("value") for e in container.get("env") or []}
-        if "NEURON_RT_NUM_CORES" in env and env["NEURON_RT_NUM_CORES"] != str(nproc):
-            problems.append(
-                (f"{cpath}.env", f"NEURON_RT_NUM_CORES={env['NEURON_RT_NUM_CORES']} != nprocPerNode {nproc}")
-            )
-        tp, pp, dp = (
-            int(kv.split("=")[1]) for kv in annotations.get("trnft.dev/parallel", "tp=1,pp=1,dp=0").split(",")
+        problems += _world_problems(
+            annotations,
+            replicas,
+            int(spec.get("nprocPerNode", "0")),
+            container.get("command") or [],
+            env,
+            cpath,
+            "spec.nprocPerNode",
         )
-        if tp * pp * dp != world:
-            problems.append(
-                ("metadata.annotations.trnft.dev/parallel", f"TP x PP x DP = {tp}x{pp}x{dp} != world {world}")
-            )
     return problems
 
 
@@ -417,12 +672,7 @@ def _failure_handling_problems(spec: dict[str, Any]) -> list[tuple[str, str]]:
     if "Worker" in replicas:
         for rtype, replica in replicas.items():
             pod = ((replica or {}).get("template") or {}).get("spec") or {}
-            pinned = "topology.kubernetes.io/zone" in (pod.get("nodeSelector") or {})
-            terms = ((pod.get("affinity") or {}).get("podAffinity") or {}).get(
-                "requiredDuringSchedulingIgnoredDuringExecution"
-            ) or []
-            together = any(t.get("topologyKey") == "topology.kubernetes.io/zone" for t in terms)
-            if not (pinned or together):
+            if not _one_zone(pod):
                 problems.append(
                     (
                         f"spec.pytorchReplicaSpecs.{rtype}.template.spec",
@@ -450,6 +700,15 @@ def document_problems(doc: Any, crd_path: str | None = None) -> list[tuple[str, 
                 ("apiVersion", f"no served version {doc.get('apiVersion')!r} of PyTorchJob (kubeflow.org/v1)")
             ]
         validator = _pytorchjob_validator(crd_path or default_crd_path())
+    elif doc.get("kind") in TRAINER_CRD_FILES:
+        if doc.get("apiVersion") != TRAINER_API_VERSION:
+            return [
+                (
+                    "apiVersion",
+                    f"no served version {doc.get('apiVersion')!r} of {doc['kind']} ({TRAINER_API_VERSION})",
+                )
+            ]
+        validator = _trainer_validator(doc["kind"])
     elif key in BUILTIN_SCHEMA_FILES:
         validator = _builtin_validator(BUILTIN_SCHEMA_FILES[key])
     else:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from trnft.common.cluster.instances import instance, training_layout
-from trnft.common.cluster.launch import torchrun_argv
+from trnft.common.cluster.launch import rendezvous_endpoint, torchrun_argv
 from trnft.common.config.run_config import RunConfig, dump_config
 from trnft.common.errors import ProcessFailed, TrnftError
 from trnft.common.exits import exit_code_of_process
@@ -141,7 +141,7 @@ def compile_cpu(ctx: StageContext) -> StageOutcome:
 def parallel_compile_command(cfg: RunConfig, config_path: str) -> tuple[list[str], dict[str, str]]:
     """``neuron_parallel_compile`` around the train stage's torchrun command, and its environment."""
     layout = training_layout(cfg)
-    endpoint = f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT', '29500')}"
+    endpoint = rendezvous_endpoint(os.environ)
     rdzv_id = os.environ.get("TRNFT_JOB_NAME", f"{cfg.run.name}-compile")
     argv = [
         "neuron_parallel_compile",

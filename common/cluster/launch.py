@@ -9,7 +9,7 @@ failures (:mod:`trnft.common.exits`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from trnft.common.cluster.instances import Layout
 
@@ -40,6 +40,16 @@ def torchrun_argv(
         "--config",
         config_path,
     ]
+
+
+def rendezvous_endpoint(env: Mapping[str, str]) -> str:
+    """``host:port`` of the first pod, as the operator tells a pod: Trainer v2's torch plugin sets
+    ``PET_MASTER_ADDR``/``PET_MASTER_PORT``, training-operator v1 ``MASTER_ADDR``/``MASTER_PORT``; locally
+    this machine."""
+    for addr, port in (("PET_MASTER_ADDR", "PET_MASTER_PORT"), ("MASTER_ADDR", "MASTER_PORT")):
+        if env.get(addr):
+            return f"{env[addr]}:{env.get(port) or '29500'}"
+    return "localhost:29500"
 
 
 def efa_env(rdma_read: bool) -> dict[str, str]:

@@ -15,8 +15,10 @@ import yaml
 from trnft.common import cli
 from trnft.common.config.run_config import load_config
 from trnft.common.errors import ConfigError
-from trnft.jobspecs.render import STAGE_FILES, render
+from trnft.jobspecs.render import STAGE_FILES, render, render_runtimes
 from trnft.jobspecs.validate import ACCELERATOR_RESOURCES, document_problems, validate_documents
+
+from . import trainer_v2
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -25,6 +27,8 @@ GOLDEN = Path(__file__).parent / "golden"
 UPSTREAM_CRD = Path(__file__).parent / "crds" / "kubeflow.org_pytorchjobs.yaml"
 CRDS = [None, str(UPSTREAM_CRD)]
 
+PYTORCHJOB = "cluster.operator=pytorchjob"
+# The goldens of training-operator v1 PyTorchJobs (cluster.operator=pytorchjob) and of Trainer v2 TrainJobs.
 CASES = {
     "trn1-32xl-x1": ("llama31_8b_lora_trn1.yaml", []),
     "trn1-32xl-x4": (
@@ -71,14 +75,69 @@ CASES = {
 }
 
 
+CASES = {name: (example, [PYTORCHJOB, *overrides]) for name, (example, overrides) in CASES.items()}
+CASES |= {
+    "trn1-32xl-x1-trainjob": ("llama31_8b_lora_trn1.yaml", []),
+    "trn1-32xl-x2-trainjob-zone": (
+        "llama31_8b_lora_trn1.yaml",
+        ["cluster.num_nodes=2", "cluster.zone=us-west-2b"],
+    ),
+    "trn2-48xl-native-x2-trainjob-kueue": (
+        "llama31_8b_lora_trn2_native.yaml",
+        ["cluster.num_nodes=2", "cluster.gang_scheduler=kueue", "cluster.queue=q"],
+    ),
+    "p5-48xl-x2-trainjob-volcano": (
+        "llama31_8b_lora_p5.yaml",
+        ["cluster.num_nodes=2", "cluster.gang_scheduler=volcano", "cluster.queue=training"],
+    ),
+}
+# Runtimes rendered so far, by name: TrainJob pods are what Trainer makes of a TrainJob on its runtime.
+RUNTIMES: dict[str, dict] = {}
+
+
+def texts(cfg) -> dict[str, str]:
+    """Every file of a run's specs; with TrainJobs, also the runtime `trnft jobspec --runtimes` renders."""
+    files = render(cfg)
+    if cfg.cluster.operator == "trainjob":
+        runtime_files = render_runtimes(cfg)
+        for text in runtime_files.values():
+            runtime = yaml.safe_load(text)
+            RUNTIMES[runtime["metadata"]["name"]] = runtime
+        files |= runtime_files
+    return files
+
+
 def rendered(case: str) -> dict[str, list[dict]]:
     example, overrides = CASES[case]
-    files = render(load_config(EXAMPLES / example, overrides))
+    files = texts(load_config(EXAMPLES / example, overrides))
     return {name: [d for d in yaml.safe_load_all(text) if d] for name, text in files.items()}
 
 
 def all_docs(files: dict[str, list[dict]]) -> list[tuple[str, dict]]:
     return [(name, doc) for name, docs in files.items() for doc in docs]
+
+
+def _pods(doc: dict) -> list[dict]:
+    """Pod templates of a job: one per PyTorchJob replica type, one per TrainJob node as Trainer makes them."""
+    if doc["kind"] == "Job":
+        return [doc["spec"]["template"]]
+    if doc["kind"] == "PyTorchJob":
+        return [r["template"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
+    if doc["kind"] == "TrainJob":
+        return trainer_v2.pod_templates(doc, RUNTIMES[doc["spec"]["runtimeRef"]["name"]])
+    return []
+
+
+def _training_shape(doc: dict) -> tuple[int, int, dict]:
+    """(pods, processes per pod, first pod's container) of a PyTorchJob or TrainJob."""
+    container = _pods(doc)[0]["spec"]["containers"][0]
+    if doc["kind"] == "PyTorchJob":
+        replicas = sum(r["replicas"] for r in doc["spec"]["pytorchReplicaSpecs"].values())
+        return replicas, int(doc["spec"]["nprocPerNode"]), container
+    return doc["spec"]["trainer"]["numNodes"], doc["spec"]["trainer"]["numProcPerNode"], container
+
+
+TRAINING_KINDS = ("PyTorchJob", "TrainJob")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -91,7 +150,7 @@ def test_golden(case):
         for old in folder.glob("*.yaml"):
             old.unlink()
         example, overrides = CASES[case]
-        for name, text in render(load_config(EXAMPLES / example, overrides)).items():
+        for name, text in texts(load_config(EXAMPLES / example, overrides)).items():
             (folder / name).write_text(text)
     assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(files)
     for name, docs in files.items():
@@ -107,7 +166,7 @@ def test_every_rendered_document_is_valid(case, crd):
 
 
 def test_configmap_carries_the_resolved_config(tmp_path):
-    cfg = load_config(EXAMPLES / "llama31_8b_lora_trn1.yaml")
+    cfg = load_config(EXAMPLES / "llama31_8b_lora_trn1.yaml", [PYTORCHJOB])
     (cm,) = rendered("trn1-32xl-x1")["00-config.yaml"]
     path = tmp_path / "run.yaml"
     path.write_text(cm["data"]["run.yaml"])
@@ -119,14 +178,9 @@ def test_cpu_stages_request_no_accelerator_and_training_layout_adds_up(case):
     files = rendered(case)
     cfg = load_config(EXAMPLES / CASES[case][0], CASES[case][1])
     for name, doc in all_docs(files):
-        if doc["kind"] == "ConfigMap":
+        if doc["kind"] in ("ConfigMap", "ClusterTrainingRuntime"):
             continue
-        pods = (
-            [doc["spec"]["template"]["spec"]]
-            if doc["kind"] == "Job"
-            else [r["template"]["spec"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
-        )
-        for pod in pods:
+        for pod in [p["spec"] for p in _pods(doc)]:
             (container,) = pod["containers"]
             asked = set(container["resources"].get("requests", {})) | set(
                 container["resources"].get("limits", {})
@@ -140,10 +194,10 @@ def test_cpu_stages_request_no_accelerator_and_training_layout_adds_up(case):
             assert not any(v.get("hostPath") for v in pod["volumes"])
     train = files[STAGE_FILES["train"]][0]
     world = int(train["metadata"]["annotations"]["trnft.dev/world-size"])
-    nproc = int(train["spec"]["nprocPerNode"])
-    replicas = sum(r["replicas"] for r in train["spec"]["pytorchReplicaSpecs"].values())
+    replicas, nproc, container = _training_shape(train)
+    assert len(_pods(train)) == (replicas if train["kind"] == "TrainJob" else min(replicas, 2))
     assert replicas == cfg.cluster.num_nodes and nproc * replicas == world
-    command = train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    command = container["command"]
     assert (
         command[:2] == ["trnft", "torchrun"]
         and f"--nproc_per_node={nproc}" in command
@@ -155,10 +209,15 @@ def test_cpu_stages_request_no_accelerator_and_training_layout_adds_up(case):
         int(x.split("=")[1]) for x in train["metadata"]["annotations"]["trnft.dev/parallel"].split(",")
     )
     assert tp * pp * dp == world
-    env = {
-        e["name"]: e
-        for e in train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
-    }
+    env = {e["name"]: e for e in container["env"]}
+    if train["kind"] == "TrainJob":
+        # torchrun meets the first pod where the torch plugin says it is.
+        assert "--rdzv_endpoint=$(PET_MASTER_ADDR):$(PET_MASTER_PORT)" in command
+        assert {"PET_MASTER_ADDR", "PET_MASTER_PORT", "PET_NNODES"} <= set(env)
+        assert (
+            env["PET_MASTER_ADDR"]["value"]
+            == f"{train['metadata']['name']}-node-0-0.{train['metadata']['name']}"
+        )
     if cfg.model.platform == "neuron":
         assert env["NEURON_RT_NUM_CORES"]["value"] == str(nproc)
         assert f"--cache_dir={cfg.neuron.cache_dir}" in env["NEURON_CC_FLAGS"]["value"]
@@ -167,9 +226,7 @@ def test_cpu_stages_request_no_accelerator_and_training_layout_adds_up(case):
             if "trn2" in case
             else "--target=trn1" in env["NEURON_CC_FLAGS"]["value"]
         )
-    resources = train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
-        "resources"
-    ]["limits"]
+    resources = container["resources"]["limits"]
     assert ("vpc.amazonaws.com/efa" in resources) == (cfg.cluster.num_nodes > 1)
     assert ("FI_PROVIDER" in env) == (cfg.cluster.num_nodes > 1)
 
@@ -368,7 +425,7 @@ def _mutations():
         (
             "03-train.yaml",
             lambda d: master_container(d)["env"][5].__setitem__("value", "16"),
-            "NEURON_RT_NUM_CORES=16 != nprocPerNode 32",
+            "NEURON_RT_NUM_CORES=16 != spec.nprocPerNode 32",
         ),
         (
             "01-tokenize.yaml",
@@ -427,6 +484,7 @@ def test_validate_files_command(tmp_path, capsys):
                 "--out",
                 str(good),
                 "--validate",
+                PYTORCHJOB,
             ]
         )
         == 0
@@ -456,9 +514,15 @@ def test_generate_jobspec_script_defaults_to_the_trn1_example(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["00-config.yaml", *sorted(STAGE_FILES.values())]
     commands = [line.split() for line in proc.stdout.splitlines() if line.startswith("  ")]
-    assert commands[0][:3] == ["kubectl", "apply", "-f"]
-    assert all(c[:2] == ["trnft", "submit"] and "--wait" in c for c in commands[1:])
-    assert [c[-1 if c[0] == "kubectl" else 2].split("/")[-1] for c in commands] == [
+    # First the TrainJobs' runtime must exist (an admin applies it once), then the config, then each stage.
+    assert commands[0] == [
+        "kubectl",
+        "get",
+        "clustertrainingruntimes.trainer.kubeflow.org/trnft-trn1-32xlarge",
+    ]
+    assert commands[1][:3] == ["kubectl", "apply", "-f"]
+    assert all(c[:2] == ["trnft", "submit"] and "--wait" in c for c in commands[2:])
+    assert [c[-1 if c[0] == "kubectl" else 2].split("/")[-1] for c in commands[1:]] == [
         "00-config.yaml",
         *STAGE_FILES.values(),
     ]
@@ -504,16 +568,8 @@ SCHEDULERS = {
 
 
 def _docs(example: str, overrides: list[str]) -> list[tuple[str, dict]]:
-    files = render(load_config(EXAMPLES / example, overrides))
+    files = texts(load_config(EXAMPLES / example, overrides))
     return [(name, d) for name, text in files.items() for d in yaml.safe_load_all(text) if d]
-
-
-def _pods(doc: dict) -> list[dict]:
-    if doc["kind"] == "Job":
-        return [doc["spec"]["template"]]
-    if doc["kind"] == "PyTorchJob":
-        return [r["template"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
-    return []
 
 
 @pytest.mark.parametrize("crd", CRDS, ids=lambda c: "upstream-crd" if c else "own-schema")
@@ -528,10 +584,14 @@ def test_every_example_validates_at_1_2_and_4_nodes(example, nodes, scheduler, c
 @pytest.mark.parametrize("case", CASES)
 def test_permanent_exits_fail_at_once_and_retryable_ones_restart(case):
     """PyTorchJobs: ExitCode (1-127 fail the job, 128+ restart it), running pods cleaned up on failure.
-    Jobs: a podFailurePolicy with the same classes; evictions do not count against backoffLimit."""
+    Jobs: a podFailurePolicy with the same classes; evictions do not count against backoffLimit.
+    TrainJobs: the child Job fails on its first failed pod; the JobSet restarts the whole gang, free for an
+    eviction, counted for a retryable exit, never for a permanent one."""
     from trnft.common.exits import FIRST_RETRYABLE
+    from trnft.jobspecs import trainjob
 
     kinds = set()
+    permanent = list(range(1, FIRST_RETRYABLE))
     for _, doc in all_docs(rendered(case)):
         kinds.add(doc["kind"])
         if doc["kind"] == "PyTorchJob":
@@ -548,11 +608,72 @@ def test_permanent_exits_fail_at_once_and_retryable_ones_restart(case):
             assert rules[1]["onExitCodes"] == {
                 "containerName": "pytorch",
                 "operator": "In",
-                "values": list(range(1, FIRST_RETRYABLE)),
+                "values": permanent,
             }
             assert doc["spec"]["template"]["spec"]["restartPolicy"] == "Never"
             assert doc["spec"]["backoffLimit"] == 5
-    assert {"Job", "PyTorchJob"} <= kinds
+        if doc["kind"] == "ClusterTrainingRuntime":
+            jobset = doc["spec"]["template"]["spec"]
+            (node,) = jobset["replicatedJobs"]
+            child = node["template"]["spec"]
+            assert child["backoffLimit"] == 0 and child["template"]["spec"]["restartPolicy"] == "Never"
+            evicted, permanent_rule = child["podFailurePolicy"]["rules"]
+            assert evicted == {
+                "action": "FailJob",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            }
+            assert permanent_rule["onExitCodes"] == {
+                "containerName": "node",
+                "operator": "In",
+                "values": permanent,
+            }
+            policy = jobset["failurePolicy"]
+            assert (
+                policy["maxRestarts"] == trainjob.RUNTIME_MAX_RESTARTS
+                and policy["restartStrategy"] == "BlockingRecreate"
+            )
+            actions = [(r["action"], r.get("onJobFailureMessagePatterns")) for r in policy["rules"]]
+            assert actions == [
+                ("RestartJobSetAndIgnoreMaxRestarts", ["matching FailJob rule at index 0$"]),
+                ("FailJobSet", ["matching FailJob rule at index 1$"]),
+                ("RestartJobSet", None),
+            ]
+    assert {"Job", "PyTorchJob"} <= kinds or {"Job", "TrainJob", "ClusterTrainingRuntime"} <= kinds
+
+
+def _job_failure_message(pod: str, rule: int, by: str) -> str:
+    """The batch Job controller's failure message for a FailJob rule (pkg/controller/job/pod_failure_policy.go)."""
+    if by == "condition":
+        return f"Pod default/{pod} has condition DisruptionTarget matching FailJob rule at index {rule}"
+    return (
+        f"Container node for pod default/{pod} failed with exit code 2 matching FailJob rule at index {rule}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "action"),
+    [
+        (
+            _job_failure_message("t-node-0-1-abcde", 0, "condition"),
+            "PodFailurePolicy",
+            "RestartJobSetAndIgnoreMaxRestarts",
+        ),
+        (_job_failure_message("t-node-0-0-abcde", 1, "exit"), "PodFailurePolicy", "FailJobSet"),
+        ("Job has reached the specified backoff limit", "BackoffLimitExceeded", "RestartJobSet"),
+    ],
+)
+def test_the_jobset_rules_tell_evictions_permanent_and_retryable_failures_apart(message, reason, action):
+    """JobSet applies the first rule whose reasons and message patterns (regular expressions) match the
+    failed child Job's condition; each failure class meets exactly the rule meant for it."""
+    (runtime,) = rendered("trn1-32xl-x2-trainjob-zone")["runtime-trnft-trn1-32xlarge.yaml"]
+    rules = runtime["spec"]["template"]["spec"]["failurePolicy"]["rules"]
+    matching = [
+        r["action"]
+        for r in rules
+        if reason in r.get("onJobFailureReasons", [reason])
+        and all(re.search(p, message) for p in r.get("onJobFailureMessagePatterns", []))
+    ]
+    assert matching[0] == action and len(matching) == 1
 
 
 @pytest.mark.parametrize("case", ["trn1-32xl-x4", "trn1n-32xl-x2", "trn2-48xl-native-x2"])
@@ -584,7 +705,9 @@ def test_a_chosen_zone_pins_every_pod():
 
 
 def test_volcano_gang_schedules_multi_node_jobs_all_or_nothing():
-    docs = dict(_docs("llama31_8b_lora_trn1.yaml", ["cluster.num_nodes=4", *SCHEDULERS["volcano"]]))
+    docs = dict(
+        _docs("llama31_8b_lora_trn1.yaml", ["cluster.num_nodes=4", *SCHEDULERS["volcano"], PYTORCHJOB])
+    )
     train = docs[STAGE_FILES["train"]]
     assert train["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 4, "queue": "training"}
     assert {p["spec"]["schedulerName"] for p in _pods(train)} == {"volcano"}
@@ -593,10 +716,25 @@ def test_volcano_gang_schedules_multi_node_jobs_all_or_nothing():
     assert "schedulerName" not in docs[STAGE_FILES["tokenize"]]["spec"]["template"]["spec"]
 
 
+def test_volcano_gang_schedules_trainjobs_through_their_runtime():
+    """Trainer's volcano plugin makes the PodGroup from the runtime's podGroupPolicy, in the queue the
+    propagated annotation names; the pods must ask for the volcano scheduler themselves."""
+    docs = dict(_docs("llama31_8b_lora_trn1.yaml", ["cluster.num_nodes=4", *SCHEDULERS["volcano"]]))
+    runtime = docs["runtime-trnft-trn1-32xlarge-volcano.yaml"]
+    assert runtime["spec"]["podGroupPolicy"] == {"volcano": {}}
+    for stage in ("compile", "train"):
+        job = docs[STAGE_FILES[stage]]
+        assert job["spec"]["runtimeRef"]["name"] == "trnft-trn1-32xlarge-volcano"
+        template = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
+        assert template["metadata"]["annotations"] == {"scheduling.volcano.sh/queue-name": "training"}
+        pods = _pods(job)
+        assert len(pods) == 4 and {p["spec"]["schedulerName"] for p in pods} == {"volcano"}
+
+
 def test_kueue_admits_every_job_from_its_queue():
     docs = _docs("llama31_8b_lora_p5.yaml", ["cluster.num_nodes=2", *SCHEDULERS["kueue"]])
-    jobs = [doc for _, doc in docs if doc["kind"] in ("Job", "PyTorchJob")]
-    assert len(jobs) == 6
+    jobs = [doc for _, doc in docs if doc["kind"] in ("Job", *TRAINING_KINDS)]
+    assert len(jobs) == 6 and {d["kind"] for d in jobs} == {"Job", "TrainJob"}
     assert all(doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "trn-queue" for doc in jobs)
     assert all("schedulingPolicy" not in doc["spec"].get("runPolicy", {}) for doc in jobs)
 
@@ -629,12 +767,18 @@ def test_the_printed_commands_wait_bounded_and_stop_at_a_failure(tmp_path, capsy
     assert cli.main(["jobspec", "--config", str(example), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     lines = [line.strip() for line in printed.splitlines() if line.startswith("  ")]
-    assert lines[0] == f"kubectl apply -f {out / '00-config.yaml'}"
-    for line, stage in zip(lines[1:], STAGE_FILES, strict=True):
+    assert lines[0] == "kubectl get clustertrainingruntimes.trainer.kubeflow.org/trnft-trn1-32xlarge"
+    assert lines[1] == f"kubectl apply -f {out / '00-config.yaml'}"
+    for line, stage in zip(lines[2:], STAGE_FILES, strict=True):
         assert re.fullmatch(
             rf"trnft submit {re.escape(str(out / STAGE_FILES[stage]))} --wait --timeout \d+[hd]", line
         )
-    assert "--timeout=-1s" not in printed and "note:" not in printed  # the example pins its image by digest
+    assert (
+        "--timeout=-1s" not in printed and "is a tag" not in printed
+    )  # the example pins its image by digest
+    assert (
+        f"trnft jobspec --config={example} --runtimes --out runtimes" in printed
+    )  # how to render the runtime
     assert (
         cli.main(["jobspec", "--config", str(example), "--out", str(out), "cluster.image=r/trnft:latest"])
         == 0
@@ -656,7 +800,7 @@ def test_training_pods_get_the_grace_to_save_a_step_after_sigterm(grace):
     for name, doc in _docs("llama31_8b_lora_trn1.yaml", overrides):
         for pod in _pods(doc):
             env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-            if doc["kind"] == "PyTorchJob":
+            if doc["kind"] in TRAINING_KINDS:
                 seen.add(name)
                 assert pod["spec"]["terminationGracePeriodSeconds"] == seconds + 30
                 assert env["TRNFT_STOP_GRACE_S"] == str(seconds)
@@ -671,7 +815,7 @@ def test_efa_device_rdma_only_where_the_instance_supports_rdma_read(instance, rd
         "llama31_8b_lora_p5.yaml",
         ["cluster.num_nodes=2", "cluster.zone=us-west-2a", f"cluster.instance_type={instance}"],
     )
-    (train,) = [d for _, d in docs if d["kind"] == "PyTorchJob" and d["metadata"]["name"].endswith("train")]
+    (train,) = [d for _, d in docs if d["kind"] in TRAINING_KINDS and d["metadata"]["name"].endswith("train")]
     for pod in _pods(train):
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert env["FI_PROVIDER"] == "efa"
@@ -680,9 +824,12 @@ def test_efa_device_rdma_only_where_the_instance_supports_rdma_read(instance, rd
 
 def test_kueue_with_pytorchjobs_says_the_integration_must_be_enabled(tmp_path, capsys):
     args = ["jobspec", "--config", str(EXAMPLES / "llama31_8b_lora_trn1.yaml"), "--out", str(tmp_path / "o")]
-    assert cli.main([*args, "cluster.gang_scheduler=kueue", "cluster.queue=training"]) == 0
+    assert cli.main([*args, "cluster.gang_scheduler=kueue", "cluster.queue=training", PYTORCHJOB]) == 0
     out = capsys.readouterr().out
     assert "kubeflow.org/pytorchjob` integration enabled" in out and "waitForPodsReady" in out
+    assert cli.main([*args, "cluster.gang_scheduler=kueue", "cluster.queue=training"]) == 0  # TrainJobs
+    out = capsys.readouterr().out
+    assert "trainjob integration is on by default" in out and "waitForPodsReady" in out
     assert cli.main(args) == 0  # rendered again without Kueue: no note
     assert "integration enabled" not in capsys.readouterr().out
 

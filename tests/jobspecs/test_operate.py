@@ -48,6 +48,13 @@ def recorded(name: str) -> dict:
         ("pytorchjob-restarting", "running", "restarting after a retryable failure"),
         ("pytorchjob-succeeded", "succeeded", "succeeded"),
         ("pytorchjob-failed", "failed", "PyTorchJobFailed: PyTorchJob llama31-8b-lora-train is failed"),
+        ("trainjob-created", "waiting", "pods not running yet"),
+        ("trainjob-suspended", "waiting", "suspended"),
+        ("trainjob-starting", "running", "1 child job(s) active, pods starting"),
+        ("trainjob-running", "running", "1 child job(s) with every pod ready"),
+        ("trainjob-complete", "succeeded", "complete"),
+        ("trainjob-failed-permanent", "failed", "FailJobSetAction: jobset failed due to FailJobSet action"),
+        ("trainjob-failed-restarts", "failed", "ReachedMaxRestarts: jobset failed due to reaching max"),
     ],
 )
 def test_job_state_of_every_recorded_status(name, phase, words):
@@ -97,6 +104,7 @@ class Clock:
 
 JOB = JobRef("Job", "llama31-8b-lora-tokenize", "default", Path("01-tokenize.yaml"))
 TRAIN = JobRef("PyTorchJob", "llama31-8b-lora-train", "ml", Path("03-train.yaml"))
+TRAINJOB = JobRef("TrainJob", "llama31-8b-lora-train", "ml", Path("03-train.yaml"))
 
 
 def _wait(ref, kubectl, timeout_s=3600.0, interval_s=20.0):
@@ -143,6 +151,38 @@ def test_wait_follows_a_pytorchjob_through_a_restart_to_its_end():
     assert kubectl.calls[0][1] == "pytorchjobs.kubeflow.org/llama31-8b-lora-train"
     code, lines, _ = _wait(TRAIN, FakeKubectl("pytorchjob-running", "pytorchjob-failed"))
     assert code == EXIT_FAILED and "kubectl logs -n ml llama31-8b-lora-train-master-0" in lines[-1]
+
+
+def test_wait_follows_a_trainjob_from_admission_to_its_end():
+    kubectl = FakeKubectl(
+        "trainjob-suspended", "trainjob-starting", "trainjob-running", "trainjob-running", "trainjob-complete"
+    )
+    code, lines, waited = _wait(TRAINJOB, kubectl)
+    assert code == 0 and waited == 80.0
+    assert [line.split(": ")[1] for line in lines] == ["waiting", "running", "running", "succeeded"]
+    assert kubectl.calls[0] == [
+        "get",
+        "trainjobs.trainer.kubeflow.org/llama31-8b-lora-train",
+        "-n",
+        "ml",
+        "-o",
+        "json",
+    ]
+
+
+def test_a_failed_trainjob_names_its_failed_pod_found_by_the_jobset_label():
+    failed_pod = {
+        "metadata": {"name": "llama31-8b-lora-train-node-0-2-x7k2p"},
+        "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 2}}}]},
+    }
+    kubectl = FakeKubectl("trainjob-running", "trainjob-failed-permanent", pods=[failed_pod])
+    code, lines, _ = _wait(TRAINJOB, kubectl)
+    assert code == EXIT_FAILED and "pod llama31-8b-lora-train-node-0-2-x7k2p failed" in lines[-1]
+    assert kubectl.calls[-1][-3] == "jobset.sigs.k8s.io/jobset-name=llama31-8b-lora-train"
+    # Pods already gone: the hint reads the logs of the JobSet's pods by label.
+    code, lines, _ = _wait(TRAINJOB, FakeKubectl("trainjob-failed-restarts"))
+    assert code == EXIT_FAILED
+    assert "kubectl logs -n ml -l jobset.sigs.k8s.io/jobset-name=llama31-8b-lora-train --prefix" in lines[-1]
 
 
 def test_wait_is_bounded():
@@ -239,11 +279,15 @@ def test_a_rerun_deletes_the_finished_job_with_its_pods_then_applies(finished):
     assert "--wait=true" in delete and "deleting it and its pods" in lines[0]
 
 
-@pytest.mark.parametrize("active", ["job-running", "job-suspended", "pytorchjob-restarting"])
+@pytest.mark.parametrize(
+    "active",
+    ["job-running", "job-suspended", "pytorchjob-restarting", "trainjob-suspended", "trainjob-running"],
+)
 def test_a_job_still_running_is_never_replaced(active):
     kubectl = FakeKubectl(active)
+    ref = {"pytorchjob": TRAIN, "trainjob": TRAINJOB}.get(active.split("-")[0], JOB)
     with pytest.raises(TrnftError, match=r"still (running|waiting).*trnft wait"):
-        submit(TRAIN if active.startswith("pytorch") else JOB, JOB.file, log=print, kubectl=kubectl)
+        submit(ref, JOB.file, log=print, kubectl=kubectl)
     assert [c[0] for c in kubectl.calls] == ["get"]
 
 
@@ -255,7 +299,7 @@ def test_the_config_map_is_just_applied(tmp_path):
     submit(ref, tmp_path / "out" / "00-config.yaml", log=lambda _: None, kubectl=kubectl)
     assert [c[0] for c in kubectl.calls] == ["apply"]
     ref, _ = read_job_ref(tmp_path / "out" / "03-train.yaml")
-    assert ref == JobRef("PyTorchJob", "llama31-8b-lora-train", "default", tmp_path / "out" / "03-train.yaml")
+    assert ref == JobRef("TrainJob", "llama31-8b-lora-train", "default", tmp_path / "out" / "03-train.yaml")
 
 
 @pytest.mark.parametrize(
