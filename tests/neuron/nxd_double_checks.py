@@ -127,6 +127,52 @@ def main() -> None:
             whole.grad.cpu(), whole_grad * (0.5 / (dense_norm + 1e-6)), rtol=1e-5, atol=1e-6
         )
         report("gradient norm reduced over the tensor-parallel group")
+
+        # GQA QKV layer: 2 query heads, 1 key/value head copied on both ranks (kv_size_multiplier 2). Each rank's
+        # loss uses its query head with its copy of the key/value head; the dense loss sums both heads over
+        # the one shared head. Outputs, the input gradient and every weight gradient equal the dense ones:
+        # each copy of wk / wv gets the gradient of the shared head (the copies stay equal).
+        from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear
+
+        wq, wk, wv = torch.randn(8, 8), torch.randn(4, 8), torch.randn(4, 8)
+        cq, cv = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+        xd = x.clone().requires_grad_(True)
+        dq, dk, dv = (t.clone().requires_grad_(True) for t in (wq, wk, wv))
+        q, k, v = xd @ dq.t(), xd @ dk.t(), xd @ dv.t()
+        dense_loss = sum((q[..., 4 * h : 4 * h + 4] * k * cq[h]).sum() + (v * cv[h]).sum() for h in (0, 1))
+        dense_loss.backward()
+        for fuse in (False, True):
+            layer = GQAQKVColumnParallelLinear(
+                8, [8, 4], bias=False, gather_output=False, kv_size_multiplier=2, fuse_qkv=fuse
+            )
+            assert (layer.q_output_size_per_partition, layer.kv_output_size_per_partition) == (4, 4)
+            assert parallel_state.get_kv_shared_replica_groups() == [[0, 1]]
+            local = [wq[4 * tp_rank : 4 * tp_rank + 4], wk, wv]
+            with torch.no_grad():
+                if fuse:
+                    layer.weight_qkv.copy_(torch.cat(local))
+                else:
+                    for param, value in zip((layer.weight_q, layer.weight_k, layer.weight_v), local):
+                        param.copy_(value)
+            layer = layer.to(device)
+            xx = x.clone().to(device).requires_grad_(True)
+            lq, lk, lv = layer(xx)
+            torch.testing.assert_close(
+                lq.cpu(), q[..., 4 * tp_rank : 4 * tp_rank + 4].detach(), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(lk.cpu(), k.detach(), rtol=1e-5, atol=1e-5)
+            (
+                (lq * k.new_tensor(cq[tp_rank]).to(device) * lk).sum() + (lv * cv[tp_rank].to(device)).sum()
+            ).backward()
+            torch.testing.assert_close(xx.grad.cpu(), xd.grad, rtol=1e-4, atol=1e-4)
+            if fuse:
+                got_q, got_k, got_v = torch.split(layer.weight_qkv.grad.cpu(), [4, 4, 4])
+            else:
+                got_q, got_k, got_v = (w.grad.cpu() for w in (layer.weight_q, layer.weight_k, layer.weight_v))
+            torch.testing.assert_close(got_q, dq.grad[4 * tp_rank : 4 * tp_rank + 4], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_k, dk.grad, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_v, dv.grad, rtol=1e-4, atol=1e-4)
+            report(f"GQA QKV layer {'fused' if fuse else 'unfused'}: outputs, input and weight gradients")
     else:
         # Data parallel: gradients averaged over both ranks (NxD sums with scale 1/dp).
         g = torch.full((3,), float(rank + 1), device=device)

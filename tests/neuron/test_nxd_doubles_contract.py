@@ -16,12 +16,19 @@ github.com/aws-neuron/neuronx-distributed) does. Each fact and where upstream do
 - ``trainer/checkpoint.py`` ``save_checkpoint`` / ``_xser_save_data`` / ``_assign_tensors_to_bins``: xser tensor
   files spread over data-parallel ranks by ascending size into the smallest bin, the reference file from
   data-parallel rank 0; every rank meets in ``xm.rendezvous`` (the double raises instead of hanging when a
-  rank does not come).
+  rank does not come);
+- ``modules/qkv_linear.py`` ``GQAQKVColumnParallelLinear`` with ``modules/qkv_linear_utils.py``: K/V output
+  gradients summed over the kv-shared group before anything else, the input gradient
+  ``gq Wq + (gk Wk + gv Wv) / kv_size_multiplier``; ``parallel_state.arrange_kv_groups``: on trn1 with
+  tp 4 and 2 copies the groups interleave ([[0, 2], [1, 3]]; adjacent with ``sequential_ranks_in_group``), on
+  trn2 copies sit on adjacent ranks; ``_initialize_affine_weight`` copies heads with ``repeat`` on trn1 and
+  ``repeat_interleave`` on trn2.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -71,6 +78,8 @@ def test_tensor_parallel_doubles_equal_the_dense_computation():
         "parallel embedding",
         "parallel cross-entropy, loss and logit gradient",
         "gradient norm reduced over the tensor-parallel group",
+        "GQA QKV layer unfused: outputs, input and weight gradients",
+        "GQA QKV layer fused: outputs, input and weight gradients",
     ]
 
 
@@ -87,3 +96,23 @@ def test_save_checkpoint_raises_when_a_rank_does_not_call_it(tmp_path):
     assert proc.returncode != 0
     assert "save_checkpoint (start) must be called by every rank" in proc.stdout + proc.stderr
     assert not (tmp_path / "tag" / "done").exists()
+
+
+def test_kv_shared_groups_are_arranged_as_nxd_documents_them():
+    """The examples of NxD 0.15's ``arrange_kv_groups`` docstring (one tensor group [0, 1, 2, 3], 2 copies)
+    and its trn1 TP32 / kv 4 layout, from the double's own function (no process group needed)."""
+    script = (
+        "import json; from neuronx_distributed.parallel_layers.parallel_state import arrange_kv_groups as a; "
+        "print(json.dumps([a(1, 4, 2, sequential_ranks_in_group=True), a(1, 4, 2), a(1, 4, 2, platform='trn2'), "
+        "a(1, 32, 4), a(2, 4, 2)]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(DOUBLES)}  # the double in its own process, as every run uses it
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sequential, interleaved, trn2, trn1, two_groups = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sequential == [[0, 1], [2, 3]] and interleaved == [[0, 2], [1, 3]] and trn2 == [[0, 1], [2, 3]]
+    # trn1 TP32 with 4 copies: (K0..K7)(K0..K7)... so rank j holds head j % 8, grouped with j + 8, j + 16, j + 24.
+    assert len(trn1) == 8 and trn1[3] == [3, 11, 19, 27]
+    assert two_groups == [[0, 2], [1, 3], [4, 6], [5, 7]]

@@ -547,3 +547,67 @@ def test_sigterm_saves_the_step_in_flight_and_the_rerun_ends_like_the_uninterrup
     mine = _adapter_tensors(run.root / "train" / "checkpoint-6")
     theirs = _adapter_tensors(uninterrupted.root / "train" / "checkpoint-6")
     assert all(torch.equal(mine[n], theirs[n]) for n in theirs)
+
+
+# --------------------------------------------------------------------------------------------------
+# NxD's GQA QKV layer: a model with one key/value head at tp = 2 makes optimum-neuron build
+# GQAQKVColumnParallelLinear with kv_size_multiplier 2 (each rank a copy of the head) and LoRA on it.
+
+
+@pytest.fixture(scope="module")
+def one_kv_llama(tmp_path_factory) -> Path:
+    from trnft.common.testing.fixtures import TinyShape, build_tiny_model
+
+    return build_tiny_model(
+        tmp_path_factory.mktemp("models") / "one-kv-llama", "llama", shape=TinyShape(num_key_value_heads=1)
+    )
+
+
+@pytest.fixture(scope="module")
+def one_kv_tokenized(tmp_path_factory, one_kv_llama) -> Path:
+    from trnft.common import tokenize
+
+    root = tmp_path_factory.mktemp("one-kv-tokenized")
+    tokenize.run(config_from_dict(smoke_raw(root, one_kv_llama, dataset=FLASH_DATASET)), log=lambda m: None)
+    return root / "tokenize"
+
+
+@pytest.mark.slow  # two runs, one of two processes (about 2 min)
+def test_the_gqa_qkv_layer_at_tp2_trains_and_consolidates_to_a_peft_adapter(
+    tmp_path, one_kv_llama, one_kv_tokenized
+):
+    """kv heads (1) < tp (2): optimum-neuron replaces q/k/v with NxD's GQA QKV layer, the single KV head copied
+    on both ranks, and its LoRA is one LoRA A shared by q, k and v with a GQA layer as LoRA B. The run through
+    the real NeuronTrainer completes; both copies of the KV head's LoRA B get the gradient of both and stay
+    equal; the first loss (LoRA B is zero, so the base model alone) equals the one-process run's; and
+    `trnft consolidate` undoes the copies and the head layout into the PEFT adapter the one-process run
+    writes, with the shared A written to each of q_proj, k_proj and v_proj.
+
+    After the first step the two runs cannot agree: one process trains three A matrices (PEFT on separate
+    q/k/v), the GQA layer one shared A, which is the adapter optimum-neuron trains whenever tp exceeds the
+    KV heads. The layer's gradients themselves are checked against the dense computation in
+    test_nxd_doubles_contract.py."""
+    one = _trainium_run(tmp_path / "one", one_kv_llama, one_kv_tokenized)
+    ok(torchrun(one, "train"))
+    two = _two_rank_run(tmp_path / "two", one_kv_llama, one_kv_tokenized, tp=2)
+    ok(torchrun(two, "train", nproc=2))
+    checkpoint = two.root / "train" / "checkpoint-6"
+    ranks = [_adapter_tensors(checkpoint, r) for r in (0, 1)]
+    gqa = sorted(n for n in ranks[0] if "qkv_proj" in n)
+    assert any(n.endswith("lora_B.weight_k") for n in gqa), gqa
+    for name in (n for n in gqa if n.endswith(("lora_B.weight_k", "lora_B.weight_v"))):
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert ranks[0][name].abs().max() > 0, name  # trained, not the zero init
+    first = two.figures("train", TrainiumTrainFigures).logged_losses[0]
+    np.testing.assert_allclose(
+        first, one.figures("train", TrainiumTrainFigures).logged_losses[0], rtol=LOSS_RTOL
+    )
+    mine, theirs = _consolidated(two, 6, tmp_path / "c2"), _consolidated(one, 6, tmp_path / "c1")
+    assert mine.keys() == theirs.keys()
+    assert all(mine[n].shape == theirs[n].shape for n in mine)
+    for layer in range(2):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn"
+        a = [mine[f"{prefix}.{p}.lora_A.weight"] for p in ("q_proj", "k_proj", "v_proj")]
+        assert torch.equal(a[0], a[1]) and torch.equal(a[0], a[2])
+        # The KV head's LoRA B once, as the one-process adapter has it (hidden 128 / 4 heads = 32 rows).
+        assert mine[f"{prefix}.k_proj.lora_B.weight"].shape[0] == 32

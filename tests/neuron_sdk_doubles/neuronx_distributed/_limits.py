@@ -18,7 +18,7 @@ DOUBLED_ROOTS = ("neuronx_distributed", "torch_neuronx", "neuronx_cc", "neuronxc
 
 def unsupported(what: str) -> NotImplementedError:
     return NotImplementedError(
-        f"neuron SDK test double: {what} is not implemented (the doubles train at pipeline-parallel size 1, without ZeRO-1 or the GQA QKV layer)"
+        f"neuron SDK test double: {what} is not implemented (the doubles train at pipeline-parallel size 1, without ZeRO-1)"
     )
 
 

@@ -1,4 +1,4 @@
-"""Process groups of NxD 0.15: tensor parallel and data parallel, pipeline-parallel size 1.
+"""Process groups of NxD 0.15: tensor parallel, data parallel and kv-shared, pipeline-parallel size 1.
 
 Rank layout as NxD's ``initialize_model_parallel`` (no expert or context parallelism): the world's ranks
 reshaped row-major to ``[PP, DP, TP]``, so tensor-parallel ranks are contiguous (``tp_groups`` = rows) and a
@@ -71,6 +71,83 @@ def initialize_model_parallel(
     _INITIALIZED = True
 
 
+_KV_GROUP_SIZE: int | None = None
+_KV_GROUPS: list[list[int]] | None = None
+
+
+def arrange_kv_groups(
+    num_tensor_model_parallel_groups: int = 1,
+    tensor_model_parallel_size: int = 1,
+    kv_shared_group_size: int = 1,
+    sequential_ranks_in_group: bool = False,
+    platform: str = "trn1",
+) -> list[list[int]]:
+    """The ranks holding copies of the same KV heads (NxD ``arrange_kv_groups``): on trn2 adjacent ranks
+    (copies made with ``repeat_interleave``); on trn1 every ``tp / kv_shared_group_size``-th rank of a tensor
+    group (copies made with ``repeat``), or adjacent ranks when ``sequential_ranks_in_group``."""
+    tp, size = tensor_model_parallel_size, kv_shared_group_size
+    groups = []
+    for i in range(num_tensor_model_parallel_groups):
+        base = i * tp
+        if platform == "trn2" or sequential_ranks_in_group:
+            groups += [[base + k * size + j for j in range(size)] for k in range(tp // size)]
+        else:
+            groups += [list(range(base + j, base + tp, tp // size)) for j in range(tp // size)]
+    return groups
+
+
+def initialize_kv_group(kv_shared_group_size: int = 1, sequential_ranks_in_group: bool = False) -> None:
+    """Made once, by the first GQA layer every rank builds; one size for every layer (as NxD)."""
+    global _KV_GROUP_SIZE, _KV_GROUPS
+    from torch_neuronx.utils import get_platform_target
+
+    if _KV_GROUPS is not None:
+        if kv_shared_group_size != _KV_GROUP_SIZE:
+            raise AssertionError("Currently the library supports only single KV size for all layers")
+        return
+    tp = get_tensor_model_parallel_size()
+    if tp % kv_shared_group_size:
+        raise AssertionError(
+            f"kv_shared_group_size: {kv_shared_group_size}, should divide tensor model parallel group {tp} "
+        )
+    groups = arrange_kv_groups(
+        _world() // tp, tp, kv_shared_group_size, sequential_ranks_in_group, get_platform_target()
+    )
+    _KV_GROUP_SIZE, _KV_GROUPS = kv_shared_group_size, groups
+    if dist.is_initialized():
+        me = _rank()
+        for ranks in groups:
+            group = dist.new_group(ranks, pg_options={"xla_pg_options": {"mesh": groups}})
+            if me in ranks:
+                _GROUP["kv_shared"] = group
+
+
+def get_kv_shared_replica_groups() -> list[list[int]]:
+    if _KV_GROUPS is None:
+        raise AssertionError("kv_shared parallel group is not initialized")
+    return [list(g) for g in _KV_GROUPS]
+
+
+def get_kv_shared_group(as_list: bool = False):
+    if as_list:
+        return get_kv_shared_replica_groups()
+    if _KV_GROUPS is None:
+        raise AssertionError("kv_shared parallel group is not initialized")
+    return _GROUP.get("kv_shared", SingleRankGroup())
+
+
+def get_kv_shared_group_size() -> int:
+    if _KV_GROUP_SIZE is None:
+        raise AssertionError("kv_shared parallel group is not initialized")
+    return _KV_GROUP_SIZE
+
+
+def destroy_kv_group() -> None:
+    global _KV_GROUP_SIZE, _KV_GROUPS
+    _KV_GROUP_SIZE = _KV_GROUPS = None
+    _GROUP.pop("kv_shared", None)
+
+
 def model_parallel_is_initialized() -> bool:
     return _INITIALIZED
 
@@ -78,6 +155,7 @@ def model_parallel_is_initialized() -> bool:
 def destroy_model_parallel() -> None:
     global _INITIALIZED
     _INITIALIZED = False
+    destroy_kv_group()
     _GROUP.clear()
 
 
