@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Training path to exercise.",
     )
     p.add_argument("--force", action="store_true", help="Redo every stage.")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="Train on the bundled conversations with the tiny tokenizer's chat template (assistant-only loss).",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="Overrides of the smoke config.")
     return parser
 
@@ -181,7 +186,7 @@ def _smoke_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     from trnft.common import smoke
 
     return smoke.run_smoke(
-        args.root, platform=args.platform, force=args.force, overrides=args.overrides, log=log
+        args.root, platform=args.platform, force=args.force, overrides=args.overrides, log=log, chat=args.chat
     )
 
 

@@ -123,18 +123,24 @@ def choose_backend(ev: EvalSection) -> str:
     return ev.backend
 
 
-def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt token ids exactly as the tokenize stage made them (special tokens added)."""
-    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+def prompt_ids(tokenizer: Any, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
+    """Prompt token ids exactly as the tokenize stage made them: special tokens added to a template prompt;
+    none to a chat prompt, whose template wrote them (``tokenize_info.json`` ``chat``)."""
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]]
 
 
 def generate_transformers(
-    model: Any, tokenizer: Any, prompts: Sequence[str], ev: EvalSection, log: Callable[[str], None]
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    ev: EvalSection,
+    log: Callable[[str], None],
+    special_tokens: bool = True,
 ) -> Generations:
     """Batched generation with left padding on whatever device the model is on."""
     import torch
 
-    ids = prompt_ids(tokenizer, prompts)
+    ids = prompt_ids(tokenizer, prompts, special_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -198,6 +204,7 @@ def generate_vllm(
     ev: EvalSection,
     adapter_dir: Path | None,
     log: Callable[[str], None],
+    special_tokens: bool = True,
 ) -> Generations:
     """Generation with vLLM (CUDA), from the same prompt token ids as the transformers backend."""
     from vllm import LLM, SamplingParams
@@ -219,7 +226,7 @@ def generate_vllm(
         top_k=ev.top_k if ev.top_k > 0 else -1, max_tokens=ev.max_new_tokens, seed=ev.seed,
         stop_token_ids=[tokenizer.eos_token_id], skip_special_tokens=True,
     )  # fmt: skip
-    requests = [{"prompt_token_ids": ids} for ids in prompt_ids(tokenizer, prompts)]
+    requests = [{"prompt_token_ids": ids} for ids in prompt_ids(tokenizer, prompts, special_tokens)]
     t0 = time.perf_counter()
     outputs = llm.generate(requests, params, lora_request=lora, use_tqdm=False)
     seconds = time.perf_counter() - t0
@@ -415,6 +422,7 @@ class GenerationJob:
     settings: EvalSection
     trust_remote_code: bool
     device: str
+    special_tokens: bool = True  # False for chat prompts (the template wrote them)
 
 
 def left_padding_tokenizer(tokenizer_dir: str | Path) -> Any:
@@ -431,11 +439,18 @@ def run_generation(job: GenerationJob, log: Callable[[str], None]) -> Generation
     adapter = Path(job.adapter_dir) if job.adapter_dir else None
     if job.backend == "vllm":
         return generate_vllm(
-            Path(job.model_dir), Path(job.tokenizer_dir), tokenizer, job.prompts, job.settings, adapter, log
+            Path(job.model_dir),
+            Path(job.tokenizer_dir),
+            tokenizer,
+            job.prompts,
+            job.settings,
+            adapter,
+            log,
+            job.special_tokens,
         )
     model = _load_model(Path(job.model_dir), adapter, job.trust_remote_code, job.device)
     try:
-        return generate_transformers(model, tokenizer, job.prompts, job.settings, log)
+        return generate_transformers(model, tokenizer, job.prompts, job.settings, log, job.special_tokens)
     finally:
         del model
 
@@ -537,6 +552,7 @@ def _answers(plan: EvalPlan, ctx: StageContext, model_dir: Path, adapter_dir: Pa
         settings=ctx.cfg.eval,
         trust_remote_code=ctx.cfg.model.trust_remote_code,
         device=plan.device,
+        special_tokens=not plan.tokenized.info.get("chat", False),
     )
     if plan.backend == "vllm":
         return run_generation_in_own_process(job, ctx.log)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trnft.common.config.run_config import NeuronSection, dump_config, load_config, with_overrides
 from trnft.common.pipeline.stages import STAGES, format_status
-from trnft.common.testing.fixtures import build_tiny_model, bundled_dataset_path
+from trnft.common.testing.fixtures import build_tiny_model, bundled_chat_path, bundled_dataset_path
 
 # What a platform needs beyond the smoke config: neuron-native trains on trn2/trn3 instance types only (the
 # local run uses the CPU all the same; the instance type matters to the specs it would render).
@@ -32,8 +32,11 @@ def smoke_config_path() -> Path:
     return Path(str(resources.files("trnft.examples") / "smoke.yaml"))
 
 
-def prepare(root: str | Path, *, platform: str = "neuron", overrides: Sequence[str] = ()) -> Path:
-    """Build the tiny base model (if missing) and write ``<root>/run.yaml``; return its path."""
+def prepare(
+    root: str | Path, *, platform: str = "neuron", overrides: Sequence[str] = (), chat: bool = False
+) -> Path:
+    """Build the tiny base model (if missing) and write ``<root>/run.yaml``; return its path. ``chat``: the
+    bundled conversations, rendered with the tiny tokenizer's chat template, loss on assistant turns."""
     root = Path(root).resolve()
     model_dir = root / "base-model"
     if not (model_dir / "config.json").is_file():
@@ -43,8 +46,9 @@ def prepare(root: str | Path, *, platform: str = "neuron", overrides: Sequence[s
         [
             f"run.root={root}",
             f"model.name_or_path={model_dir}",
-            f"dataset.files=[{bundled_dataset_path()}]",
+            f"dataset.files=[{bundled_chat_path() if chat else bundled_dataset_path()}]",
             f"model.platform={platform}",
+            *(["dataset.messages_field=messages"] if chat else []),
         ],
     )
     if platform != XLA_PLATFORM:
@@ -70,9 +74,10 @@ def run_smoke(
     force: bool = False,
     overrides: Sequence[str] = (),
     log: Callable[[str], None] = print,
+    chat: bool = False,
 ) -> int:
     """Run every stage in order, each in its own process; return the first non-zero exit code or 0."""
-    run_yaml = prepare(root, platform=platform, overrides=overrides)
+    run_yaml = prepare(root, platform=platform, overrides=overrides, chat=chat)
     cfg = load_config(run_yaml)
     log(f"smoke: run config {run_yaml}")
     for stage in STAGES:

@@ -179,6 +179,7 @@ class FormatStats:
     dropped_empty_output: int = 0
     dropped_converter: int = 0
     first_converter_error: str | None = None
+    dropped_bad_conversation: int = 0
 
 
 def format_rows(ds: Any, d: DatasetSection) -> tuple[list[tuple[str, str]], FormatStats]:
@@ -228,6 +229,50 @@ def format_rows(ds: Any, d: DatasetSection) -> tuple[list[tuple[str, str]], Form
     return pairs, stats
 
 
+BAD_ROWS_LOGGED = 10
+
+
+def format_conversations(
+    ds: Any, d: DatasetSection, tok: Any, log: Callable[[str], None]
+) -> tuple[list[tuple[str, str, Any]], FormatStats, str]:
+    """``(prompt, reference, rendered conversation)`` per usable row (:mod:`trnft.common.chat`), the counts,
+    and the chat template used. Unusable rows are named (the first few) and counted; more than
+    ``dataset.max_bad_row_fraction`` of them stops the stage."""
+    from trnft.common import chat
+
+    if d.messages_field not in ds.column_names:
+        raise TrnftError(
+            f"dataset.messages_field: column {d.messages_field!r} is not in the dataset (columns: "
+            f"{', '.join(ds.column_names)})"
+        )
+    template = chat.load_template(d.chat_template, tok)
+    role_key, content_key = chat.keys(d.message_format, d.role_key, d.content_key)
+    stats = FormatStats(rows=len(ds))
+    records, bad = [], []
+    for i, row in enumerate(ds):
+        try:
+            messages = chat.parse(row[d.messages_field], d.message_format, role_key, content_key)
+            rendered = chat.render(tok, messages, template)
+        except chat.BadConversation as exc:
+            bad.append((i, str(exc)))
+            if len(bad) <= BAD_ROWS_LOGGED:
+                log(f"tokenize: row {i} dropped: {exc}")
+            continue
+        records.append((rendered.prompt, rendered.answer, rendered))
+    if len(bad) > BAD_ROWS_LOGGED:
+        log(f"tokenize: ... and {len(bad) - BAD_ROWS_LOGGED} more rows dropped")
+    if bad and len(bad) > d.max_bad_row_fraction * stats.rows:
+        first_row, reason = bad[0]
+        raise TrnftError(
+            f"dataset.messages_field: {len(bad)} of {stats.rows} rows cannot be used, more than "
+            f"dataset.max_bad_row_fraction={d.max_bad_row_fraction:g} (first: row {first_row}: {reason}); fix the "
+            "data or dataset.message_format / role_key / content_key / chat_template"
+        )
+    stats.dropped_bad_conversation = len(bad)
+    stats.formatted = len(records)
+    return records, stats, template
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Splits
 
@@ -253,10 +298,12 @@ def split_rows(pairs: Sequence[tuple[str, str]], d: DatasetSection) -> dict[str,
     }
 
 
-def write_jsonl(path: Path, pairs: Iterable[tuple[str, str]]) -> None:
+def write_jsonl(path: Path, pairs: Iterable[Sequence[Any]]) -> None:
+    """``{"input", "output"}`` per row: the prompt and the reference (a conversation: up to its last
+    assistant turn with the generation prompt, and that turn)."""
     with open(path, "w") as fh:
-        for text_in, text_out in pairs:
-            fh.write(json.dumps({"input": text_in, "output": text_out}, ensure_ascii=False) + "\n")
+        for item in pairs:
+            fh.write(json.dumps({"input": item[0], "output": item[1]}, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,6 +579,7 @@ class RowCounts:
     formatted: int
     dropped_empty_output: int
     dropped_converter: int
+    dropped_bad_conversation: int = 0
 
 
 @dataclass(frozen=True)
@@ -552,6 +600,9 @@ class SplitFigures:
     non_pad_fraction: float
     non_pad_fraction_if_padded: float  # what padding every sample would have kept (the packing gain)
     length_histogram: list[LengthBin]
+    # Conversations (dataset.messages_field) that lost trailing turns to max_seq_length; cut inside their
+    # first assistant turn are counted in truncated_response.
+    truncated_turns: int = 0
 
 
 @dataclass(frozen=True)
@@ -598,19 +649,27 @@ def _setup_tokenizer(ctx: StageContext) -> tuple[Any, PadChoice, str]:
     return tok, pad, source
 
 
-def _text_splits(ctx: StageContext) -> tuple[dict[str, list[tuple[str, str]]], FormatStats]:
-    """Load, format and split the rows; write them as JSONL for inspection and evaluation."""
+def _text_splits(ctx: StageContext, tok: Any) -> tuple[dict[str, list[Any]], FormatStats, str | None]:
+    """Load, format and split the rows; write them as JSONL for inspection and evaluation. Also the chat
+    template, when the rows are conversations."""
     d = ctx.cfg.dataset
-    pairs, fmt = format_rows(load_source(d), d)
+    template = None
+    if d.messages_field:
+        pairs, fmt, template = format_conversations(load_source(d), d, tok, ctx.log)
+        dropped = f"{fmt.dropped_bad_conversation} unusable conversations dropped"
+    else:
+        pairs, fmt = format_rows(load_source(d), d)
+        dropped = (
+            f"{fmt.dropped_empty_output} empty outputs, {fmt.dropped_converter} converter failures dropped"
+        )
     splits = split_rows(pairs, d)
     for name in SPLITS:
         write_jsonl(ctx.out_dir / TEXT_FILES[name], splits[name])
     ctx.log(
-        f"tokenize: {fmt.rows} rows, {fmt.formatted} formatted "
-        f"({fmt.dropped_empty_output} empty outputs, {fmt.dropped_converter} converter failures dropped); "
+        f"tokenize: {fmt.rows} rows, {fmt.formatted} formatted ({dropped}); "
         + ", ".join(f"{n} {len(splits[n])}" for n in SPLITS)
     )
-    return splits, fmt
+    return splits, fmt, template
 
 
 def _tokenize_split(
@@ -618,8 +677,13 @@ def _tokenize_split(
 ) -> SplitFigures:
     """Encode, mask, truncate and pack one split into ``out``; its figures."""
     max_len = d.max_seq_length
-    encoded = encode_pairs(pairs, tok_dir, d.num_proc)
-    samples, stats = build_samples(encoded.ids, max_len, tok.eos_token_id, tok.bos_token_id)
+    if d.messages_field:
+        samples, stats, truncated_turns = _chat_samples(pairs, tok, max_len)
+        workers = 1
+    else:
+        encoded = encode_pairs(pairs, tok_dir, d.num_proc)
+        samples, stats = build_samples(encoded.ids, max_len, tok.eos_token_id, tok.bos_token_id)
+        workers, truncated_turns = encoded.workers, 0
     if not samples or stats.fit_whole == 0:
         raise TrnftError(
             f"dataset.max_seq_length: {max_len} tokens cannot hold any {name} sample whole (the shortest "
@@ -637,14 +701,41 @@ def _tokenize_split(
         dropped_no_supervised=stats.dropped_no_supervised,
         fit_whole=stats.fit_whole,
         sequences=int(arrays["input_ids"].shape[0]),
-        tokenize_workers=encoded.workers,
+        tokenize_workers=workers,
         tokens=total,
         non_pad_tokens=non_pad,
         supervised_tokens=int((arrays["labels"] != IGNORE_INDEX).sum()),
         non_pad_fraction=round(non_pad / total, 5),
         non_pad_fraction_if_padded=round(sum(stats.lengths) / (len(stats.lengths) * max_len), 5),
         length_histogram=length_histogram(stats.lengths, max_len),
+        truncated_turns=truncated_turns,
     )
+
+
+def _chat_samples(
+    records: Sequence[tuple[str, str, Any]], tok: Any, max_len: int
+) -> tuple[list[tuple[list[int], list[int]]], SampleStats, int]:
+    """(input_ids, labels) per conversation (:func:`trnft.common.chat.encode`), the sample counts, and how
+    many conversations lost trailing turns."""
+    from trnft.common import chat
+
+    stats = SampleStats(samples=len(records))
+    out, truncated_turns, needed = [], 0, []
+    for _, _, rendered in records:
+        encoded = chat.encode(tok, rendered, max_len)
+        full = encoded.dropped_turns or encoded.cut_tokens
+        needed.append(max_len + 1 if full else len(encoded.ids))
+        truncated_turns += encoded.dropped_turns > 0
+        stats.truncated_response += encoded.cut_tokens
+        if all(label == IGNORE_INDEX for label in encoded.labels):
+            stats.dropped_no_supervised += 1
+            continue
+        out.append((encoded.ids, encoded.labels))
+        stats.lengths.append(len(encoded.ids))
+    stats.kept = len(out)
+    stats.fit_whole = sum(n <= max_len for n in needed)
+    stats.shortest_needed = min(needed, default=0)
+    return out, stats, truncated_turns
 
 
 def _write_info(out: Path, tok: Any, d: DatasetSection, figures: TokenizeFigures) -> None:
@@ -658,6 +749,8 @@ def _write_info(out: Path, tok: Any, d: DatasetSection, figures: TokenizeFigures
         "vocab_size": len(tok),
         "input_template": d.input_template,
         "output_template": d.output_template,
+        # Chat prompts carry the template's special tokens: evaluate encodes them without adding any.
+        "chat": bool(d.messages_field),
         "splits": {
             name: split.sequences
             for name, split in (("train", figures.train), ("validation", figures.validation))
@@ -670,19 +763,42 @@ def _write_info(out: Path, tok: Any, d: DatasetSection, figures: TokenizeFigures
 def _body(ctx: StageContext) -> StageOutcome:
     out, d = ctx.out_dir, ctx.cfg.dataset
     tok, pad, source = _setup_tokenizer(ctx)
-    splits, fmt = _text_splits(ctx)
+    splits, fmt, chat_template = _text_splits(ctx, tok)
     tok_dir = out / TOKENIZER_DIR
     tok.save_pretrained(tok_dir)
     tokenized = {
         name: _tokenize_split(out, name, splits[name], tok, tok_dir, d) if splits[name] else None
         for name in ("train", "validation")
     }
+    for name, split in tokenized.items():
+        if split is not None and (
+            split.truncated_prompt or split.truncated_response or split.truncated_turns
+        ):
+            ctx.log(
+                f"tokenize: {name}: {split.samples - split.fit_whole} of {split.samples} samples longer than "
+                f"dataset.max_seq_length={d.max_seq_length} were cut ("
+                + (
+                    f"{split.truncated_turns} at a turn boundary, {split.truncated_response} inside their first "
+                    "assistant turn"
+                    if d.messages_field
+                    else f"{split.truncated_prompt} in the prompt, {split.truncated_response} in the response"
+                )
+                + f"); {split.dropped_no_supervised} left with no supervised token were dropped"
+            )
     template = {
         "input_template": d.input_template,
         "output_template": d.output_template,
         "field_mapping": d.field_mapping,
         "converter": d.converter,
     }
+    if d.messages_field:
+        template = {
+            "messages_field": d.messages_field,
+            "message_format": d.message_format,
+            "role_key": d.role_key,
+            "content_key": d.content_key,
+            "chat_template": chat_template,
+        }
     figures = TokenizeFigures(
         tokenizer_digest=tree_digest(tok_dir),
         template_digest=stable_hash(template),
@@ -690,7 +806,13 @@ def _body(ctx: StageContext) -> StageOutcome:
         mode="packed" if d.packing else "padded",
         partial_batches="never: the trainers fill the last batch of an epoch from the next epoch",
         pad_token=pad,
-        rows=RowCounts(fmt.rows, fmt.formatted, fmt.dropped_empty_output, fmt.dropped_converter),
+        rows=RowCounts(
+            fmt.rows,
+            fmt.formatted,
+            fmt.dropped_empty_output,
+            fmt.dropped_converter,
+            fmt.dropped_bad_conversation,
+        ),
         split_rows={n: len(splits[n]) for n in SPLITS},
         train=tokenized["train"],
         validation=tokenized["validation"],

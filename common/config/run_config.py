@@ -119,6 +119,26 @@ class DatasetSection:
         "module:function returning {'input','output'} per row (replaces templates).",
         pattern=r"^[\w.]+:\w+$",
     )
+    messages_field: str | None = opt(
+        None,
+        "Column holding a conversation (list of messages); rendered with the chat template, loss on every "
+        "assistant turn (replaces the templates).",
+    )
+    message_format: Literal["openai", "sharegpt"] = opt(
+        "openai", "Messages as [{role, content}] (openai) or [{from, value}] with human/gpt (sharegpt)."
+    )
+    role_key: str | None = opt(None, "Key of a message's role (default: role, or from for sharegpt).")
+    content_key: str | None = opt(None, "Key of a message's text (default: content, or value for sharegpt).")
+    chat_template: str | None = opt(
+        None, "Jinja chat template, or a file holding one (default: the tokenizer's)."
+    )
+    max_bad_row_fraction: float = opt(
+        0.05,
+        "Conversations that cannot be used (not a list, unknown role, empty assistant turn, a template that "
+        "fails) are dropped and named; above this fraction of the rows the stage refuses.",
+        ge=0.0,
+        le=1.0,
+    )
     train_ratio: float = opt(0.9, "Fraction of rows for training.", gt=0.0, lt=1.0)
     validation_ratio: float = opt(0.05, "Fraction of rows for validation.", ge=0.0, lt=1.0)
     test_ratio: float = opt(0.05, "Fraction of rows for the test split.", ge=0.0, lt=1.0)
@@ -147,6 +167,8 @@ class DatasetSection:
             )
         if self.files is not None and not self.files:
             problems.append(("files", "must list at least one file"))
+        if self.messages_field and self.converter:
+            problems.append(("converter", "set dataset.converter or dataset.messages_field, not both"))
         return problems
 
 

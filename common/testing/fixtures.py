@@ -43,9 +43,27 @@ def bundled_dataset_path() -> Path:
     return Path(str(resources.files("trnft.examples") / "data" / "tiny_instructions.jsonl"))
 
 
+def bundled_chat_path() -> Path:
+    """The same data as conversations (``messages``, OpenAI format; examples/data/generate_tiny_chat.py)."""
+    return Path(str(resources.files("trnft.examples") / "data" / "tiny_chat.jsonl"))
+
+
 def bundled_texts() -> list[str]:
     rows = [json.loads(line) for line in bundled_dataset_path().read_text().splitlines() if line.strip()]
     return [" ".join(str(r[k]) for k in ("instruction", "context", "response")) for r in rows]
+
+
+# The tiny tokenizer's chat template (trnft's own): BOS, then each turn under an instruction-style header the
+# tokenizer has as tokens; assistant replies end with EOS and are marked as generation blocks, so
+# transformers' assistant mask can be compared with trnft's. Used by `trnft smoke --chat`.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{{ '### Response:\n' }}"
+    "{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{% elif m['role'] == 'system' %}{{ 'Context: ' + m['content'] + '\n' }}"
+    "{% else %}{{ '### Instruction:\n' + m['content'] + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Any:
@@ -73,6 +91,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Any:
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="right"
     )
     fast.model_max_length = 1 << 20
+    fast.chat_template = TINY_CHAT_TEMPLATE
     return fast
 
 

@@ -34,3 +34,31 @@ def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, pla
     # a second run skips every stage
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already complete") == 6, again.stdout[-2000:]
+
+
+@pytest.mark.parametrize("platform", ["neuron", "gpu"])
+def test_smoke_on_conversations_trains_on_assistant_turns_and_evaluates_chat_prompts(tmp_path, platform):
+    """`trnft smoke --chat`: the bundled conversations (1 to 3 turns, some with a system prompt) rendered with
+    the tiny tokenizer's chat template, loss on assistant turns only; evaluate prompts with the template's
+    generation prompt and scores the last reply."""
+    root = tmp_path / f"chat-{platform}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "trnft.common.cli",
+        "smoke",
+        "--chat",
+        "--root",
+        str(root),
+        "--platform",
+        platform,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads((root / "tokenize" / "tokenize_info.json").read_text())
+    assert info["chat"] is True
+    figures = XlaTrainFigures if platform == "neuron" else ShardedTrainFigures
+    train = figures.of(json.loads((root / "train" / "manifest.json").read_text()))
+    assert train.final_loss < train.first_loss
+    metrics = EvaluateFigures.of(json.loads((root / "evaluate" / "manifest.json").read_text()))
+    assert metrics.scores.bertscore.f1 > metrics.base.bertscore.f1

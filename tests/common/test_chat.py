@@ -1,0 +1,246 @@
+"""Conversational data: assistant-only masks from the rendered text (common/chat.py) and the tokenize stage on
+chat rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trnft.common import chat, cli
+from trnft.common.config.run_config import load_config
+from trnft.common.errors import TrnftError
+from trnft.common.testing.fixtures import (
+    TINY_CHAT_TEMPLATE,
+    bundled_chat_path,
+    bundled_texts,
+    train_tokenizer,
+)
+from trnft.common.tokenize import TokenizeFigures, run
+from trnft.common.training.data import IGNORE_INDEX, TokenizeOutput
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM = {"role": "system", "content": "Answer with the words only."}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(bundled_texts())
+
+
+def conversation(turns: int, system: bool) -> list[dict[str, str]]:
+    messages = [SYSTEM] if system else []
+    for t in range(turns):
+        messages += [
+            {"role": "user", "content": f"Repeat the words.\nred owl {t}"},
+            {"role": "assistant", "content": f"red owl {t}"},
+        ]
+    return messages
+
+
+def supervised_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """The decoded text of every maximal run of supervised tokens, in order."""
+    runs, current = [], []
+    for tid, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == tid
+            current.append(tid)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tok.decode(r) for r in runs]
+
+
+@pytest.mark.parametrize("system", [False, True], ids=["no-system", "system"])
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_every_assistant_reply_and_its_end_token_is_supervised_and_nothing_else(tok, turns, system):
+    messages = conversation(turns, system)
+    rendered = chat.render(tok, messages, TINY_CHAT_TEMPLATE)
+    # Hand-computed: each reply's characters, then EOS, and the header before it is not in the span.
+    for span, reply in zip(rendered.spans, [m["content"] for m in messages if m["role"] == "assistant"]):
+        assert rendered.text[span[0] : span[1]] == reply + tok.eos_token
+        assert rendered.text[: span[0]].endswith("### Response:\n")
+    encoded = chat.encode(tok, rendered, max_len=4096)
+    assert encoded.ids[0] == tok.bos_token_id and encoded.labels[0] == IGNORE_INDEX
+    replies = [f"red owl {t}{tok.eos_token}" for t in range(turns)]
+    assert supervised_runs(tok, encoded.ids, encoded.labels) == replies
+    assert (encoded.dropped_turns, encoded.cut_tokens) == (0, False)
+    # The evaluation prompt: everything up to the last reply, with the generation prompt; its reference.
+    assert (
+        rendered.prompt.endswith(f"red owl {turns - 1}\n### Response:\n")
+        and rendered.answer == f"red owl {turns - 1}"
+    )
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_masks_equal_transformers_assistant_masks_on_a_template_with_generation_blocks(tok, turns):
+    """transformers' `return_assistant_tokens_mask` (what TRL's assistant_only_loss uses) needs
+    `{% generation %}` markers, which the tiny template has; trnft needs none and must agree with it."""
+    messages = conversation(turns, system=turns == 2)
+    theirs = tok.apply_chat_template(
+        messages,
+        chat_template=TINY_CHAT_TEMPLATE,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    ours = chat.encode(tok, chat.render(tok, messages, TINY_CHAT_TEMPLATE), max_len=4096)
+    assert ours.ids == list(theirs["input_ids"])
+    mask = [label != IGNORE_INDEX for label in ours.labels]
+    assert mask[1:] == [bool(m) for m in theirs["assistant_masks"]][1:]
+    assert sum(mask) > turns
+
+
+def test_sharegpt_rows_and_custom_keys(tok):
+    row = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "owl"},
+    ]
+    role, content = chat.keys("sharegpt", None, None)
+    messages = chat.parse(row, "sharegpt", role, content)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    custom = [{"speaker": "user", "text": "Hi"}, {"speaker": "assistant", "text": "owl"}]
+    assert chat.parse(custom, "openai", *chat.keys("openai", "speaker", "text"))[1]["content"] == "owl"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("hello", "the messages are a str, not a list (nor JSON text of one)"),
+        ('{"role": "user"}', "the messages are a dict, not a list"),
+        (None, "the messages are a NoneType, not a list"),
+        ([{"role": "user"}], "message 0 is not an object with 'role' and 'content'"),
+        ([{"role": "tool", "content": "x"}], "message 0 has unknown role 'tool'"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}],
+            "message 1 is an empty assistant turn",
+        ),
+        ([{"role": "user", "content": "x"}], "no assistant turn"),
+    ],
+)
+def test_bad_conversations_are_refused_with_the_reason(value, reason):
+    with pytest.raises(chat.BadConversation, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        chat.parse(value, "openai", "role", "content")
+
+
+def test_a_template_that_fails_or_rewrites_earlier_turns_is_a_bad_row(tok):
+    failing = "{{ raise_exception('only user and assistant roles') }}"
+    with pytest.raises(chat.BadConversation, match=r"failed to render it .*only user and assistant roles"):
+        chat.render(tok, conversation(1, False), failing)
+    # Drops every assistant reply but the last, as some reasoning templates do with their thinking.
+    rewriting = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(chat.BadConversation, match="does not render turn 1 as a prefix"):
+        chat.render(tok, conversation(2, False), rewriting)
+
+
+def test_too_long_conversations_lose_whole_turns_first_then_tokens(tok):
+    rendered = chat.render(tok, conversation(3, True), TINY_CHAT_TEMPLATE)
+    whole = chat.encode(tok, rendered, max_len=4096)
+    first_end, second_end = [i + 1 for i in range(1, len(whole.ids)) if whole.ids[i] == tok.eos_token_id][:2]
+    two = chat.encode(tok, rendered, max_len=second_end + 3)
+    assert (two.dropped_turns, two.cut_tokens, len(two.ids)) == (1, False, second_end)
+    assert supervised_runs(tok, two.ids, two.labels) == [f"red owl {t}{tok.eos_token}" for t in range(2)]
+    tiny = chat.encode(tok, rendered, max_len=first_end - 1)
+    assert tiny.cut_tokens and len(tiny.ids) == first_end - 1 and tiny.dropped_turns == 0
+
+
+def _chat_config(run_config, tmp_path, rows: list | None = None, **dataset):
+    path = bundled_chat_path()
+    if rows is not None:
+        path = tmp_path / "chat.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_config(
+        dataset={"files": [str(path)], "messages_field": "messages", "max_seq_length": 128, **dataset}
+    )
+
+
+def test_the_tokenize_stage_trains_on_assistant_turns_and_writes_chat_prompts(run_config, tmp_path):
+    from transformers import AutoTokenizer
+
+    cfg = load_config(_chat_config(run_config, tmp_path))
+    lines = []
+    result = run(cfg, log=lines.append)
+    out = TokenizeOutput(result.path)
+    assert out.info["chat"] is True
+    tok = AutoTokenizer.from_pretrained(out.tokenizer_dir)
+    ids, labels = (np.load(out.root / "train" / f"{k}.npy") for k in ("input_ids", "labels"))
+    supervised = ids[labels != IGNORE_INDEX]
+    # Only replies and their EOS are learned: no header or instruction token is ever a label.
+    headers = set(tok("### Response:\n### Instruction:\nContext:", add_special_tokens=False)["input_ids"])
+    assert not headers & set(supervised.tolist()) and tok.eos_token_id in supervised
+    rows = [json.loads(line) for line in (out.root / "test.jsonl").read_text().splitlines()]
+    assert rows and all(
+        r["input"].startswith(tok.bos_token) and r["input"].endswith("### Response:\n") for r in rows
+    )
+    figures = TokenizeFigures.of(json.loads((out.root / "manifest.json").read_text()))
+    assert figures.rows.dropped_bad_conversation == 0 and figures.rows.formatted == 350
+    assert (
+        any("train" in line and "at a turn boundary" in line for line in lines)
+        or figures.train.truncated_turns == 0
+    )
+
+
+def test_unusable_rows_are_named_and_counted_and_too_many_stop_the_stage(run_config, tmp_path, capsys):
+    good = json.loads(bundled_chat_path().read_text().splitlines()[0])
+    rows = [good] * 40 + [{"messages": []}, {"messages": [{"role": "robot", "content": "x"}]}]
+    lines: list[str] = []
+    result = run(load_config(_chat_config(run_config, tmp_path, rows)), log=lines.append)
+    assert "tokenize: row 40 dropped: no assistant turn" in lines
+    assert any(
+        line.startswith("tokenize: row 41 dropped: message 0 has unknown role 'robot'") for line in lines
+    )
+    assert (
+        TokenizeFigures.of(
+            json.loads((result.path / "manifest.json").read_text())
+        ).rows.dropped_bad_conversation
+        == 2
+    )
+    config = _chat_config(run_config, tmp_path, rows[:4] + rows[40:])
+    code = cli.main(["tokenize", "--config", str(config), "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert "2 of 6 rows cannot be used, more than dataset.max_bad_row_fraction=0.05 (first: row 4:" in err[0]
+
+
+def test_a_tokenizer_without_a_chat_template_needs_one_named(run_config, tmp_path):
+    with pytest.raises(TrnftError, match=r"dataset\.chat_template: the tokenizer has no chat template"):
+        chat.load_template(None, _no_template())
+    template_file = tmp_path / "t.jinja"
+    template_file.write_text(TINY_CHAT_TEMPLATE)
+    assert chat.load_template(str(template_file), _no_template()) == TINY_CHAT_TEMPLATE
+
+
+def _no_template():
+    tok = train_tokenizer(["a b c"])
+    tok.chat_template = None
+    return tok
+
+
+def test_chat_prompts_get_no_second_bos_at_evaluation(tok):
+    from trnft.common.evaluate import prompt_ids
+
+    prompt = chat.render(tok, conversation(1, False), TINY_CHAT_TEMPLATE).prompt
+    (ids,) = prompt_ids(tok, [prompt], special_tokens=False)
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_the_committed_chat_data_is_the_generators_output(tmp_path):
+    script = REPO / "examples" / "data" / "generate_tiny_chat.py"
+    committed = (REPO / "examples" / "data" / "tiny_chat.jsonl").read_text()
+    subprocess.run([sys.executable, str(script)], check=True)
+    assert (REPO / "examples" / "data" / "tiny_chat.jsonl").read_text() == committed
+    counts = [
+        len([m for m in json.loads(line)["messages"] if m["role"] == "assistant"])
+        for line in committed.splitlines()
+    ]
+    assert {1, 2, 3} <= set(counts)
