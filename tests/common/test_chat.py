@@ -244,3 +244,35 @@ def test_the_committed_chat_data_is_the_generators_output(tmp_path):
         for line in committed.splitlines()
     ]
     assert {1, 2, 3} <= set(counts)
+
+
+REAL_TEMPLATES = Path(__file__).with_name("chat_templates")
+
+
+@pytest.mark.parametrize("template", ["llama3_training", "qwen2_5_training", "qwen3_instruct_2507_training"])
+@pytest.mark.parametrize("system", [False, True], ids=["no-system", "system"])
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_masks_match_trls_on_real_templates(tok, template, turns, system):
+    """TRL's training variants of real templates (chat_templates/README.md) give transformers' assistant mask,
+    what TRL's assistant_only_loss trains on. Llama 3: identical. Qwen: identical but for whitespace tokens
+    at the edges of TRL's generation block, which trnft leaves out on purpose: the newline after
+    `<|im_start|>assistant` that the generation prompt already wrote (Qwen 2.5's block starts before it), and
+    the newline after `<|im_end|>`, which a model never generates (generation stops at `<|im_end|>`)."""
+    text = (REAL_TEMPLATES / f"{template}.jinja").read_text()
+    messages = conversation(turns, system)
+    theirs = tok.apply_chat_template(
+        messages, chat_template=text, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ours = chat.encode(tok, chat.render(tok, messages, text), max_len=8192)
+    assert ours.ids == list(theirs["input_ids"])
+    mine = [label != IGNORE_INDEX for label in ours.labels]
+    trl = [bool(m) for m in theirs["assistant_masks"]]
+    differ = [i for i in range(1, len(mine)) if mine[i] != trl[i]]
+    if template.startswith("llama3"):
+        assert differ == []
+    else:
+        assert all(trl[i] and not mine[i] and tok.decode([ours.ids[i]]).strip() == "" for i in differ)
+        assert 0 < len(differ) <= 2 * turns
+    # Every reply's text is learned exactly once, whatever the template.
+    learned = tok.decode([t for t, m in zip(ours.ids, mine) if m])
+    assert all(f"red owl {t}" in learned for t in range(turns)) and "Repeat the words" not in learned
