@@ -32,7 +32,12 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, read_adapter_config
+from trnft.common.config.adapter_config import (
+    ADAPTER_CONFIG_FILE,
+    LoraSettings,
+    check_merge_settings,
+    read_adapter_config,
+)
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present, resolve_model_dir
@@ -152,6 +157,7 @@ def read_adapter(adapter_dir: Path, log: Callable[[str], None] | None = None) ->
     """Parse and check an adapter folder; every tensor must bind to a module role exactly once."""
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
     config = read_adapter_config(adapter_dir, log)
+    check_merge_settings(config, config_path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise TrnftError(

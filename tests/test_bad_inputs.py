@@ -822,6 +822,20 @@ CASES = [
         ("out",),
     ),
     Case(
+        "merge-unknown-adapter-config-key",
+        _merge(lambda e: e.model, lambda e: e.adapter(use_ortho_lora=True)),
+        ("'use_ortho_lora' is not a LoRA setting this merge knows", "nothing is merged"),
+        1,
+        ("out",),
+    ),
+    Case(
+        "merge-layer-replication",
+        _merge(lambda e: e.model, lambda e: e.adapter(layer_replication=[[0, 2]])),
+        ("layer_replication is set",),
+        1,
+        ("out",),
+    ),
+    Case(
         "merge-not-lora",
         _merge(lambda e: e.model, lambda e: e.adapter(peft_type="IA3")),
         ("peft_type IA3", "not supported"),

@@ -33,6 +33,47 @@ PEFT_LORA_KEYS = frozenset(
 )  # fmt: skip
 
 
+# What the merge (W + scale * B @ A per module, from the tensors present) makes of each PEFT 0.17 LoraConfig
+# field. Every field is in exactly one table (tests/common/test_adapter_config.py checks that against
+# LoraConfig itself); a key in none of them is refused, so a future option that changes the math (as
+# use_dora did) never merges silently.
+MERGE_USES = frozenset(
+    {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save",
+     "bias", "lora_bias", "peft_type", "use_dora"}
+)  # fmt: skip
+# No effect on the merged weights: metadata, training-time or initialisation settings, and module selection
+# (the tensors present say which modules were adapted).
+MERGE_HARMLESS = frozenset(
+    {"base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
+     "init_lora_weights", "lora_dropout", "loftq_config", "eva_config", "corda_config", "target_modules",
+     "exclude_modules", "layers_pattern", "layers_to_transform", "megatron_config", "megatron_core",
+     "runtime_config", "qalora_group_size"}
+)  # fmt: skip
+# Change the model's structure or the update itself; merged only at their default ("off").
+MERGE_ONLY_OFF = {
+    "use_qalora": "quantization-aware LoRA",
+    "layer_replication": "layers duplicated by PEFT",
+    "target_parameters": "LoRA on bare parameters",
+    "trainable_token_indices": "trained token embeddings",
+}
+
+
+def check_merge_settings(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse keys the merge does not know, and settings it cannot apply, naming the key."""
+    unknown = sorted(set(config) - MERGE_USES - MERGE_HARMLESS - set(MERGE_ONLY_OFF))
+    if unknown:
+        raise TrnftError(
+            f"{path}: {', '.join(repr(k) for k in unknown)} {'is' if len(unknown) == 1 else 'are'} not a LoRA "
+            "setting this merge knows (PEFT 0.17's LoraConfig); it may change the math, so nothing is merged. "
+            "Remove the key if you know it does not"
+        )
+    for key, what in MERGE_ONLY_OFF.items():
+        if config.get(key) not in (None, False, [], {}):
+            raise TrnftError(
+                f"{path}: {key} is set ({what}); this merge cannot apply it, so nothing is merged"
+            )
+
+
 # Fields PEFT treats as sets (it builds target_modules from one, so its order in the file follows the
 # writing process's string hashing); written sorted so that equal settings give equal bytes.
 SET_VALUED_KEYS = ("target_modules", "modules_to_save", "exclude_modules", "target_parameters")

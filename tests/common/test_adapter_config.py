@@ -79,3 +79,35 @@ def test_the_known_keys_are_peft_lora_configs_fields(tmp_path):
     assert said == [
         f"warning: {tmp_path}/adapter_config.json: ignoring keys that are not PEFT LoRA settings: lora_alhpa"
     ]
+
+
+def test_every_lora_config_field_has_a_merge_rule_and_unknown_keys_are_refused(tmp_path):
+    """Each field of PEFT 0.17's LoraConfig is in exactly one of the merge's tables; a key in none (a future
+    option, a misspelling) stops the merge naming it, and so does a structural option that is switched on."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from trnft.common.config.adapter_config import (
+        MERGE_HARMLESS,
+        MERGE_ONLY_OFF,
+        MERGE_USES,
+        check_merge_settings,
+    )
+    from trnft.common.errors import TrnftError
+
+    tables = [MERGE_USES, MERGE_HARMLESS, set(MERGE_ONLY_OFF)]
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    assert fields <= set().union(*tables)
+    assert all(not (a & b) for i, a in enumerate(tables) for b in tables[i + 1 :])
+    LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    check_merge_settings(written, tmp_path / "adapter_config.json")  # what PEFT writes merges
+    for extra, words in (
+        ({"use_ortho_lora": True}, "'use_ortho_lora' is not a LoRA setting this merge knows"),
+        ({"lora_alhpa": 64}, "'lora_alhpa' is not a LoRA setting"),
+        ({"layer_replication": [[0, 2]]}, "layer_replication is set (layers duplicated by PEFT)"),
+        ({"trainable_token_indices": [5]}, "trainable_token_indices is set"),
+    ):
+        with pytest.raises(TrnftError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            check_merge_settings({**written, **extra}, tmp_path / "adapter_config.json")
