@@ -37,6 +37,25 @@ def shard_file_name(tp_rank: int, pp_rank: int, dp_rank: int = 0) -> str:
     return f"dp_rank_{dp_rank:02d}_tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:02d}.pt"
 
 
+def read_metadata_json(path: Path) -> dict[str, Any]:
+    """``mp_metadata_pp_rank_P.json``; one line naming the file when it is empty, unreadable or not a JSON
+    object (a checkpoint cut off while being written)."""
+    fix = "the checkpoint is incomplete; consolidate an earlier one, or rerun train to write it again"
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise TrnftError(f"{path}: cannot be read ({exc.strerror}); {fix}") from exc
+    if not text.strip():
+        raise TrnftError(f"{path}: empty ({len(text)} bytes); {fix}")
+    try:
+        value = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TrnftError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); {fix}") from exc
+    if not isinstance(value, dict):
+        raise TrnftError(f"{path}: holds a JSON {type(value).__name__}, not the metadata object; {fix}")
+    return value
+
+
 def metadata_file_name(pp_rank: int, era: str = "new") -> str:
     return f"mp_metadata_pp_rank_{pp_rank}.{'json' if era == 'new' else 'pt'}"
 
@@ -264,7 +283,7 @@ def open_shard_set(root: str | Path, *, require_done: bool = True) -> ShardSet:
     for pp in range(pp_size):
         json_path, pt_path = root / metadata_file_name(pp, "new"), root / metadata_file_name(pp, "old")
         if json_path.is_file():
-            metadata.append(json.loads(json_path.read_text()))
+            metadata.append(read_metadata_json(json_path))
             eras.add("new")
         elif pt_path.is_file():
             metadata.append(load_pickle_only(pt_path))  # plain dicts and sets, written by optimum-neuron

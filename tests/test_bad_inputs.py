@@ -772,6 +772,20 @@ CASES = [
         ("out",),
     ),
     Case(
+        "consolidate-metadata-zero-bytes",
+        _consolidate(lambda e: _emptied(_nxd_checkpoint(e), "mp_metadata_pp_rank_0.json")),
+        ("mp_metadata_pp_rank_0.json: empty (0 bytes)", "consolidate an earlier one"),
+        1,
+        ("out",),
+    ),
+    Case(
+        "consolidate-metadata-not-an-object",
+        _consolidate(lambda e: _emptied(_nxd_checkpoint(e), "mp_metadata_pp_rank_0.json", "[1, 2]")),
+        ("mp_metadata_pp_rank_0.json: holds a JSON list",),
+        1,
+        ("out",),
+    ),
+    Case(
         "consolidate-adapter-config-not-json",
         _consolidate(lambda e: _broken_json(_nxd_checkpoint(e))),
         ("adapter_config.json", "not valid JSON"),
@@ -942,6 +956,15 @@ CASES = [
         2,
     ),
 ]
+
+
+def _emptied(ckpt: Path, name: str, text: str = "") -> Path:
+    """``ckpt`` with every file called ``name`` rewritten to ``text`` (a save cut off mid-write)."""
+    files = list(ckpt.rglob(name))
+    assert files, name
+    for path in files:
+        path.write_text(text)
+    return ckpt
 
 
 def _broken_json(ckpt: Path) -> Path:
