@@ -134,17 +134,33 @@ class RunDir:
             return None
         try:
             data = read_json(path)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {str(exc)[:80]}"
             raise TrnftError(
-                f"{path}: unreadable manifest ({exc}); rerun `trnft {stage}` with --force"
+                f"{path}: unreadable manifest ({reason}); rerun `trnft {stage}` with --force"
             ) from exc
+        if not isinstance(data, dict):
+            raise TrnftError(
+                f"{path}: holds a JSON {type(data).__name__}, not a manifest; rerun `trnft {stage}` with --force"
+            )
         if data.get("status") != "complete":
             return None
         return data
 
     def failure(self, stage: str) -> dict[str, Any] | None:
+        """The stage's last failure record (``error``, ``at``), or None. A record that cannot be read (cut
+        off, not JSON, another shape) still says the stage failed, and why the reason is unknown."""
         path = self.meta / f"{stage}.failed.json"
-        return read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            data = read_json(path)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {"error": f"failed; its failure record {path} cannot be read", "at": None}
+        if not isinstance(data, dict):
+            return {"error": f"failed; its failure record {path} is not a JSON object", "at": None}
+        error = data.get("error")
+        return {"error": str(error) if error else "failed (no reason recorded)", "at": data.get("at")}
 
     def record_failure(self, stage: str, message: str) -> None:
         with contextlib.suppress(OSError):
@@ -165,9 +181,10 @@ class RunDir:
     def progress(self, stage: str) -> dict[str, Any] | None:
         path = self.stage_dir(stage) / PROGRESS
         try:
-            return read_json(path) if path.is_file() else None
-        except (OSError, json.JSONDecodeError):
+            data = read_json(path) if path.is_file() else None
+        except (OSError, ValueError, UnicodeDecodeError):
             return None
+        return data if isinstance(data, dict) else None
 
     @contextlib.contextmanager
     def lock(self, stage: str) -> Iterator[None]:

@@ -244,3 +244,40 @@ def test_local_runs_have_no_retry_budget(cfg, monkeypatch):
     monkeypatch.delenv("TRNFT_JOB_NAME", raising=False)
     cfg = with_overrides(cfg, ["cluster.backoff_limit=0"])
     run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "failure", "state", "words"),
+    [
+        (b"null", None, "corrupt", "holds a JSON NoneType, not a manifest"),
+        (b"[1, 2]", None, "corrupt", "holds a JSON list, not a manifest"),
+        (b"\x89PNG\x00\xff\xfe", None, "corrupt", "unreadable manifest (UnicodeDecodeError"),
+        (b'{"stage": "train", "status": "compl', None, "corrupt", "unreadable manifest (JSONDecodeError"),
+        (None, b'{"stage": "train", "err', "failed", "its failure record"),
+        (None, b'{"stage": "train", "at": "2026-12-05T00:00:00Z"}', "failed", "failed (no reason recorded)"),
+        (None, b'["x"]', "failed", "is not a JSON object"),
+        (None, b"\xff\xfe\x00", "failed", "cannot be read"),
+    ],
+)
+def test_status_reads_every_manifest_and_failure_record_shape(
+    run_config, capsys, manifest, failure, state, words
+):
+    """`trnft status` never dies on what a crash, a full disk or a hand edit left: it shows the stage as
+    corrupt or failed with the file to look at, and exits 0."""
+    from trnft.common import cli
+    from trnft.common.config.run_config import load_config
+
+    config = run_config()
+    root = load_config(config).root
+    if manifest is not None:
+        (root / "train").mkdir(parents=True)
+        (root / "train" / "manifest.json").write_bytes(manifest)
+    if failure is not None:
+        (root / ".trnft").mkdir(parents=True)
+        (root / ".trnft" / "train.failed.json").write_bytes(failure)
+    capsys.readouterr()
+    assert cli.main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr()
+    row = next(line for line in out.out.splitlines() if line.startswith("train "))
+    assert row.split()[1] == state and words in row, row
+    assert "Traceback" not in out.err
