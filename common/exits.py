@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -195,9 +196,18 @@ STORAGE_ERRORS = {
 EXIT_STORAGE = 1  # permanent: retrying the same job on the same volume cannot help
 
 
+# numpy's tofile/save on a full volume: "<n> requested and <m> written", with no errno.
+SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
 def storage_error_line(exc: OSError) -> str | None:
     """The one line for a storage error (naming the path when the OS says which), else None."""
     advice = STORAGE_ERRORS.get(exc.errno)  # type: ignore[arg-type]
+    if advice is None and exc.errno is None and (short := SHORT_WRITE.search(str(exc))):
+        advice = (
+            f"a write stopped short ({short.group(2)} of {short.group(1)} bytes): the volume is most likely "
+            "full; free space or write elsewhere (nothing half-written was kept)"
+        )
     if advice is None:
         return None
     where = exc.filename or exc.filename2

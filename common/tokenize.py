@@ -23,6 +23,7 @@ Failures (a template field missing from the data, an empty split, a tokenizer th
 from __future__ import annotations
 
 import bisect
+import errno
 import importlib
 import json
 import multiprocessing
@@ -637,7 +638,14 @@ def _write_split(out: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
     folder = out / SPLIT_DIRS[name]
     folder.mkdir()
     for key in ARRAYS:
-        np.save(folder / f"{key}.npy", arrays[key])
+        path = folder / f"{key}.npy"
+        try:
+            np.save(path, arrays[key])
+        except OSError as exc:
+            if exc.errno is not None:
+                raise
+            # numpy's short write on a full volume carries no errno and no file name.
+            raise OSError(errno.ENOSPC, f"no space left ({exc})", str(path)) from exc
 
 
 def _setup_tokenizer(ctx: StageContext) -> tuple[Any, PadChoice, str]:

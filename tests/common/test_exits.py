@@ -160,3 +160,17 @@ def test_the_pods_run_trnft_torchrun():
     layout = Layout(nodes=2, nproc_per_node=8, world=16, tp=1, pp=1, dp=16)
     argv = torchrun_argv(layout, rdzv_endpoint="m:1", rdzv_id="job")
     assert argv[:2] == ["trnft", "torchrun"] and Path(argv[0]).name == "trnft"
+
+
+def test_a_short_write_without_errno_is_a_full_disk_line(capsys):
+    from trnft.common.exits import run_command
+
+    def work():
+        raise OSError("15104 requested and 9184 written")
+
+    assert run_command("tokenize", work) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "trnft tokenize: error: A write stopped short (9184 of 15104 bytes): the volume is most likely full; "
+        "free space or write elsewhere (nothing half-written was kept)"
+    ]

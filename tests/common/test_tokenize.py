@@ -330,3 +330,22 @@ def test_explicit_pad_token_must_exist_and_differ_from_eos(run_config):
         ensure_pad_token(
             _tokenizer_with(["</s>"], None), load_config(run_config(), ["dataset.pad_token=</s>"])
         )
+
+
+def test_a_full_disk_while_writing_the_arrays_is_one_line_naming_the_file(run_config, monkeypatch, capsys):
+    """numpy's save on a full volume raises `OSError: 15104 requested and 9184 written` (no errno, no file):
+    one line with the array's path and what to do, exit 1, no staging folder left."""
+    cfg_path = run_config()
+    real_save = np.save
+
+    def short_write(path, array, *args, **kwargs):
+        if str(path).endswith("labels.npy"):
+            raise OSError("15104 requested and 9184 written")
+        return real_save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", short_write)
+    assert cli.main(["tokenize", "--config", str(cfg_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labels.npy: no space left on the device" in err[0], err
+    root = load_config(cfg_path).root
+    assert not list(root.glob("tokenize*staging*")) and not (root / "tokenize" / "manifest.json").exists()
