@@ -64,6 +64,23 @@ def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = pri
 # 1. Loading
 
 
+def _why_not_a_file(path: Path) -> str:
+    """Why ``path`` is not a readable file, as the OS says (a symbolic link loop is not "not found")."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a loop of symbolic links; point it at the real file"
+        if exc.errno == errno.ENOENT and path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if exc.errno == errno.ENOENT:
+            return "not found"
+        return f"cannot be read ({exc.strerror})"
+    import stat
+
+    return "is a folder, not a file" if stat.S_ISDIR(mode) else "is not a regular file"
+
+
 def load_source(d: DatasetSection) -> Any:
     """The source rows as a ``datasets.Dataset``; a clear TrnftError if they cannot be read."""
     import datasets
@@ -71,9 +88,9 @@ def load_source(d: DatasetSection) -> Any:
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
     if d.files is not None:
-        missing = [f for f in d.files if not Path(f).is_file()]
-        if missing:
-            raise TrnftError(f"dataset.files: {missing[0]} not found")
+        for f in d.files:
+            if not Path(f).is_file():
+                raise TrnftError(f"dataset.files: {f} {_why_not_a_file(Path(f))}")
         if d.format != "auto":
             fmt = d.format
         else:

@@ -446,6 +446,20 @@ CASES = [
         1,
         ("run/tokenize",),
     ),
+    Case(
+        "data-file-symlink-loop",
+        lambda e: ["tokenize", "--config", str(e.config(dataset={"files": [str(_symlink_loop(e.tmp))]}))],
+        ("dataset.files", "loop.jsonl", "is a loop of symbolic links"),
+        1,
+        ("run/tokenize",),
+    ),
+    Case(
+        "data-file-dangling-symlink",
+        lambda e: ["tokenize", "--config", str(e.config(dataset={"files": [str(_dangling(e.tmp))]}))],
+        ("dataset.files", "gone.jsonl", "is a symbolic link to", "which does not exist"),
+        1,
+        ("run/tokenize",),
+    ),
     Case("data-file-empty", _data("empty.jsonl", ""), ("empty.jsonl", "is empty"), 1, ("run/tokenize",)),
     Case(
         "data-blank-lines-only",
@@ -956,6 +970,17 @@ CASES = [
         2,
     ),
 ]
+
+
+def _symlink_loop(tmp: Path) -> Path:
+    (tmp / "loop.jsonl").symlink_to(tmp / "loop2.jsonl")
+    (tmp / "loop2.jsonl").symlink_to(tmp / "loop.jsonl")
+    return tmp / "loop.jsonl"
+
+
+def _dangling(tmp: Path) -> Path:
+    (tmp / "gone.jsonl").symlink_to(tmp / "moved-away.jsonl")
+    return tmp / "gone.jsonl"
 
 
 def _emptied(ckpt: Path, name: str, text: str = "") -> Path:
