@@ -133,13 +133,15 @@ def fault_point(where: str, step: int | str) -> None:
 
     ``TRNFT_FAULT=term-during-<where>:<step>`` sends SIGTERM instead (an eviction), to the rank named by
     ``TRNFT_FAULT_RANK`` when set (the others must learn of it from that rank), else to every rank;
-    ``stall-during-<where>:<step>`` sleeps there for a minute (a test then signals the process).
+    ``stall-during-<where>:<step>`` sleeps there for ``TRNFT_FAULT_STALL_S`` seconds (default a minute; a test
+    then signals the process or races another one). Standalone commands call it as ``output:staged`` once
+    they hold their output's lock.
     """
     fault = os.environ.get("TRNFT_FAULT", "")
     if fault == f"stall-during-{where}:{step}":
         import time
 
-        time.sleep(60)
+        time.sleep(float(os.environ.get("TRNFT_FAULT_STALL_S", "60")))
         return
     if fault not in (f"kill-during-{where}:{step}", f"term-during-{where}:{step}"):
         return

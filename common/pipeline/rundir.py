@@ -263,17 +263,95 @@ def into_new_folder(out: Path, work: Callable[[Path], Any], log: Callable[[str],
         raise TrnftError(f"--output: {out} exists and is not empty; choose a new folder")
     if out.parent.exists() and not out.parent.is_dir():
         raise TrnftError(f"--output: {out.parent} is a file, so {out.name} cannot be made in it")
-    if out.parent.is_dir():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _output_lock(out):
         for pattern in (f".{out.name}.staging-*", f".{out.name}.replaced-*"):
             for leftover in sorted(out.parent.glob(pattern)):
-                log(f"removing {leftover}, left by an interrupted run")
+                owner = _owner_gone(leftover)
+                if owner is None:
+                    log(
+                        f"keeping {leftover}: its writer ({_read_owner(leftover)}) may still run on another host; "
+                        "remove it yourself once that run is gone"
+                    )
+                    continue
+                log(f"removing {leftover}, left by an interrupted run ({owner})")
                 shutil.rmtree(leftover, ignore_errors=True)
-    staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
+        staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
+        staging.mkdir(parents=True)
+        (staging / OWNER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            from trnft.common.pipeline.checkpoints import fault_point
+
+            fault_point("output", "staged")
+            result = work(staging)
+            (staging / OWNER_FILE).unlink()
+            swap_into_place(staging, out)  # ``out`` is absent or an empty folder here
+            return result
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+# Who writes a standalone staging folder: "<pid> <host>", removed just before the folder is renamed.
+OWNER_FILE = ".trnft-owner"
+
+
+def _read_owner(folder: Path) -> str:
     try:
-        result = work(staging)
-        swap_into_place(staging, out)  # ``out`` is absent or an empty folder here
-        return result
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        return (folder / OWNER_FILE).read_text().strip() or "unknown writer"
+    except OSError:
+        return "unknown writer"
+
+
+def _owner_gone(folder: Path) -> str | None:
+    """Why ``folder``'s writer is provably gone (its pid is not alive on this host, or it recorded none),
+    or None when it may still be running (another host)."""
+    owner = _read_owner(folder).split()
+    if len(owner) != 2 or not owner[0].isdigit():
+        return "no writer recorded"
+    pid, host = int(owner[0]), owner[1]
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid} on {host} has exited"
+    except PermissionError:
+        return None  # alive, another user's
+    return None if pid != os.getpid() else "this process"
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on ``<parent>/.<name>.lock`` while one standalone command writes ``out``; a second
+    writer of the same output is refused in one line, and the first is left alone. The lock file is removed
+    at the end; a lock taken on a file another process already removed is taken again."""
+    path = out.with_name(f".{out.name}.lock")
+    while True:
+        fh = open(path, "a+")  # noqa: SIM115 (held for the whole write; closed below)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise TrnftError(
+                f"--output: {out} is being written by another trnft ({holder}); wait for it or choose another folder"
+            ) from exc
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
+        fh.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        fh.close()

@@ -266,3 +266,55 @@ def test_base_sharded_in_several_files_and_output_shard_size(tmp_path):
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     # Three layers of fp32 rounding ((W + s BA) x against W x + s B(A x)): 4e-5 seen on some machines.
     torch.testing.assert_close(logits(ours), logits(peft_reference(sharded, adapter)), atol=1e-4, rtol=1e-4)
+
+
+def test_two_standalone_merges_to_one_output_one_refuses_the_other_completes(tmp_path, tiny_llama):
+    """The first merge holds the output's lock (stalled 6 s once staged); a second one to the same
+    --output is refused in one line and touches nothing; the first then finishes and its output equals a
+    merge that ran alone. Before the lock the second deleted the first's live staging folder as 'left by an
+    interrupted run' and the first died with FileNotFoundError."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "merged"
+    argv = [
+        sys.executable,
+        "-m",
+        "trnft.common.cli",
+        "merge",
+        "--base",
+        str(tiny_llama),
+        "--adapter",
+        str(adapter),
+    ]
+    env = {**os.environ, "TRNFT_FAULT": "stall-during-output:staged", "TRNFT_FAULT_STALL_S": "6"}
+    first = subprocess.Popen(
+        [*argv, "--output", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lock = tmp_path / ".merged.lock"
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run([*argv, "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1
+    err = second.stderr.strip().splitlines()
+    assert (
+        len(err) == 1 and f"--output: {out} is being written by another trnft (pid {first.pid}" in err[0]
+    ), err
+    _, first_err = first.communicate(timeout=120)
+    assert first.returncode == 0, first_err[-2000:]
+    alone = tmp_path / "alone"
+    assert merge(tiny_llama, adapter, alone) == 0
+    files = sorted(p.name for p in alone.glob("*.safetensors"))
+    assert files and sorted(p.name for p in out.glob("*.safetensors")) == files
+    for name in files:
+        mine, theirs = load_file(out / name), load_file(alone / name)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    )  # no lock, no staging left

@@ -281,3 +281,29 @@ def test_status_reads_every_manifest_and_failure_record_shape(
     row = next(line for line in out.out.splitlines() if line.startswith("train "))
     assert row.split()[1] == state and words in row, row
     assert "Traceback" not in out.err
+
+
+def test_a_stale_standalone_staging_folder_goes_only_when_its_writer_is_provably_gone(tmp_path):
+    """Beside --output: a staging folder whose writer (pid + host) has exited on this host is removed; one
+    written from another host may still be live and is kept, with a line saying so."""
+    import socket
+    import subprocess
+    import sys
+
+    from trnft.common.pipeline.rundir import OWNER_FILE, into_new_folder
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone = tmp_path / ".out.staging-aaaa1111"
+    gone.mkdir()
+    (gone / OWNER_FILE).write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")
+    elsewhere = tmp_path / ".out.staging-bbbb2222"
+    elsewhere.mkdir()
+    (elsewhere / OWNER_FILE).write_text("12345 some-other-node\n")
+    said: list[str] = []
+    into_new_folder(tmp_path / "out", lambda staging: (staging / "f.txt").write_text("x"), log=said.append)
+    assert (tmp_path / "out" / "f.txt").read_text() == "x" and not (tmp_path / "out" / OWNER_FILE).exists()
+    assert not gone.exists() and elsewhere.exists()
+    assert any("has exited" in line and str(gone) in line for line in said)
+    assert any(line.startswith(f"keeping {elsewhere}: its writer (12345 some-other-node)") for line in said)
