@@ -153,36 +153,131 @@ def fault_point(where: str, step: int | str) -> None:
     os.kill(os.getpid(), signal.SIGKILL if fault.startswith("kill-") else signal.SIGTERM)
 
 
-def resume_point(train_dir: Path, fingerprint: str, log: Callable[[str], None]) -> Path | None:
-    """The newest complete checkpoint written with these settings; reports and removes what cannot be used.
+UNUSABLE = ".unusable"
 
-    Raises TrnftError when the newest complete checkpoint has no trnft state or other settings (resuming
-    it would silently train something else).
+
+def _file_problem(file: Path) -> str:
+    """Why one checkpoint file cannot be what its writer left (empty string when it looks whole).
+
+    Cheap structural checks only, never a full read: a zero-byte file (a crash between create and write,
+    or a full volume), JSON that does not parse, a torch zip whose central directory is gone (truncated),
+    a safetensors header that points past the end, a distributed-checkpoint index whose byte ranges do
+    not fit in its data files.
     """
     import json
+    import zipfile
 
+    size = file.stat().st_size
+    if size == 0:
+        return "is 0 bytes"
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+    try:
+        if file.suffix == ".json":
+            json.loads(file.read_text())
+        elif head[:4] == b"PK\x03\x04":  # torch.save's zip container
+            with zipfile.ZipFile(file):
+                pass
+        elif file.suffix == ".safetensors":
+            header = int.from_bytes(head, "little")
+            if size < 8 + header:
+                return f"is cut short ({size} bytes, its header alone needs {8 + header})"
+    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile):
+        return "is damaged or cut short (it does not parse)"
+    if file.name == ".metadata":
+        return _dcp_problem(file.parent)
+    return ""
+
+
+def _dcp_problem(folder: Path) -> str:
+    """Whether every byte range a distributed-checkpoint index names lies inside its data file."""
+    import pickle
+
+    try:
+        with open(folder / ".metadata", "rb") as fh:
+            metadata = pickle.load(fh)
+        ranges = list((metadata.storage_data or {}).values())
+    except Exception:  # any unpickling failure means an unusable index, whatever its type
+        return "is a distributed-checkpoint index that does not load"
+    for info in ranges:
+        data = folder / info.relative_path
+        if not data.is_file():
+            return f"names {info.relative_path}, which is missing"
+        if data.stat().st_size < info.offset + info.length:
+            return f"needs {info.offset + info.length} bytes of {info.relative_path}, which has {data.stat().st_size}"
+    return ""
+
+
+def verify_checkpoint(path: Path) -> str:
+    """Why a complete checkpoint cannot be resumed from (empty string when every file looks whole).
+
+    ``complete`` (markers present) says the writer finished; this says the bytes survived: a volume that
+    filled up, a node that lost power before its page cache reached the file server, or a hand edit can
+    leave a marked checkpoint with empty or cut files.
+    """
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        problem = _file_problem(file)
+        if problem:
+            return f"{file.relative_to(path)} {problem}"
+    return ""
+
+
+def _state_fingerprint(path: Path) -> str | None:
+    import json
+
+    state = json.loads((path / TRNFT_STATE / "state.json").read_text())
+    return state.get("fingerprint") if isinstance(state, dict) else None
+
+
+def resume_point(train_dir: Path, fingerprint: str, log: Callable[[str], None]) -> Path | None:
+    """The newest complete checkpoint that verifies and was written with these settings.
+
+    Reports and removes staging leftovers; reports incomplete checkpoints; a complete checkpoint that does
+    not verify (:func:`verify_checkpoint`) is reported, renamed ``checkpoint-<step>.unusable`` (kept for a
+    look, out of every reader's way, removed by :func:`prune` once a newer checkpoint exists) and the next
+    older one is tried. Returns None when none is left (training starts at step 0, which the log says).
+
+    Raises TrnftError when the newest complete checkpoint has no trnft state (not ours: another tool's
+    output, never set aside) or the newest verifying one other settings (resuming it would silently train
+    something else; falling back past it would drop work the user may want).
+    """
     from trnft.common.errors import TrnftError
 
     for leftover in staging_leftovers(train_dir):
         log(f"train: removing {leftover.name}, an interrupted save")
         shutil.rmtree(leftover, ignore_errors=True)
-    for info in list_checkpoints(train_dir):
+    skipped: list[str] = []
+    for info in reversed(list_checkpoints(train_dir)):
         if not info.complete:
             log(f"train: ignoring {info.path.name}: incomplete ({info.reason})")
-    newest = newest_complete(train_dir)
-    if newest is None:
-        return None
-    state_file = newest.path / TRNFT_STATE / "state.json"
-    if not state_file.is_file():
-        raise TrnftError(
-            f"{newest.path}: has no {TRNFT_STATE}/state.json, so trnft cannot resume from it; pass --force to start over"
-        )
-    state = json.loads(state_file.read_text())
-    if state.get("fingerprint") != fingerprint:
-        raise TrnftError(
-            f"{newest.path}: was written with other settings than this run's; pass --force to start train over"
-        )
-    return newest.path
+            continue
+        if not (info.path / TRNFT_STATE / "state.json").is_file():
+            raise TrnftError(
+                f"{info.path}: has no {TRNFT_STATE}/state.json, so trnft cannot resume from it; pass --force to start over"
+            )
+        problem = verify_checkpoint(info.path)
+        if problem:
+            aside = info.path.with_name(info.path.name + UNUSABLE)
+            shutil.rmtree(aside, ignore_errors=True)
+            info.path.rename(aside)
+            log(f"train: skipping {info.path.name}: {problem}; moved it to {aside.name}")
+            skipped.append(info.path.name)
+            continue
+        if _state_fingerprint(info.path) != fingerprint:
+            raise TrnftError(
+                f"{info.path}: was written with other settings than this run's; pass --force to start train over"
+            )
+        if skipped:
+            log(f"train: resuming from {info.path.name}, the newest checkpoint that verifies")
+        return info.path
+    if skipped:
+        log(f"train: no checkpoint verifies (skipped {', '.join(skipped)}); training starts at step 0")
+    return None
+
+
+def _unusable_step(path: Path) -> int:
+    m = CHECKPOINT_DIR.match(path.name.removesuffix(UNUSABLE))
+    return int(m.group(1)) if m else 1 << 62
 
 
 def prune(train_dir: Path, keep: int, log: Callable[[str], None] = print) -> list[Path]:
@@ -194,6 +289,8 @@ def prune(train_dir: Path, keep: int, log: Callable[[str], None] = print) -> lis
     remove = [i.path for i in complete[:-keep]] if keep > 0 else []
     remove += [i.path for i in infos if not i.complete and i.step < newest]
     remove += staging_leftovers(train_dir)
+    if complete:  # set-aside unusable checkpoints go once a checkpoint that verified came after them
+        remove += [p for p in train_dir.glob(f"checkpoint-*{UNUSABLE}") if _unusable_step(p) < newest]
     for path in remove:
         shutil.rmtree(path, ignore_errors=True)
         log(f"checkpoints: removed {path.name}")

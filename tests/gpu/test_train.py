@@ -8,6 +8,7 @@ same global batch, exact resume after SIGKILL, and a consolidated adapter equal 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -305,6 +306,30 @@ def _adapted_logits(base, adapter):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
     with torch.no_grad():
         return model(torch.arange(5, 69).reshape(2, -1)).logits
+
+
+def test_a_checkpoint_cut_short_after_its_save_is_skipped_and_the_run_resumes_from_the_one_before(
+    one_process,
+):
+    """A stop at step 4 saves checkpoint-4; then one of its distributed-checkpoint data files loses its
+    tail (a full volume, a lost page cache). The rerun names the file, sets checkpoint-4 aside, resumes from
+    checkpoint-3 and ends exactly like the uninterrupted run."""
+    single, make = one_process
+    run = make("single-cut", train={**SHARDED, "gradient_accumulation_steps": 2})
+    stopped = run.stage("train", env={"TRNFT_FAULT": "term-during-step:4"})
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    train_dir = run.root / "train"
+    data = max((train_dir / "checkpoint-4").rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    os.truncate(data, data.stat().st_size // 2)
+    resumed = ok(run.stage("train"))
+    assert (
+        f"skipping checkpoint-4: {data.relative_to(train_dir / 'checkpoint-4').parent}/.metadata needs"
+        in (resumed.stdout)
+    ), resumed.stdout
+    assert "resuming checkpoint-3 at step 3" in resumed.stdout
+    assert "checkpoint-4.unusable" not in {p.name for p in train_dir.iterdir()}  # pruned once 6 was saved
+    a, b = single.figures("train", ShardedTrainFigures), run.figures("train", ShardedTrainFigures)
+    assert b.start_step == 3 and b.losses == a.losses
 
 
 def test_tensor_parallel_two_ranks_train_like_one_process(one_process, tmp_path, tiny_llama):
