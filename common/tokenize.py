@@ -12,7 +12,9 @@ What it does, in order:
 4. Tokenizes (``num_proc`` workers; the output does not depend on their number): prompt tokens are masked
    (-100), EOS is appended to every response and supervised, the pad token differs from EOS. Over-long
    samples lose prompt tokens from the left first (BOS kept), then response tokens from the right;
-   samples left with no supervised token are dropped and counted.
+   samples left with no supervised token are dropped and counted. Text longer than any sample can hold
+   is clipped before it is encoded (to the same tokens), so memory follows ``max_seq_length``, not the
+   longest row.
 5. Packs samples into sequences of exactly ``max_seq_length`` tokens (best-fit decreasing), or pads each
    sample, and writes the arrays described in :mod:`trnft.common.training.data`.
 
@@ -265,11 +267,14 @@ def format_conversations(
         )
     template = chat.load_template(d.chat_template, tok)
     role_key, content_key = chat.keys(d.message_format, d.role_key, d.content_key)
+    limit = text_limit(tok, d.max_seq_length)
     stats = FormatStats(rows=len(ds))
     records, bad = [], []
     for i, row in enumerate(ds):
         try:
             messages = chat.parse(row[d.messages_field], d.message_format, role_key, content_key)
+            # A conversation keeps its head: a message longer than any sample is clipped (see clip_head).
+            messages = [{**m, "content": clip_head(m["content"], limit)} for m in messages]
             rendered = chat.render(tok, messages, template)
         except chat.BadConversation as exc:
             bad.append((i, str(exc)))
@@ -436,6 +441,55 @@ def _encode_with(tokenizer: Any, chunk: list[tuple[str, str]]) -> list[tuple[lis
 
 def _encode_in_worker(chunk: list[tuple[str, str]]) -> tuple[int, list[tuple[list[int], list[int]]]]:
     return os.getpid(), _encode_with(_WORKER_TOKENIZER, chunk)
+
+
+# Text longer than a sample can hold is clipped before it is encoded, so encoding memory follows
+# ``max_seq_length``, not the longest row (a 50 MB row once took 8.5 GB). The clipped text still holds at
+# least ``max_seq_length + 1`` tokens, because no token covers more characters than its vocabulary string
+# has (a byte-level token covers at most one character per byte; a sentencepiece piece one per symbol), so
+# every truncation decision and every kept token is what the whole text gives. The cut is moved to a
+# whitespace within ``CLIP_WHITESPACE_WINDOW`` characters so that it falls between pre-tokenizer words.
+CLIP_WHITESPACE_WINDOW = 4096
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters any token of ``tokenizer`` (added tokens included) can stand for."""
+    return max(len(token) for token in tokenizer.get_vocab())
+
+
+def text_limit(tokenizer: Any, max_len: int) -> int:
+    """Characters enough for ``max_len + 1`` tokens of any text."""
+    return (max_len + 1) * longest_token_chars(tokenizer)
+
+
+def _whitespace_at_or_after(text: str, start: int, stop: int) -> int:
+    found = [i for i in (text.find(" ", start, stop), text.find("\n", start, stop)) if i >= 0]
+    return min(found, default=start)
+
+
+def clip_head(text: str, limit: int) -> str:
+    """The first ``limit`` characters or a few more (to the next whitespace): what a truncation that keeps
+    the head of ``text`` can use."""
+    if len(text) <= limit:
+        return text
+    return text[: _whitespace_at_or_after(text, limit, limit + CLIP_WHITESPACE_WINDOW)]
+
+
+def clip_tail(text: str, limit: int) -> str:
+    """The last ``limit`` characters or a few more (back to a whitespace): what a truncation that keeps
+    the tail of ``text`` (the prompt, losing tokens from the left) can use."""
+    if len(text) <= limit:
+        return text
+    start = len(text) - limit
+    found = [i for i in (text.rfind(" ", start - CLIP_WHITESPACE_WINDOW, start + 1),
+                         text.rfind("\n", start - CLIP_WHITESPACE_WINDOW, start + 1)) if i >= 0]  # fmt: skip
+    return text[max(found, default=start) :]
+
+
+def clip_pairs(pairs: Sequence[tuple[str, str]], limit: int) -> tuple[list[tuple[str, str]], int]:
+    """(prompt tail, response head) per pair within ``limit`` characters, and how many were clipped."""
+    clipped = [(clip_tail(p, limit), clip_head(r, limit)) for p, r in pairs]
+    return clipped, sum(len(a) + len(b) != len(p) + len(r) for (a, b), (p, r) in zip(clipped, pairs))
 
 
 @dataclass
@@ -706,7 +760,8 @@ def _tokenize_split(
         samples, stats, truncated_turns = _chat_samples(pairs, tok, max_len)
         workers = 1
     else:
-        encoded = encode_pairs(pairs, tok_dir, d.num_proc)
+        clipped, _ = clip_pairs(pairs, text_limit(tok, max_len))
+        encoded = encode_pairs(clipped, tok_dir, d.num_proc)
         samples, stats = build_samples(encoded.ids, max_len, tok.eos_token_id, tok.bos_token_id)
         workers, truncated_turns = encoded.workers, 0
     if not samples or stats.fit_whole == 0:

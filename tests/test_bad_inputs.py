@@ -649,6 +649,11 @@ CASES = [
         1,
     ),
     Case(
+        "status-run-root-missing",
+        lambda e: ["status", "--config", str(e.config(run={"name": "r", "root": str(e.tmp / "nowhere")}))],
+        ("run.root", "does not exist", "check run.root"),
+    ),
+    Case(
         "gpu-flash-on-cpu",
         _tokenized("train", model={"platform": "gpu"}, gpu={"attn_implementation": "flash_attention_2"}),
         ("gpu.attn_implementation", "needs CUDA"),
