@@ -75,16 +75,24 @@ def run_command(command: str, work: Callable[[], int], *, debug: bool = False) -
         # The reader went away (`trnft status | head -1`): what it read is all it wanted.
         _silence_stdout()
         return 0
-    except OSError as exc:
-        line = storage_error_line(exc)
-        if line is not None:
-            if debug_requested(debug):
-                traceback.print_exc()
-            print(f"trnft {command}: error: {line}", file=sys.stderr, flush=True)
-            return EXIT_STORAGE
-        return _infrastructure_or_bug(command, exc)
     except Exception as exc:
-        return _infrastructure_or_bug(command, exc)
+        return _storage_infrastructure_or_bug(command, exc, debug)
+    except BaseException as exc:
+        # torch.distributed.checkpoint's CheckpointException derives from BaseException; it carries each
+        # rank's own exception (a full volume, a lost peer).
+        if type(exc).__name__ != "CheckpointException":
+            raise
+        return _storage_infrastructure_or_bug(command, exc, debug)
+
+
+def _storage_infrastructure_or_bug(command: str, exc: BaseException, debug: bool) -> int:
+    line = storage_failure(exc)
+    if line is not None:
+        if debug_requested(debug):
+            traceback.print_exception(exc)
+        print(f"trnft {command}: error: {line}", file=sys.stderr, flush=True)
+        return EXIT_STORAGE
+    return _infrastructure_or_bug(command, exc)
 
 
 def _infrastructure_or_bug(command: str, exc: BaseException) -> int:
@@ -154,12 +162,27 @@ TRANSIENT_STORAGE_ERRNOS = {
 EXIT_OUT_OF_DEVICE_MEMORY = 3  # permanent: the same batch on the same device runs out again
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, the exceptions it was raised from, and (a distributed-checkpoint failure) each rank's own."""
+    found: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if current is None or any(current is f for f in found):
+            continue
+        found.append(current)
+        pending += [current.__cause__ or current.__context__]
+        failures = (
+            getattr(current, "failures", None) if type(current).__name__ == "CheckpointException" else None
+        )
+        if isinstance(failures, dict):
+            pending += [pair[0] if isinstance(pair, tuple) else pair for pair in failures.values()]
+    return [f for f in found if isinstance(f, BaseException)]
+
+
 def infrastructure_failure(exc: BaseException) -> str | None:
     """What failed, when ``exc`` (or an exception it was raised from) is an infrastructure failure."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _causes(exc):
         names = {cls.__name__ for cls in type(current).__mro__}
         for name, what in INFRASTRUCTURE_EXCEPTIONS.items():
             if name in names:
@@ -172,7 +195,6 @@ def infrastructure_failure(exc: BaseException) -> str | None:
             for marker, what in INFRASTRUCTURE_MESSAGES.items():
                 if marker in message:
                     return what
-        current = current.__cause__ or current.__context__
     return None
 
 
@@ -198,6 +220,30 @@ EXIT_STORAGE = 1  # permanent: retrying the same job on the same volume cannot h
 
 # numpy's tofile/save on a full volume: "<n> requested and <m> written", with no errno.
 SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+# Writers that report a storage error without an OSError: Rust libraries (safetensors, tokenizers) put the
+# OS error number in their message; torch.save's zip writer fails a short write with a position check.
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+TORCH_SHORT_WRITE = ("PytorchStreamWriter failed writing", "unexpected pos ")
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The one line for a storage error a user fixes (full volume, read-only, permissions...), found in
+    ``exc``, what it was raised from, or a distributed checkpoint's per-rank failures; else None."""
+    for current in _causes(exc):
+        if isinstance(current, OSError) and (line := storage_error_line(current)) is not None:
+            return line
+        message = str(current)
+        if (m := RUST_OS_ERROR.search(message)) and int(m.group(1)) in STORAGE_ERRORS:
+            advice = STORAGE_ERRORS[int(m.group(1))]
+            return f"{type(current).__name__}: {advice[0].upper() + advice[1:]}"
+        if isinstance(current, RuntimeError) and any(marker in message for marker in TORCH_SHORT_WRITE):
+            return (
+                "A torch file write stopped short: the volume is most likely full; free space or write "
+                "elsewhere (nothing half-written was kept)"
+            )
+    return None
 
 
 def storage_error_line(exc: OSError) -> str | None:
