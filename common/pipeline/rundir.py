@@ -102,6 +102,14 @@ def verify_files(stage_dir: Path, manifest: dict[str, Any], under: str = "") -> 
     return files, checked
 
 
+def _record_holder(fh: Any) -> None:
+    """Write who holds a lock (pid, host, since when) into its open lock file, for the refusal line."""
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
+    fh.flush()
+
+
 @dataclass(frozen=True)
 class StageState:
     """What ``trnft status`` shows for one stage."""
@@ -201,10 +209,7 @@ class RunDir:
                 raise TrnftError(
                     f"stage {stage} is already running in {self.root} ({holder}); wait for it or stop it first"
                 ) from exc
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
-            fh.flush()
+            _record_holder(fh)
             yield
         finally:
             with contextlib.suppress(OSError):
@@ -346,10 +351,7 @@ def _output_lock(out: Path) -> Iterator[None]:
             break
         fh.close()
     try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
-        fh.flush()
+        _record_holder(fh)
         yield
     finally:
         with contextlib.suppress(OSError):
