@@ -75,7 +75,7 @@ if approach == "trnft":
             model = apply_lora(model, cfg, ["q_proj", "v_proj"])
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     parallel.shard(model, world, parallel.ShardSettings(tp=1, bf16=True, reshard_after_forward=True, cpu_offload=False))
-    parallel.materialize(model, world.device, buffers)
+    parallel.materialize(model, world.device, buffers, cpu_offload=False)
     parallel.load_base_weights(model, model_dir, world.device)
     if lora:
         parallel.init_lora_weights(model, 0, world.device)

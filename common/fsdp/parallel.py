@@ -259,7 +259,8 @@ def shard(model: Any, world: World, settings: ShardSettings) -> None:
     )
     kwargs: dict[str, Any] = {"mesh": world.dp_mesh, "mp_policy": policy}
     if settings.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory makes the copies to a GPU asynchronous; there is nothing to pin for on a CPU.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
     for layer in layers:
         fully_shard(layer, reshard_after_forward=settings.reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=settings.reshard_after_forward, **kwargs)
@@ -274,18 +275,28 @@ def shard(model: Any, world: World, settings: ShardSettings) -> None:
 # Weights
 
 
-def _local_copy(param: Any, full: torch.Tensor) -> None:
-    """Copy this rank's part of ``full`` (the whole tensor, possibly a memory-mapped view) into ``param``.
+def local_part(param: Any, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` (the whole tensor, possibly a memory-mapped view) as a view of it.
 
-    The slice is taken before any dtype conversion, so only this rank's part is ever copied on the host.
+    For a DTensor the slice follows its placements (``Shard`` dims cut, ``Replicate`` dims whole), computed
+    on the host, so only this rank's bytes ever leave the file and reach the device.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
-    if isinstance(param, DTensor):
-        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        param.to_local().copy_(local)  # copy_ converts the dtype
-    else:
-        param.copy_(full)
+    if not isinstance(param, DTensor):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
+
+def _local_copy(param: Any, full: torch.Tensor) -> None:
+    """Copy this rank's part of ``full`` into ``param`` (a DTensor's local shard, or a whole tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    target = param.to_local() if isinstance(param, DTensor) else param
+    target.copy_(local_part(param, full))  # copy_ converts the dtype and moves to the parameter's device
 
 
 def _as_torch(array: Any) -> torch.Tensor:
@@ -323,7 +334,7 @@ def load_base_weights(model: Any, model_dir: Path, device: torch.device) -> int:
                 raise TrnftError(
                     f"{model_dir}: tensor {name} has shape {list(full.shape)}, the model expects {list(param.shape)}"
                 )
-            _local_copy(param, full.to(device))  # a view on the CPU: nothing is copied yet
+            _local_copy(param, full)  # sliced on the host: only this rank's part is read and sent
             loaded += 1
     files.release()
     return loaded
@@ -334,15 +345,25 @@ def init_lora_weights(model: Any, seed: int, device: torch.device) -> int:
         count = 0
         for fqn, param in model.named_parameters():
             if ".lora_" in fqn:
-                _local_copy(param, lora_init(fqn, tuple(param.shape), seed).to(device, param.dtype))
+                _local_copy(param, lora_init(fqn, tuple(param.shape), seed))
                 count += 1
     return count
 
 
-def materialize(model: Any, device: torch.device, buffers: dict[str, torch.Tensor]) -> None:
-    """Allocate the sharded parameters on ``device`` and put back the buffers computed at build time."""
-    model.to_empty(device=device)
+def materialize(
+    model: Any, device: torch.device, buffers: dict[str, torch.Tensor], *, cpu_offload: bool
+) -> None:
+    """Allocate the sharded parameters and put back the buffers computed at build time.
+
+    Parameters go to ``device``, or to the CPU under FSDP2's CPU offload (it keeps the sharded parameters,
+    their gradients and the optimizer state in host memory and copies each layer in for its compute);
+    buffers (RoPE's ``inv_freq``) are not FSDP's and always go to ``device``.
+    """
+    model.to_empty(device=torch.device("cpu") if cpu_offload else device)
     with torch.no_grad():
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(device)
         for name, buf in model.named_buffers():
             buf.copy_(buffers[name])
 
@@ -351,27 +372,52 @@ def materialize(model: Any, device: torch.device, buffers: dict[str, torch.Tenso
 # Gradient norm over shards
 
 
-def grad_norm(params: list[Any], world: World) -> torch.Tensor:
-    """The global L2 norm of the gradients of ``params``, the same number on every rank.
-
-    Each rank adds the squares of its local shards, weighted by 1 / (how many ranks hold an identical
-    copy): a DTensor on the dp mesh only is repeated on every tensor-parallel rank, and a Replicate
-    placement repeats it over that mesh dimension.
-    """
+def _local_grads(params: list[Any], world: World) -> list[tuple[torch.Tensor, int]]:
+    """Each parameter's local gradient with the number of ranks holding an identical copy of it: a
+    DTensor on the dp mesh only is repeated on every tensor-parallel rank, and a Replicate placement
+    repeats it over that mesh dimension."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    total = torch.zeros((), dtype=torch.float32, device=world.device)
+    out = []
     for p in params:
         if p.grad is None:
             continue
-        g = p.grad
-        copies = world.size
+        g, copies = p.grad, world.size
         if isinstance(g, DTensor):
             copies = world.size // g.device_mesh.size()
             for dim, placement in enumerate(g.placements):
                 if isinstance(placement, Replicate):
                     copies *= g.device_mesh.size(dim)
             g = g.to_local()
-        total += g.detach().float().pow(2).sum() / copies
+        out.append((g, copies))
+    return out
+
+
+def grad_norm(params: list[Any], world: World) -> torch.Tensor:
+    """The global L2 norm of the gradients of ``params``, the same number on every rank.
+
+    Each rank adds the squared norms of its local shards, weighted by 1 / copies, one ``_foreach_norm``
+    per (device, dtype, copies) group rather than a kernel per parameter; gradients may live on another
+    device than the world's (the CPU under cpu_offload). One all-reduce.
+    """
+    groups: dict[tuple[torch.device, torch.dtype, int], list[torch.Tensor]] = {}
+    for g, copies in _local_grads(params, world):
+        groups.setdefault((g.device, g.dtype, copies), []).append(g.detach())
+    total = torch.zeros((), dtype=torch.float32, device=world.device)
+    for (_, _, copies), grads in groups.items():
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        total += (norms.pow(2).sum() / copies).to(world.device)
     dist.all_reduce(total)
     return total.sqrt()
+
+
+def clip_gradients(params: list[Any], world: World, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)): one ``_foreach_mul_`` per (device, dtype)
+    group of local shards, the factor moved to each group's device (no host sync)."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g, _ in _local_grads(params, world):
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    with torch.no_grad():
+        for (device, dtype), grads in groups.items():
+            torch._foreach_mul_(grads, coef.to(device, dtype))

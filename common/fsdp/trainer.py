@@ -469,7 +469,7 @@ class ShardedCausalLM(L.LightningModule):
             compile_backend=self.compile_backend,
         )
         parallel.shard(model, world, settings)
-        parallel.materialize(model, device, buffers)
+        parallel.materialize(model, device, buffers, cpu_offload=cfg.gpu.cpu_offload)
         parallel.load_base_weights(model, model_dir, device)
         if cfg.lora.enabled:
             parallel.init_lora_weights(model, cfg.train.seed, device)
@@ -552,11 +552,9 @@ class ShardedCausalLM(L.LightningModule):
         idx = batch_indices(step, self.global_batch, len(self.split), train.seed)
         normaliser = float(max(1, self.split.supervised_tokens(idx)))
         loss = torch.zeros((), dtype=torch.float32, device=world.device)
-        tokens = 0
         for m in range(self.accumulation):
             rows = self._rows(idx, m)
             batch = self._device_batch(self.split, rows)
-            tokens += int((batch["segment_ids"] != 0).sum())
             torch.manual_seed(micro_batch_seed(train.seed, step, m * world.dp + world.dp_rank))
             part = (
                 summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"]) / normaliser
@@ -567,18 +565,14 @@ class ShardedCausalLM(L.LightningModule):
         dist.all_reduce(loss, group=world.dp_group)
         self.step_loss, self.step_grad_norm = float(loss), float(norm)
         if train.max_grad_norm > 0 and math.isfinite(self.step_grad_norm):
-            coef = torch.clamp(train.max_grad_norm / (norm + 1e-6), max=1.0)
-            for p in self.trainable:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+            parallel.clip_gradients(self.trainable, world, train.max_grad_norm, norm)
         optimizer = self.optimizers()
         try:
             optimizer.step()
         finally:
             optimizer.zero_grad(set_to_none=True)
-        counted = torch.tensor(float(tokens), device=world.device)
-        dist.all_reduce(counted, group=world.dp_group)
-        self.step_tokens = int(counted)
+        # Counted on the host from the global batch's rows every rank knows: no device sync, no collective.
+        self.step_tokens = self.split.tokens(idx)
         self.step_count += 1
         self.history.losses.append(self.step_loss)
         self.history.grad_norms.append(self.step_grad_norm)

@@ -62,6 +62,11 @@ class TokenizedSplit:
         idx = np.asarray(indices, dtype=np.int64)
         return {name: np.asarray(getattr(self, name)[idx], dtype=np.int64) for name in ARRAYS}
 
+    def tokens(self, indices: np.ndarray | list[int]) -> int:
+        """Real (non-padding) tokens of the given sequences: positions with a segment id."""
+        segments = np.asarray(self.segment_ids[np.asarray(indices, dtype=np.int64)])
+        return int((segments != 0).sum())
+
     def supervised_tokens(self, indices: np.ndarray | list[int]) -> int:
         """Labelled positions that count in the loss (the first position is never predicted)."""
         labels = np.asarray(self.labels[np.asarray(indices, dtype=np.int64)])

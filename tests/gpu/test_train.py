@@ -348,6 +348,21 @@ def test_tensor_parallel_two_ranks_train_like_one_process(one_process, tmp_path,
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
 
 
+def test_cpu_offload_on_two_ranks_trains_like_one_process(one_process):
+    """gpu.cpu_offload: FSDP2 keeps parameters, gradients and Adam state in host memory (on the CPU
+    here: what it checks is that the offload path builds, clips across devices and trains the same)."""
+    single, make = one_process
+    run = make(
+        "offload",
+        train={**SHARDED, "gradient_accumulation_steps": 1},
+        gpu={"devices": 2, "cpu_offload": True},
+    )
+    ok(run.stage("train"))
+    a, b = single.figures("train", ShardedTrainFigures), run.figures("train", ShardedTrainFigures)
+    np.testing.assert_allclose(b.losses, a.losses, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b.grad_norms, a.grad_norms, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow  # three processes twice; the LoRA two-rank tests run by default
 def test_full_fine_tuning_on_two_ranks_consolidates_to_the_one_process_model(one_process, tmp_path):
     single_ft = {**SHARDED, "max_steps": 2, "save_steps": 2, "eval_steps": 0, "learning_rate": 1e-3}
