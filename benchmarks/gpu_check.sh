@@ -1,50 +1,100 @@
 #!/usr/bin/env bash
-# Every `gpu`-marked test, then the throughput benchmark, on one CUDA machine with its own torch:
+# The GPU check: every `gpu`-marked test, then the throughput benchmark (LoRA, then full), on one CUDA
+# machine with its own torch, in steps that each end well inside a 10-minute command limit:
 #
-#   benchmarks/gpu_check.sh [--wheels DIR] [benchmark arguments...]
+#   benchmarks/gpu_check.sh [--wheels DIR] [--tiny] [STEP...]     STEP: install tests lora full
+#
+#   benchmarks/gpu_check.sh --wheels .whl install tests    # about 5 min at most (tests cut at 330 s)
+#   benchmarks/gpu_check.sh --wheels .whl lora             # cut at 540 s
+#   benchmarks/gpu_check.sh --wheels .whl full             # cut at 540 s
+#
+# No step stops the others: each prints "gpu_check: <step> ok|FAILED (exit N) in S s", the benchmark
+# prints each row as soon as its mode is measured, and the exit status is the number of failed steps.
+# Without STEP every step runs, in that order.
 #
 # trnft and what it needs beyond the machine's CUDA PyTorch go into a folder of their own
 # ($TRNFT_GPU_SITE, default /tmp/trnft-gpu-site) put first on PYTHONPATH, so the machine's torch and
-# transformers stay as they are. With --wheels DIR (made by benchmarks/gpu_wheels.sh) nothing is
-# downloaded: the machine may reach no package index. Without it the same packages come from PyPI.
-# Tests that need two GPUs, flash-attn or vLLM skip themselves when those are missing. Prints the
-# benchmark's table last; exits non-zero on the first failure.
-set -euo pipefail
+# transformers stay as they are; a step finds it there or installs it. With --wheels DIR (made by
+# benchmarks/gpu_wheels.sh) nothing is downloaded: the machine may reach no package index. Without it
+# the same packages come from PyPI. --tiny checks the script itself on a machine without a GPU: only trnft
+# is installed (the environment has the rest), the tests skip what needs CUDA, and the benchmark runs its
+# tiny shape on the CPU. Tests that need two GPUs, flash-attn or vLLM skip themselves when those are
+# missing. Each benchmark mode works in shared memory when it has room (no model or checkpoint on disk)
+# and deletes its folder before the next starts.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels=""
-if [ "${1:-}" = "--wheels" ]; then
-    wheels=${2:?gpu_check: --wheels needs a folder}
-    shift 2
-fi
+tiny=""
+steps=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --wheels) wheels=${2:?gpu_check: --wheels needs a folder}; shift 2 ;;
+        --tiny) tiny=--tiny; shift ;;
+        install | tests | lora | full) steps+=("$1"); shift ;;
+        *) echo "gpu_check: unknown argument $1 (steps: install tests lora full)" >&2; exit 2 ;;
+    esac
+done
+[ "${#steps[@]}" -gt 0 ] || steps=(install tests lora full)
 site=${TRNFT_GPU_SITE:-/tmp/trnft-gpu-site}
-rm -rf "$site"
 pip=(python -m pip install --quiet --no-deps --no-compile --target "$site")
-if [ -n "$wheels" ]; then
-    shopt -s nullglob
-    files=("$wheels"/*.whl)
-    [ "${#files[@]}" -gt 0 ] || { echo "gpu_check: no wheels in $wheels (run benchmarks/gpu_wheels.sh)" >&2; exit 1; }
-    "${pip[@]}" --no-index "${files[@]}"
-else
-    "${pip[@]}" "peft==0.21.2" "datasets==4.4.1" "dill==0.4.0" "multiprocess==0.70.18" "fsspec==2025.10.0" \
-        "lightning==2.5.6" "lightning-utilities==0.15.3" "torchmetrics==1.9.0"
-fi
-# trnft itself, built with the machine's setuptools (no build environment to download).
-"${pip[@]}" --no-index --no-build-isolation .
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-python - <<'PY'
+
+install() {
+    rm -rf "$site"
+    if [ -n "$wheels" ]; then
+        shopt -s nullglob
+        local files=("$wheels"/*.whl)
+        [ "${#files[@]}" -gt 0 ] || { echo "gpu_check: no wheels in $wheels (run benchmarks/gpu_wheels.sh)" >&2; return 1; }
+        "${pip[@]}" --no-index "${files[@]}" || return 1
+    elif [ -z "$tiny" ]; then
+        "${pip[@]}" "peft==0.21.2" "datasets==4.4.1" "dill==0.4.0" "multiprocess==0.70.18" "fsspec==2025.10.0" \
+            "lightning==2.5.6" "lightning-utilities==0.15.3" "torchmetrics==1.9.0" || return 1
+    fi
+    # trnft itself, built with the machine's setuptools (no build environment to download).
+    "${pip[@]}" --no-index --no-build-isolation . || return 1
+}
+
+describe() {
+    PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" python - "$tiny" <<'PY'
 import sys
 import torch
-if not torch.cuda.is_available():
+if not torch.cuda.is_available() and sys.argv[1] != "--tiny":
     sys.exit("gpu_check: no CUDA device")
 import peft, transformers
 import trnft
-print(f"gpu_check: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}; torch {torch.__version__}, "
-      f"transformers {transformers.__version__}, peft {peft.__version__}; trnft from {trnft.__path__[0]}")
+where = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+print(f"gpu_check: {where}; torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"peft {peft.__version__}; trnft from {trnft.__path__[0]}", flush=True)
 PY
-start=$SECONDS
-timeout 300 python -m pytest -q -p no:cacheprovider -m gpu -rs tests
-echo "gpu_check: gpu tests took $((SECONDS - start)) s"
-start=$SECONDS
-timeout 420 python benchmarks/gpu_throughput.py "$@"
-echo "gpu_check: benchmark took $((SECONDS - start)) s"
+}
+
+run_step() {
+    case "$1" in
+        install) install && describe ;;
+        tests) timeout 330 python -m pytest -q -p no:cacheprovider -m gpu -rs tests ;;
+        lora | full) timeout 540 python benchmarks/gpu_throughput.py --modes "$1" $tiny ;;
+    esac
+}
+
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+failed=0
+for step in "${steps[@]}"; do
+    if [ "$step" != install ] && [ ! -d "$site/trnft" ]; then
+        echo "gpu_check: $site has no trnft; installing first"
+        run_step install || { echo "gpu_check: install FAILED"; failed=$((failed + 1)); break; }
+    fi
+    start=$SECONDS
+    if [ "$step" = install ]; then
+        run_step install
+    else
+        PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" run_step "$step"
+    fi
+    code=$?
+    if [ "$code" -eq 0 ]; then
+        echo "gpu_check: $step ok in $((SECONDS - start)) s"
+    else
+        echo "gpu_check: $step FAILED (exit $code) in $((SECONDS - start)) s"
+        failed=$((failed + 1))
+        [ "$step" = install ] && break  # nothing else can run without it
+    fi
+done
+exit "$failed"

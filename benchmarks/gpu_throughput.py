@@ -32,6 +32,7 @@ sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or os.curdir)) != _
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -49,6 +50,19 @@ PEAK_BF16_TFLOPS = {
 }
 
 
+class ModeFailed(Exception):
+    """A mode's stage failed: the row says so in one line; the detail (stderr's tail) goes to stderr."""
+
+    def __init__(self, line: str, detail: str) -> None:
+        super().__init__(line)
+        self.detail = detail
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
 @dataclass(frozen=True)
 class Shape:
     hidden: int
@@ -62,6 +76,10 @@ class Shape:
         attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
         mlp = 3 * self.hidden * self.intermediate
         return layers * (attention + mlp) + self.hidden * self.vocab  # + the LM head
+
+    def model_bytes(self, layers: int) -> int:
+        """bf16 safetensors of the model: every linear layer plus the embedding (not tied)."""
+        return 2 * (self.linear_parameters(layers) + self.hidden * self.vocab)
 
     def flops_per_token(self, layers: int, seq: int, full: bool) -> float:
         """Model FLOPs per token: forward 2N (matmuls) + 4·L·h·S (attention scores and values). Backward:
@@ -170,11 +188,12 @@ def run_mode(work: Path, mode: str, shape: Shape, layers: int, args, device: str
             env=env,
         )
         if proc.returncode != 0:
-            sys.exit(
-                f"gpu_throughput: {mode} {stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            raise ModeFailed(
+                f"{stage} exited {proc.returncode}: {_last_line(proc.stderr)}", proc.stderr[-3000:]
             )
     manifest = json.loads((folder / "run" / "train" / "manifest.json").read_text())
     figures = manifest["figures"]
+    disk = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     tokens_per_s = figures["tokens_per_second"] or 0.0
     flops = shape.flops_per_token(layers, args.seq, full=mode == "full") * tokens_per_s
     return {
@@ -184,7 +203,25 @@ def run_mode(work: Path, mode: str, shape: Shape, layers: int, args, device: str
         "attention": figures["attention"],
         "tokens_per_s": tokens_per_s,
         "tflops": flops / 1e12,
+        "peak_gb": (figures.get("peak_device_memory_mb") or 0.0) / 1024,
+        "disk_gb": disk / 2**30,
     }
+
+
+def work_folder(needed: int, explicit: str | None) -> str:
+    """Where a mode's model, data and run go: ``--work``, else shared memory (/dev/shm) when it has room,
+    so the 16 GB model and a full fine-tuning checkpoint (fp32 weights and two Adam moments, 12 bytes per
+    parameter) never reach the disk, else the temporary folder."""
+    if explicit:
+        return explicit
+    for candidate in ("/dev/shm", tempfile.gettempdir()):
+        try:
+            free = shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+        if free >= 1.2 * needed:
+            return candidate
+    return tempfile.gettempdir()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         help="Decoder layers for full fine-tuning (fp32 weights + Adam).",
     )
     parser.add_argument("--peak-tflops", type=float, help="Dense bf16 peak of this GPU, TFLOP/s.")
+    parser.add_argument("--work", help="Folder for each mode's files (default: /dev/shm when it has room).")
     parser.add_argument("--tiny", action="store_true", help="A small shape on CPU, to check the script.")
     args = parser.parse_args(argv)
 
@@ -220,22 +258,33 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     print(f"device: {name}; peak bf16 {peak or 'unknown'} TFLOP/s; seq {args.seq}; micro-batch 1; bf16")
     print(
-        f"{'mode':6} {'layers':>6} {'trainable':>14} {'attention':>18} {'tokens/s/GPU':>13} {'TFLOP/s':>8} {'MFU':>6}",
+        f"{'mode':6} {'layers':>6} {'trainable':>14} {'attention':>18} {'tokens/s/GPU':>13} {'TFLOP/s':>8} "
+        f"{'MFU':>6} {'peak GB':>8} {'files GB':>8}",
         flush=True,
     )
     # Each row prints as soon as its mode is measured (and its folder is gone), so a run cut short still
-    # reports what it measured.
+    # reports what it measured; a failed mode prints one line and the next mode still runs.
+    failed = 0
     for mode in args.modes:
         layers = args.layers_lora if mode == "lora" else args.layers_full
-        with tempfile.TemporaryDirectory(prefix=f"trnft-throughput-{mode}-") as tmp:
-            r = run_mode(Path(tmp), mode, shape, layers, args, device)
+        needed = shape.model_bytes(layers) * (1 if mode == "lora" else 7)  # + fp32 weights and moments
+        with tempfile.TemporaryDirectory(
+            prefix=f"trnft-throughput-{mode}-", dir=work_folder(needed, args.work)
+        ) as tmp:
+            try:
+                r = run_mode(Path(tmp), mode, shape, layers, args, device)
+            except ModeFailed as exc:
+                failed += 1
+                print(exc.detail, file=sys.stderr)
+                print(f"{mode:6} {layers:>6} FAILED: {exc}", flush=True)
+                continue
         mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
         print(
             f"{r['mode']:6} {r['layers']:>6} {r['trainable']:>14,} {r['attention']:>18} "
-            f"{r['tokens_per_s']:>13,.0f} {r['tflops']:>8.1f} {mfu:>6}",
+            f"{r['tokens_per_s']:>13,.0f} {r['tflops']:>8.1f} {mfu:>6} {r['peak_gb']:>8.1f} {r['disk_gb']:>8.1f}",
             flush=True,
         )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def check_settings(cfg: RunConfig) -> None:
         from trnft.neuron.parallel_layout import model_layout
 
         fused_groups.check(cfg.lora.target_modules, model_layout(cfg, config))
+    if t.activation_checkpointing == "selective":
+        raise ConfigError(
+            "train.activation_checkpointing: selective is the FSDP2 trainer's (gpu, neuron-native); "
+            "optimum-neuron recomputes whole layers, so use full or off for neuron.backend=trainium"
+        )
     memory.check(cfg, config, instance(cfg.cluster.instance_type))
     if t.eval_steps:
         raise ConfigError(

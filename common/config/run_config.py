@@ -230,11 +230,13 @@ class TrainSection:
     on_recompile: Literal["ignore", "warn", "fail"] = opt(
         "warn", "What train does when it compiles a graph after step 1 although the compile stage ran."
     )
-    activation_checkpointing: Literal["full", "off"] = opt(
+    activation_checkpointing: Literal["full", "selective", "off"] = opt(
         "full",
-        "Recompute each decoder layer in backward (less activation memory, about a third more compute); "
-        "every platform: the FSDP2 trainer, optimum-neuron's gradient checkpointing on Trainium (not the "
-        "CPU-XLA rehearsal, which keeps its memory on the host).",
+        "Recompute in backward instead of keeping activations. full: each decoder layer again (least memory, "
+        "about a third more compute); selective (FSDP2 trainer: gpu, neuron-native): keeps attention outputs "
+        "and every other matmul's, so half the matmuls rerun; off: keep everything. Trainium uses "
+        "optimum-neuron's gradient checkpointing for full (not the CPU-XLA rehearsal, which keeps its "
+        "memory on the host).",
     )
 
     def _validate(self) -> list[tuple[str, str]]:
@@ -663,7 +665,7 @@ def _coerce(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
 RETIRED_KEYS = {
     "gpu.strategy": "the GPU trainer always shards with FSDP2; set gpu.devices (processes per node) and gpu.tp",
     "gpu.sharding_strategy": "use gpu.reshard_after_forward (true: FULL_SHARD, false: SHARD_GRAD_OP)",
-    "gpu.activation_checkpointing": "use train.activation_checkpointing (full or off), one key for every platform",
+    "gpu.activation_checkpointing": "use train.activation_checkpointing (full, selective or off), one key for every platform",
 }
 
 

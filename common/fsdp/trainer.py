@@ -75,6 +75,7 @@ from trnft.common.training.data import (
     TokenizedSplit,
     TokenizeOutput,
     batch_indices,
+    packed_varlen,
     segment_allowed,
     segment_attention_mask,
     step_seed,
@@ -84,6 +85,7 @@ from trnft.common.training.lightning_policy import PolicyCallback, RunRecord
 from trnft.common.training.lora import ADAPTER, apply_lora, check_targets
 from trnft.common.training.optim import decay_groups, global_batch
 from trnft.common.training.policy import TrainFigures
+from trnft.common.training.recompute import checkpointing_kwargs
 
 # How long a collective may wait for its peers before the process fails (and Kubernetes retries it).
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -313,16 +315,27 @@ def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int, platform: Devic
 def forward_logits(model: Any, batch: dict[str, Any], attn_implementation: str) -> Any:
     """Logits ``[B, S, V]`` of a batch of packed rows, each sample seeing only its own tokens.
 
-    flash_attention_2 keeps samples apart only in a single row whose ``position_ids`` restart at every
-    sample (transformers treats a batch of several rows as unpacked), so the ``B`` rows are flattened
-    into one row of ``B * S`` tokens and the logits reshaped back. sdpa and eager get the block-diagonal
-    causal mask of the segment ids, row by row.
+    flash_attention_2 keeps samples apart only in a single row of concatenated samples, so the ``B`` rows
+    are flattened into one row of ``B * S`` tokens and the logits reshaped back. The sample boundaries come
+    with the batch (``cu_seq_lens`` and ``max_length``, from :func:`packed_varlen` on the host) and go to
+    every layer's varlen kernel; without them transformers derives them from ``position_ids`` on the device
+    in every layer, with a sync each time. sdpa and eager get the block-diagonal causal mask of the
+    segment ids, row by row.
     """
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     rows, length = input_ids.shape
     if attn_implementation == "flash_attention_2":
-        logits = model(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1)).logits
-        return logits.reshape(rows, length, -1)
+        varlen: dict[str, Any] = {}
+        if "cu_seq_lens" in batch:
+            cu, longest = batch["cu_seq_lens"], batch["max_length"]
+            varlen = {
+                "cu_seq_lens_q": cu,
+                "cu_seq_lens_k": cu,
+                "max_length_q": longest,
+                "max_length_k": longest,
+            }
+        flat = {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1)}
+        return model(**flat, **varlen).logits.reshape(rows, length, -1)
     if attn_implementation == "sdpa":
         mask = segment_allowed(batch["segment_ids"])
     else:
@@ -362,6 +375,8 @@ class ShardedTrainFigures(TrainFigures):
     wall_s: float
     trainable_parameters: int  # whole-model count (every shard counted once)
     peak_host_rss_mb: float  # the largest of any rank's peak resident memory
+    # The largest of any rank's peak allocated device memory (CUDA's allocator; None on other devices).
+    peak_device_memory_mb: float | None
     # The device's persistent compile cache (native Neuron; None: no compile cache here): graphs in it at
     # the start, compiled in the first step (0: all of that step's graphs were cache hits), compiled after.
     graphs_in_cache_at_start: int | None
@@ -458,8 +473,9 @@ class ShardedCausalLM(L.LightningModule):
                 model = apply_lora(model, cfg, cfg.lora.target_modules)
         model.config.use_cache = False
         base = model.get_base_model() if cfg.lora.enabled else model
-        if cfg.train.activation_checkpointing == "full":
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute = checkpointing_kwargs(cfg.train.activation_checkpointing)
+        if recompute is not None:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         settings = parallel.ShardSettings(
             tp=cfg.gpu.tp,
@@ -534,7 +550,12 @@ class ShardedCausalLM(L.LightningModule):
     # -- one optimizer step -------------------------------------------------------------------------
 
     def _device_batch(self, split: TokenizedSplit, rows: np.ndarray) -> dict[str, Any]:
-        return {k: torch.from_numpy(v).to(self.world.device) for k, v in split.rows(rows).items()}
+        host = split.rows(rows)
+        batch: dict[str, Any] = {k: torch.from_numpy(v).to(self.world.device) for k, v in host.items()}
+        if self.attn == "flash_attention_2":
+            cu, longest = packed_varlen(host["position_ids"])
+            batch["cu_seq_lens"], batch["max_length"] = torch.from_numpy(cu).to(self.world.device), longest
+        return batch
 
     def _rows(self, idx: np.ndarray, micro: int) -> np.ndarray:
         """This data-parallel rank's rows of micro-batch ``micro`` of a step's global batch."""
@@ -789,6 +810,14 @@ class _Started(L.Callback):
             )
 
 
+def _peak_device_memory_mb(world: parallel.World) -> float | None:
+    if world.device.type != "cuda":
+        return None
+    peak = torch.tensor(torch.cuda.max_memory_allocated(world.device) / 2**20, device=world.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return round(float(peak), 1)
+
+
 def _peak_rss_mb(world: parallel.World) -> float:
     peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=world.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -821,6 +850,7 @@ def _report(ctx: StageContext, module: ShardedCausalLM, record: RunRecord, wall:
         wall_s=round(wall, 2),
         trainable_parameters=module.trainable_parameters(),
         peak_host_rss_mb=_peak_rss_mb(world),
+        peak_device_memory_mb=_peak_device_memory_mb(world),
         checkpoints_saved=record.saved,
         final_checkpoint=final.path.name,
         graphs_in_cache_at_start=record.graphs_at_start,

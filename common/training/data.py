@@ -99,6 +99,18 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
+def packed_varlen(position_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sample boundaries of packed rows flattened into one row, for flash attention's varlen kernel.
+
+    Returns the cumulative starts (int32, ``[0, ..., tokens]``) and the longest sample's length. A sample
+    starts wherever its position id is 0 (padding, at position 0, is a sample of one token): what
+    transformers derives from ``position_ids``, here once per micro-batch on the host.
+    """
+    flat = np.asarray(position_ids).reshape(-1)
+    cu = np.append(np.flatnonzero(flat == 0), flat.size).astype(np.int32)
+    return cu, int(np.diff(cu).max())
+
+
 def segment_allowed(segment_ids: Any) -> Any:
     """Boolean ``[B, 1, S, S]``: query i may attend key j (torch tensors; True = attend).
 

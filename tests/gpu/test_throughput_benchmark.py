@@ -42,24 +42,49 @@ def test_flops_per_token_of_llama_31_8b():
     assert round(shape.flops_per_token(32, 4096, full=False) / 1e9, 2) == 36.46
 
 
+CHECK = SCRIPT.with_name("gpu_check.sh")
+WHEELS = SCRIPT.with_name("gpu_wheels.sh")
+
+
 @pytest.mark.slow
-def test_the_benchmark_runs_on_a_tiny_shape():
+def test_the_whole_gpu_check_runs_on_cpu_with_tiny_and_reports_every_step(tmp_path):
+    """--tiny: install (trnft alone), the gpu tests (skipping what needs CUDA), then the benchmark's LoRA
+    and full rows, each step reported, each row with its figures."""
+    site = tmp_path / "site"
+    env = {**os.environ, "TRNFT_GPU_SITE": str(site), "PIP_NO_INDEX": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny"], capture_output=True, text=True, timeout=1200
+        ["bash", str(CHECK), "--tiny"], capture_output=True, text=True, timeout=1500, env=env
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {
-        line.split()[0]: line.split()
-        for line in proc.stdout.splitlines()
-        if line.split()[:1] in (["lora"], ["full"])
-    }
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    reports = [line.split()[1:3] for line in lines if line.startswith("gpu_check: ") and " in " in line]
+    assert reports == [["install", "ok"], ["tests", "ok"], ["lora", "ok"], ["full", "ok"]], lines
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["lora"], ["full"])}
     assert set(rows) == {"lora", "full"}
     for row in rows.values():
         assert float(row[4].replace(",", "")) > 0  # tokens/s
+        assert float(row[8]) > 0  # the mode's files, measured before its folder went
+    assert (site / "trnft").is_dir()
 
 
-CHECK = SCRIPT.with_name("gpu_check.sh")
-WHEELS = SCRIPT.with_name("gpu_wheels.sh")
+def test_a_failed_step_does_not_stop_the_next_and_the_exit_counts_failures(tmp_path):
+    """A benchmark mode that fails prints its step's FAILED line; the steps after it still run."""
+    site = tmp_path / "site"
+    (site / "trnft").mkdir(parents=True)  # an "installed" trnft that cannot import: every step fails
+    env = {**os.environ, "TRNFT_GPU_SITE": str(site), "PYTHONPATH": str(site)}
+    proc = subprocess.run(["bash", str(CHECK), "--tiny", "lora", "full"], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert [line.split()[1:3] for line in proc.stdout.splitlines() if line.startswith("gpu_check: ")] == [
+        ["lora", "FAILED"],
+        ["full", "FAILED"],
+    ]
+
+
+def test_an_unknown_step_is_one_line():
+    proc = subprocess.run(["bash", str(CHECK), "bench"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "gpu_check: unknown argument bench (steps: install tests lora full)"
 
 
 def test_the_gpu_check_refuses_an_empty_wheel_folder(tmp_path):

@@ -348,6 +348,21 @@ def test_tensor_parallel_two_ranks_train_like_one_process(one_process, tmp_path,
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
 
 
+def test_selective_recompute_trains_like_full_recompute(one_process):
+    """train.activation_checkpointing: selective keeps some activations instead of recomputing them; the
+    numbers are the same as the default (full) run's."""
+    single, make = one_process
+    run = make(
+        "selective",
+        train={**SHARDED, "gradient_accumulation_steps": 2, "activation_checkpointing": "selective"},
+    )
+    ok(run.stage("train"))
+    a, b = single.figures("train", ShardedTrainFigures), run.figures("train", ShardedTrainFigures)
+    assert "activation_checkpointing" not in SHARDED  # the reference run recomputes fully (the default)
+    np.testing.assert_allclose(b.losses, a.losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.grad_norms, a.grad_norms, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_offload_on_two_ranks_trains_like_one_process(one_process):
     """gpu.cpu_offload: FSDP2 keeps parameters, gradients and Adam state in host memory (on the CPU
     here: what it checks is that the offload path builds, clips across devices and trains the same)."""

@@ -377,6 +377,7 @@ def test_each_data_parallel_rank_reads_its_slice_of_trnfts_global_batch():
         ({"train": {"eval_steps": 5}}, "train.eval_steps"),
         ({"train": {"early_stopping_patience": 2}}, "train.early_stopping_patience"),
         ({"train": {"on_recompile": "fail"}}, "train.on_recompile"),
+        ({"train": {"activation_checkpointing": "selective"}}, "selective is the FSDP2 trainer's"),
         ({"dataset": {"packing": True, "max_seq_length": 2048}}, "dataset.packing"),
         ({"dataset": {"packing": False, "max_seq_length": 1024}}, "multiple of 2048"),
     ],
