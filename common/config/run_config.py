@@ -318,6 +318,13 @@ class GpuSection:
         "(ZeRO-2, SHARD_GRAD_OP: more memory, less traffic).",
     )
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state.")
+    replicate: int | None = opt(
+        None,
+        "HSDP: split the data-parallel ranks into this many replica groups; FSDP2 shards within a group and "
+        "all-reduces gradients between groups, so weights are all-gathered inside a group only. Default: one "
+        "group per node for LoRA (the frozen base never crosses nodes), 1 (plain FSDP) for full fine-tuning.",
+        ge=1,
+    )
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
         "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
     )

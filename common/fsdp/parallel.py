@@ -60,10 +60,23 @@ class World:
     size: int
     tp: int
     mesh: Any  # DeviceMesh
+    # HSDP: the (replicate, shard, tensor_parallel) mesh over the same ranks; None: plain FSDP over dp.
+    hsdp_mesh: Any = None
 
     @property
     def dp(self) -> int:
         return self.size // self.tp
+
+    @property
+    def replicate(self) -> int:
+        return 1 if self.hsdp_mesh is None else self.hsdp_mesh.size(0)
+
+    @property
+    def fsdp_mesh(self) -> Any:
+        """What FSDP2 shards over: the dp mesh, or HSDP's 2-D (replicate, shard) mesh."""
+        if self.hsdp_mesh is None:
+            return self.dp_mesh
+        return self.hsdp_mesh[(REPLICATE_DIM, SHARD_DIM)]
 
     @property
     def dp_mesh(self) -> Any:
@@ -71,7 +84,8 @@ class World:
 
     @property
     def tp_mesh(self) -> Any:
-        return self.mesh[TP_DIM]
+        # Under HSDP the tensor-parallel mesh must come from the same root mesh as FSDP2's.
+        return (self.mesh if self.hsdp_mesh is None else self.hsdp_mesh)[TP_DIM]
 
     @property
     def dp_rank(self) -> int:
@@ -91,9 +105,41 @@ DP_DIM = "data_parallel"
 TP_DIM = "tensor_parallel"
 
 
-def world_of(mesh: Any, device: torch.device) -> World:
-    """The :class:`World` of a process group Lightning has started, with its device mesh."""
-    return World(device, dist.get_rank(), dist.get_world_size(), mesh[TP_DIM].size(), mesh)
+# HSDP's data-parallel dimensions: replica groups, and the ranks one group shards over.
+REPLICATE_DIM = "dp_replicate"
+SHARD_DIM = "dp_shard"
+
+
+def world_of(mesh: Any, device: torch.device, replicate: int = 1) -> World:
+    """The :class:`World` of a process group Lightning has started, with its device mesh.
+
+    ``replicate > 1`` adds HSDP's ``(replicate, shard, tensor_parallel)`` mesh over the same ranks in the
+    same order (data-parallel index ``r = replica * shard + s``), so Lightning's data-parallel rank and
+    group still describe every rank.
+    """
+    size, tp = dist.get_world_size(), mesh[TP_DIM].size()
+    world = World(device, dist.get_rank(), size, tp, mesh)
+    if replicate == 1:
+        return world
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (replicate, world.dp // replicate, tp)
+    hsdp = init_device_mesh(device.type, shape, mesh_dim_names=(REPLICATE_DIM, SHARD_DIM, TP_DIM))
+    return World(device, world.rank, size, tp, mesh, hsdp)
+
+
+def replica_groups(configured: int | None, *, lora: bool, dp: int, nodes: int) -> int:
+    """How many HSDP replica groups: ``gpu.replicate``, or by default one per node for LoRA (when the
+    nodes split the data-parallel ranks evenly) and 1 for full fine-tuning. Raises ConfigError for a
+    value that does not divide the data-parallel ranks."""
+    if configured is None:
+        return nodes if lora and nodes > 1 and dp % nodes == 0 else 1
+    if dp % configured:
+        raise ConfigError(
+            f"gpu.replicate: {configured} does not divide the {dp} data-parallel ranks (processes / gpu.tp); "
+            f"use a divisor of {dp}"
+        )
+    return configured
 
 
 def start_world(tp: int, platform: Any) -> World:
@@ -257,7 +303,7 @@ def shard(model: Any, world: World, settings: ShardSettings) -> None:
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if settings.bf16 else None, reduce_dtype=torch.float32
     )
-    kwargs: dict[str, Any] = {"mesh": world.dp_mesh, "mp_policy": policy}
+    kwargs: dict[str, Any] = {"mesh": world.fsdp_mesh, "mp_policy": policy}
     if settings.cpu_offload:
         # Pinned host memory makes the copies to a GPU asynchronous; there is nothing to pin for on a CPU.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")

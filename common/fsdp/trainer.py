@@ -142,6 +142,13 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ
 
 
+def _nodes() -> int:
+    """Nodes of this training job: torchrun's world over its processes per node (1 outside torchrun)."""
+    if not under_torchrun():
+        return 1
+    return max(1, int(os.environ["WORLD_SIZE"]) // max(1, int(os.environ["LOCAL_WORLD_SIZE"])))
+
+
 def _processes_to_start(cfg: RunConfig, platform: DevicePlatform) -> int:
     """How many processes ``trnft train`` must start itself (1: train in this one)."""
     if under_torchrun():
@@ -272,6 +279,7 @@ def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int, platform: Devic
             "or set gpu.devices"
         )
     global_batch(cfg.train, world // cfg.gpu.tp)
+    parallel.replica_groups(cfg.gpu.replicate, lora=cfg.lora.enabled, dp=world // cfg.gpu.tp, nodes=_nodes())
     try:
         config = AutoConfig.from_pretrained(
             cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -457,7 +465,13 @@ class ShardedCausalLM(L.LightningModule):
             return
         cfg = self.cfg
         device = self.trainer.strategy.root_device
-        self.world = world = parallel.world_of(self.device_mesh, device)
+        replicate = parallel.replica_groups(
+            cfg.gpu.replicate,
+            lora=cfg.lora.enabled,
+            dp=self.device_mesh[parallel.DP_DIM].size(),
+            nodes=_nodes(),
+        )
+        self.world = world = parallel.world_of(self.device_mesh, device, replicate)
         model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         # Frozen base weights in model.dtype; trained weights are fp32 masters.
@@ -857,5 +871,11 @@ def _report(ctx: StageContext, module: ShardedCausalLM, record: RunRecord, wall:
         graphs_compiled_first_step=record.graphs_first_step,
         graphs_compiled_after_first_step=record.graphs_after_first_step,
     )
-    layout = {"tp": world.tp, "dp": world.dp, "world": world.size, "global_batch": module.global_batch}
+    layout = {
+        "tp": world.tp,
+        "dp": world.dp,
+        "replicate": world.replicate,
+        "world": world.size,
+        "global_batch": module.global_batch,
+    }
     return StageOutcome(summary=figures.summary(), figures=figures, layout=layout)

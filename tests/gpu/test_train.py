@@ -363,6 +363,52 @@ def test_selective_recompute_trains_like_full_recompute(one_process):
     np.testing.assert_allclose(b.grad_norms, a.grad_norms, rtol=1e-5, atol=1e-6)
 
 
+def test_hsdp_two_replica_groups_train_like_one_process(one_process, tmp_path, tiny_llama):
+    """gpu.replicate=2 on 2 ranks: HSDP with two replica groups of one shard each (gradients all-reduced
+    between groups, not reduce-scattered); the same losses, and the checkpoint consolidates to the same
+    adapter's logits."""
+    single, make = one_process
+    run = make(
+        "hsdp", train={**SHARDED, "gradient_accumulation_steps": 1}, gpu={"devices": 2, "replicate": 2}
+    )
+    ok(run.stage("train"))
+    assert run.manifest("train")["layout"]["replicate"] == 2
+    a, b = single.figures("train", ShardedTrainFigures), run.figures("train", ShardedTrainFigures)
+    np.testing.assert_allclose(b.losses, a.losses, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b.grad_norms, a.grad_norms, rtol=1e-4, atol=1e-4)
+    _consolidated(run, 6, tmp_path / "hsdp")
+    _consolidated(single, 6, tmp_path / "one")
+    logits = [_adapted_logits(tiny_llama, tmp_path / name) for name in ("hsdp", "one")]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("configured", "lora", "dp", "nodes", "groups"),
+    [
+        (None, True, 16, 2, 2),  # LoRA across nodes: one replica group per node
+        (None, False, 16, 2, 1),  # full fine-tuning: plain FSDP
+        (None, True, 8, 1, 1),  # one node
+        (None, True, 6, 4, 1),  # nodes that do not split the ranks evenly
+        (4, False, 16, 2, 4),
+    ],
+)
+def test_replica_groups(configured, lora, dp, nodes, groups):
+    from trnft.common.fsdp.parallel import replica_groups
+
+    assert replica_groups(configured, lora=lora, dp=dp, nodes=nodes) == groups
+
+
+def test_a_replicate_that_does_not_divide_the_ranks_is_one_line():
+    from trnft.common.errors import ConfigError
+    from trnft.common.fsdp.parallel import replica_groups
+
+    with pytest.raises(ConfigError) as err:
+        replica_groups(3, lora=True, dp=4, nodes=1)
+    assert str(err.value) == (
+        "gpu.replicate: 3 does not divide the 4 data-parallel ranks (processes / gpu.tp); use a divisor of 4"
+    )
+
+
 def test_cpu_offload_on_two_ranks_trains_like_one_process(one_process):
     """gpu.cpu_offload: FSDP2 keeps parameters, gradients and Adam state in host memory (on the CPU
     here: what it checks is that the offload path builds, clips across devices and trains the same)."""
