@@ -203,8 +203,8 @@ def run_mode(work: Path, mode: str, shape: Shape, layers: int, args, device: str
         "attention": figures["attention"],
         "tokens_per_s": tokens_per_s,
         "tflops": flops / 1e12,
-        "peak_gb": (figures.get("peak_device_memory_mb") or 0.0) / 1024,
-        "disk_gb": disk / 2**30,
+        "peak_gb": figures["peak_device_memory_mb"] and figures["peak_device_memory_mb"] / 1024,
+        "files_mb": disk / 2**20,
     }
 
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}; peak bf16 {peak or 'unknown'} TFLOP/s; seq {args.seq}; micro-batch 1; bf16")
     print(
         f"{'mode':6} {'layers':>6} {'trainable':>14} {'attention':>18} {'tokens/s/GPU':>13} {'TFLOP/s':>8} "
-        f"{'MFU':>6} {'peak GB':>8} {'files GB':>8}",
+        f"{'MFU':>6} {'peak GB':>8} {'files MB':>9}",
         flush=True,
     )
     # Each row prints as soon as its mode is measured (and its folder is gone), so a run cut short still
@@ -279,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode:6} {layers:>6} FAILED: {exc}", flush=True)
                 continue
         mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
+        memory = f"{r['peak_gb']:.1f}" if r["peak_gb"] else "n/a"  # CUDA's allocator only
         print(
             f"{r['mode']:6} {r['layers']:>6} {r['trainable']:>14,} {r['attention']:>18} "
-            f"{r['tokens_per_s']:>13,.0f} {r['tflops']:>8.1f} {mfu:>6} {r['peak_gb']:>8.1f} {r['disk_gb']:>8.1f}",
+            f"{r['tokens_per_s']:>13,.0f} {r['tflops']:>8.1f} {mfu:>6} {memory:>8} {r['files_mb']:>9,.1f}",
             flush=True,
         )
     return 1 if failed else 0

@@ -348,6 +348,7 @@ def test_tensor_parallel_two_ranks_train_like_one_process(one_process, tmp_path,
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow  # one more training run; tests/common/test_recompute.py checks the policy by default
 def test_selective_recompute_trains_like_full_recompute(one_process):
     """train.activation_checkpointing: selective keeps some activations instead of recomputing them; the
     numbers are the same as the default (full) run's."""
