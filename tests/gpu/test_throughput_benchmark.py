@@ -73,6 +73,8 @@ def test_a_failed_step_does_not_stop_the_next_and_the_exit_counts_failures(tmp_p
     """A benchmark mode that fails prints its step's FAILED line; the steps after it still run."""
     site = tmp_path / "site"
     (site / "trnft").mkdir(parents=True)  # an "installed" trnft that cannot import: every step fails
+    # a regular package (first on PYTHONPATH), so it wins over any trnft installed in the environment
+    (site / "trnft" / "__init__.py").write_text("raise ImportError('a broken trnft install')\n")
     env = {**os.environ, "TRNFT_GPU_SITE": str(site), "PYTHONPATH": str(site), "PATH": _PATH}
     proc = subprocess.run(["bash", str(CHECK), "--tiny", "lora", "full"], capture_output=True, text=True,
                           timeout=300, env=env)  # fmt: skip
