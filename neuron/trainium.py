@@ -342,14 +342,27 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
     from trnft.common.training.lora import peft_config
 
     peft_model = get_peft_model(model, peft_config(cfg, cfg.lora.target_modules))
-    _seed_lora_a(peft_model, cfg.train.seed)
+    _seed_lora_a(peft_model, cfg.train.seed, _fused_modules(cfg))
     return peft_model
 
 
-def _seed_lora_a(model: Any, seed: int) -> None:
+def _fused_modules(cfg: RunConfig) -> dict[str, tuple[str, ...]]:
+    from transformers import AutoConfig
+
+    from trnft.neuron.parallel_layout import model_layout
+
+    config = AutoConfig.from_pretrained(
+        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    return model_layout(cfg, config).fused_modules()
+
+
+def _seed_lora_a(model: Any, seed: int, fused: dict[str, tuple[str, ...]]) -> None:
     """Draw every LoRA A from ``train.seed`` and its tensor name (PEFT's kaiming-uniform init, as the FSDP2
-    trainer draws it). optimum-neuron's LoRA layers draw A from a generator that neither transformers'
-    set_seed nor torch-xla's RNG state reaches: two seeds gave the same adapter.
+    trainer and the CPU-XLA rehearsal draw it; a fused layer's A by its first projection's name,
+    :func:`~trnft.common.training.lora.lora_seed_name`, so the rehearsal's tied A is the same matrix).
+    optimum-neuron's LoRA layers draw A from a generator that neither transformers' set_seed nor
+    torch-xla's RNG state reaches: two seeds gave the same adapter.
 
     A tensor-parallel LoRA A (the A of a row-parallel layer, split along its input) is drawn whole and this
     rank keeps its contiguous part, so the adapter is the same at every tp.
@@ -357,7 +370,7 @@ def _seed_lora_a(model: Any, seed: int) -> None:
     import torch
     from neuronx_distributed.parallel_layers import parallel_state
 
-    from trnft.common.training.lora import lora_init
+    from trnft.common.training.lora import lora_init, lora_seed_name
 
     tp, rank = (
         parallel_state.get_tensor_model_parallel_size(),
@@ -373,7 +386,7 @@ def _seed_lora_a(model: Any, seed: int) -> None:
             shape = list(param.shape)
             if split:
                 shape[param.partition_dim] *= tp
-            full = lora_init(name, tuple(shape), seed)
+            full = lora_init(lora_seed_name(name, fused), tuple(shape), seed)
             if split:
                 full = torch.chunk(full, tp, dim=param.partition_dim)[rank]
             param.copy_(full.to(param.device, param.dtype))

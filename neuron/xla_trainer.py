@@ -38,7 +38,7 @@ from trnft.common.training.data import (
     step_seed,
     summed_token_loss,
 )
-from trnft.common.training.lora import ADAPTER, apply_lora, tie_lora_a
+from trnft.common.training.lora import ADAPTER, apply_lora, seed_lora_a, tie_lora_a
 from trnft.common.training.optim import global_batch, wants_decay
 from trnft.common.training.policy import lr_of
 from trnft.neuron import fused_groups, nxd_format
@@ -229,6 +229,7 @@ class XlaTrainer:
         model.config.use_cache = False
         if cfg.lora.enabled:
             model = apply_lora(model, cfg, self.targets, self.layout.tied_lora_groups())
+            seed_lora_a(model, cfg.train.seed)
         state = None
         if resume is not None:
             state = self._restore_weights(model, resume)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trnft.common.config.run_config import RunConfig
@@ -110,6 +110,30 @@ def apply_lora(
     if tie_groups:
         tie_lora_a(peft_model, tie_groups)
     return peft_model
+
+
+def seed_lora_a(model: Any, seed: int) -> int:
+    """Draw every LoRA A of a whole (unsharded) PEFT model from :func:`lora_init` by its own name, as the
+    sharded trainers draw theirs. A tied A (:func:`tie_lora_a`) is one parameter, listed once under its
+    group's first member, so it is drawn by that name. Returns how many were drawn."""
+    import torch
+
+    drawn = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.copy_(lora_init(name, tuple(param.shape), seed).to(param.dtype))
+                drawn += 1
+    return drawn
+
+
+def lora_seed_name(fqn: str, fused: Mapping[str, Sequence[str]]) -> str:
+    """The name a LoRA tensor's initial value is drawn by (:func:`lora_init`): its own name, except that
+    a fused layer's module (``fused``: fused module -> its Hugging Face projections, e.g. ``gate_up_proj``
+    -> gate_proj, up_proj) is replaced by its first projection. That is the name the unfused model gives
+    the same shared LoRA A (the CPU-XLA rehearsal ties a group's A to its first member), so optimum-neuron's
+    fused model and the rehearsal start from one adapter."""
+    return ".".join(fused[part][0] if part in fused else part for part in fqn.split("."))
 
 
 def lora_init(fqn: str, shape: tuple[int, ...], seed: int) -> Any:

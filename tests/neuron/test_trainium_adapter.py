@@ -505,6 +505,33 @@ def test_two_processes_train_the_adapter_one_process_trains(layout, request, uni
 
 
 @pytest.mark.slow
+def test_the_tp2_neuron_trainer_and_the_cpu_xla_trainer_train_the_same_adapter(
+    tp2, tiny_llama, flash_tokenized, tmp_path
+):
+    """The same data, seed and layout (tp = 2) through optimum-neuron's NeuronTrainer (torchrun, the NxD
+    doubles) and through the CPU-XLA rehearsal (torch-xla SPMD): both draw LoRA A by name (a fused layer's
+    by its first projection's), so the losses of every step agree and `trnft consolidate` of the two
+    checkpoints gives the same adapter, within the tolerance the two-process checks use (fp32 here)."""
+    from trnft.neuron.train import XlaTrainFigures
+
+    xla = _trainium_run(
+        tmp_path / "xla", tiny_llama, flash_tokenized, neuron={"backend": "cpu", "tp": 2, "cpu_devices": 2}
+    )
+    ok(xla.stage("train"))
+    theirs = xla.figures("train", XlaTrainFigures).losses
+    mine = tp2.figures("train", TrainiumTrainFigures).logged_losses
+    assert len(mine) == len(theirs) == TRAIN["max_steps"]
+    np.testing.assert_allclose(mine, theirs, rtol=LOSS_RTOL)
+    a, b = _consolidated(tp2, 6, tmp_path / "neuron"), _consolidated(xla, 6, tmp_path / "cpu-xla")
+    assert a.keys() == b.keys()
+    assert max(b[n].abs().max().item() for n in b if ".lora_B." in n) > 50 * ADAPTER_ATOL  # it trained
+    for name in a:
+        np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), atol=ADAPTER_ATOL, err_msg=name)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    print(f"NeuronTrainer tp=2 vs CPU-XLA tp=2: losses {mine} vs {theirs}; adapters differ by <= {worst:.2e}")
+
+
+@pytest.mark.slow
 def test_tp2_sigkill_during_a_save_resumes_exactly_and_force_restarts_on_every_rank(
     tmp_path, tiny_llama, flash_tokenized, tp2
 ):
