@@ -318,6 +318,12 @@ class GpuSection:
         "(ZeRO-2, SHARD_GRAD_OP: more memory, less traffic).",
     )
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state.")
+    async_checkpoint: bool = opt(
+        True,
+        "Write checkpoint shards in the background (a host-memory copy of this rank's trained weights and "
+        "optimizer state) while training goes on; the checkpoint still appears only when every rank's "
+        "writes are done. false: training waits for each save.",
+    )
     replicate: int | None = opt(
         None,
         "HSDP: split the data-parallel ranks into this many replica groups; FSDP2 shards within a group and "

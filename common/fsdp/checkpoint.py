@@ -11,7 +11,9 @@
 - the tokenizer files, then the ``done`` marker.
 
 Everything is written into ``checkpoint-<step>.staging-<id>/`` and renamed when complete (by rank 0,
-after every rank finished its shards), so an interrupted save never looks like a checkpoint. A checkpoint
+after every rank finished its shards), so an interrupted save never looks like a checkpoint. The shards
+may be written in the background (:class:`BackgroundWriters`, ``gpu.async_checkpoint``) while training
+goes on; the rename still waits for every rank's writes. A checkpoint
 written on N ranks loads on any other number of ranks and tensor-parallel degree (DCP reshards).
 """
 
@@ -97,15 +99,68 @@ def _trained_state(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str
     return {k: v for k, v in model_state.items() if k in trained}, optim_state
 
 
-def save_sharded(staged: Path, model: Any, optimizer: Any) -> None:
-    """Every rank writes its shards of the trained parameters and their optimizer state into ``staged``."""
+def save_sharded(
+    staged: Path, model: Any, optimizer: Any, background: BackgroundWriters | None = None
+) -> list[Any]:
+    """Every rank writes its shards of the trained parameters and their optimizer state into ``staged``.
+
+    Without ``background`` the writes are done when this returns ([] is returned). With it, this rank's
+    shards are first copied to host memory (so training may change the parameters at once) and written by
+    DCP's background threads; the futures returned resolve when the writes, and the coordinator's
+    ``.metadata`` after every rank's, are on disk. Nothing here marks the checkpoint complete.
+    """
     import torch.distributed.checkpoint as dcp
 
     model_state, optim_state = _trained_state(model, optimizer)
+    targets = ((model_state, MODEL_DIR), (optim_state, OPTIMIZER_DIR))
     with warnings.catch_warnings():  # DCP's own use of the deprecated TypedStorage in torch 2.8
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        dcp.save(model_state, checkpoint_id=str(staged / MODEL_DIR))
-        dcp.save(optim_state, checkpoint_id=str(staged / OPTIMIZER_DIR))
+        if background is None:
+            for state, folder in targets:
+                dcp.save(state, checkpoint_id=str(staged / folder))
+            return []
+        return [
+            dcp.async_save(state, checkpoint_id=str(staged / folder), process_group=group)
+            for (state, folder), group in zip(targets, background.groups, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class BackgroundWriters:
+    """One gloo process group per DCP folder written in the background (model, optimizer), and one to ask
+    whether they are done.
+
+    DCP's background save plans and finishes with collectives from its own thread; two saves in flight on
+    one group could interleave those collectives differently on different ranks, and the training
+    collectives (NCCL on CUDA) must not share a group with another thread at all. A CPU (gloo) group is
+    also what ``async_save`` requires. Create on every rank, in the same order (``new_group`` is collective).
+    """
+
+    groups: tuple[Any, Any]
+    # The main thread's own gloo group for asking whether every rank's writes are done: a collective on
+    # a writer's group would interleave with that writer thread's and hang.
+    control: Any
+
+    @classmethod
+    def create(cls) -> BackgroundWriters:
+        import torch.distributed as dist
+
+        writers = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+        return cls(writers, dist.new_group(backend="gloo"))
+
+
+def written(futures: list[Any]) -> bool:
+    """Whether this rank's background writes have finished (without waiting); [] is finished."""
+    return all(f.done() for f in futures)
+
+
+def wait_written(futures: list[Any]) -> None:
+    """Wait for this rank's background writes; a failed write raises here (TrnftError, naming it)."""
+    for future in futures:
+        try:
+            future.result()
+        except Exception as exc:  # the writer thread's error (disk full, permissions, ...)
+            raise TrnftError(f"checkpoint: a background write failed ({type(exc).__name__}: {exc})") from exc
 
 
 def load_sharded(folder: Path, model: Any, optimizer: Any) -> int:

@@ -9,7 +9,9 @@ backend ``neuron``) on Trainium 2/3, the CPU with gloo in the tests.
   ``ModelParallelStrategy`` builds. Ranks of one tensor-parallel group read the same batch.
 - **Tensor parallelism**: the decoder projections split as :mod:`trnft.common.training.tensor_parallel`
   says (q/k/v/gate/up column-parallel, o/down row-parallel, LoRA A/B following their base layer), as
-  DTensor ``ColwiseParallel``/``RowwiseParallel``. Embeddings, norms and lm_head are not split.
+  DTensor ``ColwiseParallel``/``RowwiseParallel``. Embeddings and norms are not split. An untied,
+  un-adapted lm_head splits along the vocabulary (loss parallelism, :func:`loss_parallel_head`): each
+  tensor-parallel rank computes only its part of the logits and the cross-entropy is reduced across them.
 - **FSDP2**: ``fully_shard`` on every decoder layer and on the root, over ``dp``. Every parameter stays a
   DTensor of its own shape (so weight-decay groups see matrices as matrices), mixed precision casts
   parameters and never buffers (RoPE's ``inv_freq`` stays fp32), and gradients are *summed* over ranks:
@@ -252,6 +254,43 @@ def tensor_parallel_plan(layer: nn.Module) -> dict[str, Any]:
     return plan
 
 
+def loss_parallel_head(model: Any) -> nn.Linear | None:
+    """The output layer to split along the vocabulary under tensor parallelism, or None to keep it whole.
+
+    Only a plain ``nn.Linear`` that is not the input embedding's weight (tied, as in GPT-2 or small Llama
+    variants): splitting a tied matrix would split the embedding too, and a LoRA-adapted lm_head has its own
+    A/B layout. With a 128k vocabulary the whole logits are the largest activation of a step, so every
+    tensor-parallel rank computing them all is what this avoids.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return None
+    embedding = base.get_input_embeddings()
+    if embedding is not None and head.weight is getattr(embedding, "weight", None):
+        return None
+    return head
+
+
+def split_output_head(model: Any, tp_mesh: Any) -> bool:
+    """Split :func:`loss_parallel_head` along the vocabulary over ``tp_mesh``; False when there is none.
+
+    Its logits stay a DTensor sharded on the last dimension (each rank holds vocabulary / tp columns), so
+    the cross-entropy and its backward must run under ``torch.distributed.tensor.parallel.loss_parallel``.
+    """
+    head = loss_parallel_head(model)
+    if head is None:
+        return False
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    vocabulary_split = ColwiseParallel(
+        input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False
+    )
+    parallelize_module(head, tp_mesh, vocabulary_split)
+    return True
+
+
 def check_tensor_parallel(config: Any, tp: int) -> None:
     """Refuse a ``gpu.tp`` that does not divide the heads and the MLP width."""
     if tp == 1:
@@ -281,8 +320,8 @@ class ShardSettings:
 
 
 def shard(model: Any, world: World, settings: ShardSettings) -> None:
-    """Compile (when asked) and tensor-parallelise the decoder layers, then FSDP2-shard each of them and the
-    root over ``dp``."""
+    """Compile (when asked) and tensor-parallelise the decoder layers (and the lm_head along the vocabulary,
+    :func:`loss_parallel_head`), then FSDP2-shard each of them and the root over ``dp``."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     layers = decoder_layers(model)
@@ -297,6 +336,7 @@ def shard(model: Any, world: World, settings: ShardSettings) -> None:
         trainable = {n: p.requires_grad for n, p in model.named_parameters()}
         for layer in layers:
             parallelize_module(layer, world.tp_mesh, tensor_parallel_plan(layer))
+        split_output_head(model, world.tp_mesh)
         # parallelize_module makes new Parameters that require grad; frozen base weights stay frozen.
         for name, param in model.named_parameters():
             param.requires_grad_(trainable[name])

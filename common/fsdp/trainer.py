@@ -450,6 +450,9 @@ class ShardedCausalLM(L.LightningModule):
         self.resumed_from: Path | None = None
         self.model: Any = None
         self.world: parallel.World | None = None
+        self.loss_parallel = False  # set in configure_model: lm_head split along the vocabulary over tp
+        self._writers: ckpt.BackgroundWriters | None = None  # gpu.async_checkpoint: set in configure_model
+        self._in_flight: _InFlightSave | None = None
 
     @property
     def is_main(self) -> bool:
@@ -472,6 +475,8 @@ class ShardedCausalLM(L.LightningModule):
             nodes=_nodes(),
         )
         self.world = world = parallel.world_of(self.device_mesh, device, replicate)
+        if cfg.gpu.async_checkpoint:
+            self._writers = ckpt.BackgroundWriters.create()
         model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         # Frozen base weights in model.dtype; trained weights are fp32 masters.
@@ -491,6 +496,7 @@ class ShardedCausalLM(L.LightningModule):
         if recompute is not None:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        self.loss_parallel = cfg.gpu.tp > 1 and parallel.loss_parallel_head(model) is not None
         settings = parallel.ShardSettings(
             tp=cfg.gpu.tp,
             bf16=cfg.train.bf16,
@@ -577,6 +583,18 @@ class ShardedCausalLM(L.LightningModule):
         start = micro * per_pass + self.world.dp_rank * self.micro
         return idx[start : start + self.micro]
 
+    def _token_loss(self, batch: dict[str, Any]) -> Any:
+        """Summed cross-entropy of a batch (a replicated DTensor under loss parallelism)."""
+        return summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"])
+
+    def _loss_scope(self) -> contextlib.AbstractContextManager[None]:
+        """Where logits sharded along the vocabulary may meet the cross-entropy (and its backward)."""
+        if not self.loss_parallel:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
     def training_step(self, step_number: Any, batch_idx: int) -> None:
         """Optimizer step ``step_count``: every micro-batch forward and backward, the global loss and
         gradient norm, clipping, then the update (inside which the policy sets the learning rate and refuses
@@ -591,11 +609,10 @@ class ShardedCausalLM(L.LightningModule):
             rows = self._rows(idx, m)
             batch = self._device_batch(self.split, rows)
             torch.manual_seed(micro_batch_seed(train.seed, step, m * world.dp + world.dp_rank))
-            part = (
-                summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"]) / normaliser
-            )
-            self.manual_backward(part)
-            loss += part.detach()
+            with self._loss_scope():  # the backward too: loss parallelism has its own gradient
+                part = self._token_loss(batch) / normaliser
+                self.manual_backward(part)
+            loss += _local(part.detach())
         norm = parallel.grad_norm(self.trainable, world)
         dist.all_reduce(loss, group=world.dp_group)
         self.step_loss, self.step_grad_norm = float(loss), float(norm)
@@ -627,7 +644,8 @@ class ShardedCausalLM(L.LightningModule):
                 real = b < batches
                 rows = np.arange(self.micro) + (b if real else 0) * self.micro
                 batch = self._device_batch(split, rows)
-                total = summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"])
+                with self._loss_scope():
+                    total = _local(self._token_loss(batch))
                 if real:  # a rank with no batch left still runs one, so every collective has all ranks
                     totals[0] += total.double()
                     totals[1] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -654,7 +672,15 @@ class ShardedCausalLM(L.LightningModule):
         )
 
     def save(self) -> str:
-        """Checkpoint the current step on every rank; rank 0 commits it. Returns its folder name."""
+        """Checkpoint the current step on every rank; rank 0 commits it. Returns its folder name.
+
+        The checkpoint is committed (``done`` marker, rename, pruning) by :meth:`commit_written`, which the
+        policy calls right after: a synchronous save is complete by then; with ``gpu.async_checkpoint`` the
+        shards are copied to host memory here and written in the background while training goes on, and
+        the commit happens at the first step end where every rank's writes are on disk, so the checkpoint
+        appears whole or not at all. At most one save is in flight: a new one first commits the previous.
+        """
+        self.commit_written(wait=True)
         world, train_dir, step = self.world, self.ctx.out_dir, self.step_count
         box = [str(checkpoints.staging_dir(train_dir, step)) if world.is_main else None]
         dist.broadcast_object_list(box, src=0)
@@ -662,8 +688,7 @@ class ShardedCausalLM(L.LightningModule):
         if world.is_main:
             staged.mkdir(parents=True)
         dist.barrier()
-        ckpt.save_sharded(staged, self.model, self._optimizer())
-        dist.barrier()  # every rank's shards are on disk
+        futures = ckpt.save_sharded(staged, self.model, self._optimizer(), self._writers)
         if world.is_main:
             self.meta().write(staged)
             state_dir = staged / checkpoints.TRNFT_STATE
@@ -679,12 +704,53 @@ class ShardedCausalLM(L.LightningModule):
             }
             (state_dir / "state.json").write_text(json.dumps(state, indent=1))
             copy_present(TOKENIZER_FILES, [self.tokenized.tokenizer_dir], staged)
-            checkpoints.write_done(staged)
-            checkpoints.fault_point("save", step)
-            checkpoints.commit(train_dir, staged, step)
-            checkpoints.prune(train_dir, self.cfg.train.keep_checkpoints, self.ctx.log)
-        dist.barrier()
+        self._in_flight = _InFlightSave(staged, step, futures)
         return f"checkpoint-{step}"
+
+    def commit_written(self, *, wait: bool) -> str | None:
+        """Commit the checkpoint in flight once every rank has written it; the committed folder's name.
+
+        Every rank calls this at the same points (it is collective). ``wait=False`` (after each step)
+        commits only when every rank's writes have already finished (a synchronous save's always have) and
+        otherwise returns None at once; ``wait=True`` (before a new save, on a stop, at the end of
+        training) waits for them.
+        """
+        in_flight = self._in_flight
+        if in_flight is None:
+            return None
+        world = self.world
+        if not wait and in_flight.futures:
+            # One small CPU all-reduce per step, only while a save is in flight.
+            finished = torch.tensor([int(ckpt.written(in_flight.futures))])
+            dist.all_reduce(finished, op=dist.ReduceOp.MIN, group=self._writers.control)
+            if not finished.item():
+                return None
+        ckpt.wait_written(in_flight.futures)
+        self._in_flight = None
+        dist.barrier()  # every rank's shards are on disk
+        if world.is_main:
+            checkpoints.write_done(in_flight.staged)
+            checkpoints.fault_point("save", in_flight.step)
+            checkpoints.commit(self.ctx.out_dir, in_flight.staged, in_flight.step)
+            checkpoints.prune(self.ctx.out_dir, self.cfg.train.keep_checkpoints, self.ctx.log)
+        dist.barrier()
+        return f"checkpoint-{in_flight.step}"
+
+
+@dataclass(frozen=True)
+class _InFlightSave:
+    """A checkpoint whose shards are being written (``futures``: this rank's background writes)."""
+
+    staged: Path
+    step: int
+    futures: list[Any]
+
+
+def _local(value: Any) -> Any:
+    """A replicated DTensor's value as a plain tensor (the same on every rank); a tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
 
 
 def _jsonable(value: Any) -> Any:
@@ -819,7 +885,8 @@ class _Started(L.Callback):
                 f"train: FSDP2 on Lightning, {world.size} {module.platform.name} process(es) "
                 f"(dp {world.dp} x tp {world.tp}), {kind}, {module.trainable_parameters():,} trained "
                 f"parameters, attention {module.attn}, compile {module.compile_backend or 'off'}, "
-                f"global batch {module.global_batch}"
+                + ("loss parallel over tp, " if module.loss_parallel else "")
+                + f"global batch {module.global_batch}"
                 + (f", resuming {record.resumed_from} at step {record.start}" if record.resumed_from else "")
             )
 
@@ -875,6 +942,7 @@ def _report(ctx: StageContext, module: ShardedCausalLM, record: RunRecord, wall:
         "tp": world.tp,
         "dp": world.dp,
         "replicate": world.replicate,
+        "loss_parallel": module.loss_parallel,
         "world": world.size,
         "global_batch": module.global_batch,
     }

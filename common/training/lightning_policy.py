@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import lightning as L
 
 from trnft.common import stop
+from trnft.common.errors import TrnftError
 from trnft.common.pipeline import checkpoints
 from trnft.common.pipeline.stages import StageContext
 from trnft.common.training.policy import Cadence, EarlyStopping, lr_of, on_recompile, refuse_non_finite
@@ -63,7 +64,8 @@ class RunRecord:
 
 
 class PolicyCallback(L.Callback):
-    """The schedule, the non-finite refusal and the logging / validation / saving cadence of one run.
+    """The schedule, the non-finite refusal and the logging / validation / saving cadence of one run, and
+    when a save is committed (``pl_module.save()`` starts one, ``pl_module.commit_written`` makes it visible).
 
     ``graph_counter``: a function returning how many graphs the device has compiled so far (the native
     Neuron compile cache), or None on devices without one; graphs compiled after the first step are
@@ -84,7 +86,13 @@ class PolicyCallback(L.Callback):
         step = pl_module.step_count
         for group in optimizer.param_groups:
             group["lr"] = lr_of(step, self.train)
-        refuse_non_finite(step + 1, pl_module.step_loss, pl_module.step_grad_norm)
+        try:
+            refuse_non_finite(step + 1, pl_module.step_loss, pl_module.step_grad_norm)
+        except TrnftError:
+            # Every rank refuses alike (the loss and norm are global), so the last good checkpoint, if its
+            # background writes are still going, can be committed before the run stops.
+            self._log_committed(pl_module, pl_module.commit_written(wait=True))
+            raise
 
     # -- after each optimizer step -----------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -130,15 +138,18 @@ class PolicyCallback(L.Callback):
                         f"train: early stop at step {step}: {self.early.patience} validations without improvement"
                     )
         saved_now = self.cadence.saves(step, stopping=record.stopped_early)
+        # A background save commits at the first step end its writes are done; before a new save, it must.
+        self._log_committed(pl_module, pl_module.commit_written(wait=saved_now))
         if saved_now:
             record.saved.append(pl_module.save())
-            if pl_module.is_main:
-                self.ctx.log(f"train: saved {record.saved[-1]}")
+            self._log_committed(pl_module, pl_module.commit_written(wait=False))
         signum = stop.agreed_stop(pl_module.device)  # every rank, every step: the same answer everywhere
         if signum and step < self.train.max_steps:
             record.stopped_by = signum
             if not saved_now:
+                self._log_committed(pl_module, pl_module.commit_written(wait=True))
                 record.saved.append(pl_module.save())
+            self._log_committed(pl_module, pl_module.commit_written(wait=True))  # on disk before we stop
             if pl_module.is_main:
                 self.ctx.log(
                     f"train: {stop.signal.Signals(signum).name} received; stopping after step {step} "
@@ -151,6 +162,13 @@ class PolicyCallback(L.Callback):
             trainer.should_stop = True
 
     # -- helpers -----------------------------------------------------------------------------------
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._log_committed(pl_module, pl_module.commit_written(wait=True))  # the last save, on disk
+
+    def _log_committed(self, pl_module: Any, name: str | None) -> None:
+        if name is not None and pl_module.is_main:
+            self.ctx.log(f"train: saved {name}")
+
     @staticmethod
     def _log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
         """Scalars at the run's own step (Lightning's global_step restarts at 0 on resume)."""

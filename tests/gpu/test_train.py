@@ -339,6 +339,7 @@ def test_tensor_parallel_two_ranks_train_like_one_process(one_process, tmp_path,
     ok(tp.stage("train"))
     a, b = single.figures("train", ShardedTrainFigures), tp.figures("train", ShardedTrainFigures)
     assert (b.dp, b.tp) == (1, 2)
+    assert tp.manifest("train")["layout"]["loss_parallel"] is True  # logits split along the vocabulary
     np.testing.assert_allclose(b.losses, a.losses, rtol=1e-4, atol=1e-4)
     mine, theirs = _consolidated(tp, 6, tmp_path / "tp2"), _consolidated(single, 6, tmp_path / "one")
     assert mine.keys() == theirs.keys()
@@ -425,23 +426,45 @@ def test_cpu_offload_on_two_ranks_trains_like_one_process(one_process):
     np.testing.assert_allclose(b.grad_norms, a.grad_norms, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow  # three processes twice; the LoRA two-rank tests run by default
-def test_full_fine_tuning_on_two_ranks_consolidates_to_the_one_process_model(one_process, tmp_path):
-    single_ft = {**SHARDED, "max_steps": 2, "save_steps": 2, "eval_steps": 0, "learning_rate": 1e-3}
+@pytest.fixture(scope="module")
+def full_fine_tuning(one_process, tmp_path_factory):
+    """Full fine-tuning on one process (micro 2 x accumulation 2): its consolidated model, settings, factory."""
     _, make = one_process
+    single_ft = {**SHARDED, "max_steps": 2, "save_steps": 2, "eval_steps": 0, "learning_rate": 1e-3}
     one = make("ft1", lora={"enabled": False}, train={**single_ft, "gradient_accumulation_steps": 2})
+    ok(one.stage("train"))
+    return _consolidated(one, 2, tmp_path_factory.mktemp("ft1-out")), single_ft, make
+
+
+@pytest.mark.slow  # three processes twice; the LoRA two-rank tests run by default
+@pytest.mark.parametrize(
+    "gpu, accumulation",
+    [({"devices": 2}, 1), ({"devices": 2, "tp": 2}, 2)],
+    ids=["dp2", "tp2-loss-parallel"],
+)
+def test_full_fine_tuning_on_two_ranks_consolidates_to_the_one_process_model(
+    full_fine_tuning, tmp_path, gpu, accumulation
+):
+    """dp 2, and tp 2 where the trained lm_head is split along the vocabulary (loss parallelism)."""
+    theirs, single_ft, make = full_fine_tuning
     two = make(
         "ft2",
         lora={"enabled": False},
-        train={**single_ft, "gradient_accumulation_steps": 1},
-        gpu={"devices": 2},
+        train={**single_ft, "gradient_accumulation_steps": accumulation},
+        gpu=gpu,
     )
-    for run in (one, two):
-        ok(run.stage("train"))
-    mine, theirs = _consolidated(two, 2, tmp_path / "ft2"), _consolidated(one, 2, tmp_path / "ft1")
-    assert mine.keys() == theirs.keys() and "model.embed_tokens.weight" in mine
+    ok(two.stage("train"))
+    assert two.manifest("train")["layout"]["loss_parallel"] is (gpu.get("tp", 1) == 2)
+    mine = _consolidated(two, 2, tmp_path / "ft2")
+    assert mine.keys() == theirs.keys() and "model.embed_tokens.weight" in mine and "lm_head.weight" in mine
+    # Row-parallel and vocabulary-parallel sums add in another order at tp 2; Adam turns a near-zero
+    # gradient's rounding into a full lr-sized step for that element (measured: 4 of 65,536 elements of one
+    # tensor by 4.2e-4 at lr 1e-3), so at tp 2 a few elements may differ by up to 2 x lr.
+    tp = gpu.get("tp", 1) > 1
     for k in mine:
-        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-5)
+        far = (mine[k] - theirs[k]).abs() > 1e-5 + 1e-4 * theirs[k].abs()
+        assert int(far.sum()) <= (mine[k].numel() // 1000 if tp else 0), k
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=2e-3 if tp else 1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
