@@ -1,6 +1,11 @@
 """gpu.async_checkpoint: shards written in the background hold the weights and optimizer state of the moment
 the save started, even when training changes them at once (2 gloo ranks, FSDP2 on CPU), and load back as
-a synchronous save of the same moment does."""
+a synchronous save of the same moment does.
+
+Upstream facts relied on (torch 2.8.0, torch/distributed/checkpoint/state_dict_saver.py and staging.py):
+``async_save`` needs a process group with a CPU backend, stages the state dict into new CPU tensors
+(``_create_cpu_state_dict`` + ``_copy_state_dict``, CPU tensors included) before returning, and runs the
+save, with its collectives, in a background thread. This test fails if any of that stops being true."""
 
 from __future__ import annotations
 

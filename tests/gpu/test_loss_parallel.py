@@ -1,5 +1,9 @@
 """Loss parallelism under gpu.tp: the lm_head splits along the vocabulary, each tensor-parallel rank holds only
-its columns of the logits, and the loss and gradients equal those of the whole logits (2 gloo ranks)."""
+its columns of the logits, and the loss and gradients equal those of the whole logits (2 gloo ranks).
+
+Upstream facts relied on (torch 2.8.0, torch/distributed/tensor/parallel/loss.py): ``loss_parallel()``
+computes ``F.cross_entropy`` on logits sharded on the class dimension with a plain-tensor target,
+``ignore_index`` and ``reduction="sum"``, and the backward must run inside the same context."""
 
 from __future__ import annotations
 
