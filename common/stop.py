@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -164,6 +164,49 @@ def workers_get_grace(seconds: int) -> Iterator[None]:
         yield
     finally:
         PContext.close = original  # type: ignore[method-assign]
+
+
+def _worker_starts_plain(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+    # Runs first in each forked worker: the stop handlers the parent installed are not the worker's (a
+    # raising one prints a traceback from the worker, a cooperative one makes it ignore the pool's SIGTERM
+    # and hang on the task-queue lock), so it takes the default action, then accepts the signals the
+    # parent blocked around the fork.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+@contextlib.contextmanager
+def worker_pool(
+    processes: int, initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = ()
+) -> Iterator[Any]:
+    """A ``multiprocessing`` pool of forked workers that never see trnft's stop handlers.
+
+    Stop signals are blocked in this thread while the workers are forked (a signal that arrives then waits,
+    and is handled here once they exist); each worker resets them to the default action before
+    ``initializer`` runs. When the block ends normally the pool is closed and joined, so no signal is sent
+    to a worker (``Pool.__exit__`` would ``terminate()`` them with SIGTERM); when it ends by an exception
+    (a stop request included) the workers are terminated, which the default action makes immediate.
+    """
+    import multiprocessing
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pool = multiprocessing.get_context("fork").Pool(
+            processes, initializer=_worker_starts_plain, initargs=(initializer, initargs)
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
 
 
 def signal_of_agent_exception(exc: BaseException) -> int | None:

@@ -28,7 +28,6 @@ import bisect
 import errno
 import importlib
 import json
-import multiprocessing
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +42,7 @@ from trnft.common.errors import TrnftError
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.hashing import tree_digest
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.stop import worker_pool
 from trnft.common.training.data import ARRAYS, IGNORE_INDEX, SPLIT_DIRS, TEXT_FILES, TOKENIZER_DIR
 
 SPLITS = ("train", "validation", "test")
@@ -506,16 +506,14 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer_dir: str | Path, nu
     Pairs go in chunks of ``ENCODE_CHUNK``; with ``num_proc`` > 1 and more than one chunk, a pool of up to
     ``num_proc`` forked workers encodes them (``workers`` counts the distinct processes that did).
     """
+    # Imported here, before any fork, so that workers share it instead of each importing it again.
+    from transformers import AutoTokenizer
+
     chunks = [list(pairs[i : i + ENCODE_CHUNK]) for i in range(0, len(pairs), ENCODE_CHUNK)]
     if num_proc <= 1 or len(chunks) <= 1:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         return EncodedPairs([item for chunk in chunks for item in _encode_with(tokenizer, chunk)], workers=1)
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(
-        min(num_proc, len(chunks)), initializer=_init_worker, initargs=(str(tokenizer_dir),)
-    ) as pool:
+    with worker_pool(min(num_proc, len(chunks)), _init_worker, (str(tokenizer_dir),)) as pool:
         parts = list(pool.imap(_encode_in_worker, chunks))
     return EncodedPairs([item for _, part in parts for item in part], workers=len({pid for pid, _ in parts}))
 

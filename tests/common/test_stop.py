@@ -160,3 +160,109 @@ def test_sigkill_of_a_local_train_ends_the_processes_it_started(make_run):
     while any(_alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.5)
     assert not any(_alive(w) for w in workers)
+
+
+# The encode pool under each stop handler trnft installs. Before worker_pool, a forked worker inherited
+# the parent's handler: under the raising one, `Pool.__exit__`'s SIGTERM printed "Process ForkPoolWorker-1:
+# Traceback ... Stopped" (2 runs of 3 through the CLI); under the cooperative one a worker blocked on the
+# task-queue lock swallowed it and the stage hung for good.
+POOL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from trnft.common.env import set_process_defaults
+
+    set_process_defaults()  # as the trnft command does first
+    from trnft.common import stop, tokenize
+
+    handler, num_proc, repeats, tok = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if handler == "raising":
+        stop.install_raising()
+    else:
+        stop.install_cooperative()
+    tokenize.ENCODE_CHUNK = 100
+    pairs = [(f"question {i} about item {i % 17}", f"answer {i} " * (1 + i % 5)) for i in range(4000)]
+    expected = None
+    for _ in range(repeats):
+        encoded = tokenize.encode_pairs(pairs, tok, num_proc)
+        expected = expected or encoded.ids
+        assert encoded.ids == expected
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("handler", ["raising", "cooperative"])
+@pytest.mark.parametrize("num_proc", [2, 4])
+def test_the_encode_pool_finishes_silently_under_every_stop_handler(tmp_path, tiny_llama, handler, num_proc):
+    script = tmp_path / "pool.py"
+    script.write_text(POOL_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "TOKENIZERS_PARALLELISM")}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), handler, str(num_proc), "10", str(tiny_llama)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the encode pool hung under the {handler} handler: {hung.stderr!r}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "done"
+    assert done.stderr.strip() == "", done.stderr
+
+
+def test_workers_start_with_default_handlers_and_the_block_is_lifted():
+    stop.install_raising()
+    try:
+        with stop.worker_pool(2) as pool:
+            seen = pool.map(_handlers_and_mask, range(2))
+        assert signal.getsignal(signal.SIGTERM) is stop._raise  # the parent keeps its own
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # and nothing stays blocked here
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    for handlers, blocked in seen:
+        assert handlers == [signal.SIG_DFL] * len(stop.STOP_SIGNALS)
+        assert not blocked & set(stop.STOP_SIGNALS)
+
+
+def _handlers_and_mask(_: int) -> tuple[list, set]:
+    return [signal.getsignal(s) for s in stop.STOP_SIGNALS], signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+STOPPED_POOL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from trnft.common import stop
+
+    def slow(i):
+        time.sleep(60)
+
+    stop.install_raising()
+    try:
+        with stop.worker_pool(2) as pool:
+            open(sys.argv[1], "w").write(" ".join(str(p.pid) for p in pool._pool))
+            pool.map(slow, range(4))
+    except stop.Stopped as stopped:
+        sys.exit(stopped.exit_code)
+    """
+)
+
+
+def test_a_stop_signal_during_the_pool_ends_the_stage_with_143_and_leaves_no_worker(tmp_path):
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED_POOL_SCRIPT)
+    pids_file = tmp_path / "pids"
+    proc = subprocess.Popen([sys.executable, str(script), str(pids_file)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not pids_file.is_file() or not pids_file.read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err, err
+    for pid in map(int, pids_file.read_text().split()):
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
