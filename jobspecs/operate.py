@@ -14,11 +14,21 @@ Both read the job's kind, name and namespace from the rendered spec file and tal
   that is already complete, so resubmitting a finished stage is safe.
 
 The decision is :func:`job_state` over the object ``kubectl get -o json`` returns, tested on status objects
-of every kind and outcome.
+of every kind and outcome. A TrainJob's own status does not say why it cannot start, so :func:`observe` looks
+further (Kubeflow Trainer v2.3.0, Kueue v0.17, JobSet v0.12.0):
+
+* a JobSet the Trainer controller could not create (its webhook denied it) leaves no condition, only a
+  Warning event ``TrainJobResourcesCreationFailed`` on the TrainJob (``trainjob_controller.go``): once the
+  TrainJob is older than :data:`CREATION_GRACE_S` with no JobSet, the event's message is the failure;
+* a TrainJob Kueue has not admitted is suspended; the Workload (label ``kueue.x-k8s.io/job-uid``) says why
+  (its ``QuotaReserved`` condition's message);
+* a JobSet restart (an eviction, a retryable failure) shows as ``restarts`` and ``restartsCountTowardsMax``
+  on the JobSet, against ``failurePolicy.maxRestarts``.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import subprocess
@@ -65,6 +75,16 @@ RESOURCES = {
     "PyTorchJob": "pytorchjobs.kubeflow.org",
     "TrainJob": "trainjobs.trainer.kubeflow.org",
 }
+JOBSET_RESOURCE = "jobsets.jobset.x-k8s.io"
+WORKLOAD_RESOURCE = "workloads.kueue.x-k8s.io"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+KUEUE_PATCH_MANAGER = "kueue.x-k8s.io/manager"
+CREATION_FAILED_REASON = "TrainJobResourcesCreationFailed"
+# How long the Trainer controller may take to create a TrainJob's JobSet before a missing one, with an event
+# that says creation failed, is the job's failure (the controller retries, so a webhook that was briefly
+# unreachable heals inside this).
+CREATION_GRACE_S = 120.0
 
 Kubectl = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -87,10 +107,12 @@ class JobRef:
 @dataclass(frozen=True)
 class JobState:
     """Where a job stands: ``phase`` is succeeded, failed, running or waiting (not yet admitted or
-    scheduled); ``detail`` is one line for the user."""
+    scheduled); ``detail`` is one line for the user. ``never_started``: no pod of it was ever created (its
+    resources were refused, or it is still suspended), so a new spec can replace it safely."""
 
     phase: str
     detail: str
+    never_started: bool = False
 
     @property
     def finished(self) -> bool:
@@ -144,7 +166,11 @@ def job_state(obj: dict[str, Any]) -> JobState:
         if failed:
             return JobState("failed", _why(failed))
         if _condition(status, "Suspended") or (obj.get("spec") or {}).get("suspend"):
-            return JobState("waiting", "suspended (waiting for admission, e.g. by Kueue)")
+            return JobState(
+                "waiting",
+                "suspended (waiting for admission, e.g. by Kueue)",
+                never_started=not status.get("active"),
+            )
         active, failures = status.get("active") or 0, status.get("failed") or 0
         retried = f", {failures} failed attempt(s) so far" if failures else ""
         if active:
@@ -171,9 +197,12 @@ def job_state(obj: dict[str, Any]) -> JobState:
             return JobState("succeeded", "complete")
         if failed := _condition(status, "Failed"):
             return JobState("failed", _why(failed))
-        if _condition(status, "Suspended") or (obj.get("spec") or {}).get("suspend"):
-            return JobState("waiting", "suspended (waiting for admission, e.g. by Kueue)")
         jobs = status.get("jobsStatus") or []
+        if _condition(status, "Suspended") or (obj.get("spec") or {}).get("suspend"):
+            active = sum(int(j.get("active") or 0) for j in jobs)
+            return JobState(
+                "waiting", "suspended (waiting for admission, e.g. by Kueue)", never_started=not active
+            )
         ready = sum(int(j.get("ready") or 0) for j in jobs)
         active = sum(int(j.get("active") or 0) for j in jobs)
         if ready:
@@ -239,6 +268,110 @@ def get_job(ref: JobRef, kubectl: Kubectl = run_kubectl) -> dict[str, Any] | Non
         raise TrnftError(f"kubectl get {ref.resource} did not print JSON") from exc
 
 
+def _get_json(kubectl: Kubectl, args: list[str], what: str) -> dict[str, Any] | None:
+    """``kubectl get ... -o json`` of anything; None when the API server says NotFound (or, for a kind the
+    cluster does not serve, that it has no such resource type)."""
+    proc = kubectl(["get", *args, "-o", "json"])
+    if proc.returncode != 0:
+        err = proc.stderr or ""
+        if "(NotFound)" in err or "the server doesn't have a resource type" in err:
+            return None
+        raise _kubectl_error(proc, f"get {what}")
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise TrnftError(f"kubectl get {what} did not print JSON") from exc
+
+
+def _age_s(obj: dict[str, Any], now: float) -> float | None:
+    created = (obj.get("metadata") or {}).get("creationTimestamp")
+    if not created:
+        return None
+    try:
+        stamp = datetime.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return now - stamp.timestamp()
+
+
+def _creation_failure(ref: JobRef, kubectl: Kubectl) -> str | None:
+    """The newest ``TrainJobResourcesCreationFailed`` event message of the TrainJob, or None."""
+    selector = f"involvedObject.kind=TrainJob,involvedObject.name={ref.name},reason={CREATION_FAILED_REASON}"
+    events = _get_json(kubectl, ["events", "-n", ref.namespace, "--field-selector", selector], "events") or {}
+    items = [e for e in events.get("items") or [] if e.get("reason") == CREATION_FAILED_REASON]
+    if not items:
+        return None
+    newest = max(items, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    return " ".join(str(newest.get("message") or "no message").split())
+
+
+def _kueue_reason(ref: JobRef, obj: dict[str, Any], kubectl: Kubectl) -> str:
+    """Why Kueue keeps this TrainJob suspended, from its Workload."""
+    patches = (obj.get("spec") or {}).get("runtimePatches") or []
+    if not any((p or {}).get("manager") == KUEUE_PATCH_MANAGER for p in patches):
+        return (
+            f"suspended by Kueue, which added no {KUEUE_PATCH_MANAGER} runtime patch: Kueue v0.14-v0.16 "
+            "cannot place Trainer v2.3 TrainJobs (they write podTemplateOverrides); upgrade Kueue to v0.17+"
+        )
+    uid = (obj.get("metadata") or {}).get("uid")
+    found = _get_json(
+        kubectl, [WORKLOAD_RESOURCE, "-n", ref.namespace, "-l", f"{KUEUE_JOB_UID_LABEL}={uid}"], "workloads"
+    )
+    workloads = (found or {}).get("items") or []
+    if not workloads:
+        return "suspended by Kueue: no Workload yet"
+    conditions = {c.get("type"): c for c in (workloads[0].get("status") or {}).get("conditions") or []}
+    for kind, status in (("Evicted", "True"), ("QuotaReserved", "False"), ("Admitted", "False")):
+        condition = conditions.get(kind)
+        if condition and str(condition.get("status")) == status and condition.get("message"):
+            return f"suspended by Kueue: {' '.join(str(condition['message']).split())}"
+    return "suspended by Kueue: waiting for admission"
+
+
+def _restarts(jobset: dict[str, Any]) -> str:
+    status = jobset.get("status") or {}
+    restarts = int(status.get("restarts") or 0)
+    if not restarts:
+        return ""
+    counted = int(status.get("restartsCountTowardsMax") or 0)
+    limit = ((jobset.get("spec") or {}).get("failurePolicy") or {}).get("maxRestarts")
+    of = f" of maxRestarts {limit}" if limit is not None else ""
+    return f"restarted {restarts} time(s), {counted}{of} counted (evictions are not)"
+
+
+def observe(
+    ref: JobRef, obj: dict[str, Any], kubectl: Kubectl = run_kubectl, now: Callable[[], float] = time.time
+) -> JobState:
+    """:func:`job_state`, and for a TrainJob what its status cannot say: a JobSet that was never created
+    (failed after :data:`CREATION_GRACE_S`, quoting the controller's event), Kueue's reason for keeping it
+    suspended, and the JobSet's restarts."""
+    state = job_state(obj)
+    if ref.kind != "TrainJob" or state.finished:
+        return state
+    if state.phase == "waiting" and (obj.get("spec") or {}).get("suspend"):
+        if KUEUE_QUEUE_LABEL in ((obj.get("metadata") or {}).get("labels") or {}):
+            return JobState("waiting", _kueue_reason(ref, obj, kubectl), never_started=state.never_started)
+        return state
+    jobset = _get_json(kubectl, [f"{JOBSET_RESOURCE}/{ref.name}", "-n", ref.namespace], f"jobset {ref.name}")
+    if jobset is None:
+        failure = _creation_failure(ref, kubectl)
+        age = _age_s(obj, now())
+        if failure and (age is None or age >= CREATION_GRACE_S):
+            return JobState(
+                "failed",
+                f"{CREATION_FAILED_REASON}: the Trainer controller could not create the JobSet: {failure}",
+                never_started=True,
+            )
+        why = f" (latest event: {failure})" if failure else ""
+        return JobState("waiting", f"JobSet not created yet{why}", never_started=True)
+    restarts = _restarts(jobset)
+    if not restarts:
+        return state
+    if state.phase == "waiting" or "pods starting" in state.detail:
+        return JobState("running", f"restarting: {restarts}")
+    return JobState(state.phase, f"{state.detail}; {restarts}")
+
+
 POD_SELECTORS = {
     "Job": "batch.kubernetes.io/job-name",
     "PyTorchJob": "training.kubeflow.org/job-name",
@@ -297,6 +430,7 @@ def wait(
     kubectl: Kubectl = run_kubectl,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], float] = time.time,
 ) -> int:
     """Poll ``ref`` until it succeeds (0), fails (:data:`EXIT_FAILED`) or ``timeout_s`` passes
     (:data:`EXIT_TIMEOUT`). A job that does not exist is an error: apply it first.
@@ -326,12 +460,23 @@ def wait(
         failures = unauthorized = 0
         if obj is None:
             raise TrnftError(f"{ref}: not found in the cluster; submit it first (`trnft submit {ref.file}`)")
-        state = job_state(obj)
+        try:
+            state = observe(ref, obj, kubectl, now)
+        except KubectlError as exc:
+            if not exc.transient:
+                raise
+            state = job_state(obj)  # the extra look failed this time; the job's own status still holds
         if state != last:
             log(f"{ref}: {state.phase}: {state.detail}")
             last = state
         if state.phase == "succeeded":
             return 0
+        if state.phase == "failed" and state.never_started:
+            log(
+                f"{ref}: failed before any pod existed; fix the cause (`trnft jobspec --validate`), then "
+                f"`trnft submit {ref.file}` replaces it"
+            )
+            return EXIT_FAILED
         if state.phase == "failed":
             pod = failed_pod(ref, kubectl)
             named = f"pod {pod} failed; " if pod else ""
@@ -356,13 +501,14 @@ def submit(
     if ref is not None:
         obj = get_job(ref, kubectl)
         if obj is not None:
-            state = job_state(obj)
-            if not state.finished:
+            state = observe(ref, obj, kubectl)
+            if not state.finished and not state.never_started:
                 raise TrnftError(
                     f"{ref}: is still {state.phase} ({state.detail}); wait for it (`trnft wait {file}`) or "
                     f"delete it (`kubectl delete {ref.resource} -n {ref.namespace}`) before submitting again"
                 )
-            log(f"{ref}: {state.phase} earlier; deleting it and its pods before applying again")
+            earlier = "never started" if state.never_started else f"{state.phase} earlier"
+            log(f"{ref}: {earlier} ({state.detail}); deleting it and its pods before applying again")
             proc = kubectl(
                 [
                     "delete",

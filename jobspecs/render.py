@@ -28,6 +28,7 @@ Face token is only ever a Secret reference.
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import shutil
@@ -55,7 +56,7 @@ from trnft.common.exits import FIRST_RETRYABLE
 from trnft.common.pipeline import backend
 from trnft.common.pipeline.atomic import swap_into_place
 from trnft.common.pipeline.stages import STAGES
-from trnft.jobspecs import trainjob
+from trnft.jobspecs import admission, trainjob
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "00-config.yaml"
@@ -585,7 +586,24 @@ def plan(cfg: RunConfig) -> dict[str, Document]:
             docs[file] = _job_document(
                 cfg, stage, cpu, cfg.cluster.image, f"trnft {stage} for run {cfg.run.name} ({what})"
             )
+    _check_derived_objects(cfg, docs)
     return docs
+
+
+def _check_derived_objects(cfg: RunConfig, docs: dict[str, Document]) -> None:
+    """Refuse a config whose TrainJobs the API server would accept but whose JobSet, Jobs or pods the
+    controllers could never create (trnft.jobspecs.admission): the job would wait forever."""
+    if cfg.cluster.operator != "trainjob":
+        return
+    runtime = runtime_document(cfg).body
+    for doc in docs.values():
+        if doc.body.get("kind") != "TrainJob":
+            continue
+        for path, message in admission.trainjob_problems(doc.body, runtime):
+            raise ConfigError(
+                f"run.name / cluster.num_nodes: the {doc.name} TrainJob would never start: {path}: {message}; "
+                f"use a shorter run.name (now {len(cfg.run.name)} characters)"
+            )
 
 
 class _SpecDumper(yaml.SafeDumper):
@@ -758,10 +776,20 @@ def command(args: Any, log: Callable[[str], None]) -> int:
         )
     if cfg.cluster.gang_scheduler == "kueue" and cfg.cluster.operator == "trainjob":
         log(
-            "note: Kueue admits the TrainJobs (its trainjob integration is on by default) and the Jobs from "
-            f"LocalQueue {cfg.cluster.queue}; set waitForPodsReady and give the ClusterQueue quota for every "
-            "resource the pods request (aws.amazon.com/neuron or nvidia.com/gpu, vpc.amazonaws.com/efa, cpu, "
-            "memory) (README, Kueue)"
+            "note: Kueue v0.17 or later (v0.14-v0.16 cannot place Trainer v2.3 TrainJobs; its trainjob integration "
+            "is on by default) admits the TrainJobs "
+            f"and the Jobs from LocalQueue {cfg.cluster.queue}; set waitForPodsReady and give the ClusterQueue "
+            "quota for every resource the pods request (aws.amazon.com/neuron or nvidia.com/gpu, "
+            "vpc.amazonaws.com/efa, cpu, memory) (README, Kueue)"
+        )
+        log(
+            "note: a ResourceFlavor with tolerations of its own replaces the TrainJob pods' tolerations "
+            "(Kueue's runtime patch); such a flavor must also carry "
+            + json.dumps(
+                _tolerations(
+                    cfg, Placement(kind=instance(cfg.cluster.instance_type).accelerator, instance=None)
+                )
+            )
         )
     elif cfg.cluster.gang_scheduler == "kueue":
         log(

@@ -17,17 +17,26 @@ Facts relied on (kubeflow/trainer tag v2.3.0, read from source; pinned in tests/
   container exists in the runtime; the ``node`` container gets no env through a patch (plugins/jobset).
 
 Failure handling, the whole-gang restart PyTorchJob v1 lacks: the child Job has ``backoffLimit: 0`` (any
-failed pod fails it) and a podFailurePolicy whose FailJob rules mark an eviction (rule 0) and a permanent
-exit code (rule 1). The batch Job controller words such a failure ``... matching FailJob rule at index N``
-(reason ``PodFailurePolicy``), which the JobSet failurePolicy (JobSet v0.10+, embedded in the Trainer
-v2.3.0 CRDs) tells apart by message pattern: an eviction restarts every pod without spending a restart, a
-permanent exit fails the TrainJob at once, and a retryable exit (``BackoffLimitExceeded``) restarts every
-pod, at most :data:`RUNTIME_MAX_RESTARTS` times. trnft's own attempt counter
-(:mod:`trnft.common.pipeline.attempts`) bounds retries per run at ``cluster.backoff_limit``, below that.
+failed pod fails it) and a podFailurePolicy whose FailJob rules mark an eviction (rule 0), a permanent exit
+code (rule 1) and the cooperative stop every rank makes after a stop signal (rule 2: exit 143). The batch Job
+controller words such a failure ``... matching FailJob rule at index N`` (reason ``PodFailurePolicy``), which
+the JobSet failurePolicy (JobSet v0.10+, embedded in the Trainer v2.3.0 CRDs) tells apart by message
+pattern: an eviction restarts every pod without spending a restart, a permanent exit fails the TrainJob at
+once, and a retryable exit (``BackoffLimitExceeded``) restarts every pod, at most
+:data:`RUNTIME_MAX_RESTARTS` times.
+
+Why rule 2: when one pod is evicted, every rank agrees to stop, saves the step and exits 143, but only the
+evicted pod carries ``DisruptionTarget``. The Job controller keeps the first failure it processes, so a
+non-evicted rank seen first would make the eviction a counted ``BackoffLimitExceeded`` restart. With rule 2
+either order is the same free restart (``tests/jobspecs/test_eviction.py`` replays both orders through a
+model of the Job and JobSet controllers). A 143 nobody evicted (``kubectl delete pod``, a node shutdown) is a
+free restart too; trnft's own attempt counter (:mod:`trnft.common.pipeline.attempts`) ends a run whose
+restarts make no progress, at ``cluster.backoff_limit``.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from trnft.common.exits import FIRST_RETRYABLE
@@ -46,7 +55,12 @@ JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # on every pod; the JobSet
 # A backstop above any sensible cluster.backoff_limit: the run directory's attempt counter (which knows
 # whether a restart made progress) ends a run that keeps failing before this does.
 RUNTIME_MAX_RESTARTS = 20
-EVICTED_RULE, PERMANENT_RULE = 0, 1
+EVICTED_RULE, PERMANENT_RULE, STOPPED_RULE = 0, 1, 2
+# What every rank exits with after a stop signal (trnft.common.stop: 128 + SIGTERM).
+STOPPED_EXIT = 128 + signal.SIGTERM
+# JobSet failure-policy rule names. JobSet's webhook admits only ^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$
+# (no hyphens; trnft.jobspecs.admission), and the Trainer controller's JobSet is the object it checks.
+RULE_EVICTED, RULE_PERMANENT, RULE_RETRYABLE = "evicted", "permanent_exit", "retryable_exit"
 
 
 def runtime_name(instance_name: str, volcano: bool) -> str:
@@ -55,8 +69,9 @@ def runtime_name(instance_name: str, volcano: bool) -> str:
 
 
 def child_job_failure_policy(container: str, permanent_exit_codes: list[int]) -> dict[str, Any]:
-    """The child Job's podFailurePolicy: FailJob on an eviction (rule 0) and on a permanent exit (rule 1);
-    a retryable exit is the default (counted, and backoffLimit 0 fails the Job)."""
+    """The child Job's podFailurePolicy: FailJob on an eviction (rule 0), on a permanent exit (rule 1) and
+    on the cooperative stop after a stop signal (rule 2); a retryable exit is the default (counted, and
+    backoffLimit 0 fails the Job)."""
     return {
         "rules": [
             {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -64,36 +79,43 @@ def child_job_failure_policy(container: str, permanent_exit_codes: list[int]) ->
                 "action": "FailJob",
                 "onExitCodes": {"containerName": container, "operator": "In", "values": permanent_exit_codes},
             },
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": container, "operator": "In", "values": [STOPPED_EXIT]},
+            },
         ]
     }
 
 
-def _failjob_pattern(index: int) -> str:
-    # The batch Job controller's failure message ends with this (pkg/controller/job/pod_failure_policy.go).
-    return f"matching FailJob rule at index {index}$"
+def failjob_pattern(*indexes: int) -> str:
+    """A JobSet message pattern (RE2) for a Job failed by one of these FailJob rules: the batch Job
+    controller's message ends ``matching FailJob rule at index N`` (kubernetes
+    pkg/controller/job/pod_failure_policy.go, ``matchPodFailurePolicy``)."""
+    return f"matching FailJob rule at index ({'|'.join(str(i) for i in indexes)})$"
 
 
 def jobset_failure_policy() -> dict[str, Any]:
-    """Whole-gang restarts: free for an eviction, counted for a retryable exit, none for a permanent one."""
+    """Whole-gang restarts: free for an eviction (whichever rank's failure the Job records), counted for a
+    retryable exit, none for a permanent one."""
     return {
         "maxRestarts": RUNTIME_MAX_RESTARTS,
         # New pods only once every old one is gone: their accelerators and the rendezvous port are free.
         "restartStrategy": "BlockingRecreate",
         "rules": [
             {
-                "name": "evicted",
+                "name": RULE_EVICTED,
                 "action": "RestartJobSetAndIgnoreMaxRestarts",
                 "onJobFailureReasons": ["PodFailurePolicy"],
-                "onJobFailureMessagePatterns": [_failjob_pattern(EVICTED_RULE)],
+                "onJobFailureMessagePatterns": [failjob_pattern(EVICTED_RULE, STOPPED_RULE)],
             },
             {
-                "name": "permanent-exit",
+                "name": RULE_PERMANENT,
                 "action": "FailJobSet",
                 "onJobFailureReasons": ["PodFailurePolicy"],
-                "onJobFailureMessagePatterns": [_failjob_pattern(PERMANENT_RULE)],
+                "onJobFailureMessagePatterns": [failjob_pattern(PERMANENT_RULE)],
             },
             {
-                "name": "retryable-exit",
+                "name": RULE_RETRYABLE,
                 "action": "RestartJobSet",
                 "onJobFailureReasons": ["BackoffLimitExceeded"],
             },

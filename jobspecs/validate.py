@@ -26,6 +26,9 @@ from typing import Any
 
 import yaml
 
+from trnft.common.exits import FIRST_RETRYABLE
+from trnft.jobspecs import admission, trainjob
+
 K8S_VERSION = "v1.33.0"
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -325,6 +328,7 @@ def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
             "nprocPerNode"
         ) is not None:
             problems.append(("spec.elasticPolicy.nProcPerNode", "must not be used with spec.nprocPerNode"))
+        problems += admission.pytorchjob_problems(doc)
 
     if kind == "Job":
         problems += _pod_failure_policy_problems(spec.get("podFailurePolicy"))
@@ -571,25 +575,41 @@ def _runtime_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     failure = jobset.get("failurePolicy") or {}
+    problems += admission.failure_policy_problems(
+        failure, {r.get("name") for r in rjobs}, "spec.template.spec.failurePolicy"
+    )
     if not isinstance(failure.get("maxRestarts"), int):
         problems.append(("spec.template.spec.failurePolicy.maxRestarts", "restarts must be bounded"))
     rules = (policy or {}).get("rules") or []
-    wanted = {"evicted": "onPodConditions", "permanent-exit": "onExitCodes"}
     for k, rule in enumerate(failure.get("rules") or []):
-        if rule.get("name") not in wanted:
+        wanted = _WANTED_FAILJOB.get(rule.get("name"))
+        if wanted is None:
             continue
         for pattern in rule.get("onJobFailureMessagePatterns") or []:
-            match = re.search(r"rule at index (\d+)\$$", pattern)
-            index = int(match.group(1)) if match else -1
-            target = rules[index] if 0 <= index < len(rules) else {}
-            if target.get("action") != "FailJob" or wanted[rule["name"]] not in target:
-                problems.append(
-                    (
-                        f"spec.template.spec.failurePolicy.rules.{k}.onJobFailureMessagePatterns",
-                        f"{pattern!r} must point at the FailJob rule {wanted[rule['name']]} of the podFailurePolicy",
+            match = re.search(r"rule at index \(?([\d|]+)\)?\$$", pattern)
+            indexes = [int(i) for i in match.group(1).split("|")] if match else [-1]
+            for index in indexes:
+                target = rules[index] if 0 <= index < len(rules) else {}
+                if target.get("action") != "FailJob" or not wanted(target):
+                    problems.append(
+                        (
+                            f"spec.template.spec.failurePolicy.rules.{k}.onJobFailureMessagePatterns",
+                            f"{pattern!r}: index {index} must point at a FailJob rule of the podFailurePolicy "
+                            f"for {rule['name']}",
+                        )
                     )
-                )
     return problems
+
+
+def _exit_codes(rule: dict[str, Any]) -> set[int]:
+    return set((rule.get("onExitCodes") or {}).get("values") or [])
+
+
+_WANTED_FAILJOB = {
+    # An eviction: the evicted pod's DisruptionTarget, or any rank's cooperative stop (exit 143).
+    trainjob.RULE_EVICTED: lambda r: "onPodConditions" in r or _exit_codes(r) == {trainjob.STOPPED_EXIT},
+    trainjob.RULE_PERMANENT: lambda r: bool(_exit_codes(r)) and max(_exit_codes(r)) < FIRST_RETRYABLE,
+}
 
 
 def trainjob_runtime_problems(docs: Iterable[tuple[str, Any]], runtime: dict[str, Any]) -> list[str]:
@@ -624,6 +644,11 @@ def trainjob_runtime_problems(docs: Iterable[tuple[str, Any]], runtime: dict[str
             for c in pod.get("containers") or []:
                 if c.get("name") not in containers[rjob]:
                     lines.append(f"{label}: {path}: container {c.get('name')!r} is not in runtime {name}")
+        if ref == name:
+            # What the controllers build from the two: the JobSet, its Jobs and pods, with their webhooks.
+            lines += [
+                f"{label}: {path}: {message}" for path, message in admission.trainjob_problems(doc, runtime)
+            ]
     return lines
 
 

@@ -52,6 +52,7 @@ def required(help: str, **rules: Any) -> Any:
 _CFG = dict(frozen=True, kw_only=True, slots=True)
 
 DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_NODES = 1000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,7 +380,13 @@ class ClusterSection:
     """Kubernetes placement: instance types, images, storage, secrets."""
 
     instance_type: str = opt("trn1.32xlarge", "Instance type of the training nodes.")
-    num_nodes: int = opt(1, "Training nodes.", ge=1)
+    num_nodes: int = opt(
+        1,
+        f"Training nodes (at most {MAX_NODES}: node indexes of up to three digits, the size every rendered "
+        "object name is checked at against Kubernetes' 63-character limit).",
+        ge=1,
+        le=MAX_NODES,
+    )
     namespace: str = opt("default", "Kubernetes namespace.", pattern=DNS_LABEL)
     image: str = opt("", "Image URI for every stage (as printed by containers/build-and-push.sh).")
     eval_image: str | None = opt(None, "Image for evaluate when it runs on GPU nodes (default: image).")

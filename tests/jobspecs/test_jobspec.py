@@ -15,10 +15,9 @@ import yaml
 from trnft.common import cli
 from trnft.common.config.run_config import load_config
 from trnft.common.errors import ConfigError
+from trnft.jobspecs import controllers
 from trnft.jobspecs.render import STAGE_FILES, render, render_runtimes
 from trnft.jobspecs.validate import ACCELERATOR_RESOURCES, document_problems, validate_documents
-
-from . import trainer_v2
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -124,7 +123,7 @@ def _pods(doc: dict) -> list[dict]:
     if doc["kind"] == "PyTorchJob":
         return [r["template"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
     if doc["kind"] == "TrainJob":
-        return trainer_v2.pod_templates(doc, RUNTIMES[doc["spec"]["runtimeRef"]["name"]])
+        return controllers.pod_templates(doc, RUNTIMES[doc["spec"]["runtimeRef"]["name"]])
     return []
 
 
@@ -617,7 +616,7 @@ def test_permanent_exits_fail_at_once_and_retryable_ones_restart(case):
             (node,) = jobset["replicatedJobs"]
             child = node["template"]["spec"]
             assert child["backoffLimit"] == 0 and child["template"]["spec"]["restartPolicy"] == "Never"
-            evicted, permanent_rule = child["podFailurePolicy"]["rules"]
+            evicted, permanent_rule, stopped = child["podFailurePolicy"]["rules"]
             assert evicted == {
                 "action": "FailJob",
                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
@@ -627,6 +626,10 @@ def test_permanent_exits_fail_at_once_and_retryable_ones_restart(case):
                 "operator": "In",
                 "values": permanent,
             }
+            assert stopped == {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": "node", "operator": "In", "values": [143]},
+            }
             policy = jobset["failurePolicy"]
             assert (
                 policy["maxRestarts"] == trainjob.RUNTIME_MAX_RESTARTS
@@ -634,20 +637,18 @@ def test_permanent_exits_fail_at_once_and_retryable_ones_restart(case):
             )
             actions = [(r["action"], r.get("onJobFailureMessagePatterns")) for r in policy["rules"]]
             assert actions == [
-                ("RestartJobSetAndIgnoreMaxRestarts", ["matching FailJob rule at index 0$"]),
-                ("FailJobSet", ["matching FailJob rule at index 1$"]),
+                ("RestartJobSetAndIgnoreMaxRestarts", ["matching FailJob rule at index (0|2)$"]),
+                ("FailJobSet", ["matching FailJob rule at index (1)$"]),
                 ("RestartJobSet", None),
             ]
     assert {"Job", "PyTorchJob"} <= kinds or {"Job", "TrainJob", "ClusterTrainingRuntime"} <= kinds
 
 
-def _job_failure_message(pod: str, rule: int, by: str) -> str:
+def _job_failure_message(pod: str, rule: int, by: str, code: int = 2) -> str:
     """The batch Job controller's failure message for a FailJob rule (pkg/controller/job/pod_failure_policy.go)."""
     if by == "condition":
         return f"Pod default/{pod} has condition DisruptionTarget matching FailJob rule at index {rule}"
-    return (
-        f"Container node for pod default/{pod} failed with exit code 2 matching FailJob rule at index {rule}"
-    )
+    return f"Container node for pod default/{pod} failed with exit code {code} matching FailJob rule at index {rule}"
 
 
 @pytest.mark.parametrize(
@@ -655,6 +656,11 @@ def _job_failure_message(pod: str, rule: int, by: str) -> str:
     [
         (
             _job_failure_message("t-node-0-1-abcde", 0, "condition"),
+            "PodFailurePolicy",
+            "RestartJobSetAndIgnoreMaxRestarts",
+        ),
+        (
+            _job_failure_message("t-node-0-0-abcde", 2, "exit", 143),
             "PodFailurePolicy",
             "RestartJobSetAndIgnoreMaxRestarts",
         ),

@@ -14,6 +14,7 @@ import pytest
 from trnft.common import cli
 from trnft.common.errors import TrnftError
 from trnft.jobspecs.operate import (
+    CREATION_GRACE_S,
     EXIT_FAILED,
     EXIT_KUBECTL,
     EXIT_TIMEOUT,
@@ -63,14 +64,39 @@ def test_job_state_of_every_recorded_status(name, phase, words):
 
 
 class FakeKubectl:
-    """Answers `kubectl get` with recorded objects in turn (the last one repeats); records every call."""
+    """Answers `kubectl get` with recorded objects in turn (the last one repeats); records every call.
 
-    def __init__(self, *gets: str | None, fail: dict[str, str] | None = None, pods=None) -> None:
+    The job's own resource answers from ``gets``; a TrainJob's JobSet, events and Kueue Workloads from
+    ``jobset``, ``events`` and ``workloads`` (recorded names, each a queue like ``gets``)."""
+
+    def __init__(
+        self,
+        *gets: str | None,
+        fail: dict[str, str] | None = None,
+        pods=None,
+        jobset: tuple[str | None, ...] = ("jobset-running",),
+        events: tuple[str, ...] = ("events-none",),
+        workloads: tuple[str, ...] = ("workloads-pending",),
+    ) -> None:
         """``gets``: recorded object names, None (NotFound) or ``"!<stderr>"`` (kubectl fails so)."""
         self.gets = list(gets)
         self.calls: list[list[str]] = []
         self.fail = fail or {}
         self.pods = pods or []
+        self.others = {
+            "jobsets.jobset.x-k8s.io": list(jobset),
+            "events": list(events),
+            "workloads.kueue.x-k8s.io": list(workloads),
+        }
+
+    @staticmethod
+    def _answer(args, queue):
+        if queue and isinstance(queue[0], str) and queue[0].startswith("!"):
+            return subprocess.CompletedProcess(args, 1, "", queue.pop(0)[1:])
+        name = queue.pop(0) if len(queue) > 1 else queue[0]
+        if name is None:
+            return subprocess.CompletedProcess(args, 1, "", 'Error from server (NotFound): "x" not found')
+        return subprocess.CompletedProcess(args, 0, json.dumps(recorded(name)), "")
 
     def __call__(self, args):
         self.calls.append(list(args))
@@ -79,15 +105,9 @@ class FakeKubectl:
             return subprocess.CompletedProcess(args, 1, "", self.fail[verb])
         if verb == "get" and args[1] == "pods":
             return subprocess.CompletedProcess(args, 0, json.dumps({"items": self.pods}), "")
-        if verb == "get" and self.gets and isinstance(self.gets[0], str) and self.gets[0].startswith("!"):
-            return subprocess.CompletedProcess(args, 1, "", self.gets.pop(0)[1:])
         if verb == "get":
-            name = self.gets.pop(0) if len(self.gets) > 1 else self.gets[0]
-            if name is None:
-                return subprocess.CompletedProcess(
-                    args, 1, "", 'Error from server (NotFound): jobs.batch "x" not found'
-                )
-            return subprocess.CompletedProcess(args, 0, json.dumps(recorded(name)), "")
+            resource = args[1].split("/")[0]
+            return self._answer(args, self.others.get(resource, self.gets))
         return subprocess.CompletedProcess(args, 0, f"{args[-1]} {verb}d\n", "")
 
 
@@ -280,15 +300,37 @@ def test_a_rerun_deletes_the_finished_job_with_its_pods_then_applies(finished):
 
 
 @pytest.mark.parametrize(
-    "active",
-    ["job-running", "job-suspended", "pytorchjob-restarting", "trainjob-suspended", "trainjob-running"],
+    ("active", "jobset"),
+    [
+        ("job-running", None),
+        ("pytorchjob-restarting", None),
+        ("trainjob-running", "jobset-running"),
+        ("trainjob-starting", "jobset-restarting"),
+    ],
 )
-def test_a_job_still_running_is_never_replaced(active):
-    kubectl = FakeKubectl(active)
+def test_a_job_still_running_is_never_replaced(active, jobset):
+    kubectl = FakeKubectl(active, jobset=(jobset,))
     ref = {"pytorchjob": TRAIN, "trainjob": TRAINJOB}.get(active.split("-")[0], JOB)
     with pytest.raises(TrnftError, match=r"still (running|waiting).*trnft wait"):
         submit(ref, JOB.file, log=print, kubectl=kubectl)
-    assert [c[0] for c in kubectl.calls] == ["get"]
+    assert [c[0] for c in kubectl.calls] == ["get"] * len(kubectl.calls)
+
+
+@pytest.mark.parametrize(
+    ("never_started", "ref", "extra"),
+    [
+        ("job-suspended", JOB, {}),
+        ("trainjob-suspended", TRAINJOB, {}),
+        ("trainjob-suspended-kueue", TRAINJOB, {}),
+        # Its JobSet was denied: the TrainJob exists, nothing else ever will.
+        ("trainjob-created", TRAINJOB, {"jobset": (None,), "events": ("events-creation-failed",)}),
+    ],
+)
+def test_a_job_that_never_started_is_replaced(never_started, ref, extra):
+    kubectl, lines = FakeKubectl(never_started, **extra), []
+    submit(ref, ref.file, log=lines.append, kubectl=kubectl)
+    assert [c[0] for c in kubectl.calls if c[0] != "get"] == ["delete", "apply"]
+    assert "never started" in lines[0], lines
 
 
 def test_the_config_map_is_just_applied(tmp_path):
@@ -323,9 +365,15 @@ state = os.environ["FAKE_KUBECTL_STATE"]
 with open(os.path.join(state, "calls.jsonl"), "a") as log:
     log.write(json.dumps(sys.argv[1:]) + "\\n")
 queue = json.load(open(os.path.join(state, "gets.json")))
-if sys.argv[1] == "get":
+others_file = os.path.join(state, "others.json")
+others = json.load(open(others_file)) if os.path.exists(others_file) else {{}}
+resource = sys.argv[2].split("/")[0] if len(sys.argv) > 2 else ""
+if sys.argv[1] == "get" and resource in others:
+    name = others[resource]
+elif sys.argv[1] == "get":
     name = queue.pop(0) if len(queue) > 1 else queue[0]
     json.dump(queue, open(os.path.join(state, "gets.json"), "w"))
+if sys.argv[1] == "get":
     if name is None:
         sys.stderr.write('Error from server (NotFound): jobs.batch "x" not found\\n')
         sys.exit(1)
@@ -335,7 +383,7 @@ else:
 """
 
 
-def _with_fake_kubectl(tmp_path, gets):
+def _with_fake_kubectl(tmp_path, gets, others=None):
     bin_dir, state = tmp_path / "bin", tmp_path / "state"
     bin_dir.mkdir()
     state.mkdir()
@@ -343,6 +391,7 @@ def _with_fake_kubectl(tmp_path, gets):
     kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable, status=str(STATUS)))
     kubectl.chmod(0o755)
     (state / "gets.json").write_text(json.dumps(gets))
+    (state / "others.json").write_text(json.dumps(others or {}))
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -394,3 +443,100 @@ def test_commands_without_kubectl_or_spec_are_one_line(tmp_path, capsys, monkeyp
     assert cli.main(["wait", str(tmp_path / "out" / "01-tokenize.yaml")]) == EXIT_KUBECTL
     err = capsys.readouterr().err
     assert "kubectl is not on PATH" in err and err.count("\n") == 1
+
+
+# -- what a TrainJob's own status cannot say (Trainer v2.3.0, Kueue v0.17, JobSet v0.12.0) ----------------
+
+CREATED = 1_796_032_800.0  # 2026-11-30T10:00:00Z, trainjob-created's creationTimestamp
+
+
+def _wait_at(ref, kubectl, start_age_s, timeout_s=3600.0):
+    """``_wait`` with the wall clock ``start_age_s`` after the TrainJob's creation when the wait begins."""
+    clock, lines = Clock(), []
+    code = wait(
+        ref,
+        timeout_s=timeout_s,
+        interval_s=20.0,
+        log=lines.append,
+        kubectl=kubectl,
+        clock=clock,
+        sleep=clock.sleep,
+        now=lambda: CREATED + start_age_s + clock.now,
+    )
+    return code, lines, clock.now
+
+
+def test_a_trainjob_whose_jobset_was_denied_fails_after_the_grace_naming_the_event():
+    kubectl = FakeKubectl("trainjob-created", jobset=(None,), events=("events-creation-failed",))
+    code, lines, waited = _wait_at(TRAINJOB, kubectl, start_age_s=0)
+    assert code == EXIT_FAILED
+    assert waited == CREATION_GRACE_S  # waits for the controller's retries, then fails, not at --timeout
+    assert "JobSet not created yet (latest event: TrainJob resources reconciliation failed" in lines[0]
+    failed = [line for line in lines if ": failed: " in line]
+    assert len(failed) == 1 and "TrainJobResourcesCreationFailed" in failed[0]
+    assert "invalid failure policy rule name 'permanent-exit'" in failed[0]
+    assert "before any pod existed" in lines[-1] and "trnft submit 03-train.yaml" in lines[-1]
+    # The events were asked for by the TrainJob's name and the controller's reason.
+    (events,) = {tuple(c) for c in kubectl.calls if c[1] == "events"}
+    assert "involvedObject.kind=TrainJob,involvedObject.name=llama31-8b-lora-train," in events[5]
+
+
+def test_an_old_trainjob_without_a_jobset_fails_at_once():
+    kubectl = FakeKubectl("trainjob-created", jobset=(None,), events=("events-creation-failed",))
+    code, _, waited = _wait_at(TRAINJOB, kubectl, start_age_s=3600)
+    assert code == EXIT_FAILED and waited == 0
+
+
+def test_a_missing_jobset_without_an_event_is_waited_for():
+    kubectl = FakeKubectl(
+        "trainjob-created", "trainjob-starting", "trainjob-complete", jobset=(None, "jobset-running")
+    )
+    code, lines, _ = _wait_at(TRAINJOB, kubectl, start_age_s=3600)
+    assert code == 0 and "JobSet not created yet" in lines[0]
+
+
+def test_an_unadmitted_trainjob_says_why_kueue_holds_it():
+    kubectl = FakeKubectl(
+        "trainjob-suspended-kueue", "trainjob-suspended-kueue", "trainjob-starting", "trainjob-complete"
+    )
+    code, lines, _ = _wait(TRAINJOB, kubectl)
+    assert code == 0
+    assert lines[0].endswith(
+        "waiting: suspended by Kueue: couldn't assign flavors to pod set node: insufficient unused quota for "
+        "aws.amazon.com/neuron in flavor trn1-32xlarge, 32 more needed"
+    )
+    (workloads,) = {tuple(c) for c in kubectl.calls if c[1] == "workloads.kueue.x-k8s.io"}
+    assert "kueue.x-k8s.io/job-uid=5c1f9e2d-7a34-4b8e-9d61-0f2a8c3b7e10" in workloads
+
+
+def test_a_kueue_older_than_v0_17_is_named():
+    code, lines, _ = _wait(TRAINJOB, FakeKubectl("trainjob-suspended-old-kueue"), timeout_s=40)
+    assert code == EXIT_TIMEOUT and "upgrade Kueue to v0.17+" in lines[0]
+
+
+def test_a_jobset_restart_shows_its_count_against_max_restarts():
+    kubectl = FakeKubectl(
+        "trainjob-running", "trainjob-starting", "trainjob-running", "trainjob-complete",
+        jobset=("jobset-running", "jobset-restarting"),
+    )  # fmt: skip
+    code, lines, _ = _wait(TRAINJOB, kubectl)
+    assert code == 0
+    assert [line.split(": ", 2)[1:] for line in lines] == [
+        ["running", "1 child job(s) with every pod ready"],
+        ["running", "restarting: restarted 3 time(s), 1 of maxRestarts 20 counted (evictions are not)"],
+        [
+            "running",
+            "1 child job(s) with every pod ready; restarted 3 time(s), 1 of maxRestarts 20 counted (evictions are not)",
+        ],
+        ["succeeded", "complete"],
+    ]
+
+
+def test_wait_through_kubectl_fails_fast_on_a_denied_jobset(tmp_path):
+    assert cli.main(["jobspec", "--config", str(EXAMPLE), "--out", str(tmp_path / "out")]) == 0
+    spec = tmp_path / "out" / "03-train.yaml"
+    others = {"jobsets.jobset.x-k8s.io": None, "events": "events-creation-failed"}
+    env, _ = _with_fake_kubectl(tmp_path, ["trainjob-created"], others)
+    proc = _trnft(env, "wait", str(spec), "--interval", "1s", "--timeout", "12h")
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    assert "TrainJobResourcesCreationFailed" in proc.stdout and "'retryable-exit'" in proc.stdout

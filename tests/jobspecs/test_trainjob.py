@@ -1,5 +1,5 @@
 """Kubeflow Trainer v2 TrainJobs and the ClusterTrainingRuntimes trnft renders: the upstream CRDs they are
-validated against, Trainer's webhook rules, and the pods Trainer makes of them (tests/jobspecs/trainer_v2.py)."""
+validated against, Trainer's webhook rules, and the pods Trainer makes of them (trnft.jobspecs.controllers)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ import yaml
 from trnft.common import cli
 from trnft.common.cluster.launch import rendezvous_endpoint
 from trnft.common.config.run_config import load_config
-from trnft.jobspecs import trainjob
+from trnft.jobspecs import controllers, trainjob
 from trnft.jobspecs.render import STAGE_FILES, render, render_runtimes, runtime_document
 from trnft.jobspecs.validate import TRAINER_CRD_DIR, document_problems, trainjob_runtime_problems
-
-from . import trainer_v2
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TRN1 = EXAMPLES / "llama31_8b_lora_trn1.yaml"
@@ -101,7 +99,7 @@ def test_trainjob_pods_are_the_pytorchjob_pods_trainer_makes_them():
         render(load_config(TRN1, [*overrides, "cluster.operator=pytorchjob"]))["03-train.yaml"]
     )
     v1_pod = v1_train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
-    pods = trainer_v2.pod_templates(docs["03-train.yaml"], runtime)
+    pods = controllers.pod_templates(docs["03-train.yaml"], runtime)
     assert len(pods) == 2
     pod = pods[0]
     for key in ("nodeSelector", "serviceAccountName", "terminationGracePeriodSeconds"):
@@ -189,11 +187,18 @@ def _runtime_mutations():
         (lambda r: job(r).__setitem__("backoffLimit", 3), "must be 0 (a failed pod restarts the whole gang)"),
         (
             lambda r: rules(r)[0].__setitem__(
-                "onJobFailureMessagePatterns", ["matching FailJob rule at index 1$"]
+                "onJobFailureMessagePatterns", ["matching FailJob rule at index (0|1)$"]
             ),
-            "must point at the FailJob rule onPodConditions",
+            "index 1 must point at a FailJob rule of the podFailurePolicy for evicted",
         ),
-        (lambda r: job(r)["podFailurePolicy"]["rules"].reverse(), "must point at the FailJob rule"),
+        (
+            lambda r: job(r)["podFailurePolicy"].__setitem__(
+                "rules", job(r)["podFailurePolicy"]["rules"][1::-1]
+            ),
+            "must point at a FailJob rule",
+        ),
+        (lambda r: rules(r)[1].__setitem__("name", "permanent-exit"), "'permanent-exit' is refused"),
+        (lambda r: rules(r)[2].__setitem__("name", "evicted"), "are all named 'evicted'"),
         (
             lambda r: r["spec"]["template"]["spec"]["failurePolicy"].pop("maxRestarts"),
             "restarts must be bounded",
