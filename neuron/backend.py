@@ -65,6 +65,7 @@ def check_settings(cfg: RunConfig) -> None:
       while trnft's batches carry position_ids, it ignores ``num_items_in_batch`` and cannot resume from
       meta parameters; no pipeline run has executed end to end, so it is refused until one does.
     - LoRA targets that name part of a group optimum-neuron fuses (:mod:`trnft.neuron.fused_groups`).
+    - ``neuron.fuse_qkv`` with LoRA on NxD's GQA QKV layer, whose backward fails on a frozen fused weight.
     - On Trainium, a layout whose memory estimate exceeds a NeuronCore (:mod:`trnft.neuron.memory`).
     """
     from trnft.common.errors import ConfigError
@@ -78,8 +79,10 @@ def check_settings(cfg: RunConfig) -> None:
             "count and cannot resume); set neuron.pp=1 and use neuron.tp and data parallelism"
         )
     config = _model_config(cfg)
+    layout = None if config is None else model_layout(cfg, config)
     if cfg.lora.enabled:
-        fused_groups.check(cfg.lora.target_modules, None if config is None else model_layout(cfg, config))
+        fused_groups.check(cfg.lora.target_modules, layout)
+    fused_groups.check_frozen_fused_gqa(layout, cfg.lora.enabled)
     on_trainium = cfg.neuron.backend == "trainium" or (cfg.neuron.backend == "auto" and has_neuron_device())
     if on_trainium and config is not None:
         from trnft.common.cluster.instances import instance

@@ -46,6 +46,7 @@ from trnft.common.io.tensor_io import (
     PlannedTensor,
     parse_size,
     row_blocks,
+    to_f32,
     write_safetensors,
     write_sharded_model,
 )
@@ -218,6 +219,53 @@ def stack_rows(pieces: list[Piece]) -> Callable[[], Iterator[Array]]:
     return produce
 
 
+# How far two tensor-parallel ranks' copies of a replicated tensor may be apart: bf16's relative spacing
+# (2^-7), elementwise, relative to the larger of the two values. Copies trained as one model are equal (the
+# same summed gradient and update on every rank); copies that trained apart differ at the scale of the
+# tensor itself.
+REPLICA_RTOL = 2.0**-7
+
+
+def replica_difference(first: Array, other: Array) -> tuple[float, float] | None:
+    """(largest absolute difference, the value it is relative to) where ``other`` departs from ``first``
+    by more than :data:`REPLICA_RTOL`; None when they agree."""
+    a, b = to_f32(first), to_f32(other)
+    gap = np.abs(a - b)
+    scale = np.maximum(np.abs(a), np.abs(b))
+    bad = gap > REPLICA_RTOL * scale
+    if not bad.any():
+        return None
+    worst = int(np.argmax(np.where(bad, gap, -1.0)))
+    return float(gap.flat[worst]), float(np.abs(a).max())
+
+
+def replicated_rows(key: str, lazies: list[LazyTensor], rows: int) -> Callable[[], Iterator[Array]]:
+    """Rank 0's copy of a tensor every tensor-parallel rank holds whole, in row blocks, each block checked
+    against the same rows of every other rank's copy: a checkpoint whose ranks trained different copies
+    (each rank's own slice of the sequence) is refused, naming the tensor, instead of exporting rank 0's."""
+    row_bytes = max(1, lazies[0].nbytes // max(1, rows)) if rows else 1
+    step = max(1, BLOCK_BYTES // row_bytes)
+
+    def produce() -> Iterator[Array]:
+        for a in range(0, max(rows, 1), step):
+            b = min(rows, a + step)
+            first = lazies[0].read_rows(a, b) if rows else lazies[0].read()
+            for rank, other in enumerate(lazies[1:], start=1):
+                found = replica_difference(first, other.read_rows(a, b) if rows else other.read())
+                if found is not None:
+                    gap, largest = found
+                    raise TrnftError(
+                        f"{key}: tensor-parallel rank {rank}'s copy differs from rank 0's by up to {gap:.3g} "
+                        f"(rank 0's largest value is {largest:.3g}; bf16 rounding allows {REPLICA_RTOL:.3g} "
+                        "relative): the ranks trained different copies of this replicated tensor, so no "
+                        "single one is the trained model; retrain with this trnft (it sums their gradients "
+                        "under sequence parallelism)"
+                    )
+            yield first
+
+    return produce
+
+
 def join_columns(pieces: list[Piece], rows: int) -> Callable[[], Iterator[Array]]:
     """Output = the pieces side by side (concatenation on dim 1), produced in row blocks."""
     row_bytes = sum(p.cols for p in pieces) * ITEMSIZE[pieces[0].tensor.dtype]
@@ -300,10 +348,10 @@ class Planner:
         self.plan.consume(pp, key, f"{'split' if parallel else 'replicated'} {key}")
         dtype = lazies[0].dtype
         if not shape:
-            self.plan.add(name, dtype, shape, lambda t=lazies[0]: iter([t.read()]))
+            self.plan.add(name, dtype, shape, replicated_rows(key, lazies, 0))
             return
         if not parallel:
-            self.plan.add(name, dtype, shape, stack_rows([Piece(lazies[0], 0, shape[0])]))
+            self.plan.add(name, dtype, shape, replicated_rows(key, lazies, shape[0]))
             return
         assert dim is not None
         if dim == 0 or len(shape) == 1:
@@ -369,7 +417,7 @@ class Planner:
                 key.with_(proj=linear).render(),
                 lazies[0].dtype,
                 shape,
-                stack_rows([Piece(lazies[0], 0, shape[0])]),
+                replicated_rows(name, lazies, shape[0]),
             )
 
     # -- GQA qkv ---------------------------------------------------------------------------------

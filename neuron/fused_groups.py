@@ -54,3 +54,23 @@ def check(targets: Sequence[str], layout: NeuronLayout | None) -> None:
                 f"path they are one module {module} ({why_fused(module, layout)}), which LoRA adapts as a "
                 f"whole: add {', '.join(missing)} or remove {', '.join(named)}"
             )
+
+
+def check_frozen_fused_gqa(layout: NeuronLayout | None, lora: bool) -> None:
+    """Refuse ``neuron.fuse_qkv`` on NxD's GQA QKV layer when its weight is frozen (LoRA).
+
+    NxD 0.15's GQA QKV backward, when the weight takes no gradient, reads the fused weight as
+    ``weight_qkv = ctx.saved_tensors[:1]`` (a tuple) and multiplies with it, which fails
+    (neuronx-distributed v2.26.0 ``modules/qkv_linear_utils.py`` ``_qkvlinear_autograd_base_setup_bwd``,
+    unchanged at v2.27.0 and v2.28.0). Unfused q/k/v weights take the other branch and train.
+
+    Raises:
+        ConfigError: naming neuron.fuse_qkv, the layout and what to set.
+    """
+    if not lora or layout is None or not layout.fuse_qkv or layout.attention != "gqa":
+        return
+    raise ConfigError(
+        f"neuron.fuse_qkv: LoRA keeps the base frozen, and with {why_fused('qkv_proj', layout)} NxD 0.15's "
+        "fused QKV backward fails on a frozen weight (qkv_linear_utils.py reads ctx.saved_tensors[:1], a "
+        "tuple); set neuron.fuse_qkv=false (separate q/k/v weights train the same adapter)"
+    )

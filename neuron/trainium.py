@@ -75,6 +75,7 @@ def check_settings(cfg: RunConfig) -> None:
         from trnft.neuron.parallel_layout import model_layout
 
         fused_groups.check(cfg.lora.target_modules, model_layout(cfg, config))
+        fused_groups.check_frozen_fused_gqa(model_layout(cfg, config), lora=True)
     if t.activation_checkpointing == "selective":
         raise ConfigError(
             "train.activation_checkpointing: selective is the FSDP2 trainer's (gpu, neuron-native); "
@@ -343,7 +344,52 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
 
     peft_model = get_peft_model(model, peft_config(cfg, cfg.lora.target_modules))
     _seed_lora_a(peft_model, cfg.train.seed, _fused_modules(cfg))
+    flag_sequence_sharded_lora_factors(peft_model)
     return peft_model
+
+
+def sequence_sharded_lora_factors(model: Any) -> list[tuple[str, Any]]:
+    """(name, parameter) of every LoRA factor that is replicated over the tensor-parallel group but, under
+    sequence parallelism, sees only this rank's slice of the sequence: the A of a column-parallel target
+    (its input is the sequence-sharded activation; the base layer gathers it, A does not) and the B (and
+    bias) of a row-parallel one (it runs after the base's reduce-scatter). Each rank computes its slice's
+    part of the gradient; the sum over the group is the gradient of the model that is exported."""
+    from neuronx_distributed.parallel_layers.layers import RowParallelLinear
+
+    found = []
+    for module_name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if (
+            base is None
+            or not hasattr(module, "lora_A")
+            or not getattr(base, "sequence_parallel_enabled", False)
+        ):
+            continue
+        factors = module.lora_B if isinstance(base, RowParallelLinear) else module.lora_A
+        for adapter, factor in factors.items():
+            for param_name, param in factor.named_parameters():
+                if param.requires_grad and not getattr(param, "tensor_model_parallel", False):
+                    found.append(
+                        (
+                            f"{module_name}.{'lora_B' if factors is module.lora_B else 'lora_A'}.{adapter}.{param_name}",
+                            param,
+                        )
+                    )
+    return found
+
+
+def flag_sequence_sharded_lora_factors(model: Any) -> list[str]:
+    """Mark :func:`sequence_sharded_lora_factors` ``sequence_parallel_enabled``, NxD's flag for a replicated
+    parameter fed by sequence-sharded activations (its RMSNorm weights and a row-parallel bias carry it,
+    NxD v2.26.0 ``modules/rms_norm.py``, ``parallel_layers/layers.py``), so optimum-neuron's optimizer
+    sums their gradients over the tensor-parallel group before the step
+    (``optimum/neuron/accelerate/optimizer.py`` ``allreduce_sequence_parallel_gradients``). Without it each
+    tp rank trains its own copy and the exported adapter (rank 0's) is not the trained model. Returns the
+    names flagged."""
+    flagged = sequence_sharded_lora_factors(model)
+    for _, param in flagged:
+        param.sequence_parallel_enabled = True
+    return [name for name, _ in flagged]
 
 
 def _fused_modules(cfg: RunConfig) -> dict[str, tuple[str, ...]]:

@@ -173,6 +173,30 @@ def main() -> None:
             torch.testing.assert_close(got_k, dk.grad, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(got_v, dv.grad, rtol=1e-4, atol=1e-4)
             report(f"GQA QKV layer {'fused' if fuse else 'unfused'}: outputs, input and weight gradients")
+        # A frozen fused weight (LoRA's base): NxD 0.15's backward fails (qkv_linear_utils.py reads
+        # ctx.saved_tensors[:1], a tuple); the unfused layer trains its input gradient.
+        for fuse in (True, False):
+            layer = GQAQKVColumnParallelLinear(
+                8, [8, 4], bias=False, gather_output=False, kv_size_multiplier=2, fuse_qkv=fuse
+            ).to(device)
+            layer.requires_grad_(False)
+            xx = x.clone().to(device).requires_grad_(True)
+            out = sum(o.sum() for o in layer(xx))
+            try:
+                out.backward()
+                failed = False
+            except TypeError as exc:
+                failed = "tuple" in str(exc)
+            assert failed is fuse, (fuse, failed)
+        report("GQA QKV layer frozen: fused fails in backward as NxD's does, unfused trains")
+        # Sequence-parallel gradient sums drop the return value (optimum-neuron's
+        # allreduce_sequence_parallel_gradients): NxD reduces the tensor in place.
+        from neuronx_distributed.parallel_layers.mappings import reduce_from_tensor_model_parallel_region
+
+        g = torch.full((3,), float(tp_rank + 1), device=device)
+        reduce_from_tensor_model_parallel_region(g)
+        assert torch.equal(g.cpu(), torch.full((3,), 3.0)), g
+        report("tensor-parallel reduce of a gradient is in place")
     else:
         # Data parallel: gradients averaged over both ranks (NxD sums with scale 1/dp).
         g = torch.full((3,), float(rank + 1), device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,39 @@ def test_memory_stays_at_a_block_not_the_model(tmp_path, encoding):
     assert model_bytes > 250e6
     assert peak < 0.45 * model_bytes, (peak / 1e6, model_bytes / 1e6)
     assert os.path.getsize(tmp_path / "out" / "model-00001-of-00001.safetensors") >= model_bytes
+
+
+@pytest.mark.parametrize("encoding", ["xser", "plain"])
+def test_replicas_that_trained_apart_are_refused_naming_the_tensor(tmp_path, capsys, encoding):
+    """Every tensor-parallel rank holds a whole copy of a replicated tensor (here the row-parallel o_proj's
+    LoRA B); a checkpoint whose ranks hold different copies (each trained on its own slice of the sequence)
+    has no single trained adapter, so consolidation refuses instead of exporting rank 0's."""
+    adapter = random_adapter(GQA, ALL)
+    name = "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"
+    apart = dict(adapter)
+    apart[name] = adapter[name] + 0.01 * adapter[name].abs().max()
+    same = write_lora(tmp_path / "same" / "checkpoint-2", adapter, GQA, Layout(tp=2, encoding=encoding), ALL)
+    other = write_lora(tmp_path / "apart" / "checkpoint-2", apart, GQA, Layout(tp=2, encoding=encoding), ALL)
+    # Rank 1's files from the run whose copy moved: rank 0 and rank 1 now disagree on that tensor only.
+    shards = Path("adapter_default") / "adapter_shards" / "model"
+    for rank_file in (other / shards).glob("dp_rank_00_tp_rank_01_pp_rank_00*"):
+        target = same / shards / rank_file.name
+        shutil.rmtree(target) if rank_file.is_dir() else target.unlink()
+        (shutil.copytree if rank_file.is_dir() else shutil.copy2)(rank_file, target)
+    out = tmp_path / "out"
+    assert cli.main(["consolidate", "--checkpoint", str(same), "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layers.1.self_attn.o_proj.lora_B" in err[0], err
+    assert "rank 1's copy differs from rank 0's by up to" in err[0] and "trained different copies" in err[0]
+    assert not out.exists()
+
+
+def test_replicas_within_bf16_rounding_are_one_tensor():
+    from trnft.common.io.tensor_io import from_f32
+    from trnft.neuron.consolidate import REPLICA_RTOL, replica_difference
+
+    x = torch.randn(64, 32).numpy()
+    assert replica_difference(from_f32(x, "F32"), from_f32(x * (1 + REPLICA_RTOL / 4), "F32")) is None
+    assert replica_difference(from_f32(x, "BF16"), from_f32(x * (1 + REPLICA_RTOL / 4), "BF16")) is None
+    gap, largest = replica_difference(from_f32(x, "F32"), from_f32(x * 1.05, "F32"))
+    assert gap > 0.04 * abs(x).max() / 1.05 and largest == pytest.approx(abs(x).max())

@@ -88,6 +88,11 @@ def test_part_of_a_fused_group_is_one_line_naming_it(targets, layout, message):
             ["neuron.tp=4", "neuron.cpu_devices=8", "lora.target_modules=[q_proj,v_proj]"],
             "fewer than neuron.tp=4",
         ),
+        # fused q/k/v on NxD's GQA layer with a frozen base: NxD 0.15's backward fails (qkv_linear_utils.py)
+        (
+            ["neuron.tp=4", "neuron.cpu_devices=8", "neuron.fuse_qkv=true"],
+            "neuron.fuse_qkv: LoRA keeps the base frozen",
+        ),
     ],
 )
 def test_every_stage_refuses_before_it_runs(make_run, overrides, message):
@@ -96,3 +101,13 @@ def test_every_stage_refuses_before_it_runs(make_run, overrides, message):
         proc = run.stage(stage, *overrides)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_fused_qkv_is_refused_only_where_nxd_fails():
+    from trnft.neuron.fused_groups import check_frozen_fused_gqa
+
+    with pytest.raises(ConfigError, match=r"saved_tensors\[:1\]"):
+        check_frozen_fused_gqa(_layout(LLAMA_8B, 16, fuse_qkv=True), lora=True)
+    check_frozen_fused_gqa(_layout(LLAMA_8B, 16, fuse_qkv=True), lora=False)  # full fine-tuning trains it
+    check_frozen_fused_gqa(_layout(LLAMA_8B, 16, fuse_qkv=False), lora=True)  # unfused GQA weights train
+    check_frozen_fused_gqa(_layout(MHA, 8, fuse_qkv=True), lora=True)  # fused MHA is a plain column layer

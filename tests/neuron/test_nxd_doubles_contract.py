@@ -22,7 +22,10 @@ github.com/aws-neuron/neuronx-distributed) does. Each fact and where upstream do
   ``gq Wq + (gk Wk + gv Wv) / kv_size_multiplier``; ``parallel_state.arrange_kv_groups``: on trn1 with
   tp 4 and 2 copies the groups interleave ([[0, 2], [1, 3]]; adjacent with ``sequential_ranks_in_group``), on
   trn2 copies sit on adjacent ranks; ``_initialize_affine_weight`` copies heads with ``repeat`` on trn1 and
-  ``repeat_interleave`` on trn2.
+  ``repeat_interleave`` on trn2; with a frozen fused ``weight_qkv`` the backward
+  (``_qkvlinear_autograd_base_setup_bwd``) takes ``ctx.saved_tensors[:1]``, a tuple, and fails;
+- ``parallel_layers/mappings.py`` ``_reduce`` through ``parallel_layers/comm.py`` ``all_reduce``: a single
+  tensor is wrapped in a list and reduced in place (callers may drop the return value).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def test_tensor_parallel_doubles_equal_the_dense_computation():
         "gradient norm reduced over the tensor-parallel group",
         "GQA QKV layer unfused: outputs, input and weight gradients",
         "GQA QKV layer fused: outputs, input and weight gradients",
+        "GQA QKV layer frozen: fused fails in backward as NxD's does, unfused trains",
+        "tensor-parallel reduce of a gradient is in place",
     ]
 
 

@@ -639,3 +639,95 @@ def test_the_gqa_qkv_layer_at_tp2_trains_and_consolidates_to_a_peft_adapter(
         assert torch.equal(a[0], a[1]) and torch.equal(a[0], a[2])
         # The KV head's LoRA B once, as the one-process adapter has it (hidden 128 / 4 heads = 32 rows).
         assert mine[f"{prefix}.k_proj.lora_B.weight"].shape[0] == 32
+
+
+# -- sequence parallelism at tp > 1: the exported adapter is the trained one ------------------------------
+# optimum-neuron turns sequence parallelism on at tp > 1. The LoRA factor every rank holds whole (A of a
+# column-parallel target, B of a row-parallel one) then sees only its rank's slice of the sequence; trnft
+# flags it as NxD flags its RMSNorm weights, so optimum sums its gradient over the tensor-parallel group.
+# Packed rows put supervised tokens in every slice (padded 2,048-token rows put them all in the first).
+PACKED_DATASET = {"packing": True, "max_seq_length": 256}
+# Replicated under sequence parallelism: column-parallel targets' A, row-parallel targets' B.
+REPLICATED_FACTOR = ("qkv_proj.lora_A", "q_proj.lora_A", "k_proj.lora_A", "v_proj.lora_A",
+                     "gate_up_proj.lora_A", "o_proj.lora_B", "down_proj.lora_B")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def packed_tokenized(tmp_path_factory, tiny_llama) -> Path:
+    from trnft.common import tokenize
+
+    root = tmp_path_factory.mktemp("trn-packed")
+    tokenize.run(config_from_dict(smoke_raw(root, tiny_llama, dataset=PACKED_DATASET)), log=lambda m: None)
+    return root / "tokenize"
+
+
+def _packed_run(root: Path, model: Path, tokenized: Path, tp: int, backend: str = "trainium") -> Run:
+    neuron = {"backend": backend, "tp": tp, "cpu_devices": tp, "attention": "eager"}
+    return _trainium_run(root, model, tokenized, dataset=PACKED_DATASET, neuron=neuron)
+
+
+def _supervised_share_per_shard(tokenized: Path, seed: int, tp: int) -> list[float]:
+    split = TokenizeOutput(tokenized).split("train")
+    counts = np.zeros(tp)
+    for step in range(TRAIN["max_steps"]):
+        labels = split.rows(batch_indices(step, _global_batch(), len(split), seed))["labels"]
+        supervised = labels != -100
+        for shard, part in enumerate(np.array_split(supervised, tp, axis=1)):
+            counts[shard] += part.sum()
+    return list(counts / counts.sum())
+
+
+@pytest.mark.slow  # a 2-process NeuronTrainer run and a CPU-XLA run (about 3 min)
+def test_at_tp2_with_sequence_parallelism_every_rank_trains_the_adapter_that_is_exported(
+    tmp_path, tiny_llama, packed_tokenized
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trnft.neuron.train import XlaTrainFigures
+
+    run = _packed_run(tmp_path / "tp2", tiny_llama, packed_tokenized, tp=2)
+    shares = _supervised_share_per_shard(packed_tokenized, _seed(run), 2)
+    assert min(shares) >= 1 / 3, shares  # the data reaches both sequence shards
+    ok(torchrun(run, "train", nproc=2))
+    figures = run.figures("train", TrainiumTrainFigures)
+    assert figures.optimum_neuron.sequence_parallel_enabled
+
+    # Every rank's copy of every replicated LoRA factor is the same matrix, and it trained.
+    ranks = [_adapter_tensors(run.root / "train" / "checkpoint-6", r) for r in (0, 1)]
+    replicated = sorted(n for n in ranks[0] if any(f in n for f in REPLICATED_FACTOR))
+    assert any("o_proj.lora_B" in n for n in replicated) and any("lora_A" in n for n in replicated)
+    for name in replicated:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        if ".lora_B" in name:
+            assert ranks[1][name].abs().max() > 0, name  # rank 1's copy learned from rank 0's half too
+
+    # The exported adapter is the trained model: checkpoint-3 in PEFT gives step 4's logged loss.
+    adapter = tmp_path / "adapter-3"
+    _consolidated(run, 3, adapter)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, adapter).eval()
+    split = TokenizeOutput(packed_tokenized).split("train")
+    next_loss = step_batch_loss(peft, split, 3, _global_batch(), _seed(run))
+    np.testing.assert_allclose(figures.logged_losses[3], next_loss, rtol=1e-3)
+
+    # And it is the adapter the CPU-XLA rehearsal (torch-xla SPMD, no sequence slices) trains.
+    xla = _packed_run(tmp_path / "xla", tiny_llama, packed_tokenized, tp=2, backend="cpu")
+    ok(xla.stage("train"))
+    np.testing.assert_allclose(
+        figures.logged_losses, xla.figures("train", XlaTrainFigures).losses, rtol=LOSS_RTOL
+    )
+    a, b = _consolidated(run, 6, tmp_path / "neuron"), _consolidated(xla, 6, tmp_path / "cpu-xla")
+    assert a.keys() == b.keys()
+    # Adam moves an element by about lr a step whatever its gradient's size, so an element whose gradient
+    # is near zero can take the other sign under another summation order: at most 0.1 % of elements may
+    # leave ADAPTER_ATOL, none by more than 2 lr (the dropped sum made whole copies differ instead).
+    lr = run.raw["train"]["learning_rate"]
+    total = sum(a[n].numel() for n in a)
+    outside = sum(int(((a[n] - b[n]).abs() > ADAPTER_ATOL).sum()) for n in a)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    print(
+        f"tp=2 sequence-parallel NeuronTrainer vs CPU-XLA on packed rows: {outside} of {total} elements beyond "
+        f"{ADAPTER_ATOL}, largest difference {worst:.2e} (lr {lr})"
+    )
+    assert outside <= total // 1000 and worst <= 2 * lr

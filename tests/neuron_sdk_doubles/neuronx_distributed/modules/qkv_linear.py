@@ -15,6 +15,7 @@ layer for it (``peft/tuners/lora/layer.py``) uses one as ``lora_B``. What this d
 - the kv-shared groups of ``parallel_state.initialize_kv_group`` (made by the first layer);
 - forward: the input gathered along the sequence (sequence parallel) or copied to the region, then the three
   matmuls (one fused matmul split in three when fused), outputs gathered when ``gather_output``;
+- a fused weight that takes no gradient (LoRA's frozen base) fails in backward, as NxD 0.15's does;
 - backward (``GQAQKVLinearWithAsyncCommunication.backward``): the K and V output gradients summed over the
   kv-shared group first, so every copy of a head gets the gradient of all its copies; the input gradient is
   ``gq Wq + (gk Wk + gv Wv) / kv_size_multiplier`` (fused: the K and V parts scaled before the matmul); weight
@@ -58,14 +59,22 @@ def _replicate_heads(master: torch.Tensor, copies: int) -> torch.Tensor:
 
 class _GQAQKVLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, total_input, weight_q, weight_k, weight_v, kv_size_multiplier, kv_groups):
+    def forward(ctx, total_input, weight_q, weight_k, weight_v, kv_size_multiplier, kv_groups, frozen_fused):
         ctx.save_for_backward(total_input, weight_q, weight_k, weight_v)
         ctx.kv_size_multiplier = kv_size_multiplier
         ctx.kv_groups = kv_groups
+        ctx.frozen_fused = frozen_fused
         return total_input @ weight_q.t(), total_input @ weight_k.t(), total_input @ weight_v.t()
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
+        if ctx.frozen_fused:
+            # NxD v2.26.0 qkv_linear_utils.py _qkvlinear_autograd_base_setup_bwd: without a weight gradient
+            # it takes `weight_qkv = ctx.saved_tensors[:1]`, a tuple, and the input-gradient matmul fails.
+            raise TypeError(
+                "matmul(): argument 'other' (position 1) must be Tensor, not tuple (NxD 0.15 GQA QKV backward "
+                "of a frozen fused weight_qkv)"
+            )
         total_input, weight_q, weight_k, weight_v = ctx.saved_tensors
         m = ctx.kv_size_multiplier
         if m > 1:
@@ -82,7 +91,7 @@ class _GQAQKVLinear(torch.autograd.Function):
         def weight_grad(grad_output: torch.Tensor) -> torch.Tensor:
             return grad_output.reshape(-1, grad_output.shape[-1]).t() @ flat_input
 
-        return grad_input, weight_grad(grad_q), weight_grad(grad_k), weight_grad(grad_v), None, None
+        return grad_input, weight_grad(grad_q), weight_grad(grad_k), weight_grad(grad_v), None, None, None
 
 
 class GQAQKVColumnParallelLinear(BaseParallelLinear):
@@ -175,6 +184,7 @@ class GQAQKVColumnParallelLinear(BaseParallelLinear):
             weight_v,
             self.kv_size_multiplier,
             parallel_state.get_kv_shared_replica_groups(),
+            self.fuse_qkv and not self.weight_qkv.requires_grad,
         )
         if self.gather_output:
             outputs = tuple(mappings.gather_from_tensor_model_parallel_region(o) for o in outputs)

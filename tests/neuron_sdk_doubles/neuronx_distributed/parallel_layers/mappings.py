@@ -27,12 +27,18 @@ def _tp() -> tuple[int, int, list[list[int]]]:
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the tensor-parallel group **in place** and return it, as NxD does: ``_reduce`` calls
+    ``comm.all_reduce``, which wraps a single tensor in a list, and torch-xla reduces a list in place
+    (NxD v2.26.0 ``parallel_layers/mappings.py`` ``_reduce``, ``parallel_layers/comm.py`` ``all_reduce``).
+    Callers that drop the return value (optimum-neuron's ``allreduce_sequence_parallel_gradients``) rely
+    on it."""
     size, _, groups = _tp()
     if size == 1:
         return x
     import torch_xla.core.xla_model as xm
 
-    return xm.all_reduce(xm.REDUCE_SUM, x, groups=groups)
+    xm.all_reduce(xm.REDUCE_SUM, [x], groups=groups)
+    return x
 
 
 def _split(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,7 +79,10 @@ class _Copy(torch.autograd.Function):
 class _Reduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        return _all_reduce(x)
+        out = _all_reduce(x)
+        if out is x and _tp()[0] > 1:
+            ctx.mark_dirty(x)  # reduced in place
+        return out
 
     @staticmethod
     def backward(ctx, g):
@@ -140,6 +149,8 @@ def copy_to_tensor_model_parallel_region(x, process_group: Any = None):
 
 
 def reduce_from_tensor_model_parallel_region(x, process_group: Any = None):
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return _all_reduce(x)  # a gradient (optimum's sequence-parallel sum) or an inference activation
     return _Reduce.apply(x)
 
 
