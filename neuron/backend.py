@@ -15,7 +15,7 @@ from typing import Any, Literal
 from trnft.common.cluster.instances import InstanceType, Layout
 from trnft.common.config.run_config import RunConfig
 from trnft.common.env import has_neuron_device
-from trnft.common.errors import TrnftError
+from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.pipeline import checkpoints
 from trnft.common.pipeline.backend import StageModules
 from trnft.neuron import launch
@@ -66,6 +66,8 @@ def check_settings(cfg: RunConfig) -> None:
       meta parameters; no pipeline run has executed end to end, so it is refused until one does.
     - LoRA targets that name part of a group optimum-neuron fuses (:mod:`trnft.neuron.fused_groups`).
     - ``neuron.fuse_qkv`` with LoRA on NxD's GQA QKV layer, whose backward fails on a frozen fused weight.
+    - KV-head copies of more than one head on a trn2/trn3 target (NxD's copy groups there do not match the
+      layout optimum-neuron loads).
     - On Trainium, a layout whose memory estimate exceeds a NeuronCore (:mod:`trnft.neuron.memory`).
     """
     from trnft.common.errors import ConfigError
@@ -83,12 +85,23 @@ def check_settings(cfg: RunConfig) -> None:
     if cfg.lora.enabled:
         fused_groups.check(cfg.lora.target_modules, layout)
     fused_groups.check_frozen_fused_gqa(layout, cfg.lora.enabled)
+    fused_groups.check_kv_copies_on_target(layout, _target(cfg))
     on_trainium = cfg.neuron.backend == "trainium" or (cfg.neuron.backend == "auto" and has_neuron_device())
     if on_trainium and config is not None:
         from trnft.common.cluster.instances import instance
         from trnft.neuron import memory
 
         memory.check(cfg, config, instance(cfg.cluster.instance_type))
+
+
+def _target(cfg: RunConfig) -> str | None:
+    """The Neuron target of the training instance type (trn1, trn2, trn3), None for an unknown type."""
+    from trnft.common.cluster.instances import instance
+
+    try:
+        return instance(cfg.cluster.instance_type).target
+    except ConfigError:  # an unknown instance type is refused, with its own message, where it is used
+        return None
 
 
 def _model_config(cfg: RunConfig) -> Any:

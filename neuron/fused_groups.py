@@ -74,3 +74,31 @@ def check_frozen_fused_gqa(layout: NeuronLayout | None, lora: bool) -> None:
         "fused QKV backward fails on a frozen weight (qkv_linear_utils.py reads ctx.saved_tensors[:1], a "
         "tuple); set neuron.fuse_qkv=false (separate q/k/v weights train the same adapter)"
     )
+
+
+def check_kv_copies_on_target(layout: NeuronLayout | None, target: str | None) -> None:
+    """Refuse NxD's GQA layer with copies of more than one KV head on a trn2/trn3 target.
+
+    NxD keeps the copies of a KV head in sync by summing their gradients over a kv-shared group, arranged
+    per platform: on trn1 every ``tp / multiplier``-th rank (copies made with ``repeat``: K0 K1 K0 K1), on
+    trn2 adjacent ranks (``repeat_interleave``: K0 K0 K1 K1) (neuronx-distributed v2.26.0
+    ``parallel_layers/parallel_state.py`` ``arrange_kv_groups``, ``modules/qkv_linear.py``
+    ``_initialize_affine_weight``). optimum-neuron 0.4.5 loads the copies with ``repeat`` on every platform
+    (``transformations_utils.py`` ``create_kv_proj_local_weight_from_regular_weight``) and trnft consolidates
+    that layout, so on trn2 a group would sum the gradients of different heads. With one KV head, or one
+    copy, the two rules agree.
+
+    Raises:
+        ConfigError: naming the layout, why, and what to use instead.
+    """
+    if layout is None or target in (None, "trn1") or layout.attention != "gqa":
+        return
+    if layout.kv_multiplier <= 1 or layout.dims.kv_heads <= 1:
+        return
+    raise ConfigError(
+        f"neuron.tp: {layout.tp} on {target} copies each of the model's {layout.dims.kv_heads} key/value heads "
+        f"{layout.kv_multiplier} times in NxD's GQA layer, whose {target} copy groups (adjacent ranks) do not "
+        "match the layout optimum-neuron 0.4.5 loads on every platform (repeat: K0 K1 K0 K1), so different "
+        f"heads' gradients would be summed; use model.platform: neuron-native on {target}, or "
+        f"neuron.tp <= {layout.dims.kv_heads}"
+    )

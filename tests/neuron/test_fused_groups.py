@@ -93,6 +93,11 @@ def test_part_of_a_fused_group_is_one_line_naming_it(targets, layout, message):
             ["neuron.tp=4", "neuron.cpu_devices=8", "neuron.fuse_qkv=true"],
             "neuron.fuse_qkv: LoRA keeps the base frozen",
         ),
+        # 2 KV heads copied twice on trn2, where NxD's copy groups do not match optimum-neuron's loading
+        (
+            ["neuron.tp=4", "neuron.cpu_devices=8", "cluster.instance_type=trn2.48xlarge"],
+            "neuron.tp: 4 on trn2 copies each of the model's 2 key/value heads 2 times",
+        ),
     ],
 )
 def test_every_stage_refuses_before_it_runs(make_run, overrides, message):
@@ -111,3 +116,56 @@ def test_fused_qkv_is_refused_only_where_nxd_fails():
     check_frozen_fused_gqa(_layout(LLAMA_8B, 16, fuse_qkv=True), lora=False)  # full fine-tuning trains it
     check_frozen_fused_gqa(_layout(LLAMA_8B, 16, fuse_qkv=False), lora=True)  # unfused GQA weights train
     check_frozen_fused_gqa(_layout(MHA, 8, fuse_qkv=True), lora=True)  # fused MHA is a plain column layer
+
+
+# -- KV-head copies: trn1's repeat rule and trn2's repeat_interleave rule, at 2 KV heads and tp 4 ----------
+
+
+def test_kv_copies_of_several_heads_are_refused_on_trn2_only():
+    from trnft.neuron.fused_groups import check_kv_copies_on_target
+
+    two_kv = ModelDims(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=96, layers=2)
+    one_kv = ModelDims(hidden=64, heads=4, kv_heads=1, head_dim=16, intermediate=128, vocab=96, layers=2)
+    with pytest.raises(ConfigError, match=r"neuron\.tp: 4 on trn2 copies each of the model's 2 key/value"):
+        check_kv_copies_on_target(_layout(two_kv, 4), "trn2")
+    check_kv_copies_on_target(_layout(two_kv, 4), "trn1")  # the rule optimum-neuron loads with
+    check_kv_copies_on_target(_layout(one_kv, 4), "trn2")  # one head: both rules give the same copies
+    check_kv_copies_on_target(_layout(two_kv, 2), "trn2")  # no copies
+
+
+KV_RULES = """
+import json, torch
+from neuronx_distributed.modules.qkv_linear import _replicate_heads
+from neuronx_distributed.parallel_layers.parallel_state import arrange_kv_groups
+from torch_neuronx.utils import get_platform_target
+
+heads = torch.tensor([[0.0], [1.0]])  # two KV heads, one row each
+local = [int(h) for h in _replicate_heads(heads, 2).flatten()]  # rank r holds local[r] at tp 4
+loaded = [int(h) for h in heads.repeat(2, 1).flatten()]  # optimum-neuron's loading, every platform
+groups = arrange_kv_groups(1, 4, 2, platform=get_platform_target())
+print(json.dumps({"init": [[local[r] for r in g] for g in groups], "loaded": [[loaded[r] for r in g] for g in groups]}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "loaded_groups"), [("trn1", [[0, 0], [1, 1]]), ("trn2", [[0, 1], [0, 1]])]
+)
+def test_the_doubles_kv_rules_at_two_kv_heads_and_tp4(target, loaded_groups):
+    """NxD's own copies always sit in their kv-shared group (trn1 repeat + strided groups, trn2
+    repeat_interleave + adjacent groups); the copies optimum-neuron loads (repeat) do so on trn1 only: on
+    trn2 each group would sum K0's and K1's gradients, which is why trn2 is refused above. A double with the
+    two rules swapped fails this test."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    doubles = Path(__file__).resolve().parents[1] / "neuron_sdk_doubles"
+    env = {"PYTHONPATH": str(doubles), "NEURON_PLATFORM_TARGET_OVERRIDE": target, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", KV_RULES], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["init"] == [[0, 0], [1, 1]]  # NxD is consistent with itself on both targets
+    assert found["loaded"] == loaded_groups

@@ -677,39 +677,48 @@ def _supervised_share_per_shard(tokenized: Path, seed: int, tp: int) -> list[flo
     return list(counts / counts.sum())
 
 
+def _sequence_parallel_run(tmp_path: Path, model: Path, tokenized: Path, tp: int) -> Run:
+    """A ``tp``-process NeuronTrainer run on packed rows whose supervised tokens reach every sequence shard,
+    checked: every rank's copy of every replicated LoRA factor is the same trained matrix, and checkpoint-3
+    consolidated into PEFT gives step 4's logged loss (the exported adapter is the trained model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = _packed_run(tmp_path / f"tp{tp}", model, tokenized, tp=tp)
+    shares = _supervised_share_per_shard(tokenized, _seed(run), tp)
+    assert min(shares) >= 1 / (2 * tp), shares  # each shard holds at least half an even share
+    ok(torchrun(run, "train", nproc=tp))
+    figures = run.figures("train", TrainiumTrainFigures)
+    assert figures.optimum_neuron.sequence_parallel_enabled
+
+    ranks = [_adapter_tensors(run.root / "train" / "checkpoint-6", r) for r in range(tp)]
+    replicated = sorted(n for n in ranks[0] if any(f in n for f in REPLICATED_FACTOR))
+    assert any("o_proj.lora_B" in n for n in replicated) and any("lora_A" in n for n in replicated)
+    for name in replicated:
+        for rank in range(1, tp):
+            assert torch.equal(ranks[0][name], ranks[rank][name]), (name, rank)
+            if ".lora_B" in name:
+                assert ranks[rank][name].abs().max() > 0, name  # it learned from the other slices too
+
+    adapter = tmp_path / f"adapter-tp{tp}-3"
+    _consolidated(run, 3, adapter)
+    base = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, adapter).eval()
+    split = TokenizeOutput(tokenized).split("train")
+    next_loss = step_batch_loss(peft, split, 3, _global_batch(), _seed(run))
+    np.testing.assert_allclose(figures.logged_losses[3], next_loss, rtol=1e-3)
+    return run
+
+
 @pytest.mark.slow  # a 2-process NeuronTrainer run and a CPU-XLA run (about 3 min)
 def test_at_tp2_with_sequence_parallelism_every_rank_trains_the_adapter_that_is_exported(
     tmp_path, tiny_llama, packed_tokenized
 ):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from trnft.neuron.train import XlaTrainFigures
 
-    run = _packed_run(tmp_path / "tp2", tiny_llama, packed_tokenized, tp=2)
-    shares = _supervised_share_per_shard(packed_tokenized, _seed(run), 2)
-    assert min(shares) >= 1 / 3, shares  # the data reaches both sequence shards
-    ok(torchrun(run, "train", nproc=2))
+    run = _sequence_parallel_run(tmp_path, tiny_llama, packed_tokenized, tp=2)
     figures = run.figures("train", TrainiumTrainFigures)
-    assert figures.optimum_neuron.sequence_parallel_enabled
-
-    # Every rank's copy of every replicated LoRA factor is the same matrix, and it trained.
-    ranks = [_adapter_tensors(run.root / "train" / "checkpoint-6", r) for r in (0, 1)]
-    replicated = sorted(n for n in ranks[0] if any(f in n for f in REPLICATED_FACTOR))
-    assert any("o_proj.lora_B" in n for n in replicated) and any("lora_A" in n for n in replicated)
-    for name in replicated:
-        assert torch.equal(ranks[0][name], ranks[1][name]), name
-        if ".lora_B" in name:
-            assert ranks[1][name].abs().max() > 0, name  # rank 1's copy learned from rank 0's half too
-
-    # The exported adapter is the trained model: checkpoint-3 in PEFT gives step 4's logged loss.
-    adapter = tmp_path / "adapter-3"
-    _consolidated(run, 3, adapter)
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32)
-    peft = PeftModel.from_pretrained(base, adapter).eval()
-    split = TokenizeOutput(packed_tokenized).split("train")
-    next_loss = step_batch_loss(peft, split, 3, _global_batch(), _seed(run))
-    np.testing.assert_allclose(figures.logged_losses[3], next_loss, rtol=1e-3)
+    assert min(_supervised_share_per_shard(packed_tokenized, _seed(run), 2)) >= 1 / 3
 
     # And it is the adapter the CPU-XLA rehearsal (torch-xla SPMD, no sequence slices) trains.
     xla = _packed_run(tmp_path / "xla", tiny_llama, packed_tokenized, tp=2, backend="cpu")
@@ -731,3 +740,13 @@ def test_at_tp2_with_sequence_parallelism_every_rank_trains_the_adapter_that_is_
         f"{ADAPTER_ATOL}, largest difference {worst:.2e} (lr {lr})"
     )
     assert outside <= total // 1000 and worst <= 2 * lr
+
+
+@pytest.mark.slow  # a 4-process NeuronTrainer run (about 4 min on 2 cores)
+def test_at_tp4_with_sequence_parallelism_every_rank_trains_the_adapter_that_is_exported(
+    tmp_path, tiny_llama, packed_tokenized
+):
+    """tp 4 on the tiny Llama's 2 KV heads: q/k/v become NxD's GQA layer (each KV head on two ranks), its
+    LoRA one A shared by q, k and v, replicated on all four ranks."""
+    run = _sequence_parallel_run(tmp_path, tiny_llama, packed_tokenized, tp=4)
+    assert run.figures("train", TrainiumTrainFigures).optimum_neuron.kv_size_multiplier in (None, 2)
