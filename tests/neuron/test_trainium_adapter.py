@@ -750,3 +750,35 @@ def test_at_tp4_with_sequence_parallelism_every_rank_trains_the_adapter_that_is_
     LoRA one A shared by q, k and v, replicated on all four ranks."""
     run = _sequence_parallel_run(tmp_path, tiny_llama, packed_tokenized, tp=4)
     assert run.figures("train", TrainiumTrainFigures).optimum_neuron.kv_size_multiplier in (None, 2)
+
+
+@pytest.mark.slow  # a one-process and a two-process full fine-tuning run (about 3 min)
+def test_full_fine_tuning_at_tp2_sums_the_norm_gradients_and_trains_what_one_process_trains(
+    tmp_path, tiny_llama, packed_tokenized
+):
+    """Full fine-tuning at tp 2 under sequence parallelism: every rank's RMSNorm weights see their slice of
+    the sequence and optimum-neuron sums their gradients with NxD's in-place reduce (the doubles did not
+    reduce in place before, so the sum was dropped and tp 2 parted from tp 1 after the first step). All six
+    losses equal the one-process run's, and every rank holds the same norm weights."""
+    full = {"lora": {"enabled": False}, "train": {**TRAIN, "learning_rate": 1e-4, "min_lr": 1e-5}}
+    neuron = {"attention": "eager"}
+    one = _trainium_run(tmp_path / "one", tiny_llama, packed_tokenized, dataset=PACKED_DATASET, **full,
+                        neuron={**neuron, "tp": 1, "cpu_devices": 1})  # fmt: skip
+    ok(torchrun(one, "train"))
+    two = _trainium_run(tmp_path / "two", tiny_llama, packed_tokenized, dataset=PACKED_DATASET, **full,
+                        neuron={**neuron, "tp": 2, "cpu_devices": 2})  # fmt: skip
+    ok(torchrun(two, "train", nproc=2))
+    assert two.figures("train", TrainiumTrainFigures).optimum_neuron.sequence_parallel_enabled
+    losses = [r.figures("train", TrainiumTrainFigures).logged_losses for r in (one, two)]
+    assert len(losses[1]) == TRAIN["max_steps"]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=LOSS_RTOL)
+
+    from trnft.neuron.nxd_format import open_shard_set
+    from trnft.neuron.xla_trainer import to_torch
+
+    shards = open_shard_set(two.root / "train" / "checkpoint-6" / "shards")
+    norms = [n for n in shards.file(0, 0).names() if n.endswith("norm.weight")]
+    assert norms
+    for name in norms:
+        a, b = (to_torch(shards.file(r, 0).lazy(name).read()) for r in (0, 1))
+        assert torch.equal(a, b) and not torch.all(a == 1), name  # one trained copy
