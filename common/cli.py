@@ -112,10 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     for name, what in (
-        ("submit", "Apply a rendered stage spec; a finished job of the same name is deleted first."),
+        (
+            "submit",
+            "Apply a rendered stage spec; a finished job of the same name, or one that never started, is "
+            "deleted first. With --wait, exits as wait does.",
+        ),
         (
             "wait",
-            "Wait for a submitted stage: exit 0 when it succeeds, 1 as soon as it fails, 124 on timeout.",
+            "Wait for a submitted stage: exit 0 when it succeeds, 1 as soon as it fails (or cannot start), "
+            "124 when --timeout passes (each kubectl call is bounded by it), 69 when kubectl cannot reach or "
+            "authenticate to the cluster.",
         ),
     ):
         p = sub.add_parser(name, help=what, description=what)

@@ -223,15 +223,30 @@ class KubectlError(TrnftError):
         self.unauthorized = unauthorized
 
 
-def run_kubectl(args: Sequence[str]) -> subprocess.CompletedProcess:
+KUBECTL_TIMEOUT_S = 120.0
+
+
+def run_kubectl(args: Sequence[str], timeout_s: float = KUBECTL_TIMEOUT_S) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(["kubectl", *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run(["kubectl", *args], capture_output=True, text=True, timeout=timeout_s)
     except FileNotFoundError as exc:
         raise KubectlError(
             "kubectl is not on PATH; install it and point it at the cluster", transient=False
         ) from exc
     except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(["kubectl", *args], 1, "", "kubectl did not answer in 120 s")
+        return subprocess.CompletedProcess(
+            ["kubectl", *args], 1, "", f"kubectl did not answer in {timeout_s:.0f} s"
+        )
+
+
+def kubectl_until(deadline: float, clock: Callable[[], float] = time.monotonic) -> Kubectl:
+    """:func:`run_kubectl` with each call bounded by what is left until ``deadline`` (at least 1 s, at most
+    kubectl's own :data:`KUBECTL_TIMEOUT_S`), so a hanging API server cannot hold ``--timeout`` up."""
+
+    def call(args: Sequence[str]) -> subprocess.CompletedProcess:
+        return run_kubectl(args, timeout_s=min(KUBECTL_TIMEOUT_S, max(1.0, deadline - clock())))
+
+    return call
 
 
 def _kubectl_error(proc: subprocess.CompletedProcess, what: str) -> KubectlError:
@@ -562,7 +577,8 @@ def submit_command(args: Any, log: Callable[[str], None]) -> int:
     submit(ref, file, log=log)
     if not args.wait or ref is None:
         return 0
-    return wait(ref, timeout_s=timeout_s, interval_s=interval_s, log=log)
+    kubectl = kubectl_until(time.monotonic() + timeout_s)
+    return wait(ref, timeout_s=timeout_s, interval_s=interval_s, log=log, kubectl=kubectl)
 
 
 def wait_command(args: Any, log: Callable[[str], None]) -> int:
@@ -573,4 +589,5 @@ def wait_command(args: Any, log: Callable[[str], None]) -> int:
         raise TrnftError(f"{file}: holds no Job, PyTorchJob or TrainJob to wait for")
     timeout_s = parse_duration(args.timeout, "--timeout")
     interval_s = parse_duration(args.interval, "--interval")
-    return wait(ref, timeout_s=timeout_s, interval_s=interval_s, log=log)
+    kubectl = kubectl_until(time.monotonic() + timeout_s)
+    return wait(ref, timeout_s=timeout_s, interval_s=interval_s, log=log, kubectl=kubectl)

@@ -540,3 +540,33 @@ def test_wait_through_kubectl_fails_fast_on_a_denied_jobset(tmp_path):
     proc = _trnft(env, "wait", str(spec), "--interval", "1s", "--timeout", "12h")
     assert proc.returncode == EXIT_FAILED, proc.stderr
     assert "TrainJobResourcesCreationFailed" in proc.stdout and "'retryable-exit'" in proc.stdout
+
+
+def test_a_hanging_kubectl_cannot_hold_the_timeout_up(tmp_path):
+    """kubectl's own limit is 120 s; `trnft wait --timeout 3s` against an API server that never answers
+    ends with 124 in a few seconds, not after kubectl gives up."""
+    import time
+
+    assert cli.main(["jobspec", "--config", str(EXAMPLE), "--out", str(tmp_path / "out")]) == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text("#!/bin/sh\nsleep 60\n")
+    kubectl.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    started = time.monotonic()
+    proc = _trnft(
+        env, "wait", str(tmp_path / "out" / "01-tokenize.yaml"), "--interval", "1s", "--timeout", "3s"
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == EXIT_TIMEOUT, proc.stdout + proc.stderr
+    assert took < 30, took
+    assert "did not answer" in proc.stdout
+
+
+def test_the_help_lists_every_exit_code_of_wait(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["wait", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for code in ("exit 0", "1 as soon as it fails", "124 when --timeout passes", "69 when kubectl"):
+        assert code in text, code
