@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.errors import TrnftError
+from trnft.common.errors import ConfigError
 from trnft.common.training.data import IGNORE_INDEX
 
 ROLES = {
@@ -82,15 +82,23 @@ def load_template(value: str | None, tokenizer: Any) -> str:
     if value:
         path = Path(value)
         if "{" not in value and path.is_file():
-            return path.read_text()
+            try:
+                return path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    f"dataset.chat_template: {value} is not UTF-8 text (byte {exc.start}); save the template as UTF-8"
+                ) from exc
+            except OSError as exc:
+                raise ConfigError(f"dataset.chat_template: {value} cannot be read ({exc.strerror})") from exc
         if "{" not in value:
-            raise TrnftError(
-                f"dataset.chat_template: {value} is neither a Jinja template nor a readable file"
+            what = "a folder" if path.is_dir() else "neither a Jinja template nor an existing file"
+            raise ConfigError(
+                f"dataset.chat_template: {value} is {what}; give a template file or the template text"
             )
         return value
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise TrnftError(
+        raise ConfigError(
             "dataset.chat_template: the tokenizer has no chat template; set dataset.chat_template to a Jinja "
             "template or a file holding one"
         )

@@ -243,6 +243,18 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], int]] 
 }
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, but ``key=value`` overrides may also follow an option (``--force
+    train.max_steps=10``): argparse takes the positional overrides only before the first option after them."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trnft`` console script; returns the process exit code."""
     set_process_defaults()
@@ -254,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args([*argv[:split], "torchrun"])
         args.torchrun_args = argv[split + 1 :]
     else:
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv)
     command = COMMANDS[args.command]
     if os.environ.get(stop.DIE_WITH_PARENT_ENV) == "1":
         stop.die_with_parent()  # a worker `trnft train` started locally: it ends with that process

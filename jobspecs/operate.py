@@ -127,6 +127,10 @@ def read_job_ref(file: Path) -> tuple[JobRef | None, list[dict[str, Any]]]:
         docs = [d for d in yaml.safe_load_all(file.read_text()) if d]
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise TrnftError(f"{file}: not a YAML spec file ({type(exc).__name__}); render it again") from exc
+    if not docs:
+        raise TrnftError(
+            f"{file}: holds no Kubernetes object (an empty file); render it again with `trnft jobspec`"
+        )
     jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") in RESOURCES]
     if len(jobs) > 1:
         raise TrnftError(f"{file}: holds {len(jobs)} jobs; trnft renders one per stage file")

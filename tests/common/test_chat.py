@@ -276,3 +276,19 @@ def test_masks_match_trls_on_real_templates(tok, template, turns, system):
     # Every reply's text is learned exactly once, whatever the template.
     learned = tok.decode([t for t, m in zip(ours.ids, mine) if m])
     assert all(f"red owl {t}" in learned for t in range(turns)) and "Repeat the words" not in learned
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "latin-1"])
+def test_a_template_path_that_cannot_be_a_template_is_a_config_error(tmp_path, kind):
+    from trnft.common.chat import load_template
+    from trnft.common.errors import ConfigError
+
+    path = tmp_path / "template.jinja"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "latin-1":
+        path.write_bytes("{{ messages }} caf\u00e9".encode("latin-1"))
+    with pytest.raises(ConfigError) as refused:
+        load_template(str(path), tokenizer=None)
+    assert refused.value.exit_code == 2 and str(refused.value).startswith("dataset.chat_template:")
+    assert "\n" not in str(refused.value)

@@ -123,3 +123,15 @@ def test_debug_shows_the_traceback_behind_the_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setenv("TRNFT_DEBUG", "1")
     assert cli.main(argv) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_an_option():
+    from trnft.common.cli import build_parser, parse_args
+
+    parser = build_parser()
+    args = parse_args(parser, ["train", "--config", "run.yaml", "--force", "train.max_steps=2", "lora.r=4"])
+    assert args.force and args.overrides == ["train.max_steps=2", "lora.r=4"]
+    args = parse_args(parser, ["train", "--config", "run.yaml", "train.max_steps=2", "--force", "lora.r=4"])
+    assert args.overrides == ["train.max_steps=2", "lora.r=4"]
+    with pytest.raises(SystemExit):
+        parse_args(parser, ["train", "--config", "run.yaml", "--force", "--no-such-flag"])

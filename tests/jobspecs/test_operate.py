@@ -570,3 +570,12 @@ def test_the_help_lists_every_exit_code_of_wait(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for code in ("exit 0", "1 as soon as it fails", "124 when --timeout passes", "69 when kubectl"):
         assert code in text, code
+
+
+@pytest.mark.parametrize("text", ["", "\n---\n", "# only a comment\n"])
+def test_an_empty_spec_file_is_one_line_and_never_applied(tmp_path, capsys, text):
+    spec = tmp_path / "empty.yaml"
+    spec.write_text(text)
+    assert cli.main(["submit", str(spec)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no Kubernetes object" in err[0]
