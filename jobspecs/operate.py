@@ -274,26 +274,19 @@ def _kubectl_error(proc: subprocess.CompletedProcess, what: str) -> KubectlError
 
 def get_job(ref: JobRef, kubectl: Kubectl = run_kubectl) -> dict[str, Any] | None:
     """The job as the cluster has it, or None when the API server says it does not exist."""
-    proc = kubectl(["get", ref.resource, "-n", ref.namespace, "-o", "json"])
-    if proc.returncode != 0:
-        # Only the API server's own answer: "exec: executable aws not found" (a credential plugin missing)
-        # also says "not found".
-        if "(NotFound)" in (proc.stderr or ""):
-            return None
-        raise _kubectl_error(proc, f"get {ref.resource}")
-    try:
-        return json.loads(proc.stdout)
-    except json.JSONDecodeError as exc:
-        raise TrnftError(f"kubectl get {ref.resource} did not print JSON") from exc
+    return _get_json(kubectl, [ref.resource, "-n", ref.namespace], ref.resource)
 
 
-def _get_json(kubectl: Kubectl, args: list[str], what: str) -> dict[str, Any] | None:
-    """``kubectl get ... -o json`` of anything; None when the API server says NotFound (or, for a kind the
-    cluster does not serve, that it has no such resource type)."""
+def _get_json(
+    kubectl: Kubectl, args: list[str], what: str, *, optional_kind: bool = False
+) -> dict[str, Any] | None:
+    """``kubectl get ... -o json``; None when the API server says NotFound (only its own answer: "exec:
+    executable aws not found", a credential plugin missing, also says "not found"), or, with
+    ``optional_kind``, when the cluster serves no such kind (no Kueue, say)."""
     proc = kubectl(["get", *args, "-o", "json"])
     if proc.returncode != 0:
         err = proc.stderr or ""
-        if "(NotFound)" in err or "the server doesn't have a resource type" in err:
+        if "(NotFound)" in err or (optional_kind and "the server doesn't have a resource type" in err):
             return None
         raise _kubectl_error(proc, f"get {what}")
     try:
@@ -334,7 +327,10 @@ def _kueue_reason(ref: JobRef, obj: dict[str, Any], kubectl: Kubectl) -> str:
         )
     uid = (obj.get("metadata") or {}).get("uid")
     found = _get_json(
-        kubectl, [WORKLOAD_RESOURCE, "-n", ref.namespace, "-l", f"{KUEUE_JOB_UID_LABEL}={uid}"], "workloads"
+        kubectl,
+        [WORKLOAD_RESOURCE, "-n", ref.namespace, "-l", f"{KUEUE_JOB_UID_LABEL}={uid}"],
+        "workloads",
+        optional_kind=True,
     )
     workloads = (found or {}).get("items") or []
     if not workloads:
