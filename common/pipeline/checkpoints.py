@@ -119,8 +119,89 @@ def staging_dir(train_dir: Path, step: int) -> Path:
 
 
 def commit(train_dir: Path, staged: Path, step: int) -> None:
-    """Rename a fully written staging folder to ``checkpoint-<step>`` (replacing an older save of it)."""
+    """Record every file's size and CRC-32 in the staging folder (:func:`write_checksums`), then rename it to
+    ``checkpoint-<step>`` (replacing an older save of it)."""
+    write_checksums(staged)
     swap_into_place(staged, train_dir / f"checkpoint-{step}")
+
+
+# Per-file checksums of a committed checkpoint: a bit flipped on the volume after the save (same size, so
+# no structural check sees it) is found before resume instead of failing deep inside a loader.
+CHECKSUMS = "checksums.json"
+_CRC_BLOCK = 8 << 20
+
+
+def _crc32(file: Path) -> int:
+    import zlib
+
+    crc = 0
+    with open(file, "rb") as fh:
+        while block := fh.read(_CRC_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def write_checksums(folder: Path) -> None:
+    """``checksums.json``: size and CRC-32 of every file under ``folder``, flushed before the folder is
+    renamed into place. It reads every byte once more, mostly from the page cache right after the save
+    (cost measured by benchmarks/checkpoint_checksums.py)."""
+    import json
+
+    table = {
+        str(f.relative_to(folder)): {"size": f.stat().st_size, "crc32": _crc32(f)} for f in _files(folder)
+    }
+    path = folder / CHECKSUMS
+    with open(path, "w") as fh:
+        json.dump({"algorithm": "crc32", "files": table}, fh, indent=0, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _checksum_problem(path: Path) -> str:
+    """Why the files differ from what :func:`write_checksums` recorded at the save ("" when they match, or
+    for a checkpoint saved before checksums were written)."""
+    import json
+
+    listed = path / CHECKSUMS
+    if not listed.is_file():
+        return ""
+    try:
+        table = json.loads(listed.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{CHECKSUMS} is damaged (it does not parse)"
+    for name, want in sorted(table.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing (the save recorded it)"
+        if file.stat().st_size != want.get("size"):
+            return f"{name} is {file.stat().st_size} bytes, the save wrote {want.get('size')}"
+        if _crc32(file) != want.get("crc32"):
+            return f"{name} has changed since it was saved (CRC-32 differs: damaged on the volume)"
+    return ""
+
+
+def _step_problem(path: Path) -> str:
+    """Whether the step in the folder name, trnft's state and the trainer's state agree (a copied or
+    swapped file would resume at another step and train steps twice)."""
+    import json
+
+    m = CHECKPOINT_DIR.match(path.name)
+    if not m:
+        return ""
+    step = int(m.group(1))
+    state = json.loads((path / TRNFT_STATE / "state.json").read_text())
+    if isinstance(state, dict) and "step" in state and state["step"] != step:
+        return f"{TRNFT_STATE}/state.json says step {state['step']}, the folder step {step}"
+    trainer = path / "trainer_state.json"
+    if trainer.is_file():
+        recorded = json.loads(trainer.read_text())
+        if isinstance(recorded, dict) and "global_step" in recorded and recorded["global_step"] != step:
+            return f"trainer_state.json says step {recorded['global_step']}, the folder step {step}"
+    return ""
 
 
 def fault_point(where: str, step: int | str) -> None:
@@ -213,13 +294,18 @@ def verify_checkpoint(path: Path) -> str:
 
     ``complete`` (markers present) says the writer finished; this says the bytes survived: a volume that
     filled up, a node that lost power before its page cache reached the file server, or a hand edit can
-    leave a marked checkpoint with empty or cut files.
+    leave a marked checkpoint with empty or cut files. Then the step the folder, trnft's state and the
+    trainer's state record must agree, and every file must match the size and CRC-32 recorded at commit.
     """
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         problem = _file_problem(file)
         if problem:
             return f"{file.relative_to(path)} {problem}"
-    return ""
+    if (path / TRNFT_STATE / "state.json").is_file():
+        problem = _step_problem(path)
+        if problem:
+            return problem
+    return _checksum_problem(path)
 
 
 def _state_fingerprint(path: Path) -> str | None:

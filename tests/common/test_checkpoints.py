@@ -121,3 +121,76 @@ def test_a_checkpoint_without_trnft_state_is_refused_not_set_aside(train_dir):
     with pytest.raises(TrnftError, match=r"has no trnft_state/state\.json"):
         checkpoints.resume_point(train_dir, FINGERPRINT, lambda _: None)
     assert (train_dir / "checkpoint-4").is_dir()
+
+
+def _committed(train_dir: Path, step: int) -> Path:
+    """A checkpoint saved as the trainers save it: staged, then committed (which records the checksums)."""
+    staged = _checkpoint(train_dir, step)
+    staging = checkpoints.staging_dir(train_dir, step)
+    staged.rename(staging)
+    checkpoints.commit(train_dir, staging, step)
+    return train_dir / f"checkpoint-{step}"
+
+
+def _flip(path: Path, count: int = 64) -> None:
+    """``count`` bytes in the middle of ``path`` inverted, the size unchanged (a bit rot, not a cut)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, min(len(data), middle + count)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_committed_checkpoint_records_every_file_and_verifies(tmp_path):
+    path = _committed(tmp_path / "train", 3)
+    table = json.loads((path / checkpoints.CHECKSUMS).read_text())["files"]
+    files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {checkpoints.CHECKSUMS}
+    assert set(table) == files and "done" in table and "trnft_state/state.json" in table
+    assert checkpoints.verify_checkpoint(path) == ""
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        (lambda c: next((c / "model").glob("*.distcp")), "has changed since it was saved"),
+        (
+            lambda c: c / "trnft_state" / "optimizer.pt",
+            "trnft_state/optimizer.pt has changed since it was saved",
+        ),
+        (lambda c: c / "adapter.safetensors", "adapter.safetensors has changed since it was saved"),
+    ],
+)
+def test_flipped_bytes_of_unchanged_size_are_found_and_the_checkpoint_set_aside(tmp_path, target, says):
+    train_dir = tmp_path / "train"
+    _committed(train_dir, 2)
+    newest = _committed(train_dir, 4)
+    _flip(target(newest))
+    assert all(not checkpoints._file_problem(f) for f in newest.rglob("*") if f.is_file())  # structure intact
+    lines: list[str] = []
+    assert checkpoints.resume_point(train_dir, FINGERPRINT, lines.append) == train_dir / "checkpoint-2"
+    assert says in lines[0] and lines[0].endswith("moved it to checkpoint-4.unusable"), lines
+
+
+def test_swapped_states_are_set_aside_whichever_checkpoint_they_land_in(tmp_path):
+    train_dir = tmp_path / "train"
+    for step in (2, 4, 6):
+        _committed(train_dir, step)
+    a, b = (train_dir / f"checkpoint-{s}" / "trnft_state" / "state.json" for s in (4, 6))
+    text_a, text_b = a.read_text(), b.read_text()
+    a.write_text(text_b)
+    b.write_text(text_a)
+    lines: list[str] = []
+    assert checkpoints.resume_point(train_dir, FINGERPRINT, lines.append) == train_dir / "checkpoint-2"
+    assert "skipping checkpoint-6: trnft_state/state.json says step 4, the folder step 6" in lines[0]
+    assert "skipping checkpoint-4: trnft_state/state.json says step 6, the folder step 4" in lines[1]
+
+
+def test_a_trainer_state_of_another_step_is_caught_too(tmp_path):
+    path = _committed(tmp_path / "train", 4)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    assert checkpoints.verify_checkpoint(path) == "trainer_state.json says step 5, the folder step 4"
+
+
+def test_checkpoints_saved_before_checksums_still_resume(train_dir):
+    assert not (train_dir / "checkpoint-4" / checkpoints.CHECKSUMS).exists()
+    assert checkpoints.resume_point(train_dir, FINGERPRINT, lambda _: None) == train_dir / "checkpoint-4"

@@ -308,24 +308,32 @@ def _adapted_logits(base, adapter):
         return model(torch.arange(5, 69).reshape(2, -1)).logits
 
 
-def test_a_checkpoint_cut_short_after_its_save_is_skipped_and_the_run_resumes_from_the_one_before(
-    one_process,
+@pytest.mark.parametrize("damage", ["cut", "flip"])
+def test_a_checkpoint_damaged_after_its_save_is_skipped_and_the_run_resumes_from_the_one_before(
+    one_process, damage
 ):
     """A stop at step 4 saves checkpoint-4; then one of its distributed-checkpoint data files loses its
-    tail (a full volume, a lost page cache). The rerun names the file, sets checkpoint-4 aside, resumes from
+    tail (a full volume, a lost page cache) or has 64 bytes flipped at the same size (bit rot, which only the
+    checksums recorded at the save reveal). The rerun names the file, sets checkpoint-4 aside, resumes from
     checkpoint-3 and ends exactly like the uninterrupted run."""
     single, make = one_process
-    run = make("single-cut", train={**SHARDED, "gradient_accumulation_steps": 2})
+    run = make(f"single-{damage}", train={**SHARDED, "gradient_accumulation_steps": 2})
     stopped = run.stage("train", env={"TRNFT_FAULT": "term-during-step:4"})
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     train_dir = run.root / "train"
     data = max((train_dir / "checkpoint-4").rglob("*.distcp"), key=lambda p: p.stat().st_size)
-    os.truncate(data, data.stat().st_size // 2)
+    relative = data.relative_to(train_dir / "checkpoint-4")
+    if damage == "cut":
+        os.truncate(data, data.stat().st_size // 2)
+        says = f"skipping checkpoint-4: {relative.parent}/.metadata needs"
+    else:
+        raw = bytearray(data.read_bytes())
+        middle = len(raw) // 2
+        raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+        data.write_bytes(bytes(raw))
+        says = f"skipping checkpoint-4: {relative} has changed since it was saved"
     resumed = ok(run.stage("train"))
-    assert (
-        f"skipping checkpoint-4: {data.relative_to(train_dir / 'checkpoint-4').parent}/.metadata needs"
-        in (resumed.stdout)
-    ), resumed.stdout
+    assert says in resumed.stdout, resumed.stdout
     assert "resuming checkpoint-3 at step 3" in resumed.stdout
     assert "checkpoint-4.unusable" not in {p.name for p in train_dir.iterdir()}  # pruned once 6 was saved
     a, b = single.figures("train", ShardedTrainFigures), run.figures("train", ShardedTrainFigures)
