@@ -579,3 +579,26 @@ def test_an_empty_spec_file_is_one_line_and_never_applied(tmp_path, capsys, text
     assert cli.main(["submit", str(spec)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no Kubernetes object" in err[0]
+
+
+def test_wait_through_kubectl_says_why_kueue_holds_a_job_and_counts_restarts(tmp_path):
+    assert cli.main(["jobspec", "--config", str(EXAMPLE), "--out", str(tmp_path / "out")]) == 0
+    spec = str(tmp_path / "out" / "03-train.yaml")
+    queued = tmp_path / "queued"
+    queued.mkdir()
+    env, _ = _with_fake_kubectl(
+        queued, ["trainjob-suspended-kueue"], {"workloads.kueue.x-k8s.io": "workloads-pending"}
+    )
+    proc = _trnft(env, "wait", spec, "--interval", "1s", "--timeout", "2s")
+    assert proc.returncode == EXIT_TIMEOUT, proc.stderr
+    assert "waiting: suspended by Kueue: couldn't assign flavors to pod set node" in proc.stdout
+    restarting = tmp_path / "restarting"
+    restarting.mkdir()
+    env, _ = _with_fake_kubectl(
+        restarting,
+        ["trainjob-starting", "trainjob-complete"],
+        {"jobsets.jobset.x-k8s.io": "jobset-restarting"},
+    )
+    proc = _trnft(env, "wait", spec, "--interval", "1s", "--timeout", "1m")
+    assert proc.returncode == 0, proc.stderr
+    assert "running: restarting: restarted 3 time(s), 1 of maxRestarts 20 counted" in proc.stdout
