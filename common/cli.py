@@ -176,7 +176,10 @@ def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> 
 
         return standalone(args, log)
     cfg = load_config(args.config, args.overrides)
-    backend.of(cfg).check_config(cfg)
+    platform = backend.of(cfg)
+    platform.check_config(cfg)
+    for name, value in platform.process_env(cfg).items():  # before the stage imports torch
+        os.environ.setdefault(name, value)
     run = resolve_stage(stage, cfg)
     run(cfg, force=args.force, log=log)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 
 def has_neuron_device() -> bool:
@@ -20,3 +21,8 @@ def set_process_defaults() -> None:
     if not has_neuron_device():
         os.environ.setdefault("PJRT_DEVICE", "CPU")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers 5 draws a "Loading weights" progress bar on stderr for every from_pretrained; a stage's
+    # stderr is for its one-line errors (and a pod log is not a terminal). It reads this at import time.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()  # imported before we ran

@@ -145,13 +145,21 @@ def die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def workers_get_grace(seconds: int) -> Iterator[None]:
+def workers_get_grace(seconds: int, torchrun_args: Any = None) -> Iterator[None]:
     """While torch's elastic agent runs here, a stop signal gives its workers ``seconds`` (not torch's 30) to
     exit after it forwards the signal, before SIGKILL.
 
-    The agent's shutdown calls ``PContext.close(death_sig)`` and takes the default ``timeout`` (torch 2.8:
-    ``close(self, death_sig=None, timeout=30)``; pinned in tests/common/test_stop.py).
+    The current line's torchrun has the option itself (torch 2.14: ``--shutdown-timeout``, which the agent
+    passes to ``PContext.close``): it is set on ``torchrun_args`` unless the command line gave one. The trn1
+    line's torch 2.8 has none; its agent calls ``PContext.close(death_sig)`` with the default ``timeout``
+    (``close(self, death_sig=None, timeout=30)``), whose default is changed here. Both pinned in
+    tests/common/test_stop.py.
     """
+    if torchrun_args is not None and hasattr(torchrun_args, "shutdown_timeout"):
+        if torchrun_args.shutdown_timeout is None:
+            torchrun_args.shutdown_timeout = seconds
+        yield
+        return
     from torch.distributed.elastic.multiprocessing.api import PContext
 
     original = PContext.close

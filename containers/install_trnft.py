@@ -6,6 +6,12 @@ pip constraint, installs the rest plus ``--extra`` requirements, installs trnft 
 dependencies, and fails if any ``--keep`` package changed version.
 
     python install_trnft.py --keep torch torch-xla --extra optimum-neuron==0.4.5 [--source DIR]
+
+A dependency line's exact versions (containers/constraints/*.txt) come in two ways: ``--constraints FILE``
+constrains pip with it (the current line: pyproject.toml's ranges, the file's versions); ``--at-versions-of
+FILE`` installs each of trnft's dependencies, by name, at the version FILE pins instead of pyproject.toml's
+specifier (the trn1 line, whose torch 2.8 / transformers 4.57.1 lie outside those ranges). Lines of FILE for
+``--keep`` and ``--skip`` packages are left out: the base image's own versions win.
 """
 
 from __future__ import annotations
@@ -45,6 +51,32 @@ def plan(dependencies: list[str], keep: list[str], skip: list[str]) -> list[str]
     return [d for d in dependencies if requirement_name(d) not in drop]
 
 
+def read_pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a constraints file, by canonical name (comments and blanks skipped)."""
+    pins = {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep:
+            raise SystemExit(f"install_trnft: {path}: {raw!r} is not name==version")
+        pins[canonical(name)] = version.strip()
+    return pins
+
+
+def at_versions(dependencies: list[str], pins: dict[str, str], path: Path) -> list[str]:
+    """Each dependency by name at the version ``pins`` has (extras kept); one missing is an error."""
+    out = []
+    for dep in dependencies:
+        name = requirement_name(dep)
+        if name not in pins:
+            raise SystemExit(f"install_trnft: {path} pins no version of {name}; add it (pip freeze)")
+        extras = re.match(r"[^\s<>=!~;\[@]+(\[[^\]]*\])?", dep.strip()).group(1) or ""
+        out.append(f"{name}{extras}=={pins[name]}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=".", help="trnft source folder (with pyproject.toml)")
@@ -55,15 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--extra", nargs="*", default=[], help="more requirements (e.g. optimum-neuron==0.4.5)"
     )
+    parser.add_argument("--constraints", type=Path, help="a dependency line's versions, as pip constraints")
+    parser.add_argument(
+        "--at-versions-of", type=Path, help="install each dependency at the version this file pins"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the pip commands only")
     args = parser.parse_args(argv)
 
     source = Path(args.source).resolve()
     project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
     before = installed_versions(args.keep)
-    wanted = plan(project["dependencies"], args.keep, args.skip) + list(args.extra)
+    wanted = plan(project["dependencies"], args.keep, args.skip)
+    if args.at_versions_of is not None:
+        wanted = at_versions(wanted, read_pins(args.at_versions_of), args.at_versions_of)
+    wanted += list(args.extra)
+    line_pins = read_pins(args.constraints) if args.constraints is not None else {}
+    base = {canonical(n) for n in [*args.keep, *args.skip]}
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
         fh.write("".join(f"{name}=={version}\n" for name, version in before.items()))
+        fh.write("".join(f"{name}=={version}\n" for name, version in line_pins.items() if name not in base))
         constraints = fh.name
     commands = [
         [sys.executable, "-m", "pip", "install", "--constraint", constraints, *wanted],

@@ -19,6 +19,11 @@ class GpuBackend(StageModules):
     compiles_graphs: bool = False
     accelerator: str = "gpu"
 
+    def check_config(self, cfg: RunConfig) -> None:
+        from trnft.common.training.families import check_fsdp_family
+
+        check_fsdp_family(cfg.model.name_or_path)
+
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
         return cfg.gpu.tp, 1  # FSDP2 shards over the data-parallel ranks; no pipeline parallelism
 

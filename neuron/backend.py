@@ -34,6 +34,28 @@ def trainium_rehearsal() -> bool:
     return os.environ.get(REHEARSAL_ENV) == "1"
 
 
+# The trn1 line this platform trains on (containers/constraints/trn1.txt): optimum-neuron 0.4.5's pins.
+TRN1_LINE = "torch 2.8.0, torch-xla 2.8.1, transformers 4.57.1, optimum-neuron 0.4.5"
+
+
+def require_trn1_line(stage: str) -> None:
+    """Refuse compile and train of ``model.platform: neuron`` outside the trn1 line's environment.
+
+    The current line (torch 2.14, transformers 5) has no torch-xla: the XLA path cannot run there, and
+    the other stages of this platform (tokenize, consolidate, merge, evaluate) do not need it.
+    """
+    if importlib.util.find_spec("torch_xla") is not None:
+        return
+    import torch
+
+    raise ConfigError(
+        f"model.platform: neuron: the {stage} stage runs on the trn1 line ({TRN1_LINE}), and this "
+        f"environment has torch {torch.__version__} without torch-xla; run it in the trn1 image "
+        "(containers/Dockerfile.neuron) or the environment tests/trn1_line.sh builds, or train on "
+        "model.platform: neuron-native (trn2/trn3) or gpu"
+    )
+
+
 def device(cfg: RunConfig) -> Literal["trainium", "cpu"]:
     """Where ``neuron.backend`` trains: ``trainium`` (optimum-neuron) or ``cpu`` (torch-xla's CPU device)."""
     choice = cfg.neuron.backend
@@ -69,11 +91,14 @@ def check_settings(cfg: RunConfig) -> None:
     - KV-head copies of more than one head on a trn2/trn3 target (NxD's copy groups there do not match the
       layout optimum-neuron loads).
     - On Trainium, a layout whose memory estimate exceeds a NeuronCore (:mod:`trnft.neuron.memory`).
+    - A model family optimum-neuron 0.4.5 has no training model for (:mod:`trnft.common.training.families`).
     """
     from trnft.common.errors import ConfigError
+    from trnft.common.training.families import check_trn1_family
     from trnft.neuron import fused_groups
     from trnft.neuron.parallel_layout import model_layout
 
+    check_trn1_family(cfg.model.name_or_path)
     if cfg.neuron.pp > 1:
         raise ConfigError(
             f"neuron.pp: {cfg.neuron.pp} (pipeline parallelism) has never run end to end on this path "

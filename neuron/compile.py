@@ -45,7 +45,7 @@ from trnft.common.pipeline.stages import (
 )
 from trnft.common.training.data import TokenizeOutput
 from trnft.neuron import launch, precompile
-from trnft.neuron.backend import device, preflight_or_fail
+from trnft.neuron.backend import device, preflight_or_fail, require_trn1_line
 from trnft.neuron.train import cpu_cache_dir
 
 
@@ -56,6 +56,7 @@ def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = pri
     node must trace its graphs (its torchrun joins the same rendezvous), but only the Master (RANK 0)
     owns the stage output, so a Worker runs ``neuron_parallel_compile`` and returns None.
     """
+    require_trn1_line("compile")
     launch.cache_dir(cfg)  # validated before anything compiles
     if device(cfg) == "trainium" and not is_main_process():
         compile_worker(cfg, log)

@@ -27,13 +27,14 @@ from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, Stag
 from trnft.common.training.data import TokenizeOutput
 from trnft.common.training.policy import Cadence, TrainFigures, on_recompile, refuse_non_finite
 from trnft.neuron import launch
-from trnft.neuron.backend import device, preflight_or_fail
+from trnft.neuron.backend import device, preflight_or_fail, require_trn1_line
 
 CPU_CACHE_SUBDIR = "xla_cpu"
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
     """The train stage (refused under ``neuron_parallel_compile``: the compile stage runs the trial run)."""
+    require_trn1_line("train")
     if is_precompilation():
         raise ConfigError(
             "train: started under neuron_parallel_compile (NEURON_EXTRACT_GRAPHS_ONLY=1), where model outputs "

@@ -8,7 +8,9 @@ import os
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as every trnft process sets it
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -25,11 +27,40 @@ def _has_cuda() -> bool:
         return False
 
 
+# Which dependency line this environment is (README "Two lines"): torch-xla is only on the trn1 line.
+TRN1_LINE_ENV = importlib.util.find_spec("torch_xla") is not None
+
+
+def _writes_xser(item) -> bool:
+    """A case parametrised with ``encoding="xser"`` writes NxD shards through torch-xla's serialization (the
+    test-side writer needs its real ``TensorReference`` class), so it runs where torch-xla is: the trn1
+    line. Reading xser needs no torch-xla; the same cases in the ``plain`` encoding run on both lines."""
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("encoding") == "xser"
+
+
 def pytest_collection_modifyitems(config, items):
+    """Hardware skips, and the split between the two dependency lines.
+
+    On the current line, ``trn1`` tests are skipped (tests/trn1_line.sh runs them in the trn1
+    environment); on the trn1 line, only ``trn1`` and ``both_lines`` tests are selected.
+    """
     from trnft.common.env import has_neuron_device
 
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_trn = pytest.mark.skip(reason="needs a Neuron device and the Neuron SDK")
+    skip_trn1 = pytest.mark.skip(reason="the trn1 line's test: tests/trn1_line.sh runs it in .venv-trn1")
+    on_this_line, elsewhere = [], []
+    for item in items:
+        trn1_only = item.get_closest_marker("trn1") is not None or _writes_xser(item)
+        if TRN1_LINE_ENV:
+            both = item.get_closest_marker("both_lines") is not None
+            (on_this_line if trn1_only or both else elsewhere).append(item)
+        elif trn1_only:
+            item.add_marker(skip_trn1)
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = on_this_line
     cuda = None
     for item in items:
         if item.get_closest_marker("gpu") is not None:

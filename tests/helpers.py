@@ -118,6 +118,20 @@ def step_batch_loss(model, split, step: int, global_batch: int, seed: int) -> fl
     return total.item() / max(1, int((labels != IGNORE_INDEX).sum()))
 
 
+def first_step_reference(run, model_dir) -> float:
+    """The first step's loss of ``run`` computed by a plain transformers forward of the base model in
+    ``model_dir`` (what every trainer's first LoRA step must log: B starts at zero)."""
+    from transformers import AutoModelForCausalLM
+
+    from trnft.common.training.data import TokenizeOutput
+
+    split = TokenizeOutput(run.root / "tokenize").split("train")
+    train = run.raw["train"]
+    global_batch = train["micro_batch_size"] * train["gradient_accumulation_steps"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    return step_batch_loss(base, split, 0, global_batch, train["seed"])
+
+
 def complete_by_hand(cfg, stage: str, files: list[dict] | None = None) -> dict:
     """Write ``stage``'s manifest as if it had run with ``cfg`` (its fingerprint over the current upstream
     manifests), so tests can put a stage in place without running it. Returns the manifest."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import complete_by_hand
 from nxd_writer import Dims, Layout, random_adapter, write_lora
-from test_bad_inputs import flip_a_stored_bit
+from test_bad_inputs import SHARD_ENCODING, flip_a_stored_bit
 
 from trnft.common import cli
 from trnft.common.config.run_config import load_config
@@ -117,7 +117,7 @@ def test_a_full_disk_during_merge_is_one_line_and_the_earlier_output_stays(
 def test_a_full_disk_during_consolidate_is_one_line_and_the_earlier_output_stays(
     tmp_path, capsys, monkeypatch
 ):
-    ckpt = _checkpoint(tmp_path, "xser")
+    ckpt = _checkpoint(tmp_path, SHARD_ENCODING)
     out = tmp_path / "out"
     assert cli.main(["consolidate", "--checkpoint", str(ckpt), "--output", str(out)]) == 0
     shutil.copytree(out, tmp_path / "kept")

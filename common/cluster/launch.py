@@ -76,7 +76,7 @@ def run_torchrun(argv: Sequence[str]) -> int:
     args = get_args_parser().parse_args(list(argv))
     grace = stop.grace_seconds()
     try:
-        with stop.workers_get_grace(grace):
+        with stop.workers_get_grace(grace, args):
             run(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()

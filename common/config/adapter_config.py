@@ -20,7 +20,8 @@ from trnft.common.errors import TrnftError
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-# The fields of PEFT 0.17's LoraConfig (what PEFT itself writes); any other key is reported as ignored.
+# The fields of LoraConfig in PEFT 0.17 (the trn1 line) and 0.21 (the current line), what PEFT itself writes;
+# any other key is reported as ignored. The last row is 0.21's additions.
 PEFT_LORA_KEYS = frozenset(
     {
         "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
@@ -29,11 +30,13 @@ PEFT_LORA_KEYS = frozenset(
         "megatron_config", "megatron_core", "modules_to_save", "peft_type", "qalora_group_size", "r",
         "rank_pattern", "revision", "runtime_config", "target_modules", "target_parameters", "task_type",
         "trainable_token_indices", "use_dora", "use_qalora", "use_rslora", "peft_version",
+        "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
+        "monteclora_config", "use_bdlora", "velora_config",
     }
 )  # fmt: skip
 
 
-# What the merge (W + scale * B @ A per module, from the tensors present) makes of each PEFT 0.17 LoraConfig
+# What the merge (W + scale * B @ A per module, from the tensors present) makes of each PEFT 0.17/0.21 LoraConfig
 # field. Every field is in exactly one table (tests/common/test_adapter_config.py checks that against
 # LoraConfig itself); a key in none of them is refused, so a future option that changes the math (as
 # use_dora did) never merges silently.
@@ -47,7 +50,10 @@ MERGE_HARMLESS = frozenset(
     {"base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
      "init_lora_weights", "lora_dropout", "loftq_config", "eva_config", "corda_config", "target_modules",
      "exclude_modules", "layers_pattern", "layers_to_transform", "megatron_config", "megatron_core",
-     "runtime_config", "qalora_group_size"}
+     "runtime_config", "qalora_group_size",
+     # 0.21: LoRA-GA initialisation, VeLoRA's training-time activation compression, which tied weights
+     # get the adapter (the tensors present say).
+     "lora_ga_config", "velora_config", "ensure_weight_tying"}
 )  # fmt: skip
 # Change the model's structure or the update itself; merged only at their default ("off").
 MERGE_ONLY_OFF = {
@@ -55,6 +61,12 @@ MERGE_ONLY_OFF = {
     "layer_replication": "layers duplicated by PEFT",
     "target_parameters": "LoRA on bare parameters",
     "trainable_token_indices": "trained token embeddings",
+    # PEFT 0.21: each changes when or how the update applies, beyond W + scale * B @ A.
+    "alora_invocation_tokens": "activated LoRA (the update applies after invocation tokens only)",
+    "arrow_config": "Arrow routing between several adapters",
+    "kasa_config": "KaSA singular-value adaptation",
+    "monteclora_config": "MonteCLoRA's sampled update",
+    "use_bdlora": "block-diagonal LoRA",
 }
 
 
@@ -64,7 +76,7 @@ def check_merge_settings(config: Mapping[str, Any], path: Path) -> None:
     if unknown:
         raise TrnftError(
             f"{path}: {', '.join(repr(k) for k in unknown)} {'is' if len(unknown) == 1 else 'are'} not a LoRA "
-            "setting this merge knows (PEFT 0.17's LoraConfig); it may change the math, so nothing is merged. "
+            "setting this merge knows (PEFT 0.17/0.21's LoraConfig); it may change the math, so nothing is merged. "
             "Remove the key if you know it does not"
         )
     for key, what in MERGE_ONLY_OFF.items():

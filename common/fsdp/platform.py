@@ -30,6 +30,9 @@ class DevicePlatform:
     count_devices: Callable[[], int] = field(default=lambda: 1)
     # The torch.device of local rank ``i``.
     device_of: Callable[[int], torch.device] | None = None
+    # Whether ``init_process_group`` gets ``device_id`` (Lightning passes the rank's device for every
+    # non-CPU device). The Neuron backend is started with none, the device untouched until it exists.
+    process_group_device_id: bool = True
 
     def device(self, local_rank: int) -> torch.device:
         if self.device_of is not None:
@@ -38,6 +41,43 @@ class DevicePlatform:
 
     def lightning_accelerator(self) -> Any:
         return self.accelerator if isinstance(self.accelerator, str) else self.accelerator()
+
+    def lightning_strategy(self, **kwargs: Any) -> Any:
+        """Lightning's ``ModelParallelStrategy`` for this device (``kwargs`` are its own)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self.process_group_device_id:
+            return ModelParallelStrategy(**kwargs)
+        return _strategy_without_device_id()(**kwargs)
+
+
+def _strategy_without_device_id() -> type:
+    """``ModelParallelStrategy`` that joins the process group without ``device_id`` and hands the accelerator
+    its device only once the group exists.
+
+    Lightning 2.6.6's ``ModelParallelStrategy._setup_distributed`` passes ``device_id=root_device`` for any
+    non-CPU device, after ``Strategy.setup_environment`` has called ``accelerator.setup_device`` (pinned in
+    tests/common/test_lightning_contract.py). The Neuron process group must be created before the runtime
+    is initialised and without a device (AWS's torch.distributed guide for TorchNeuron), so this override
+    keeps Lightning's steps minus ``device_id``; the accelerator ignores ``setup_device`` until then.
+    """
+    from lightning.fabric.utilities.distributed import _init_dist_connection
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class ModelParallelStrategyWithoutDeviceId(ModelParallelStrategy):
+        def _setup_distributed(self) -> None:
+            reset_seed()
+            self.set_world_ranks()
+            self._process_group_backend = self._get_process_group_backend()
+            assert self.cluster_environment is not None
+            _init_dist_connection(
+                self.cluster_environment, self._process_group_backend, timeout=self._timeout
+            )
+            assert self.accelerator is not None
+            self.accelerator.setup_device(self.root_device)  # now that the process group exists
+
+    return ModelParallelStrategyWithoutDeviceId
 
 
 CPU = DevicePlatform(

@@ -779,9 +779,7 @@ def _lightning_trainer(
     loggers: list[Any],
 ) -> L.Trainer:
     """``lightning.Trainer`` on ``ModelParallelStrategy`` for this platform's device and process group."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    strategy = ModelParallelStrategy(
+    strategy = platform.lightning_strategy(
         data_parallel_size=world_size // cfg.gpu.tp,
         tensor_parallel_size=cfg.gpu.tp,
         save_distributed_checkpoint=True,
@@ -892,9 +890,15 @@ class _Started(L.Callback):
 
 
 def _peak_device_memory_mb(world: parallel.World) -> float | None:
-    if world.device.type != "cuda":
+    """The largest peak of allocated device memory over the ranks, through ``torch.accelerator`` (CUDA and
+    TorchNeuron both report there); None on the CPU or where the device does not report."""
+    if world.device.type == "cpu":
         return None
-    peak = torch.tensor(torch.cuda.max_memory_allocated(world.device) / 2**20, device=world.device)
+    try:
+        allocated = torch.accelerator.max_memory_allocated(world.device)
+    except (RuntimeError, NotImplementedError, AttributeError):  # a backend without memory statistics
+        return None
+    peak = torch.tensor(allocated / 2**20, device=world.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return round(float(peak), 1)
 

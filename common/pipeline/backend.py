@@ -71,6 +71,9 @@ class Backend(Protocol):
     def consolidate_standalone(self, args: Any, log: Log) -> int:
         """``trnft consolidate --checkpoint PATH --output DIR`` for this platform's checkpoints."""
 
+    def process_env(self, cfg: RunConfig) -> dict[str, str]:
+        """Environment a stage process needs before torch is imported (defaults: values set win)."""
+
 
 @dataclass(frozen=True)
 class StageModules:
@@ -81,6 +84,9 @@ class StageModules:
 
     def check_config(self, cfg: RunConfig) -> None:
         """Nothing to refuse beyond the config's own validation (platforms override)."""
+
+    def process_env(self, cfg: RunConfig) -> dict[str, str]:
+        return {}
 
     def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Log) -> Any:
         if stage not in PLATFORM_STAGES:

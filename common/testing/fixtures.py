@@ -99,10 +99,24 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def tiny_config(family: str, vocab_size: int, shape: TinyShape, tokenizer: Any) -> Any:
-    """A transformers config of ``family`` (llama, qwen3, mistral) with tiny dimensions."""
-    from transformers import LlamaConfig, MistralConfig, Qwen3Config
+# Families only transformers 5 has (the current line): built on demand, their config classes do not exist
+# in the trn1 line's transformers 4.57.1.
+CURRENT_LINE_FAMILIES = ("ministral3", "gemma4")
+CAUSAL_LM_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "ministral3": "Ministral3ForCausalLM",
+    "gemma4": "Gemma4ForCausalLM",
+}
 
+
+def tiny_config(family: str, vocab_size: int, shape: TinyShape, tokenizer: Any) -> Any:
+    """A transformers config of ``family`` (llama, qwen3, mistral; ministral3 and gemma4 on transformers 5)
+    with tiny dimensions."""
+    import transformers
+
+    head_dim = shape.hidden_size // shape.num_attention_heads
     common = dict(
         vocab_size=vocab_size,
         hidden_size=shape.hidden_size,
@@ -119,16 +133,28 @@ def tiny_config(family: str, vocab_size: int, shape: TinyShape, tokenizer: Any) 
         initializer_range=shape.initializer_range,
     )
     builders = {
-        "llama": lambda: LlamaConfig(**common, rope_theta=10000.0),
-        "qwen3": lambda: Qwen3Config(**common, head_dim=shape.hidden_size // shape.num_attention_heads),
-        "mistral": lambda: MistralConfig(**common, sliding_window=None),
+        "llama": lambda: transformers.LlamaConfig(**common, rope_theta=10000.0),
+        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=head_dim),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
+        # Ministral 3 (2025-12): Mistral's dense decoder with YaRN RoPE and llama-4 attention scaling.
+        "ministral3": lambda: transformers.Ministral3Config(**common, head_dim=head_dim),
+        # Gemma 4 text (2026): sliding and global attention layers, per-layer input embeddings, q/k norms.
+        "gemma4": lambda: transformers.Gemma4TextConfig(
+            **common,
+            head_dim=head_dim,
+            global_head_dim=head_dim,
+            sliding_window=64,
+            layer_types=["sliding_attention"] * (shape.num_hidden_layers - 1) + ["full_attention"],
+            vocab_size_per_layer_input=vocab_size,
+            hidden_size_per_layer_input=16,
+        ),
     }
     if family not in builders:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(builders)}")
+    if family in CURRENT_LINE_FAMILIES and int(transformers.__version__.split(".")[0]) < 5:
+        raise ValueError(f"tiny model family {family!r} needs transformers 5 (the current line)")
     config = builders[family]()
-    config.architectures = [
-        {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[family]
-    ]
+    config.architectures = [CAUSAL_LM_CLASSES[family]]
     return config
 
 

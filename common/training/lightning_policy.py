@@ -100,7 +100,7 @@ class PolicyCallback(L.Callback):
         # main thread is): from here a stop signal only sets a flag, read after each step (stop.agreed_stop).
         stop.install_cooperative()
         if self.graph_counter is not None:
-            self.record.graphs_at_start = self.graph_counter()
+            self.record.graphs_at_start = self._graphs(pl_module)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._started = time.perf_counter()
@@ -113,7 +113,7 @@ class PolicyCallback(L.Callback):
             record.tokens += pl_module.step_tokens
             record.seconds += time.perf_counter() - self._started
         checkpoints.fault_point("step", step)
-        self._watch_graphs(step)
+        self._watch_graphs(step, pl_module)
         lr = lr_of(step - 1, self.train)
         if pl_module.is_main and self.cadence.logs(step, record.start + 1):
             self.ctx.log(
@@ -175,11 +175,23 @@ class PolicyCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)  # rank-zero only inside Lightning's loggers
 
-    def _watch_graphs(self, step: int) -> None:
+    def _graphs(self, pl_module: Any) -> int:
+        """Rank 0 counts the compiled graphs; every rank gets its count (so all decide the same)."""
+        import torch
+        import torch.distributed as dist
+
+        mine = self.graph_counter() if pl_module.is_main else 0
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return mine
+        count = torch.tensor([mine], dtype=torch.int64, device=pl_module.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count.item())
+
+    def _watch_graphs(self, step: int, pl_module: Any) -> None:
         record = self.record
         if self.graph_counter is None or record.graphs_at_start is None:
             return
-        compiled = self.graph_counter() - record.graphs_at_start
+        compiled = self._graphs(pl_module) - record.graphs_at_start
         if step == record.start + 1:
             record.graphs_first_step, record.graphs_after_first_step = compiled, 0
             return

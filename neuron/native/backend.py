@@ -11,6 +11,7 @@ and ``neuron.logical_nc_config``. Everything else is refused by
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ def check_settings(cfg: RunConfig) -> None:
     Raises:
         ConfigError: one line naming the key, why, and what to use instead.
     """
+    from trnft.common.training.families import check_fsdp_family
+
+    check_fsdp_family(cfg.model.name_or_path)
     inst = instance(cfg.cluster.instance_type)
     if inst.accelerator != "neuron" or inst.target not in torchneuron.TARGETS:
         instead = (
@@ -106,6 +110,14 @@ class NeuronNativeBackend(StageModules):
 
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
         return neuron_native_env(cfg, inst, layout)
+
+    def process_env(self, cfg: RunConfig) -> dict[str, str]:
+        # torch loads torch-neuronx when it is imported (PyTorch's device-backend autoload), and the NEFF
+        # cache location is read then: a stage started by hand must have it before, as the pods do. Where
+        # it is set (the pods, or the compile stage's trial run, which trains into the run's cache), it stays.
+        if torchneuron.NEFF_CACHE_ENV in os.environ:
+            return {}
+        return {torchneuron.NEFF_CACHE_ENV: launch.cache_dir(cfg)}
 
     def shared_volume_paths(self, cfg: RunConfig) -> list[tuple[str, str]]:
         return [("neuron.cache_dir", launch.cache_dir(cfg))]

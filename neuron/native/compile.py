@@ -29,7 +29,7 @@ from trnft.common.fsdp import trainer
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
 from trnft.neuron import launch
-from trnft.neuron.native import torchneuron
+from trnft.neuron.native import preflight, torchneuron
 from trnft.neuron.native.device import NEURON, cache_dir_of, cached_graphs, device_platform
 
 TRIAL_DIR = "compile.trial"
@@ -92,6 +92,7 @@ def _body(ctx: StageContext) -> StageOutcome:
     platform = device_platform()
     cache = None
     if platform is NEURON:
+        preflight.require()  # the trial run compiles on the device: the same check as train
         os.environ.setdefault(torchneuron.NEFF_CACHE_ENV, launch.cache_dir(cfg))
         cache = cache_dir_of()
     before = cached_graphs(cache) if cache is not None else None

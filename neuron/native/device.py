@@ -43,10 +43,18 @@ class NeuronAccelerator(Accelerator):
     """Lightning's view of the NeuronCores of this node (logical cores, one process each)."""
 
     def setup_device(self, device: torch.device) -> None:
+        """Select this rank's NeuronCore, but only once the process group exists.
+
+        Lightning calls this first from ``Strategy.setup_environment``, before ``init_process_group``; the
+        Neuron process group must be created before the runtime is initialised (AWS's torch.distributed
+        guide), so that call does nothing and the strategy of :data:`NEURON` calls again after the group.
+        """
         if device.type != torchneuron.DEVICE_TYPE:
             raise ValueError(
                 f"NeuronAccelerator got device {device}, expected a {torchneuron.DEVICE_TYPE} device"
             )
+        if not torch.distributed.is_initialized():
+            return
         _load_runtime()
         if device.index is not None:
             torch.accelerator.set_device_index(device.index)
@@ -103,6 +111,7 @@ NEURON = DevicePlatform(
     accelerator=_neuron_accelerator,
     count_devices=_device_count,
     device_of=lambda i: torch.device(torchneuron.DEVICE_TYPE, i),
+    process_group_device_id=torchneuron.PROCESS_GROUP_TAKES_DEVICE_ID,
 )
 
 
@@ -129,7 +138,49 @@ def cache_dir_of(env: dict[str, str] | None = None) -> Path | None:
 
 
 def cached_graphs(cache_dir: Path | None) -> int:
-    """Compiled graphs (NEFF files) in the cache folder; 0 when it does not exist yet."""
+    """Compiled graphs (NEFF files) in the cache folder; 0 when it does not exist yet (one full walk)."""
     if cache_dir is None or not cache_dir.is_dir():
         return 0
     return sum(1 for _ in cache_dir.rglob(f"*{torchneuron.NEFF_SUFFIX}"))
+
+
+class NeffCacheWatch:
+    """The NEFF files in a cache folder, counted without listing every file at every step.
+
+    The train stage asks once per step (on rank 0; the trainer shares the answer). A file added to a folder
+    changes that folder's modification time, so a call stats the folders and lists only the ones whose time
+    changed since the last call: the first call walks the cache, later ones cost a ``stat`` per folder. The
+    default cache is the run's own (``<run.root>/neuron_cache``); a ``neuron.cache_dir`` shared with another
+    run that compiles at the same time counts that run's new graphs too.
+    """
+
+    def __init__(self, cache_dir: Path | None) -> None:
+        self.root = cache_dir
+        # folder -> (modification time in ns, NEFF files directly in it, its subfolders)
+        self._folders: dict[str, tuple[int, int, tuple[str, ...]]] = {}
+        self.listed = 0  # folders listed so far (what the tests and the cost figures read)
+
+    def __call__(self) -> int:
+        if self.root is None or not self.root.is_dir():
+            return 0
+        return self._count(str(self.root))
+
+    def _count(self, folder: str) -> int:
+        try:
+            mtime = os.stat(folder).st_mtime_ns
+        except FileNotFoundError:
+            self._folders.pop(folder, None)
+            return 0
+        known = self._folders.get(folder)
+        if known is None or known[0] != mtime:
+            neffs, subfolders = 0, []
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subfolders.append(entry.path)
+                    elif entry.name.endswith(torchneuron.NEFF_SUFFIX):
+                        neffs += 1
+            known = (mtime, neffs, tuple(subfolders))
+            self._folders[folder] = known
+            self.listed += 1
+        return known[1] + sum(self._count(sub) for sub in known[2])

@@ -1,7 +1,8 @@
 """Startup check of the neuron-native image: is this the TorchNeuron release the image was built for?
 
 The image carries one TorchNeuron release (``containers/neuron-native.json``, path in
-``$TRNFT_NEURON_NATIVE_MANIFEST``): Python, torch and the torch-neuronx family that matches it. The check
+``$TRNFT_NEURON_NATIVE_MANIFEST``): Python, torch, and the families of torch-neuronx, the Neuron compiler
+(neuronx-cc) and nki that AWS installs with it. The check
 compares what is installed with that file and, unless ``--image-only`` (the image build has no device),
 that a Neuron device is present and torch-neuronx loads. It runs in the image build and at the start of
 neuron-native training on a Neuron device. Exit 0 when everything matches, 1 with one line per problem.
@@ -23,6 +24,12 @@ from trnft.common.env import has_neuron_device
 from trnft.neuron.native import torchneuron
 
 MANIFEST_ENV = "TRNFT_NEURON_NATIVE_MANIFEST"
+# Why each package of the release must be there (AWS's install line for TorchNeuron 2.14).
+WHY_NEEDED = {
+    torchneuron.PACKAGE: "TorchNeuron itself, the family that matches torch",
+    "neuronx-cc": "TorchNeuron calls the Neuron compiler for every graph, eager or compiled",
+    "nki": "Neuron kernels; neuronx-cc no longer carries neuronxcc.nki",
+}
 
 
 def default_manifest() -> Path:
@@ -60,13 +67,16 @@ def check(pins: dict, python: tuple[int, int], versions: dict[str, str | None]) 
             f"torch {torch_found or 'is not installed'}: this TorchNeuron release is built for torch "
             f"{torch_pin}; install torch=={torch_pin}"
         )
-    family = pins["python_packages"][torchneuron.PACKAGE]
-    found = versions.get(torchneuron.PACKAGE)
-    if found is None or not (found == family or found.startswith(family + ".")):
-        problems.append(
-            f"{torchneuron.PACKAGE} {found or 'is not installed'}: expected the {family}.* family for torch "
-            f"{torch_pin}; install '{torchneuron.PACKAGE}=={family}.*' from https://pip.repos.neuron.amazonaws.com"
-        )
+    for package, family in pins["python_packages"].items():
+        if package == "torch":
+            continue
+        found = versions.get(package)
+        if found is None or not (found == family or found.startswith(family + ".")):
+            why = WHY_NEEDED.get(package, f"the {pins.get('sdk', 'pinned')} release has it")
+            problems.append(
+                f"{package} {found or 'is not installed'}: expected the {family}.* family ({why}); install "
+                f"'{package}=={family}.*' from {pins.get('pip_extra_index', 'https://pip.repos.neuron.amazonaws.com')}"
+            )
     if "torch-xla" in versions and versions["torch-xla"] is not None:
         problems.append(
             f"torch-xla {versions['torch-xla']} is installed: it is the trn1 XLA path's and replaces torch's "
@@ -93,11 +103,21 @@ def run(manifest: Path | None = None, *, image_only: bool = False) -> list[str]:
         pins = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         return [f"{path}: cannot read the release file ({exc}); set {MANIFEST_ENV}"]
-    names = ["torch", torchneuron.PACKAGE, "torch-xla"]
+    names = ["torch", *pins["python_packages"], "torch-xla"]
     problems = check(pins, sys.version_info[:2], {n: installed(n) for n in names})
     if not image_only:
         problems += device_problems()
     return problems
+
+
+def require() -> None:
+    """Run the check before a stage uses the device (compile and train on a Neuron node); the first problem
+    stops the stage in one line."""
+    from trnft.common.errors import TrnftError
+
+    problems = run()
+    if problems:
+        raise TrnftError(f"neuron-native preflight: {problems[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

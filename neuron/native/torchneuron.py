@@ -17,6 +17,9 @@ DEVICE_SOURCE = f"{DOCS}/torch/index.html"
 # The torch.distributed backend: dist.init_process_group(backend="neuron"), workers started by torchrun.
 PROCESS_GROUP_BACKEND = "neuron"
 PROCESS_GROUP_SOURCE = f"{DOCS}/torch/guides/torch-distributed.html"
+# That guide's example creates the group with neither a device selected before it nor `device_id`; the
+# backend asserts the Neuron runtime is not initialised when the group is created.
+PROCESS_GROUP_TAKES_DEVICE_ID = False
 
 # torch.compile(..., backend="neuron"): TorchDynamo -> StableHLO -> neuronx-cc -> NEFF, compiled just in time
 # per graph and shape.

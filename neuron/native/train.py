@@ -12,26 +12,20 @@ import os
 from collections.abc import Callable
 
 from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import TrnftError
 from trnft.common.fsdp import trainer
 from trnft.common.pipeline.stages import StageResult
 from trnft.neuron import launch
 from trnft.neuron.native import preflight, torchneuron
-from trnft.neuron.native.device import NEURON, cache_dir_of, cached_graphs, device_platform
+from trnft.neuron.native.device import NEURON, NeffCacheWatch, cache_dir_of, device_platform
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
     platform = device_platform()
     counter = None
     if platform is NEURON:
-        problems = preflight.run()
-        if problems:
-            raise TrnftError(f"neuron-native preflight: {problems[0]}")
+        preflight.require()
         # The pods set it (launch env); a run started by hand gets the same cache as the compile stage.
         os.environ.setdefault(torchneuron.NEFF_CACHE_ENV, launch.cache_dir(cfg))
-        cache = cache_dir_of()
-
-        def counter() -> int:
-            return cached_graphs(cache)
+        counter = NeffCacheWatch(cache_dir_of())
 
     return trainer.run(cfg, platform, force=force, log=log, graph_counter=counter)

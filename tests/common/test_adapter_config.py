@@ -10,6 +10,8 @@ from peft.utils.other import get_pattern_key
 
 from trnft.common.config.adapter_config import LoraSettings, module_of, pattern_key
 
+pytestmark = pytest.mark.both_lines  # shared code whose libraries differ between the lines
+
 PATTERNS = {"q_proj": 4, r"layers\.1\.mlp\.down_proj": 32, "model.layers.0.self_attn.v_proj": 2}
 MODULES = [
     "model.layers.0.self_attn.q_proj",
@@ -61,6 +63,31 @@ def test_module_of_a_tensor(tensor, module):
     assert module_of(tensor) == module
 
 
+# Source: peft 0.21.2, src/peft/tuners/lora/config.py (LoraConfig's fields that 0.17.0 does not have).
+PEFT_0_21_ADDED = {
+    "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
+    "monteclora_config", "use_bdlora", "velora_config",
+}  # fmt: skip
+
+
+def test_the_known_keys_are_exactly_the_two_lines_lora_config_fields():
+    """The table is PEFT 0.17's fields plus 0.21's additions: this line's LoraConfig has exactly its share."""
+    import dataclasses
+
+    import peft
+    from peft import LoraConfig
+
+    from trnft.common.config.adapter_config import PEFT_LORA_KEYS
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    if peft.__version__.startswith("0.17."):
+        # 0.17's save_pretrained writes peft_version although it is not a field there.
+        fields, expected = fields | {"peft_version"}, PEFT_LORA_KEYS - PEFT_0_21_ADDED
+    else:
+        expected = PEFT_LORA_KEYS
+    assert fields == expected, (peft.__version__, fields ^ expected)
+
+
 def test_the_known_keys_are_peft_lora_configs_fields(tmp_path):
     """Every field PEFT's LoraConfig writes is known; anything else is reported as ignored, by name."""
     import dataclasses
@@ -82,7 +109,7 @@ def test_the_known_keys_are_peft_lora_configs_fields(tmp_path):
 
 
 def test_every_lora_config_field_has_a_merge_rule_and_unknown_keys_are_refused(tmp_path):
-    """Each field of PEFT 0.17's LoraConfig is in exactly one of the merge's tables; a key in none (a future
+    """Each field of this line's LoraConfig (PEFT 0.17 or 0.21) is in exactly one of the merge's tables; a key in none (a future
     option, a misspelling) stops the merge naming it, and so does a structural option that is switched on."""
     import dataclasses
 

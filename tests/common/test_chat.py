@@ -23,6 +23,8 @@ from trnft.common.testing.fixtures import (
 from trnft.common.tokenize import TokenizeFigures, run
 from trnft.common.training.data import IGNORE_INDEX, TokenizeOutput
 
+pytestmark = pytest.mark.both_lines  # shared code whose libraries differ between the lines
+
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM = {"role": "system", "content": "Answer with the words only."}
 

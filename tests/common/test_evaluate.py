@@ -164,6 +164,7 @@ def test_a_missing_test_split_names_the_setting(make_run, tiny_llama, capsys):
 
 @pytest.mark.slow  # 300 steps; `trnft smoke` in the slow suite checks the same on both platforms
 @pytest.mark.integration
+@pytest.mark.trn1  # the smoke recipe's CPU-XLA training; test_smoke.py checks the same on the FSDP2 platforms
 def test_after_training_the_model_beats_its_base(tmp_path, tiny_llama):
     """The smoke recipe (300 LoRA steps, CPU-XLA): BERTScore F1 and exact match above the base model's."""
     from helpers import Run

@@ -52,26 +52,38 @@ def test_early_stopping_counts_validations_without_a_new_best():
 
 def test_graphs_compiled_after_the_first_step_follow_on_recompile(tmp_path):
     """The counter reads a real folder of .neff files (as the Neuron compile cache holds them)."""
-    from trnft.neuron.native.device import cached_graphs
+    from trnft.neuron.native.device import NeffCacheWatch
 
     logged: list[str] = []
     cfg = SimpleNamespace(train=TrainSection(max_steps=4, on_recompile="fail"))
     rundir = SimpleNamespace(manifest=lambda stage: {"stage": stage})  # a compile stage ran
     ctx = SimpleNamespace(cfg=cfg, rundir=rundir, log=logged.append)
     record = RunRecord(start=0, resumed_from=None)
-    policy = PolicyCallback(ctx, record, graph_counter=lambda: cached_graphs(tmp_path))
+    counted: list[int] = []
+    watch = NeffCacheWatch(tmp_path)
+
+    def counter() -> int:
+        counted.append(watch())
+        return counted[-1]
+
+    policy = PolicyCallback(ctx, record, graph_counter=counter)
+    rank0 = SimpleNamespace(is_main=True, device=None)
 
     def compile_graph(name: str) -> None:
         (tmp_path / f"{name}.neff").write_text("x")
 
     compile_graph("warm")  # in the cache before the run: a hit, not a compile
-    policy.on_train_start(None, None)
+    policy.on_train_start(None, rank0)
     compile_graph("step1-a")
     compile_graph("step1-b")
-    policy._watch_graphs(1)
-    policy._watch_graphs(2)
+    policy._watch_graphs(1, rank0)
+    policy._watch_graphs(2, rank0)
     assert (record.graphs_at_start, record.graphs_first_step, record.graphs_after_first_step) == (1, 2, 0)
     compile_graph("late")
     with pytest.raises(TrnftError, match=r"1 graph\(s\) compiled at step 3, after the first step"):
-        policy._watch_graphs(3)
+        policy._watch_graphs(3, rank0)
     assert record.graphs_after_first_step == 1
+    # only rank 0 reads the cache (one process alone shares its count with itself)
+    calls = len(counted)
+    policy._watch_graphs(4, SimpleNamespace(is_main=False, device=None))
+    assert len(counted) == calls

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from trnft.common import stop
 
@@ -85,19 +86,38 @@ def test_workers_get_the_configured_grace_to_save_before_sigkill(tmp_path, grace
     assert (tmp_path / "saved").exists() is saved
 
 
-def test_torch_elastic_still_shuts_workers_down_through_pcontext_close_with_its_default_timeout():
-    """`stop.workers_get_grace` changes the default of `PContext.close(death_sig, timeout=30)`, which torch
-    2.8's LocalElasticAgent._shutdown calls without a timeout (torch/distributed/elastic/agent/server/
-    local_elastic_agent.py; torch/distributed/elastic/multiprocessing/api.py)."""
+def test_torch_elastic_still_shuts_workers_down_with_the_timeout_trnft_sets():
+    """How `stop.workers_get_grace` reaches torch's elastic agent, per line. torch 2.14 (current line):
+    torchrun's `--shutdown-timeout` (default None, then TORCH_ELASTIC_SHUTDOWN_TIMEOUT or 30), which the agent
+    passes to `PContext.close` (torch/distributed/run.py, elastic/agent/server/api.py). torch 2.8 (trn1 line):
+    no such option, and `LocalElasticAgent._shutdown` calls `PContext.close(death_sig)` without a timeout, so
+    its default is changed (elastic/agent/server/local_elastic_agent.py, elastic/multiprocessing/api.py)."""
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing.api import PContext
+    from torch.distributed.run import get_args_parser
 
+    args = get_args_parser().parse_args(["--nproc_per_node=1", "x.py"])
     params = inspect.signature(PContext.close).parameters
     assert list(params)[:3] == ["self", "death_sig", "timeout"] and params["timeout"].default == 30
-    assert "self._pcontext.close(death_sig)" in inspect.getsource(LocalElasticAgent._shutdown)
-    with stop.workers_get_grace(7):
-        assert inspect.signature(PContext.close).parameters["timeout"].default == 7
-    assert inspect.signature(PContext.close).parameters["timeout"].default == 30
+    if torch.__version__.startswith("2.8."):
+        assert not hasattr(args, "shutdown_timeout")
+        assert "self._pcontext.close(death_sig)" in inspect.getsource(LocalElasticAgent._shutdown)
+        with stop.workers_get_grace(7, args):
+            assert inspect.signature(PContext.close).parameters["timeout"].default == 7
+        assert inspect.signature(PContext.close).parameters["timeout"].default == 30
+    else:
+        from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+        assert args.shutdown_timeout is None
+        assert "self._pcontext.close(death_sig, timeout)" in inspect.getsource(LocalElasticAgent._shutdown)
+        assert "self._shutdown(e.sigval, timeout=self._shutdown_timeout)" in inspect.getsource(
+            SimpleElasticAgent.run
+        )
+        with stop.workers_get_grace(7, args):
+            assert args.shutdown_timeout == 7
+        given = get_args_parser().parse_args(["--shutdown-timeout=3", "--nproc_per_node=1", "x.py"])
+        with stop.workers_get_grace(7, given):
+            assert given.shutdown_timeout == 3  # torchrun's own flag wins
 
 
 def test_sigterm_during_a_staged_stage_removes_its_staging_keeps_the_old_output_and_exits_143(make_run):

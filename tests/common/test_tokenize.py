@@ -15,6 +15,8 @@ from trnft.common.testing.fixtures import bundled_dataset_path
 from trnft.common.tokenize import TokenizeFigures, build_samples, pack_best_fit, run, to_arrays
 from trnft.common.training.data import IGNORE_INDEX, TokenizeOutput, batch_indices, segment_attention_mask
 
+pytestmark = pytest.mark.both_lines  # shared code whose libraries differ between the lines
+
 QUIET = lambda m: None  # noqa: E731
 
 

@@ -75,23 +75,55 @@ def test_neuron_image_is_one_sdk_release_without_a_driver():
     assert "preflight --image-only" in run_lines
 
 
+@pytest.mark.trn1
 def test_the_training_extra_pins_what_neuron_trainer_needs():
     """optimum-neuron's `training` extra (installed by the Neuron image) pins accelerate, peft and trl."""
     import importlib.metadata
 
-    try:
-        requires = importlib.metadata.requires("optimum-neuron") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("optimum-neuron is not installed (dev extra, Python < 3.12)")
+    requires = importlib.metadata.requires("optimum-neuron") or []
     training = {r.split(";")[0].replace(" ", "") for r in requires if 'extra == "training"' in r}
     assert {"accelerate==1.8.1", "peft==0.17.0", "trl==0.24.0"} <= training
 
 
-def test_gpu_image_pins_vllm_and_flash_attn_for_the_same_torch():
+def _constraint_pins(name: str) -> dict[str, str]:
+    lines = (CONTAINERS / "constraints" / name).read_text().splitlines()
+    pins = [line.split("==") for line in lines if line and not line.startswith("#")]
+    return {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in pins}
+
+
+def test_gpu_image_is_the_current_line_with_the_vllm_built_for_its_torch():
+    """vLLM 0.33.0 requires torch 2.14.0 and transformers >= 5.16.1, < 5.21 (its package metadata); the image's
+    base torch, vLLM and the constraints CI installs with agree."""
     steps = instructions(CONTAINERS / "Dockerfile.gpu")
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for w, a in steps if w == "ARG" and "=" in a}
-    assert args["CUDA_TORCH_BASE"].startswith("pytorch/pytorch:2.8.0-")
-    assert "torch2.8" in args["FLASH_ATTN_WHEEL"] and args["VLLM_VERSION"] == "0.11.0"
+    pins = _constraint_pins("current.txt")
+    assert (
+        args["CUDA_TORCH_BASE"].startswith(f"pytorch/pytorch:{pins['torch']}-") and pins["torch"] == "2.14.0"
+    )
+    assert args["VLLM_VERSION"] == "0.33.0" and "5.16.1" <= pins["transformers"] < "5.21"
+    run = " ".join(a for w, a in steps if w == "RUN")
+    assert "--constraints /opt/trnft/constraints/current.txt" in run and "flash-attn" not in run
+
+
+def test_each_line_pins_every_dependency_of_trnft():
+    """Both constraint files name every runtime and dev dependency (the trn1 image installs each at its pin,
+    install_trnft.py --at-versions-of), at the versions that define the line."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = [re.split(r"[\s<>=!~;\[@]", d, maxsplit=1)[0] for d in project["dependencies"]]
+    names += [re.split(r"[\s<>=!~;\[@]", d, maxsplit=1)[0] for d in project["optional-dependencies"]["dev"]]
+    current, trn1 = _constraint_pins("current.txt"), _constraint_pins("trn1.txt")
+    for name in names:
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        assert key in current and key in trn1, name
+    assert (current["torch"], current["transformers"], current["peft"], current["lightning"]) == (
+        "2.14.0", "5.20.2", "0.21.2", "2.6.6",
+    )  # fmt: skip
+    assert (trn1["torch"], trn1["torch-xla"], trn1["transformers"], trn1["peft"], trn1["optimum-neuron"]) == (
+        "2.8.0", "2.8.1", "4.57.1", "0.17.0", "0.4.5",
+    )  # fmt: skip
+    assert "torch-xla" not in current and "optimum-neuron" not in current
 
 
 def test_installer_keeps_and_skips_base_packages(capsys):

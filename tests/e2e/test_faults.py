@@ -3,7 +3,8 @@
 The whole matrix (18 cases, about 25 minutes on 2 cores) runs with ``python -m pytest -m faults``; the
 cheap stages' cases are also marked ``slow``, so CI's slow run covers kill-and-rerun of a staged stage.
 
-One uninterrupted pipeline (CPU-XLA, tiny) is the reference. For each stage and kill point, a fresh run
+One uninterrupted pipeline (the gpu platform's FSDP2 trainer on the CPU, tiny: the current line's default
+path; the XLA path's kill-and-resume has its own tests on the trn1 line) is the reference. For each stage and kill point, a fresh run
 directory gets the reference's finished upstream stages, ``trnft <stage>`` is killed there with
 ``TRNFT_FAULT=kill-during-<where>`` (SIGKILL: no cleanup runs), and the rerun must complete with the
 reference's output: the same output digest where the stage is deterministic, the same checkpoint files for
@@ -16,7 +17,7 @@ import json
 import shutil
 
 import pytest
-from helpers import Run, ok, smoke_raw
+from helpers import Run, ok, set_platform, smoke_raw
 
 from trnft.common.pipeline.stages import STAGES
 
@@ -25,7 +26,6 @@ CI_STAGES = ("tokenize", "consolidate", "merge")  # also in the slow run
 
 SETTINGS = {
     "train": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "warmup_steps": 1, "compile_steps": 2},
-    "neuron": {"tp": 1, "cpu_devices": 1},
     "eval": {"max_samples": 4, "batch_size": 4, "max_new_tokens": 4, "compare_base": False},
 }
 # The three points of each stage: run_stage's own (before the body, after it, after the manifest but before
@@ -41,7 +41,7 @@ def _fault(stage: str, point: str) -> str:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("reference") / "run"
-    run = Run(root, smoke_raw(root, tiny_llama, **SETTINGS))
+    run = Run(root, set_platform(smoke_raw(root, tiny_llama, **SETTINGS), "gpu"))
     for stage in STAGES:
         ok(run.stage(stage, timeout=1200))
     return run
@@ -84,7 +84,7 @@ CASES = [
 @pytest.mark.parametrize(("stage", "point"), CASES)
 def test_a_killed_stage_reruns_to_the_uninterrupted_result(reference, tmp_path, tiny_llama, stage, point):
     root = tmp_path / "run"
-    run = Run(root, smoke_raw(root, tiny_llama, **SETTINGS))
+    run = Run(root, set_platform(smoke_raw(root, tiny_llama, **SETTINGS), "gpu"))
     root.mkdir()
     for upstream in STAGES[: STAGES.index(stage)]:
         shutil.copytree(reference.root / upstream, root / upstream)

@@ -15,7 +15,10 @@ from trnft.neuron.train import XlaTrainFigures
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("platform", ["neuron", "gpu", "neuron-native"])
+TRN1 = pytest.param("neuron", marks=pytest.mark.trn1)  # the XLA path: the trn1 line's environment
+
+
+@pytest.mark.parametrize("platform", [TRN1, "gpu", "neuron-native"])
 def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, platform):
     root = tmp_path / f"smoke-{platform}"
     cmd = [sys.executable, "-m", "trnft.common.cli", "smoke", "--root", str(root), "--platform", platform]
@@ -36,7 +39,7 @@ def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, pla
     assert again.returncode == 0 and again.stdout.count("already complete") == 6, again.stdout[-2000:]
 
 
-@pytest.mark.parametrize("platform", ["neuron", "gpu"])
+@pytest.mark.parametrize("platform", [TRN1, "gpu"])
 def test_smoke_on_conversations_trains_on_assistant_turns_and_evaluates_chat_prompts(tmp_path, platform):
     """`trnft smoke --chat`: the bundled conversations (1 to 3 turns, some with a system prompt) rendered with
     the tiny tokenizer's chat template, loss on assistant turns only; evaluate prompts with the template's

@@ -24,7 +24,7 @@ from helpers import ok, smoke_raw, write_config
 from trnft.neuron.compile import TrainiumCompileFigures
 from trnft.neuron.trainium import TrainiumTrainFigures
 
-pytestmark = pytest.mark.trainium
+pytestmark = [pytest.mark.trainium, pytest.mark.trn1]
 
 TRAIN = {
     "max_steps": 8,

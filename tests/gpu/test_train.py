@@ -14,14 +14,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import SHARDED_TRAIN, ok, step_batch_loss
+from helpers import SHARDED_TRAIN, first_step_reference, ok, step_batch_loss
 from safetensors.torch import load_file
 
 from trnft.common import cli
 from trnft.common.fsdp import checkpoint as gpu_checkpoint
 from trnft.common.fsdp.trainer import ShardedTrainFigures
 from trnft.common.training.data import TokenizeOutput
-from trnft.neuron.train import XlaTrainFigures
 
 SHORT = {"max_steps": 12, "save_steps": 4, "logging_steps": 4, "warmup_steps": 2}
 # The acceptance setting: weight decay on (large enough to show), validation whose 3 batches do not split
@@ -129,32 +128,24 @@ def test_full_fine_tuning_converts_to_hf_safetensors_in_the_base_dtype(make_run)
     np.testing.assert_allclose(loss, run.figures("train", ShardedTrainFigures).losses[4], rtol=2e-4)
 
 
-@pytest.mark.slow  # two trainers, two merges
-def test_first_step_loss_matches_the_neuron_cpu_xla_trainer_and_both_adapters_merge(make_run, tiny_llama):
+@pytest.mark.slow  # train, consolidate, merge
+def test_first_step_loss_is_a_plain_forwards_and_the_merged_model_changed_the_base(make_run, tiny_llama):
+    """The first step equals a plain transformers forward of the base (the XLA trainer is held to the same
+    reference on the trn1 line, tests/neuron/test_train.py); the merged model is not the base."""
     from transformers import AutoModelForCausalLM
 
-    common = {"max_steps": 3, "save_steps": 3, "warmup_steps": 1}
-    neuron = make_run(train=common, neuron={"tp": 1, "cpu_devices": 1})
-    gpu = _gpu_run(make_run, train=common)
-    ok(neuron.stage("train"))
+    gpu = _gpu_run(make_run, train={"max_steps": 3, "save_steps": 3, "warmup_steps": 1})
     ok(gpu.stage("train"))
-    first_n = neuron.figures("train", XlaTrainFigures).losses[0]
-    first_g = gpu.figures("train", ShardedTrainFigures).losses[0]
-    assert abs(first_n - first_g) < 1e-4, (first_n, first_g)
-    logits = []
-    for run in (neuron, gpu):
-        ok(run.stage("consolidate"))
-        ok(run.stage("merge"))
-        model = AutoModelForCausalLM.from_pretrained(run.root / "merge")
-        with torch.no_grad():
-            logits.append(model(torch.arange(5, 37).reshape(1, -1)).logits)
+    first = gpu.figures("train", ShardedTrainFigures).losses[0]
+    reference = first_step_reference(gpu, tiny_llama)
+    assert abs(first - reference) < 1e-5, (first, reference)
+    ok(gpu.stage("consolidate"))
+    ok(gpu.stage("merge"))
+    merged = AutoModelForCausalLM.from_pretrained(gpu.root / "merge")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     with torch.no_grad():
-        base_logits = base(torch.arange(5, 37).reshape(1, -1)).logits
-    assert all((x - base_logits).abs().max() > 1e-3 for x in logits)  # both changed the base
-    assert {p.name for p in (neuron.root / "consolidate").iterdir()} == {
-        p.name for p in (gpu.root / "consolidate").iterdir()
-    }
+        ids = torch.arange(5, 37).reshape(1, -1)
+        assert (merged(ids).logits - base(ids).logits).abs().max() > 1e-3
 
 
 def test_validation_early_stopping_and_tensorboard(make_run):

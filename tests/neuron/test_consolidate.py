@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from trnft.common import cli
 
+pytestmark = pytest.mark.both_lines  # shared code whose libraries differ between the lines
+
 GQA = Dims(heads=8, kv_heads=2)  # tp 4 and 8 need KV replication (x2, x4)
 MHA = Dims(heads=8, kv_heads=8)
 DEEP = Dims(heads=8, kv_heads=2, layers=4)  # for PP=2

@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHARDED_TRAIN, Run, ok, set_platform, smoke_raw
+from helpers import SHARDED_TRAIN, Run, first_step_reference, ok, set_platform, smoke_raw
 
 from trnft.common.env import has_neuron_device
 from trnft.common.fsdp import checkpoint as fsdp_checkpoint
 from trnft.common.fsdp.trainer import ShardedTrainFigures
 from trnft.neuron.native.compile import NativeCompileFigures
-from trnft.neuron.train import XlaTrainFigures
 
 NATIVE = "neuron-native"
 
@@ -32,20 +31,21 @@ def _native(make_run, **sections) -> Run:
     return make_run(platform=NATIVE, **sections)
 
 
-def test_first_step_loss_equals_the_gpu_platform_and_the_cpu_xla_trainer(make_run):
-    """The same data, model and seed: one first-step loss on all three trainers (within 1e-4)."""
+def test_first_step_loss_equals_the_gpu_platform_and_a_plain_transformers_forward(make_run, tiny_llama):
+    """The same data, model and seed: one first-step loss on both FSDP2 platforms, equal to the base model's
+    loss on that batch by a plain transformers forward within 1e-5 (the XLA trainer's own comparison is in
+    tests/neuron/test_train.py, on the trn1 line)."""
     common = {"max_steps": 2, "save_steps": 2, "warmup_steps": 1}
     native = _native(make_run, train=common)
     gpu = make_run(platform="gpu", train=common)
-    xla = make_run(train=common, neuron={"tp": 1, "cpu_devices": 1})
-    for run in (native, gpu, xla):
+    for run in (native, gpu):
         ok(run.stage("train"))
     first_native = native.figures("train", ShardedTrainFigures)
     first_gpu = gpu.figures("train", ShardedTrainFigures).losses[0]
-    first_xla = xla.figures("train", XlaTrainFigures).losses[0]
+    reference = first_step_reference(native, tiny_llama)
     assert first_native.backend == "fsdp2-cpu" and first_native.graphs_compiled_after_first_step is None
-    assert abs(first_native.losses[0] - first_gpu) < 1e-4, (first_native.losses[0], first_gpu)
-    assert abs(first_native.losses[0] - first_xla) < 1e-4, (first_native.losses[0], first_xla)
+    assert abs(first_native.losses[0] - reference) < 1e-5, (first_native.losses[0], reference)
+    assert abs(first_gpu - reference) < 1e-5, (first_gpu, reference)
     assert native.manifest("train")["platform"] == NATIVE
 
 

@@ -30,7 +30,6 @@ github.com/aws-neuron/neuronx-distributed) does. Each fact and where upstream do
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -39,10 +38,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.neuron") is None,
-    reason="optimum-neuron 0.4.5 is not installed (dev extra, Python < 3.12)",
-)
+pytestmark = pytest.mark.trn1  # the trn1 line (tests/trn1_line.sh)
 
 DOUBLES = Path(__file__).resolve().parents[1] / "neuron_sdk_doubles"
 CHECKS = Path(__file__).with_name("nxd_double_checks.py")

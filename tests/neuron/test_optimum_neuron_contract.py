@@ -11,15 +11,13 @@ import ast
 import dataclasses
 import importlib
 import importlib.util
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.neuron") is None,
-    reason="optimum-neuron 0.4.5 is not installed (dev extra, Python < 3.12)",
-)
+pytestmark = pytest.mark.trn1  # the trn1 line (tests/trn1_line.sh)
 
 
 def _source(module: str, qualname: str) -> ast.AST:
@@ -181,3 +179,18 @@ def test_precompilation_is_detected_from_neuron_extract_graphs_only():
     """optimum/neuron/utils/misc.py is_precompilation: NEURON_EXTRACT_GRAPHS_ONLY == '1' (trnft's rule too)."""
     body = _source("optimum.neuron.utils.misc", "is_precompilation")
     assert "NEURON_EXTRACT_GRAPHS_ONLY" in ast.unparse(body)
+
+
+def test_the_trn1_families_are_optimum_neurons_training_models():
+    """optimum/neuron/models/training/auto_models.py (0.4.5) registers text-generation models for exactly
+    the families trnft lets the trn1 line train."""
+    import inspect
+
+    from optimum.neuron.models.training import auto_models
+
+    from trnft.common.training.families import TRN1_FAMILIES
+
+    registered = re.findall(
+        r'register_neuron_model_for_training\("(\w+)", "text-generation"\)', inspect.getsource(auto_models)
+    )
+    assert sorted(registered) == sorted(TRN1_FAMILIES)

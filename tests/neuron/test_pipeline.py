@@ -10,6 +10,8 @@ from trnft.common import cli
 from trnft.common.training.data import TokenizeOutput
 from trnft.neuron.train import XlaTrainFigures
 
+pytestmark = pytest.mark.trn1  # the trn1 line (tests/trn1_line.sh)
+
 
 @pytest.mark.parametrize("tp", [2, 4], ids=["tp2-separate-qkv", "tp4-gqa-qkv"])
 def test_merged_model_reproduces_the_trainers_loss(make_run, tiny_llama, tp):

@@ -87,6 +87,11 @@ def test_the_image_pins_one_torchneuron_release():
     assert args["UBUNTU_BASE"] == PINS["base_image"] and args["APT_CODENAME"] == PINS["apt_codename"]
     assert args["EFA_INSTALLER_VERSION"] == PINS["efa_installer"]
     assert '"torch-neuronx==${TORCH_NEURONX_FAMILY}.*"' in text and "pip.repos.neuron.amazonaws.com" in text
+    # AWS's install line for TorchNeuron: the compiler and nki come with it (the preflight checks both)
+    assert PINS["python_packages"]["neuronx-cc"] == "2" and '"neuronx-cc==${NEURONX_CC_FAMILY}.*"' in text
+    assert args["NEURONX_CC_FAMILY"] == "2" and '"nki==${NKI_FAMILY}.*"' in text and args["NKI_FAMILY"] == "0"
+    # the rest of the stack is the current line's, as CI tests it
+    assert "--constraints containers/constraints/current.txt" in text.replace("/opt/trnft/", "containers/")
     assert "--keep torch torch-neuronx" in text and "--skip torch-xla" in text
     assert "python -m trnft.neuron.native.preflight --image-only" in text
     for package in PINS["system_packages"]:
@@ -95,34 +100,73 @@ def test_the_image_pins_one_torchneuron_release():
     assert not any("aws-neuronx-dkms" in line for line in instructions)  # the driver is the host's
 
 
+# An installed Neuron compiler and nki of the release's families (versions as AWS numbers them).
+COMPILER = {"neuronx-cc": "2.29.2186.0", "nki": "0.8.0"}
+
+
 @pytest.mark.parametrize(
     ("versions", "python", "problem"),
     [
-        ({"torch": "2.14.0+cpu", "torch-neuronx": "2.14.3.0.1187", "torch-xla": None}, (3, 12), None),
-        ({"torch": "2.14.0", "torch-neuronx": "2.14.3", "torch-xla": None}, (3, 13), None),
         (
-            {"torch": "2.13.0", "torch-neuronx": "2.14.3.0.1", "torch-xla": None},
+            {"torch": "2.14.0+cpu", "torch-neuronx": "2.14.3.0.1187", "torch-xla": None, **COMPILER},
+            (3, 12),
+            None,
+        ),
+        ({"torch": "2.14.0", "torch-neuronx": "2.14.3", "torch-xla": None, **COMPILER}, (3, 13), None),
+        (
+            {"torch": "2.13.0", "torch-neuronx": "2.14.3.0.1", "torch-xla": None, **COMPILER},
             (3, 12),
             "install torch==2.14.0",
         ),
         (
-            {"torch": "2.14.0", "torch-neuronx": "2.13.3.0.1", "torch-xla": None},
+            {"torch": "2.14.0", "torch-neuronx": "2.13.3.0.1", "torch-xla": None, **COMPILER},
             (3, 12),
             "expected the 2.14.3.* family",
         ),
         (
-            {"torch": "2.14.0", "torch-neuronx": "2.14.30.0", "torch-xla": None},
+            {"torch": "2.14.0", "torch-neuronx": "2.14.30.0", "torch-xla": None, **COMPILER},
             (3, 12),
             "expected the 2.14.3.* family",
         ),
         (
-            {"torch": "2.14.0", "torch-neuronx": None, "torch-xla": None},
+            {"torch": "2.14.0", "torch-neuronx": None, "torch-xla": None, **COMPILER},
             (3, 12),
             "torch-neuronx is not installed",
         ),
-        ({"torch": "2.14.0", "torch-neuronx": "2.14.3.0.1", "torch-xla": None}, (3, 11), "needs Python 3.12"),
         (
-            {"torch": "2.14.0", "torch-neuronx": "2.14.3.0.1", "torch-xla": "2.8.1"},
+            {"torch": "2.14.0", "torch-neuronx": "2.14.3.0.1", "torch-xla": None, **COMPILER},
+            (3, 11),
+            "needs Python 3.12",
+        ),
+        (
+            {
+                "torch": "2.14.0",
+                "torch-neuronx": "2.14.3.1",
+                "torch-xla": None,
+                **COMPILER,
+                "neuronx-cc": None,
+            },
+            (3, 12),
+            "neuronx-cc is not installed: expected the 2.* family (TorchNeuron calls the Neuron compiler",
+        ),
+        (
+            {"torch": "2.14.0", "torch-neuronx": "2.14.3.1", "torch-xla": None, **COMPILER, "nki": None},
+            (3, 12),
+            "nki is not installed",
+        ),
+        (
+            {
+                "torch": "2.14.0",
+                "torch-neuronx": "2.14.3.1",
+                "torch-xla": None,
+                **COMPILER,
+                "neuronx-cc": "3.0.1",
+            },
+            (3, 12),
+            "neuronx-cc 3.0.1: expected the 2.* family",
+        ),
+        (
+            {"torch": "2.14.0", "torch-neuronx": "2.14.3.0.1", "torch-xla": "2.8.1", **COMPILER},
             (3, 12),
             "torch-xla 2.8.1 is installed",
         ),
@@ -142,6 +186,30 @@ def test_graphs_are_counted_from_the_neff_files_of_the_cache(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     assert cached_graphs(tmp_path) == 2
+
+
+def test_the_step_counter_lists_only_the_folders_that_changed(tmp_path):
+    """NeffCacheWatch equals a full walk at every call, and after the first call it lists only the folders
+    a new file appeared in (their modification time changed): a stat per folder per step, not a walk."""
+    import os
+
+    from trnft.neuron.native.device import NeffCacheWatch
+
+    assert NeffCacheWatch(None)() == 0 and NeffCacheWatch(tmp_path / "absent")() == 0
+    for a in range(8):
+        for b in range(8):
+            (tmp_path / f"{a:02x}" / f"{b:02x}").mkdir(parents=True)
+            (tmp_path / f"{a:02x}" / f"{b:02x}" / f"{a}{b}.neff").write_text("x")
+    watch = NeffCacheWatch(tmp_path)
+    assert watch() == cached_graphs(tmp_path) == 64 and watch.listed == 1 + 8 + 64
+    assert watch() == 64 and watch.listed == 73  # nothing changed: nothing listed
+    new = tmp_path / "03" / "05" / "new.neff"
+    new.write_text("x")
+    os.utime(new.parent, ns=(0, new.parent.stat().st_mtime_ns + 1))  # coarse clocks: a visible change
+    assert watch() == cached_graphs(tmp_path) == 65 and watch.listed == 74
+    (tmp_path / "09" / "00").mkdir(parents=True)
+    (tmp_path / "09" / "00" / "z.neff").write_text("x")
+    assert watch() == cached_graphs(tmp_path) == 66
 
 
 def test_the_pods_point_compile_and_train_at_one_cache_on_the_shared_volume():

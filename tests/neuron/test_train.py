@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ok
+from helpers import first_step_reference, ok
 
 from trnft.common.io.tensor_io import to_f32
 from trnft.common.pipeline import checkpoints
@@ -21,7 +21,7 @@ from trnft.neuron.consolidate import load_checkpoint_tensors
 from trnft.neuron.nxd_format import SHARD_FILE
 from trnft.neuron.train import XlaTrainFigures
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.trn1]  # the trn1 line (tests/trn1_line.sh)
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -76,6 +76,18 @@ def test_first_step_loss_is_the_same_at_tp1_tp2_and_tp4(make_run):
         first[tp] = run.figures("train", XlaTrainFigures).losses[0]
         assert run.manifest("train")["layout"]["attention"] == ("gqa" if tp == 4 else "separate")
     assert abs(first[2] - first[1]) < 1e-4 and abs(first[4] - first[1]) < 1e-4, first
+
+
+def test_first_step_loss_equals_a_plain_transformers_forward(make_run, tiny_llama):
+    """The CPU-XLA trainer's first LoRA step logs the base model's loss on that batch, as a plain
+    transformers forward computes it (the FSDP2 platforms check the same in tests/neuron/test_native.py)."""
+    run = make_run(
+        neuron={"tp": 1, "cpu_devices": 1}, train={"max_steps": 1, "save_steps": 1, "warmup_steps": 0}
+    )
+    ok(run.stage("train"))
+    first = run.figures("train", XlaTrainFigures).losses[0]
+    reference = first_step_reference(run, tiny_llama)
+    assert abs(first - reference) < 1e-5, (first, reference)
 
 
 def _wait_for(path_glob, root: Path, proc: subprocess.Popen, timeout: float = 240) -> None:

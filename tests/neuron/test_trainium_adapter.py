@@ -9,7 +9,6 @@ check and the preflight). Everything else, optimum-neuron's ``NeuronTrainer``, `
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,13 +26,7 @@ from trnft.common.errors import ConfigError
 from trnft.common.training.data import TokenizeOutput, batch_indices
 from trnft.neuron.trainium import TrainiumTrainFigures
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.neuron") is None,
-        reason="optimum-neuron 0.4.5 is not installed (dev extra, Python < 3.12)",
-    ),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.trn1]  # the trn1 line (tests/trn1_line.sh)
 
 DOUBLES = Path(__file__).resolve().parents[1] / "neuron_sdk_doubles"
 # Padded rows of 2048 tokens: NxD's flash-attention kernel takes multiples of 2048 and no packing.
