@@ -46,8 +46,10 @@ install() {
         [ "${#files[@]}" -gt 0 ] || { echo "gpu_check: no wheels in $wheels (run benchmarks/gpu_wheels.sh)" >&2; return 1; }
         "${pip[@]}" --no-index "${files[@]}" || return 1
     elif [ -z "$tiny" ]; then
-        "${pip[@]}" "peft==0.21.2" "datasets==4.4.1" "dill==0.4.0" "multiprocess==0.70.18" "fsspec==2025.10.0" \
-            "lightning==2.5.6" "lightning-utilities==0.15.3" "torchmetrics==1.9.0" || return 1
+        local pins
+        mapfile -t pins < <(benchmarks/gpu_site_pins.sh)
+        [ "${#pins[@]}" -gt 0 ] || return 1
+        "${pip[@]}" "${pins[@]}" || return 1
     fi
     # trnft itself, built with the machine's setuptools (no build environment to download).
     "${pip[@]}" --no-index --no-build-isolation . || return 1

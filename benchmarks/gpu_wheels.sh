@@ -15,16 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-.whl}
 python=${2:-3.12}
-wheels=(
-    "peft==0.21.2"
-    "datasets==4.4.1"
-    "dill==0.4.0"
-    "multiprocess==0.70.18"
-    "fsspec==2025.10.0"
-    "lightning==2.5.6"
-    "lightning-utilities==0.15.3"
-    "torchmetrics==1.9.0"
-)
+mapfile -t wheels < <(benchmarks/gpu_site_pins.sh)
+[ "${#wheels[@]}" -gt 0 ] || exit 1
 rm -rf "$dir"
 mkdir -p "$dir"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$python" --implementation cp \

@@ -517,3 +517,23 @@ def test_preflight_command_fails_in_a_non_neuron_environment():
     proc = _image_preflight()
     assert proc.returncode == 1
     assert "neuronx-cc is not installed" in proc.stderr
+
+
+def test_the_gpu_check_installs_the_current_lines_versions():
+    """benchmarks/gpu_check.sh and gpu_wheels.sh take their packages from benchmarks/gpu_site_pins.sh: each
+    name of gpu_site.txt at current.txt's version, never a version of their own."""
+    import subprocess
+
+    out = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_site_pins.sh")], capture_output=True, text=True, check=True
+    ).stdout.split()
+    pins = _constraint_pins("current.txt")
+    names = [n for n in (REPO / "benchmarks" / "gpu_site.txt").read_text().split("\n") if n and n[0] != "#"]
+    assert len(out) == len(names)
+    for line in out:
+        name, version = line.split("==")
+        assert pins[re.sub(r"[-_.]+", "-", name).lower()] == version
+    assert "transformers==5.20.2" in out and "lightning==2.6.6" in out
+    for script in ("gpu_check.sh", "gpu_wheels.sh"):
+        text = (REPO / "benchmarks" / script).read_text()
+        assert "gpu_site_pins.sh" in text and "peft==" not in text
