@@ -24,5 +24,10 @@ def set_process_defaults() -> None:
     # transformers 5 draws a "Loading weights" progress bar on stderr for every from_pretrained; a stage's
     # stderr is for its one-line errors (and a pod log is not a terminal). It reads this at import time.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # torch 2.8 (the trn1 line) starts inductor's compile-worker pool when torch._inductor.async_compile is
+    # imported, which transformers' masking_utils does through torch._dynamo: a ~630 MB process and its
+    # workers in every stage and rank, though nothing is compiled. Off, the pool starts when something
+    # compiles (torch 2.14 already waits for that).
+    os.environ.setdefault("TORCH_WARM_POOL", "0")
     if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()  # imported before we ran

@@ -9,6 +9,7 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as every trnft process sets it
+os.environ.setdefault("TORCH_WARM_POOL", "0")  # likewise (trnft.common.env.set_process_defaults)
 
 import importlib.util
 import shutil
