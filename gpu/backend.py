@@ -15,7 +15,6 @@ from trnft.common.pipeline.backend import StageModules
 class GpuBackend(StageModules):
     platform: str = "gpu"
     config_section: str = "gpu"
-    runtime_only_keys: tuple[str, ...] = ()
     compiles_graphs: bool = False
     accelerator: str = "gpu"
 

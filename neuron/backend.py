@@ -159,7 +159,6 @@ def _holds_nxd_shards(path: Path, depth: int = 3) -> bool:
 class NeuronBackend(StageModules):
     platform: str = "neuron"
     config_section: str = "neuron"
-    runtime_only_keys: tuple[str, ...] = ("parallel_compile_workers",)
     compiles_graphs: bool = True
     accelerator: str = "neuron"
 

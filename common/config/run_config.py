@@ -36,9 +36,21 @@ from trnft.common.errors import ConfigError
 # help text sits next to the type.
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **rules: Any) -> Any:
-    """A config field with a default (or ``factory``) and optional rules: ge, gt, le, lt, pattern, kind."""
-    meta = {"help": help, **rules}
+def opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = None,
+    runtime_only: bool = False,
+    **rules: Any,
+) -> Any:
+    """A config field with a default (or ``factory``) and optional rules: ge, gt, le, lt, pattern, kind.
+
+    ``runtime_only``: the key never changes what a stage produces (logging, where saves are written from,
+    how memory is traded for time); stage fingerprints leave it out (:func:`changes_output`), so changing it
+    on a rerun resumes instead of starting over. Every other key counts.
+    """
+    meta = {"help": help, "runtime_only": runtime_only, **rules}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -220,8 +232,8 @@ class TrainSection:
     save_steps: int = opt(
         100, "Save a checkpoint every N optimizer steps (and at the end).", ge=1, le=MAX_STEP_COUNT
     )
-    keep_checkpoints: int = opt(2, "Keep the newest N complete checkpoints.", ge=1)
-    logging_steps: int = opt(10, "Log every N optimizer steps.", ge=1, le=MAX_STEP_COUNT)
+    keep_checkpoints: int = opt(2, "Keep the newest N complete checkpoints.", ge=1, runtime_only=True)
+    logging_steps: int = opt(10, "Log every N optimizer steps.", ge=1, le=MAX_STEP_COUNT, runtime_only=True)
     eval_steps: int = opt(
         0, "Validate every N optimizer steps; 0 turns validation off.", ge=0, le=MAX_STEP_COUNT
     )
@@ -229,7 +241,9 @@ class TrainSection:
     early_stopping_patience: int = opt(0, "Stop after N validations without improvement; 0 = off.", ge=0)
     compile_steps: int = opt(3, "Steps the compile stage traces (neuron_parallel_compile trial run).", ge=1)
     on_recompile: Literal["ignore", "warn", "fail"] = opt(
-        "warn", "What train does when it compiles a graph after step 1 although the compile stage ran."
+        "warn",
+        "What train does when it compiles a graph after step 1 although the compile stage ran.",
+        runtime_only=True,
     )
     activation_checkpointing: Literal["full", "selective", "off"] = opt(
         "full",
@@ -238,6 +252,7 @@ class TrainSection:
         "and every other matmul's, so half the matmuls rerun; off: keep everything. Trainium uses "
         "optimum-neuron's gradient checkpointing for full (not the CPU-XLA rehearsal, which keeps its "
         "memory on the host).",
+        runtime_only=True,  # recomputing gives the same numbers (dropout state is restored)
     )
 
     def _validate(self) -> list[tuple[str, str]]:
@@ -286,7 +301,9 @@ class NeuronSection:
         help="Extra neuronx-cc flags (NEURON_CC_FLAGS).",
         factory=lambda: ["--model-type=transformer", "--distribution-strategy=llm-training"],
     )
-    parallel_compile_workers: int | None = opt(None, "neuron_parallel_compile --num_parallel.", ge=1)
+    parallel_compile_workers: int | None = opt(
+        None, "neuron_parallel_compile --num_parallel.", ge=1, runtime_only=True
+    )
     logical_nc_config: int = opt(2, "trn2 logical NeuronCore config (LNC); ignored on trn1.", ge=1, le=2)
 
     def _validate(self) -> list[tuple[str, str]]:
@@ -324,6 +341,7 @@ class GpuSection:
         "Write checkpoint shards in the background (a host-memory copy of this rank's trained weights and "
         "optimizer state) while training goes on; the checkpoint still appears only when every rank's "
         "writes are done. false: training waits for each save.",
+        runtime_only=True,  # the same checkpoint, written in the background or not
     )
     replicate: int | None = opt(
         None,
@@ -335,7 +353,7 @@ class GpuSection:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
         "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
     )
-    wandb: bool = opt(False, "Also log to Weights & Biases.")
+    wandb: bool = opt(False, "Also log to Weights & Biases.", runtime_only=True)
     compile: Literal["auto", "on", "off"] = opt(
         "auto",
         "torch.compile each decoder block with the device's compile backend (inductor on CUDA, neuron on "
@@ -586,6 +604,12 @@ class _Problems:
         key = override.split("=", 1)[0]
         inner = "" if path == key else f"{path}: "
         raise ConfigError(f"override {override}: {inner}{message}{more}")
+
+
+def changes_output(section: Any, key: str) -> bool:
+    """Whether ``<section>.<key>`` can change what a stage produces (the schema's ``runtime_only``)."""
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    return not fields[key].metadata.get("runtime_only", False)
 
 
 def _check_rules(value: Any, meta: Mapping[str, Any], path: str, problems: _Problems) -> None:

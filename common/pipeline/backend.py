@@ -43,8 +43,6 @@ class Backend(Protocol):
     platform: str
     # The config section whose keys decide the training output (part of the train/compile fingerprint).
     config_section: str
-    # Keys of that section that never change what is trained (left out of fingerprints).
-    runtime_only_keys: tuple[str, ...]
     # True when the compile stage does work on the accelerator (a PyTorchJob); False for a no-op Job.
     compiles_graphs: bool
     # The instance table's accelerator kind this platform trains on ("neuron" or "gpu").

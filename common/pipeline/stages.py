@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trnft.common.config.run_config import RunConfig, select, stable_hash, to_dict
+from trnft.common.config.run_config import RunConfig, changes_output, select, stable_hash, to_dict
 from trnft.common.errors import TrnftError, UpstreamError
 from trnft.common.pipeline import attempts, backend, checkpoints, inputs
 from trnft.common.pipeline.figures import Figures
@@ -39,29 +39,24 @@ from trnft.common.pipeline.rundir import (
 
 STAGES = ("tokenize", "compile", "train", "consolidate", "merge", "evaluate")
 
-# Config keys that never change a stage's output; they stay out of fingerprints so that, e.g., changing
-# the logging interval does not redo training.
-# Recomputing activations in backward gives the same numbers (dropout state is restored), only memory and
-# time change.
-_TRAIN_RUNTIME_ONLY = ("logging_steps", "on_recompile", "keep_checkpoints", "activation_checkpointing")
+
+def _output_keys(cfg: RunConfig, section: str, *, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """``section``'s keys that can change a stage's output: all but the schema's ``runtime_only`` ones
+    (:func:`trnft.common.config.run_config.changes_output`), so a key declares it in one place."""
+    values = getattr(cfg, section)
+    return tuple(
+        f"{section}.{k}" for k in to_dict(values) if k not in leave_out and changes_output(values, k)
+    )
 
 
 def _train_keys(cfg: RunConfig) -> tuple[str, ...]:
     """Config keys that decide what training produces: model, LoRA, train and the platform's section."""
-    train_keys = tuple(
-        f"train.{k}" for k in to_dict(cfg.train) if k not in _TRAIN_RUNTIME_ONLY and k != "compile_steps"
-    )
+    train_keys = _output_keys(cfg, "train", leave_out=("compile_steps",))
     return ("model", "lora", *train_keys, *_platform_keys(cfg))
 
 
 def _platform_keys(cfg: RunConfig) -> tuple[str, ...]:
-    platform = backend.of(cfg)
-    section = platform.config_section
-    if not platform.runtime_only_keys:
-        return (section,)
-    return tuple(
-        f"{section}.{k}" for k in to_dict(getattr(cfg, section)) if k not in platform.runtime_only_keys
-    )
+    return _output_keys(cfg, backend.of(cfg).config_section)
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,6 @@ def neuron_native_env(cfg: RunConfig, inst: InstanceType, layout: Layout) -> dic
 class NeuronNativeBackend(StageModules):
     platform: str = "neuron-native"
     config_section: str = "gpu"
-    runtime_only_keys: tuple[str, ...] = ()
     compiles_graphs: bool = True
     accelerator: str = "neuron"
 

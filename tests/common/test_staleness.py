@@ -89,7 +89,7 @@ def test_an_upstream_file_changed_after_it_was_written_is_refused_by_name(make_r
     """The sha256 of every output file is in the manifest; the next stage checks the files it reads."""
     from trnft.common.training.data import SPLIT_DIRS
 
-    run = make_run()
+    run = make_run(platform="gpu")  # any train stage checks its inputs; this one runs on either line
     manifest = json.loads((run.root / "tokenize" / "manifest.json").read_text())
     assert all(f["digest"].startswith("sha256:") for f in manifest["files"])
     arrays = run.root / "tokenize" / SPLIT_DIRS["train"] / "labels.npy"
@@ -137,3 +137,34 @@ def test_one_key_of_each_section_makes_exactly_the_stages_it_decides_stale(make_
         want = {stage: "complete" if e == "-" else e for stage, e in zip(STAGES, expected, strict=True)}
         if states != want:
             pytest.fail(f"{section} ({override}): {states} != {want}")
+
+
+def test_runtime_only_keys_keep_every_stage_complete_and_an_output_key_does_not(make_run):
+    """Each key declares in the schema whether it changes the output (opt(runtime_only=True)); toggling
+    W&B, background saves, logging or recompute on a rerun keeps train complete (so an interrupted train
+    resumes from its checkpoint), while a key that changes the numbers makes it stale."""
+    import dataclasses
+
+    from trnft.common.config.run_config import GpuSection, NeuronSection, TrainSection, changes_output
+    from trnft.common.pipeline.stages import STAGES
+
+    declared = {
+        f"{name}.{f.name}"
+        for name, section in (("train", TrainSection), ("gpu", GpuSection), ("neuron", NeuronSection))
+        for f in dataclasses.fields(section)
+        if not changes_output(section, f.name)
+    }
+    assert declared == {
+        "train.logging_steps", "train.on_recompile", "train.keep_checkpoints", "train.activation_checkpointing",
+        "gpu.wandb", "gpu.async_checkpoint", "neuron.parallel_compile_workers",
+    }  # fmt: skip
+    for platform in ("gpu", "neuron-native"):
+        run = make_run(platform=platform)
+        cfg = load_config(run.config)
+        for stage in STAGES[1:]:
+            complete_by_hand(cfg, stage)
+        for override in ("gpu.wandb=true", "gpu.async_checkpoint=false", "train.logging_steps=3",
+                         "train.activation_checkpointing=off"):  # fmt: skip
+            assert _states(run, override)["train"] == "complete", (platform, override)
+        assert _states(run, "gpu.tp=2")["train"] == "stale"
+        assert _states(run, "train.learning_rate=0.5")["train"] == "stale"
