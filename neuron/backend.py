@@ -92,6 +92,7 @@ def check_settings(cfg: RunConfig) -> None:
       layout optimum-neuron loads).
     - On Trainium, a layout whose memory estimate exceeds a NeuronCore (:mod:`trnft.neuron.memory`).
     - A model family optimum-neuron 0.4.5 has no training model for (:mod:`trnft.common.training.families`).
+    - ``train.eval_steps`` or ``train.early_stopping_patience``: no trainer of this platform validates.
     """
     from trnft.common.errors import ConfigError
     from trnft.common.training.families import check_trn1_family
@@ -99,6 +100,18 @@ def check_settings(cfg: RunConfig) -> None:
     from trnft.neuron.parallel_layout import model_layout
 
     check_trn1_family(cfg.model.name_or_path)
+    # Neither trainer of this platform validates: NeuronTrainer has no evaluation loop and the CPU-XLA
+    # rehearsal follows it; a validation cadence is refused rather than ignored.
+    for key, value in (
+        ("eval_steps", cfg.train.eval_steps),
+        ("early_stopping_patience", cfg.train.early_stopping_patience),
+    ):
+        if value:
+            raise ConfigError(
+                f"train.{key}: {value} needs validation, which model.platform neuron does not run (optimum-"
+                "neuron's NeuronTrainer has no evaluation loop, and the CPU-XLA rehearsal follows it); set it "
+                "to 0 (the evaluate stage scores the trained model) or train on neuron-native or gpu"
+            )
     if cfg.neuron.pp > 1:
         raise ConfigError(
             f"neuron.pp: {cfg.neuron.pp} (pipeline parallelism) has never run end to end on this path "

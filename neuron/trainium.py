@@ -82,16 +82,6 @@ def check_settings(cfg: RunConfig) -> None:
             "optimum-neuron recomputes whole layers, so use full or off for neuron.backend=trainium"
         )
     memory.check(cfg, config, instance(cfg.cluster.instance_type))
-    if t.eval_steps:
-        raise ConfigError(
-            "train.eval_steps: optimum-neuron's NeuronTrainer has no evaluation loop; set train.eval_steps=0 "
-            "for neuron.backend=trainium (the evaluate stage scores the trained model)"
-        )
-    if t.early_stopping_patience:
-        raise ConfigError(
-            "train.early_stopping_patience: needs validation, which NeuronTrainer does not run; set it to 0 "
-            "for neuron.backend=trainium"
-        )
     if t.on_recompile == "fail":
         raise ConfigError(
             "train.on_recompile: optimum-neuron does not report graph compilations to trnft, so 'fail' cannot be "

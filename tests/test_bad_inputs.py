@@ -640,6 +640,20 @@ CASES = [
         ("run/train",),
     ),
     Case(
+        "cpu-xla-eval-steps",  # the trn1 platform's trainers do not validate: refused, never ignored
+        _stage("train", train={"eval_steps": 2}),
+        ("train.eval_steps: 2 needs validation", "model.platform neuron does not run"),
+        2,
+        ("run/train",),
+    ),
+    Case(
+        "cpu-xla-early-stopping",
+        _stage("compile", train={"early_stopping_patience": 3}),
+        ("train.early_stopping_patience: 3 needs validation",),
+        2,
+        ("run/compile",),
+    ),
+    Case(
         "lora-rank-above-the-layer-trn1-cpu",
         _tokenized("train", lora={"r": 512}),
         ("lora.r: 512 is larger than", "use lora.r <="),
