@@ -7,6 +7,7 @@ out per era (§1.8). The consolidator is tested against what this writes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,12 +159,17 @@ def _kv_local(w: torch.Tensor, tp: int, rank: int, mult: int) -> torch.Tensor:
 # -- the writer ----------------------------------------------------------------------------------------
 
 
+# optimum-neuron writes xser shards, and writing them needs torch-xla's TensorReference (the trn1 line);
+# reading them does not. On the current line the writer's default is the plain encoding of the same files.
+DEFAULT_ENCODING = "xser" if importlib.util.find_spec("torch_xla") is not None else "plain"
+
+
 @dataclass
 class Layout:
     era: str = "new"  # "new" | "old"
     tp: int = 2
     pp: int = 1
-    encoding: str = "xser"  # "xser" | "plain"
+    encoding: str = DEFAULT_ENCODING  # "xser" | "plain"
     fuse_qkv: bool = False
     kv_multiplier: int | None = None
 

@@ -11,7 +11,6 @@ its input in a fresh folder, runs ``trnft`` (in this process), and checks:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import struct
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import smoke_raw
+from nxd_writer import DEFAULT_ENCODING
 
 from trnft.common import cli
 
@@ -178,9 +178,7 @@ def _merge(base: Callable[[Env], Path], adapter: Callable[[Env], Path], out: str
     ]
 
 
-# optimum-neuron writes xser shards; writing them needs torch-xla (the trn1 line), reading does not, so the
-# current line's run of these cases reads the plain encoding of the same checkpoint.
-SHARD_ENCODING = "xser" if importlib.util.find_spec("torch_xla") is not None else "plain"
+SHARD_ENCODING = DEFAULT_ENCODING  # xser where torch-xla can write it (the trn1 line), else plain
 
 
 def _nxd_checkpoint(e: Env, *, done: bool = True) -> Path:
@@ -596,6 +594,7 @@ CASES = [
         ("train needs a complete tokenize stage", "run `trnft tokenize"),
         1,
         ("run/train",),
+        trn1=True,
     ),
     Case(
         "compile-before-tokenize",
@@ -603,6 +602,7 @@ CASES = [
         ("compile needs a complete tokenize stage",),
         1,
         ("run/compile",),
+        trn1=True,
     ),
     Case(
         "consolidate-before-train",
@@ -717,6 +717,7 @@ CASES = [
         ("train needs a complete tokenize stage", "is stale", "dataset.max_seq_length"),
         1,
         ("run/train",),
+        trn1=True,
     ),
     Case(
         "neuron-trainium-without-device",
@@ -724,6 +725,7 @@ CASES = [
         ("neuron.backend", "needs a Neuron device"),
         1,
         ("run/train/checkpoint-1",),
+        trn1=True,
     ),
     Case(
         "neuron-target-unsupported",
@@ -731,6 +733,7 @@ CASES = [
         ("lora.target_modules", "'lm_head'"),
         1,
         ("run/train/checkpoint-1",),
+        trn1=True,
     ),
     Case(
         "evaluate-vllm-on-cpu",

@@ -19,6 +19,8 @@ from trnft.common.evaluate import (
     vllm_lora_rank,
 )
 
+pytestmark = pytest.mark.both_lines  # generation and scoring run on either line's transformers
+
 EVAL = {"max_samples": 16, "batch_size": 8, "max_new_tokens": 12}
 
 

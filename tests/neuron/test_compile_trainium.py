@@ -17,10 +17,10 @@ from helpers import ok
 
 from trnft.neuron.compile import TrainiumCompileFigures
 
+pytestmark = pytest.mark.trn1  # the trn1 line (tests/trn1_line.sh)
+
 FAKE_TOOL = """#!/usr/bin/env python3
 import json, os, sys
-
-pytestmark = pytest.mark.trn1  # the trn1 line (tests/trn1_line.sh)
 record = {"argv": sys.argv[1:], "NEURON_CC_FLAGS": os.environ.get("NEURON_CC_FLAGS"),
           "config": open(sys.argv[sys.argv.index("--config") + 1]).read()}
 with open(os.environ["FAKE_NPC_RECORD"], "w") as fh:
