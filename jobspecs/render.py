@@ -43,7 +43,14 @@ import yaml
 
 from trnft.common import stop
 from trnft.common.cluster import launch
-from trnft.common.cluster.instances import InstanceType, Layout, instance, training_layout
+from trnft.common.cluster.instances import (
+    DEVICE_RESOURCES,
+    EFA_RESOURCE,
+    InstanceType,
+    Layout,
+    instance,
+    training_layout,
+)
 from trnft.common.config.run_config import (
     RunConfig,
     dump_config,
@@ -278,6 +285,9 @@ def _volumes(cfg: RunConfig, shm_gib: int) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+_QUOTA_RESOURCES = f"{' or '.join(DEVICE_RESOURCES.values())}, {EFA_RESOURCE}, cpu, memory"
+
+
 def _resources(cfg: RunConfig, placement: Placement) -> dict[str, dict[str, str]]:
     if placement.kind == "cpu":
         requests = dict(cfg.cluster.cpu_requests)
@@ -285,10 +295,9 @@ def _resources(cfg: RunConfig, placement: Placement) -> dict[str, dict[str, str]
         return {"requests": requests, "limits": limits}
     inst = placement.instance
     assert inst is not None
-    name = "aws.amazon.com/neuron" if placement.kind == "neuron" else "nvidia.com/gpu"
-    devices = {name: str(placement.devices)}
+    devices = {DEVICE_RESOURCES[placement.kind]: str(placement.devices)}
     if placement.efa:
-        devices["vpc.amazonaws.com/efa"] = str(placement.efa)
+        devices[EFA_RESOURCE] = str(placement.efa)
     share = placement.devices / (inst.neuron_devices or inst.gpus)
     # Ask for most of the node's CPU and memory in proportion to the devices, leaving room for daemons.
     host = {
@@ -300,10 +309,7 @@ def _resources(cfg: RunConfig, placement: Placement) -> dict[str, dict[str, str]
 
 def _accelerator_toleration(kind: str) -> dict[str, Any]:
     # Accelerator node groups are commonly tainted with their device resource name.
-    return {
-        "neuron": {"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"},
-        "gpu": {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-    }[kind]
+    return {"key": DEVICE_RESOURCES[kind], "operator": "Exists", "effect": "NoSchedule"}
 
 
 def _tolerations(cfg: RunConfig, placement: Placement) -> list[dict[str, Any]]:
@@ -779,8 +785,7 @@ def command(args: Any, log: Callable[[str], None]) -> int:
             "note: Kueue v0.17 or later (v0.14-v0.16 cannot place Trainer v2.3 TrainJobs; its trainjob integration "
             "is on by default) admits the TrainJobs "
             f"and the Jobs from LocalQueue {cfg.cluster.queue}; set waitForPodsReady and give the ClusterQueue "
-            "quota for every resource the pods request (aws.amazon.com/neuron or nvidia.com/gpu, "
-            "vpc.amazonaws.com/efa, cpu, memory) (README, Kueue)"
+            f"quota for every resource the pods request ({_QUOTA_RESOURCES}) (README, Kueue)"
         )
         log(
             "note: a ResourceFlavor with tolerations of its own replaces the TrainJob pods' tolerations "
@@ -796,8 +801,7 @@ def command(args: Any, log: Callable[[str], None]) -> int:
             "note: Kueue queues these PyTorchJobs only with its `kubeflow.org/pytorchjob` integration enabled "
             "(off by default and deprecated since Kueue v0.19): add it to integrations.frameworks of the Kueue "
             "Configuration, set waitForPodsReady, and give the ClusterQueue quota for every resource the pods "
-            "request (aws.amazon.com/neuron or nvidia.com/gpu, vpc.amazonaws.com/efa, cpu, memory); "
-            "otherwise they run unqueued (README, Kueue)"
+            f"request ({_QUOTA_RESOURCES}); otherwise they run unqueued (README, Kueue)"
         )
     for key, image in (("cluster.image", cfg.cluster.image), ("cluster.eval_image", cfg.cluster.eval_image)):
         if image and not pinned_by_digest(image):

@@ -21,6 +21,12 @@ from trnft.common.pipeline import backend
 LNC_TARGETS = ("trn2", "trn3")
 
 
+# The Kubernetes extended resource each accelerator kind's device plugin advertises (and the taint an
+# accelerator node group commonly carries), and EFA's: the one place spec rendering takes them from.
+DEVICE_RESOURCES = {"neuron": "aws.amazon.com/neuron", "gpu": "nvidia.com/gpu"}
+EFA_RESOURCE = "vpc.amazonaws.com/efa"
+
+
 @dataclass(frozen=True)
 class InstanceType:
     """One row of the instance table."""

@@ -864,3 +864,16 @@ def test_files_that_are_not_yaml_are_one_line_each(tmp_path, capsys):
     assert out[0].startswith(f"{broken} line 2 column 2: not valid YAML (")
     assert out[1] == f"{tmp_path / 'no.yaml'}: cannot be read (No such file or directory)"
     assert out[2] == "2 file(s): 2 problem(s)" and len(out) == 3
+
+
+def test_the_renderer_names_no_vendor_resource():
+    """Device and EFA resource names live in the instance module (one table); render.py takes them from
+    there, so a new accelerator kind is a table row, not an edit of the renderer."""
+    from pathlib import Path
+
+    from trnft.common.cluster.instances import DEVICE_RESOURCES, EFA_RESOURCE
+    from trnft.jobspecs import render
+
+    source = Path(render.__file__).read_text()
+    for name in (*DEVICE_RESOURCES.values(), EFA_RESOURCE):
+        assert name not in source, name
