@@ -28,7 +28,8 @@ from trnft.common.errors import ConfigError
 from trnft.common.training.data import IGNORE_INDEX
 
 ROLES = {
-    "openai": {"system": "system", "user": "user", "assistant": "assistant"},
+    # "developer" is OpenAI's newer name for the system message (its exports write it).
+    "openai": {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"},
     "sharegpt": {
         "system": "system",
         "human": "user",
@@ -68,13 +69,35 @@ def parse(value: Any, message_format: str, role_key: str, content_key: str) -> l
             raise BadConversation(
                 f"message {i} has unknown role {item[role_key]!r} (known: {', '.join(sorted(roles))})"
             )
-        content = "" if item[content_key] is None else str(item[content_key])
+        content = _content_text(item[content_key], i)
         if role == "assistant" and not content.strip():
             raise BadConversation(f"message {i} is an empty assistant turn")
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise BadConversation("no assistant turn")
     return messages
+
+
+def _content_text(value: Any, i: int) -> str:
+    """A message's text: a string as it is, or OpenAI content parts (``[{"type": "text", "text": ...}]``)
+    joined in order. ``null`` and non-text parts (images, audio, files) are refused, never trained as
+    ``""`` or as the list's Python repr."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise BadConversation(f"message {i} has content null (no text); drop the row or give it text")
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"a {kind!r} part" if kind else "a part that is not {'type': 'text', 'text': ...}"
+                raise BadConversation(f"message {i}, content part {j}: {what}; trnft trains on text only")
+            texts.append(part["text"])
+        return "".join(texts)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a number written without quotes
+    raise BadConversation(f"message {i} has content of type {type(value).__name__}, not text")
 
 
 def load_template(value: str | None, tokenizer: Any) -> str:

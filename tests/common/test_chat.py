@@ -99,6 +99,29 @@ def test_masks_equal_transformers_assistant_masks_on_a_template_with_generation_
     assert sum(mask) > turns
 
 
+def test_openai_exports_content_parts_and_the_developer_role():
+    """What OpenAI-style exports write: content as a list of text parts (joined in order, never the list's
+    repr) and the `developer` role (OpenAI's name for the system message)."""
+    row = [
+        {"role": "developer", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What hoots "}, {"type": "text", "text": "at night?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "owl"}]},
+        {"role": "user", "content": 42},
+        {"role": "assistant", "content": "still owl"},
+    ]
+    messages = chat.parse(row, "openai", "role", "content")
+    assert messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What hoots at night?"},
+        {"role": "assistant", "content": "owl"},
+        {"role": "user", "content": "42"},
+        {"role": "assistant", "content": "still owl"},
+    ]
+
+
 def test_sharegpt_rows_and_custom_keys(tok):
     row = [
         {"from": "system", "value": "Be brief."},
@@ -125,6 +148,25 @@ def test_sharegpt_rows_and_custom_keys(tok):
             "message 1 is an empty assistant turn",
         ),
         ([{"role": "user", "content": "x"}], "no assistant turn"),
+        (
+            [{"role": "user", "content": None}, {"role": "assistant", "content": "owl"}],
+            "message 0 has content null (no text)",
+        ),
+        (
+            [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                {"role": "assistant", "content": "owl"},
+            ],
+            "message 0, content part 0: a 'image_url' part; trnft trains on text only",
+        ),
+        (
+            [{"role": "user", "content": ["plain"]}, {"role": "assistant", "content": "owl"}],
+            "message 0, content part 0: a part that is not",
+        ),
+        (
+            [{"role": "user", "content": {"text": "x"}}, {"role": "assistant", "content": "owl"}],
+            "message 0 has content of type dict, not text",
+        ),
     ],
 )
 def test_bad_conversations_are_refused_with_the_reason(value, reason):
