@@ -101,7 +101,29 @@ def _content_text(value: Any, i: int) -> str:
 
 
 def load_template(value: str | None, tokenizer: Any) -> str:
-    """``dataset.chat_template`` (a Jinja string, or the path of a file holding one) or the tokenizer's."""
+    """``dataset.chat_template`` (a Jinja string, or the path of a file holding one) or the tokenizer's,
+    compiled once here: a template that does not compile is a config error (one line, exit 2), not a
+    reason to drop every row."""
+    template = _template_text(value, tokenizer)
+    check_compiles(template, "dataset.chat_template" if value else "the tokenizer's chat template")
+    return template
+
+
+def check_compiles(template: str, what: str) -> None:
+    """Compile ``template`` the way transformers renders chat templates (its sandboxed Jinja environment
+    with the ``generation`` tag; ``_compile_jinja_template`` in transformers 4.57 and 5.20 alike)."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(
+            f"{what}: Jinja syntax error at line {exc.lineno}: {exc.message}; fix the template"
+        ) from exc
+
+
+def _template_text(value: str | None, tokenizer: Any) -> str:
     if value:
         path = Path(value)
         if "{" not in value and path.is_file():

@@ -336,3 +336,25 @@ def test_a_template_path_that_cannot_be_a_template_is_a_config_error(tmp_path, k
         load_template(str(path), tokenizer=None)
     assert refused.value.exit_code == 2 and str(refused.value).startswith("dataset.chat_template:")
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "words"),
+    [
+        ("{% for m in messages %}{{ m['content'] }", "Jinja syntax error at line 1"),
+        ("line one\n{% if messages %}{{ messages[0]['content'] }}", "Jinja syntax error at line 2"),
+    ],
+)
+def test_a_template_that_does_not_compile_is_a_config_error_not_dropped_rows(
+    run_config, capsys, template, words
+):
+    """Every row would fail the same way: one line naming dataset.chat_template, exit 2, nothing written."""
+    from trnft.common import cli
+    from trnft.common.testing.fixtures import bundled_chat_path
+
+    config = run_config(dataset={"files": [str(bundled_chat_path())], "messages_field": "messages",
+                                 "chat_template": template})  # fmt: skip
+    assert cli.main(["tokenize", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset.chat_template: " + words in err, err
+    assert "dropped" not in err
