@@ -167,6 +167,8 @@ def render(tokenizer: Any, messages: list[dict[str, str]], template: str) -> Ren
             messages[:upto], tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
         )
 
+    # longest first, so that "<|endoftext|>" is set aside whole rather than as a shorter token it ends with
+    specials = sorted(set(getattr(tokenizer, "all_special_tokens", None) or []), key=len, reverse=True)
     try:
         full = text(len(messages), False)
         spans = []
@@ -175,12 +177,13 @@ def render(tokenizer: Any, messages: list[dict[str, str]], template: str) -> Ren
             if message["role"] != "assistant":
                 continue
             before, through = text(i, True), text(i + 1, False)
-            if not (through.startswith(before) and full.startswith(through)):
+            closed = _turn_in_conversation(before, through, full, message["content"], specials)
+            if closed is None:
                 raise BadConversation(
                     f"the chat template does not render turn {i} as a prefix of the conversation (it rewrites "
                     "earlier turns), so the assistant tokens cannot be found"
                 )
-            spans.append((len(before), len(through.rstrip())))
+            spans.append((len(before), len(closed.rstrip())))
             last = i
         prompt = text(last, True)
     except BadConversation:
@@ -189,6 +192,36 @@ def render(tokenizer: Any, messages: list[dict[str, str]], template: str) -> Ren
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadConversation(f"the chat template failed to render it ({reason})") from exc
     return Rendered(full, tuple(spans), prompt, messages[last]["content"])
+
+
+def _turn_in_conversation(
+    before: str, through: str, full: str, content: str, specials: list[str]
+) -> str | None:
+    """The conversation rendered through an assistant turn, as the full conversation contains it; None when
+    the template renders that turn differently once later turns follow.
+
+    Usually that is ``through`` itself. Some templates close a conversation with special tokens only its
+    last turn gets (Phi-3.5 appends ``eos_token`` when there is no generation prompt): then ``through`` ends
+    with them and the full conversation goes on with the next turn there. Such trailing special tokens (and
+    whitespace) are set aside while the rest is not a prefix of the full conversation and still holds the
+    whole reply; the turn's own end-of-turn text stays learned.
+    """
+    if not through.startswith(before):
+        return None
+    start = through.find(content, len(before))
+    if start < 0:  # the reply is not in its own rendering as given: nothing to keep it by
+        return None
+    reply_end = start + len(content)
+    kept = through
+    while not full.startswith(kept):
+        shorter = kept.rstrip()
+        ending = next((t for t in specials if t and shorter.endswith(t)), None)
+        if ending is not None:
+            shorter = shorter[: -len(ending)]
+        if shorter == kept or len(shorter) < reply_end:
+            return None
+        kept = shorter
+    return kept
 
 
 @dataclass(frozen=True)

@@ -358,3 +358,38 @@ def test_a_template_that_does_not_compile_is_a_config_error_not_dropped_rows(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset.chat_template: " + words in err, err
     assert "dropped" not in err
+
+
+# A template in the manner of Phi-3.5-mini's: each turn closes with <|end|>, and the conversation ends with
+# eos_token only when no generation prompt follows, so the rendering through turn 1 ends "<|end|>\n" + eos
+# while the whole conversation goes on with the next user turn there.
+EOS_WHEN_CLOSED = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_a_template_that_closes_only_the_last_turn_with_eos_masks_every_turn(tok):
+    """Multi-turn rows of such a template were refused ("rewrites earlier turns"). Each reply and its <|end|>
+    is learned; the eos only where the conversation ends; user turns never."""
+    messages = conversation(3, True)
+    rendered = chat.render(tok, messages, EOS_WHEN_CLOSED)
+    learned = [rendered.text[a:b] for a, b in rendered.spans]
+    assert learned == [f"red owl {t}<|end|>" for t in range(2)] + [f"red owl 2<|end|>\n{tok.eos_token}"]
+    assert rendered.prompt.endswith("<|user|>\nRepeat the words.\nred owl 2<|end|>\n<|assistant|>\n")
+    # every learned span starts right after its assistant header: no user or system text is learned
+    assert all(rendered.text[:a].endswith("<|assistant|>\n") for a, _ in rendered.spans)
+
+
+def test_a_template_that_really_rewrites_an_earlier_turn_is_still_refused(tok):
+    """Moves the system text into the last user turn (as Mistral Nemo's does): turn 0 renders differently
+    once turn 1 follows, which no ending explains."""
+    last_user_gets_system = (
+        "{% set last = namespace(i=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set last.i = loop.index0 %}{% endif %}{% endfor %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[U]' }}{% if loop.index0 == last.i %}"
+        "{{ messages[0]['content'] + ' ' }}{% endif %}{{ m['content'] + '[/U]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(chat.BadConversation, match="does not render turn"):
+        chat.render(tok, conversation(2, True), last_user_gets_system)
