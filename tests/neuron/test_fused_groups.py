@@ -100,12 +100,18 @@ def test_part_of_a_fused_group_is_one_line_naming_it(targets, layout, message):
         ),
     ],
 )
-def test_every_stage_refuses_before_it_runs(make_run, overrides, message):
+def test_every_stage_refuses_before_it_runs(make_run, overrides, message, capsys):
+    """Through the CLI's entry function, in this process (the refusal comes before any stage starts a
+    process or imports a trainer; tests/test_exits.py covers what a separate process exits with)."""
+    from trnft.common import cli
+
     run = make_run()
+    before = sorted(p.name for p in run.root.iterdir())
     for stage in ("tokenize", "compile", "train"):
-        proc = run.stage(stage, *overrides)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+        code = cli.main([stage, "--config", str(run.config), *overrides])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert sorted(p.name for p in run.root.iterdir()) == before  # nothing written
 
 
 def test_fused_qkv_is_refused_only_where_nxd_fails():
