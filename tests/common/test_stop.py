@@ -76,6 +76,7 @@ def test_a_sigtermed_worker_exits_trnft_torchrun_with_143(tmp_path):
     assert proc.returncode == 143, err[-2000:]
 
 
+@pytest.mark.both_lines  # torch 2.8 and 2.14 pass the grace to their workers differently
 @pytest.mark.parametrize(("grace", "saved"), [(20, True), (1, False)])
 def test_workers_get_the_configured_grace_to_save_before_sigkill(tmp_path, grace, saved):
     """The worker needs 4 s to save after SIGTERM: a 20 s grace lets it, a 1 s grace SIGKILLs it first."""
@@ -86,6 +87,7 @@ def test_workers_get_the_configured_grace_to_save_before_sigkill(tmp_path, grace
     assert (tmp_path / "saved").exists() is saved
 
 
+@pytest.mark.both_lines
 def test_torch_elastic_still_shuts_workers_down_with_the_timeout_trnft_sets():
     """How `stop.workers_get_grace` reaches torch's elastic agent, per line. torch 2.14 (current line):
     torchrun's `--shutdown-timeout` (default None, then TORCH_ELASTIC_SHUTDOWN_TIMEOUT or 30), which the agent
