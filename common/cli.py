@@ -9,6 +9,7 @@ Every stage subcommand takes ``--config FILE`` and ``key.sub=value`` overrides a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -151,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--platform",
         choices=sorted(backend.REGISTRY),
-        default="neuron",
-        help="Training path to exercise.",
+        default=None,
+        help="Training path to exercise (default: neuron in the trn1 line's environment, gpu elsewhere).",
     )
     p.add_argument("--force", action="store_true", help="Redo every stage.")
     p.add_argument(
@@ -194,8 +195,10 @@ def _jobspec_command(args: argparse.Namespace, log: Callable[[str], None]) -> in
 def _smoke_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     from trnft.common import smoke
 
+    # The XLA path needs the trn1 line (torch-xla); the current line's default is the FSDP2 trainer.
+    platform = args.platform or ("neuron" if importlib.util.find_spec("torch_xla") is not None else "gpu")
     return smoke.run_smoke(
-        args.root, platform=args.platform, force=args.force, overrides=args.overrides, log=log, chat=args.chat
+        args.root, platform=platform, force=args.force, overrides=args.overrides, log=log, chat=args.chat
     )
 
 
