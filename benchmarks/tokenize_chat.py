@@ -8,6 +8,11 @@ takes the next row as a second turn), rendered with the tiny tokenizer's chat te
 max_seq_length 1024, packed. Prints stage wall time, non-pad and supervised tokens, tokens/s and the ratio.
 
     python benchmarks/tokenize_chat.py [--rows 15000]
+
+``--turns 2,10,100``: instead, conversations of that many user/assistant pairs rendered and encoded
+(``chat.render`` + ``chat.encode``, the tiny tokenizer's template), rows/s and milliseconds per turn for
+each length: the per-turn cost stays flat when rendering is linear in turns (it grew 180x from 2 to 100
+turns when every turn re-rendered its prefix).
 """
 
 from __future__ import annotations
@@ -55,7 +60,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=15000)
     parser.add_argument("--max-seq-length", type=int, default=1024)
+    parser.add_argument("--turns", default=None, help="Comma-separated conversation lengths (pairs).")
     args = parser.parse_args()
+    if args.turns:
+        return by_turns([int(t) for t in args.turns.split(",")])
 
     from trnft.common import tokenize as stage
     from trnft.common.config.run_config import load_config
@@ -111,6 +119,32 @@ def main() -> int:
     ratio = (results["template"][1] / results["template"][0]) / (results["chat"][1] / results["chat"][0])
     print(f"template tokens/s / chat tokens/s: {ratio:.2f} (goal <= 2)")
     return 0 if ratio <= 2 else 1
+
+
+def by_turns(lengths: list[int], seconds_each: float = 3.0) -> int:
+    from trnft.common import chat
+    from trnft.common.testing.fixtures import TINY_CHAT_TEMPLATE, bundled_texts, train_tokenizer
+
+    tokenizer = train_tokenizer(bundled_texts())
+    print(f"{'turns':>6} {'rows/s':>9} {'ms/row':>9} {'ms/turn':>8}")
+    per_turn = []
+    for turns in lengths:
+        messages = []
+        for t in range(turns):
+            messages += [
+                {"role": "user", "content": f"Repeat the words, number {t}.\nred owl {t}"},
+                {"role": "assistant", "content": f"red owl {t}, as asked."},
+            ]
+        rows, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds_each or rows < 3:
+            chat.encode(tokenizer, chat.render(tokenizer, messages, TINY_CHAT_TEMPLATE), 1 << 20)
+            rows += 1
+        ms = 1000 * (time.perf_counter() - t0) / rows
+        per_turn.append(ms / turns)
+        print(f"{turns:>6} {1000 / ms:>9.1f} {ms:>9.2f} {ms / turns:>8.3f}")
+    growth = per_turn[-1] / per_turn[0]
+    print(f"per-turn cost at {lengths[-1]} turns / at {lengths[0]}: {growth:.2f} (linear: about 1 or less)")
+    return 0
 
 
 if __name__ == "__main__":

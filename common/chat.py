@@ -5,13 +5,15 @@ A row's ``dataset.messages_field`` holds the conversation, OpenAI style (``[{rol
 ``dataset.content_key``). It is rendered with the tokenizer's chat template, or ``dataset.chat_template``.
 
 Which tokens are supervised comes from the rendered text, for any template (with or without
-``{% generation %}`` markers): assistant turn ``i`` spans from the end of ``render(messages[:i],
-add_generation_prompt=True)`` to the end of ``render(messages[:i + 1])`` (trailing whitespace excluded), so it
-holds the reply and the template's end-of-turn token, and never the role header the generation prompt
-already shows. That needs each rendered prefix to be a prefix of the whole rendering; a template that
-rewrites earlier turns (e.g. one that drops reasoning from all but the last turn) fails that check, and the
-row is refused with the reason. Tokens whose first character lies in a span are labelled, through the fast
-tokenizer's character offsets. System and user turns and all scaffolding are masked.
+``{% generation %}`` markers, see :func:`render`): each assistant reply and its end-of-turn text, never the
+role header the generation prompt already shows, found by rendering the conversation a bounded number of
+times (linear in its length). Templates that write earlier turns differently once later ones follow
+(a system message moved into the last user turn), add a closing token only at the very end (Phi-3.5) or
+open the reply in the generation prompt (DeepSeek-R1's ``<think>``) are handled; a reply the template
+changes is counted (reasoning left out, text rewritten) and trained as the template writes it, or with its
+reasoning under ``dataset.keep_reasoning``. Tokens whose first character lies in a span are labelled,
+through the fast tokenizer's character offsets. System and user turns and all scaffolding are masked; an
+empty assistant turn is kept in the text and not trained.
 
 Too long for ``max_seq_length``: whole turns are dropped from the end first (the conversation ends after the
 last assistant turn that fits), then, when even the first does not fit, tokens from the right.
@@ -19,7 +21,9 @@ last assistant turn that fits), then, when even the first does not fit, tokens f
 
 from __future__ import annotations
 
+import bisect
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,10 +73,9 @@ def parse(value: Any, message_format: str, role_key: str, content_key: str) -> l
             raise BadConversation(
                 f"message {i} has unknown role {item[role_key]!r} (known: {', '.join(sorted(roles))})"
             )
-        content = _content_text(item[content_key], i)
-        if role == "assistant" and not content.strip():
-            raise BadConversation(f"message {i} is an empty assistant turn")
-        messages.append({"role": role, "content": content})
+        # An empty assistant turn stays in the conversation (the turns around it are trained); render()
+        # refuses a conversation with no assistant text at all.
+        messages.append({"role": role, "content": _content_text(item[content_key], i)})
     if not any(m["role"] == "assistant" for m in messages):
         raise BadConversation("no assistant turn")
     return messages
@@ -153,75 +156,231 @@ def _template_text(value: str | None, tokenizer: Any) -> str:
 @dataclass(frozen=True)
 class Rendered:
     """A conversation as text: its assistant spans, and the evaluation prompt and reference (the
-    conversation up to its last assistant turn with the generation prompt, and that turn)."""
+    conversation up to its last assistant turn with the generation prompt, and what is trained of that turn
+    without its end-of-turn text, so that evaluation compares against the training target).
+
+    ``reasoning_dropped``: assistant turns whose reasoning (``<think>...</think>``) the template leaves out and
+    that are trained without it; ``reasoning_kept``: such turns trained with it (``dataset.keep_reasoning``);
+    ``rewritten``: turns the template writes differently otherwise (case, text); ``empty``: assistant turns
+    without text, kept in the conversation but not trained; ``left_out``: system or user messages with text
+    that the template does not write (Mistral Nemo's writes the system message only into a conversation
+    that ends with a user turn, so its training text has none)."""
 
     text: str
     spans: tuple[tuple[int, int], ...]
     prompt: str
     answer: str
+    reasoning_dropped: int = 0
+    reasoning_kept: int = 0
+    rewritten: int = 0
+    empty: int = 0
+    left_out: int = 0
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], template: str) -> Rendered:
-    def text(upto: int, generation_prompt: bool) -> str:
+# Stand-ins for message texts: private-use characters, which no template writes itself and which case
+# changes, strip() and split() on ordinary text leave as they are.
+_MARK = "\ue000{}\ue001"
+_MARKS = re.compile("\ue000(\\d+)\ue001")
+_REASONING_END = "</think>"
+
+
+def render(
+    tokenizer: Any, messages: list[dict[str, str]], template: str, keep_reasoning: bool = False
+) -> Rendered:
+    """Render a conversation and find what to train, rendering it a bounded number of times (five at most,
+    whatever its length).
+
+    The conversation is rendered as it is, and once with each message's text replaced by a stand-in: that
+    skeleton shows the template's own text between messages whatever order it writes them in (a system
+    message moved into the last user turn, as Mistral Nemo's template does), and the real rendering must be
+    the skeleton with each stand-in replaced by a text, which locates every assistant reply. A reply's span
+    starts where the generation prompt (from a rendering up to the last assistant turn with
+    ``add_generation_prompt``) stops agreeing with the conversation, so a prompt that opens more than the
+    turn header (DeepSeek-R1's ``<think>``) or less is handled, and ends after the end-of-turn text: what
+    follows the reply both in the conversation and where the conversation closes after it (Phi-3.5's eos,
+    added only at the very end, is learned there alone). A reply the template writes differently is counted:
+    reasoning left out is trained as the template writes it unless ``keep_reasoning``, which trains the
+    message as given.
+    """
+
+    def text(upto: list[dict[str, str]], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
-            messages[:upto], tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+            upto, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
         )
 
-    # longest first, so that "<|endoftext|>" is set aside whole rather than as a shorter token it ends with
-    specials = sorted(set(getattr(tokenizer, "all_special_tokens", None) or []), key=len, reverse=True)
+    with_text = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"].strip()]
+    if not with_text:
+        raise BadConversation("no assistant turn with text")
+    last = with_text[-1]
+    marked = [{**m, "content": _MARK.format(i) if m["content"] else ""} for i, m in enumerate(messages)]
     try:
-        full = text(len(messages), False)
-        spans = []
-        last = 0
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before, through = text(i, True), text(i + 1, False)
-            closed = _turn_in_conversation(before, through, full, message["content"], specials)
-            if closed is None:
-                raise BadConversation(
-                    f"the chat template does not render turn {i} as a prefix of the conversation (it rewrites "
-                    "earlier turns), so the assistant tokens cannot be found"
-                )
-            spans.append((len(before), len(closed.rstrip())))
-            last = i
-        prompt = text(last, True)
-    except BadConversation:
-        raise
+        full = text(messages, False)
+        skeleton = text(marked, False)
+        closed = skeleton if last == len(messages) - 1 else text(marked[: last + 1], False)
+        opening = text(marked[:last], True)
+        prompt = text(messages[:last], True)
     except Exception as exc:  # jinja2 errors, raise_exception() in templates, a template expecting other keys
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadConversation(f"the chat template failed to render it ({reason})") from exc
-    return Rendered(full, tuple(spans), prompt, messages[last]["content"])
+
+    scaffolds, slots = _align(skeleton, full, messages)
+    written = {}
+    for j, (k, _, _) in enumerate(slots):
+        written.setdefault(k, []).append(j)
+    for k in with_text:
+        if len(written.get(k, [])) != 1:
+            how = "leaves out" if k not in written else f"writes {len(written[k])} copies of"
+            raise BadConversation(f"the chat template {how} assistant message {k}, so it cannot be trained")
+
+    generation = _after_last_mark(opening)
+    closing = _after_mark(closed, last)
+    specials = _special_tokens(tokenizer)
+    pieces, spans = [scaffolds[0]], []
+    shift = 0  # how much longer the trained text is than the rendering so far (kept reasoning)
+    dropped = kept = rewritten = 0
+    answer = ""
+    for j, (k, start, end) in enumerate(slots):
+        slot = full[start:end]
+        if messages[k]["role"] != "assistant" or k not in with_text:
+            pieces += [slot, scaffolds[j + 1]]
+            continue
+        content = messages[k]["content"]
+        if slot.strip() != content.strip():
+            if _REASONING_END in content and content.split(_REASONING_END)[-1].strip() == slot.strip():
+                if keep_reasoning and k == last:
+                    slot, kept = content, kept + 1
+                else:
+                    dropped += 1
+            elif slot.strip().casefold() == content.strip().casefold():
+                rewritten += 1  # the template changes its case: trained (and evaluated) as written
+            else:
+                raise BadConversation(
+                    f"the chat template writes assistant message {k} as text that is not the message "
+                    f"({_excerpt(slot)} for {_excerpt(content)}), so it cannot be trained"
+                )
+        begin = start + shift
+        shift += len(slot) - (end - start)
+        first = begin + _reply_offset(scaffolds[j], generation, slot)
+        close = _end_of_turn(scaffolds[j + 1], closing, specials)
+        spans.append((first, begin + len(slot) + len(close)))
+        if k == last:
+            answer = (scaffolds[j] + slot)[len(scaffolds[j]) + first - begin :]
+        pieces += [slot, scaffolds[j + 1]]
+    empty = sum(1 for m in messages if m["role"] == "assistant" and not m["content"].strip())
+    left_out = sum(1 for k, m in enumerate(messages) if m["content"] and k not in written)
+    return Rendered(
+        "".join(pieces), tuple(sorted(spans)), prompt, answer, dropped, kept, rewritten, empty, left_out
+    )
 
 
-def _turn_in_conversation(
-    before: str, through: str, full: str, content: str, specials: list[str]
-) -> str | None:
-    """The conversation rendered through an assistant turn, as the full conversation contains it; None when
-    the template renders that turn differently once later turns follow.
+def _align(
+    skeleton: str, full: str, messages: list[dict[str, str]]
+) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """The template's own text around each message (``scaffolds``, one more than the slots) and, per stand-in
+    in the skeleton, ``(message index, start, end)`` of the text written in its place in ``full``.
 
-    Usually that is ``through`` itself. Some templates close a conversation with special tokens only its
-    last turn gets (Phi-3.5 appends ``eos_token`` when there is no generation prompt): then ``through`` ends
-    with them and the full conversation goes on with the next turn there. Such trailing special tokens (and
-    whitespace) are set aside while the rest is not a prefix of the full conversation and still holds the
-    whole reply; the turn's own end-of-turn text stays learned.
-    """
-    if not through.startswith(before):
-        return None
-    start = through.find(content, len(before))
-    if start < 0:  # the reply is not in its own rendering as given: nothing to keep it by
-        return None
-    reply_end = start + len(content)
-    kept = through
-    while not full.startswith(kept):
-        shorter = kept.rstrip()
-        ending = next((t for t in specials if t and shorter.endswith(t)), None)
-        if ending is not None:
-            shorter = shorter[: -len(ending)]
-        if shorter == kept or len(shorter) < reply_end:
-            return None
-        kept = shorter
-    return kept
+    A slot holds its message's text as given, trimmed, or without its reasoning when the rendering goes on
+    with the template's next text right after it; otherwise (a template that changes the text in another
+    way) the slot ends where the template's next text is found, which :func:`render` accepts for a reply
+    only if the reply is recognisable in it."""
+    parts = _MARKS.split(skeleton)
+    scaffolds, order = parts[0::2], [int(k) for k in parts[1::2]]
+    if not full.startswith(scaffolds[0]):
+        raise _shape_differs()
+    pos, slots = len(scaffolds[0]), []
+    for j, k in enumerate(order):
+        after, final = scaffolds[j + 1], j == len(order) - 1
+
+        def resumes(end: int, after: str = after, final: bool = final) -> bool:
+            if final:
+                return len(full) - len(after) == end and full.endswith(after)
+            return full.startswith(after, end)
+
+        ends = [pos + len(t) for t in _written_forms(messages[k]["content"]) if full.startswith(t, pos)]
+        end = next((e for e in ends if resumes(e)), -1)
+        if end < 0:  # changed in another way: the slot ends where the template's text resumes
+            if final:
+                end = len(full) - len(after) if full.endswith(after) else -1
+            elif after:
+                end = full.find(after, pos)
+            if end < pos:
+                raise _shape_differs()
+        slots.append((k, pos, end))
+        pos = end + len(after)
+    if pos != len(full):
+        raise _shape_differs()
+    return scaffolds, slots
+
+
+def _written_forms(content: str) -> list[str]:
+    """How templates commonly write a message's text: as given, trimmed, without its reasoning."""
+    forms = [content, content.strip()]
+    if _REASONING_END in content:
+        answer = content.split(_REASONING_END)[-1]
+        forms += [answer, answer.strip(), answer.lstrip("\n")]
+    return sorted(set(forms), key=len, reverse=True)
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens, those added as special included (a chat template's turn markers)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found.update(t.content for t in added.values() if getattr(t, "special", False))
+    return sorted(found, key=len, reverse=True)
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _shape_differs() -> BadConversation:
+    return BadConversation(
+        "the chat template writes this conversation differently depending on the message texts (not only "
+        "where they go), so the assistant tokens cannot be found"
+    )
+
+
+def _after_last_mark(rendered: str) -> str:
+    marks = list(_MARKS.finditer(rendered))
+    return rendered[marks[-1].end() :] if marks else rendered
+
+
+def _after_mark(rendered: str, k: int) -> str:
+    at = rendered.rfind(_MARK.format(k))
+    return rendered[at + len(_MARK.format(k)) :]
+
+
+def _reply_offset(header: str, generation: str, slot: str) -> int:
+    """Where the trained part of a reply starts, relative to its text: at it when the turn header is the
+    generation prompt; before it by what the header writes beyond the prompt (the model must produce
+    that); after it by what the prompt writes beyond the header and the reply repeats (DeepSeek-R1's
+    prompt opens ``<think>\\n``, a kept reasoning starts with it)."""
+    if header.endswith(generation):
+        return 0
+    at = header.rfind(generation) if generation else -1
+    if at >= 0:
+        return -(len(header) - at - len(generation))
+    opened = max((m for m in range(len(generation), 0, -1) if header.endswith(generation[:m])), default=0)
+    beyond = generation[opened:]
+    same = 0
+    while same < min(len(beyond), len(slot)) and beyond[same] == slot[same]:
+        same += 1
+    return same
+
+
+def _end_of_turn(after: str, closing: str, specials: list[str]) -> str:
+    """The end-of-turn text of a reply: the longest start shared by what follows it in the conversation and
+    what follows the last reply where the conversation closes, ending at a whole special token or at
+    whitespace (so no part of the next turn's header is learned), trailing whitespace excluded."""
+    shared = 0
+    while shared < min(len(after), len(closing)) and after[shared] == closing[shared]:
+        shared += 1
+    if shared not in (len(after), len(closing)):
+        cut = after[:shared]
+        while cut and not cut[-1].isspace() and not any(cut.endswith(t) for t in specials if t):
+            cut = cut[:-1]
+        shared = len(cut)
+    return after[:shared].rstrip()
 
 
 @dataclass(frozen=True)
@@ -237,16 +396,22 @@ def encode(tokenizer: Any, rendered: Rendered, max_len: int) -> EncodedConversat
     token starts inside an assistant span, else -100; the first token is never supervised (packing)."""
     encoding = tokenizer.backend_tokenizer.encode(rendered.text, add_special_tokens=False)
     ids, offsets = list(encoding.ids), encoding.offsets
-    span_of = [
-        next((k for k, (s, e) in enumerate(rendered.spans) if s <= start < e), None) if end > start else None
-        for start, end in offsets
-    ]
+    starts = [s for s, _ in rendered.spans]  # sorted, not overlapping: one bisect per token
+
+    def span_at(start: int, end: int) -> int | None:
+        k = bisect.bisect_right(starts, start) - 1
+        return k if end > start and k >= 0 and start < rendered.spans[k][1] else None
+
+    span_of = [span_at(start, end) for start, end in offsets]
     labels = [tid if k is not None else IGNORE_INDEX for tid, k in zip(ids, span_of)]
     dropped, cut_tokens = 0, False
     if len(ids) > max_len:
         # Where each assistant turn's last supervised token ends (exclusive), in turn order.
-        turns = sorted({k for k in span_of if k is not None})
-        ends = [max(t for t, k in enumerate(span_of) if k == turn) + 1 for turn in turns]
+        last_token: dict[int, int] = {}
+        for t, k in enumerate(span_of):
+            if k is not None:
+                last_token[k] = t
+        ends = [last_token[turn] + 1 for turn in sorted(last_token)]
         fitting = [e for e in ends if e <= max_len]
         if fitting:
             cut = fitting[-1]

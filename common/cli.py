@@ -226,6 +226,7 @@ def _log(message: str) -> None:
 
 def _status_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     cfg = load_config(args.config, args.overrides)
+    backend.of(cfg).check_config(cfg)  # a config that every stage refuses is refused here the same way
     root = Path(cfg.run.root)
     if root.exists() and not root.is_dir():
         raise TrnftError(f"run.root: {root} is a file, not a run directory; check run.root in {args.config}")

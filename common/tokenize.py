@@ -200,6 +200,65 @@ class FormatStats:
     dropped_converter: int = 0
     first_converter_error: str | None = None
     dropped_bad_conversation: int = 0
+    chat: ChatCounts | None = None
+    render_workers: int = 1
+
+
+@dataclass
+class ChatCounts:
+    """What the chat template did to the conversations it rendered (:class:`trnft.common.chat.Rendered`),
+    summed over rows, and the first row of each kind."""
+
+    reasoning_dropped_turns: int = 0
+    reasoning_kept_turns: int = 0
+    rewritten_turns: int = 0
+    empty_assistant_turns: int = 0
+    left_out_messages: int = 0
+    first_rows: dict[str, int] = field(default_factory=dict)
+
+    def add(self, row: int, rendered: Any) -> None:
+        for name, value in (
+            ("reasoning_dropped_turns", rendered.reasoning_dropped),
+            ("reasoning_kept_turns", rendered.reasoning_kept),
+            ("rewritten_turns", rendered.rewritten),
+            ("empty_assistant_turns", rendered.empty),
+            ("left_out_messages", rendered.left_out),
+        ):
+            if value:
+                setattr(self, name, getattr(self, name) + value)
+                self.first_rows.setdefault(name, row)
+
+    def notes(self) -> list[str]:
+        """One log line per thing the template did that changes what is trained."""
+        first = self.first_rows
+        lines = []
+        if self.reasoning_dropped_turns:
+            lines.append(
+                f"the chat template leaves out the reasoning (<think>...</think>) of {self.reasoning_dropped_turns} "
+                f"assistant turns (first: row {first['reasoning_dropped_turns']}); they are trained without it "
+                "and evaluated against the same text; set dataset.keep_reasoning: true to train the last turn's"
+            )
+        if self.reasoning_kept_turns:
+            lines.append(
+                f"{self.reasoning_kept_turns} last assistant turns are trained with the reasoning the chat "
+                "template leaves out (dataset.keep_reasoning)"
+            )
+        if self.rewritten_turns:
+            lines.append(
+                f"the chat template changes the text of {self.rewritten_turns} assistant turns (first: row "
+                f"{first['rewritten_turns']}); they are trained and evaluated as the template writes them"
+            )
+        if self.empty_assistant_turns:
+            lines.append(
+                f"{self.empty_assistant_turns} empty assistant turns are kept in their conversations but not "
+                f"trained (first: row {first['empty_assistant_turns']})"
+            )
+        if self.left_out_messages:
+            lines.append(
+                f"the chat template leaves {self.left_out_messages} system or user messages out of the training "
+                f"text (first: row {first['left_out_messages']}); check the template if they matter"
+            )
+        return lines
 
 
 def format_rows(ds: Any, d: DatasetSection) -> tuple[list[tuple[str, str]], FormatStats]:
@@ -252,12 +311,51 @@ def format_rows(ds: Any, d: DatasetSection) -> tuple[list[tuple[str, str]], Form
 BAD_ROWS_LOGGED = 10
 
 
+# Conversations rendered per task in a worker pool (dataset.num_proc).
+RENDER_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class _ChatRendering:
+    """What rendering a conversation needs besides the tokenizer (sent once per chunk to a worker)."""
+
+    message_format: str
+    role_key: str
+    content_key: str
+    template: str
+    text_limit: int
+    keep_reasoning: bool
+
+
+def _render_chunk(tokenizer: Any, job: _ChatRendering, values: Sequence[Any]) -> list[Any]:
+    """Per row: the rendered conversation, or the reason it cannot be used (a str)."""
+    from trnft.common import chat
+
+    out: list[Any] = []
+    for value in values:
+        try:
+            messages = chat.parse(value, job.message_format, job.role_key, job.content_key)
+            # A conversation keeps its head: a message longer than any sample is clipped (see clip_head).
+            messages = [{**m, "content": clip_head(m["content"], job.text_limit)} for m in messages]
+            out.append(chat.render(tokenizer, messages, job.template, job.keep_reasoning))
+        except chat.BadConversation as exc:
+            out.append(str(exc))
+    return out
+
+
+def _render_in_worker(job: _ChatRendering, values: Sequence[Any]) -> tuple[int, list[Any]]:
+    return os.getpid(), _render_chunk(_WORKER_TOKENIZER, job, values)
+
+
 def format_conversations(
-    ds: Any, d: DatasetSection, tok: Any, log: Callable[[str], None]
+    ds: Any, d: DatasetSection, tok: Any, log: Callable[[str], None], tokenizer_dir: str | Path
 ) -> tuple[list[tuple[str, str, Any]], FormatStats, str]:
     """``(prompt, reference, rendered conversation)`` per usable row (:mod:`trnft.common.chat`), the counts,
-    and the chat template used. Unusable rows are named (the first few) and counted; more than
+    and the chat template used. Rows are rendered by ``dataset.num_proc`` workers (the result does not
+    depend on their number). Unusable rows are named (the first few) and counted; more than
     ``dataset.max_bad_row_fraction`` of them stops the stage."""
+    import functools
+
     from trnft.common import chat
 
     if d.messages_field not in ds.column_names:
@@ -267,21 +365,28 @@ def format_conversations(
         )
     template = chat.load_template(d.chat_template, tok)
     role_key, content_key = chat.keys(d.message_format, d.role_key, d.content_key)
-    limit = text_limit(tok, d.max_seq_length)
-    stats = FormatStats(rows=len(ds))
+    job = _ChatRendering(
+        d.message_format, role_key, content_key, template, text_limit(tok, d.max_seq_length), d.keep_reasoning
+    )
+    values = ds[d.messages_field]
+    chunks = [values[i : i + RENDER_CHUNK] for i in range(0, len(values), RENDER_CHUNK)]
+    stats = FormatStats(rows=len(ds), chat=ChatCounts())
+    if d.num_proc <= 1 or len(chunks) <= 1:
+        results = [item for chunk in chunks for item in _render_chunk(tok, job, chunk)]
+    else:
+        with worker_pool(min(d.num_proc, len(chunks)), _init_worker, (str(tokenizer_dir),)) as pool:
+            parts = list(pool.imap(functools.partial(_render_in_worker, job), chunks))
+        results = [item for _, part in parts for item in part]
+        stats.render_workers = len({pid for pid, _ in parts})
     records, bad = [], []
-    for i, row in enumerate(ds):
-        try:
-            messages = chat.parse(row[d.messages_field], d.message_format, role_key, content_key)
-            # A conversation keeps its head: a message longer than any sample is clipped (see clip_head).
-            messages = [{**m, "content": clip_head(m["content"], limit)} for m in messages]
-            rendered = chat.render(tok, messages, template)
-        except chat.BadConversation as exc:
-            bad.append((i, str(exc)))
+    for i, result in enumerate(results):
+        if isinstance(result, str):
+            bad.append((i, result))
             if len(bad) <= BAD_ROWS_LOGGED:
-                log(f"tokenize: row {i} dropped: {exc}")
+                log(f"tokenize: row {i} dropped: {result}")
             continue
-        records.append((rendered.prompt, rendered.answer, rendered))
+        stats.chat.add(i, result)
+        records.append((result.prompt, result.answer, result))
     if len(bad) > BAD_ROWS_LOGGED:
         log(f"tokenize: ... and {len(bad) - BAD_ROWS_LOGGED} more rows dropped")
     if bad and len(bad) > d.max_bad_row_fraction * stats.rows:
@@ -291,6 +396,8 @@ def format_conversations(
             f"dataset.max_bad_row_fraction={d.max_bad_row_fraction:g} (first: row {first_row}: {reason}); fix the "
             "data or dataset.message_format / role_key / content_key / chat_template"
         )
+    for line in stats.chat.notes():
+        log(f"tokenize: {line}")
     stats.dropped_bad_conversation = len(bad)
     stats.formatted = len(records)
     return records, stats, template
@@ -650,6 +757,8 @@ class RowCounts:
     dropped_empty_output: int
     dropped_converter: int
     dropped_bad_conversation: int = 0
+    # Conversations only: what the chat template did to them (reasoning left out, text changed, ...).
+    chat: ChatCounts | None = None
 
 
 @dataclass(frozen=True)
@@ -726,13 +835,15 @@ def _setup_tokenizer(ctx: StageContext) -> tuple[Any, PadChoice, str]:
     return tok, pad, source
 
 
-def _text_splits(ctx: StageContext, tok: Any) -> tuple[dict[str, list[Any]], FormatStats, str | None]:
+def _text_splits(
+    ctx: StageContext, tok: Any, tok_dir: Path
+) -> tuple[dict[str, list[Any]], FormatStats, str | None]:
     """Load, format and split the rows; write them as JSONL for inspection and evaluation. Also the chat
     template, when the rows are conversations."""
     d = ctx.cfg.dataset
     template = None
     if d.messages_field:
-        pairs, fmt, template = format_conversations(load_source(d), d, tok, ctx.log)
+        pairs, fmt, template = format_conversations(load_source(d), d, tok, ctx.log, tok_dir)
         dropped = f"{fmt.dropped_bad_conversation} unusable conversations dropped"
     else:
         pairs, fmt = format_rows(load_source(d), d)
@@ -750,13 +861,19 @@ def _text_splits(ctx: StageContext, tok: Any) -> tuple[dict[str, list[Any]], For
 
 
 def _tokenize_split(
-    out: Path, name: str, pairs: Sequence[tuple[str, str]], tok: Any, tok_dir: Path, d: DatasetSection
+    out: Path,
+    name: str,
+    pairs: Sequence[tuple[str, str]],
+    tok: Any,
+    tok_dir: Path,
+    d: DatasetSection,
+    render_workers: int,
 ) -> SplitFigures:
     """Encode, mask, truncate and pack one split into ``out``; its figures."""
     max_len = d.max_seq_length
     if d.messages_field:
         samples, stats, truncated_turns = _chat_samples(pairs, tok, max_len)
-        workers = 1
+        workers = render_workers
     else:
         clipped, _ = clip_pairs(pairs, text_limit(tok, max_len))
         encoded = encode_pairs(clipped, tok_dir, d.num_proc)
@@ -841,11 +958,13 @@ def _write_info(out: Path, tok: Any, d: DatasetSection, figures: TokenizeFigures
 def _body(ctx: StageContext) -> StageOutcome:
     out, d = ctx.out_dir, ctx.cfg.dataset
     tok, pad, source = _setup_tokenizer(ctx)
-    splits, fmt, chat_template = _text_splits(ctx, tok)
     tok_dir = out / TOKENIZER_DIR
-    tok.save_pretrained(tok_dir)
+    tok.save_pretrained(tok_dir)  # first: rendering workers load it
+    splits, fmt, chat_template = _text_splits(ctx, tok, tok_dir)
     tokenized = {
-        name: _tokenize_split(out, name, splits[name], tok, tok_dir, d) if splits[name] else None
+        name: _tokenize_split(out, name, splits[name], tok, tok_dir, d, fmt.render_workers)
+        if splits[name]
+        else None
         for name in ("train", "validation")
     }
     for name, split in tokenized.items():
@@ -876,6 +995,7 @@ def _body(ctx: StageContext) -> StageOutcome:
             "role_key": d.role_key,
             "content_key": d.content_key,
             "chat_template": chat_template,
+            "keep_reasoning": d.keep_reasoning,
         }
     figures = TokenizeFigures(
         tokenizer_digest=tree_digest(tok_dir),
@@ -890,6 +1010,7 @@ def _body(ctx: StageContext) -> StageOutcome:
             fmt.dropped_empty_output,
             fmt.dropped_converter,
             fmt.dropped_bad_conversation,
+            fmt.chat,
         ),
         split_rows={n: len(splits[n]) for n in SPLITS},
         train=tokenized["train"],

@@ -145,9 +145,15 @@ class DatasetSection:
     chat_template: str | None = opt(
         None, "Jinja chat template, or a file holding one (default: the tokenizer's)."
     )
+    keep_reasoning: bool = opt(
+        False,
+        "Train the reasoning (<think>...</think>) of each conversation's last assistant turn where the chat "
+        "template leaves it out (DeepSeek-R1's): the turn is trained as the model should produce it after the "
+        "generation prompt. Off: trained as the template writes it; such turns are counted in the manifest.",
+    )
     max_bad_row_fraction: float = opt(
         0.05,
-        "Conversations that cannot be used (not a list, unknown role, empty assistant turn, a template that "
+        "Conversations that cannot be used (not a list, unknown role, no assistant text, a template that "
         "fails) are dropped and named; above this fraction of the rows the stage refuses.",
         ge=0.0,
         le=1.0,

@@ -143,10 +143,6 @@ def test_sharegpt_rows_and_custom_keys(tok):
         (None, "the messages are a NoneType, not a list"),
         ([{"role": "user"}], "message 0 is not an object with 'role' and 'content'"),
         ([{"role": "tool", "content": "x"}], "message 0 has unknown role 'tool'"),
-        (
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}],
-            "message 1 is an empty assistant turn",
-        ),
         ([{"role": "user", "content": "x"}], "no assistant turn"),
         (
             [{"role": "user", "content": None}, {"role": "assistant", "content": "owl"}],
@@ -183,8 +179,11 @@ def test_a_template_that_fails_or_rewrites_earlier_turns_is_a_bad_row(tok):
         "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    with pytest.raises(chat.BadConversation, match="does not render turn 1 as a prefix"):
+    with pytest.raises(chat.BadConversation, match="the chat template leaves out assistant message 1, so"):
         chat.render(tok, conversation(2, False), rewriting)
+    twice = "{% for m in messages %}{{ m['content'] + ' ' + m['content'] + '\\n' }}{% endfor %}"
+    with pytest.raises(chat.BadConversation, match="writes 2 copies of assistant message 1"):
+        chat.render(tok, conversation(1, False), twice)
 
 
 def test_too_long_conversations_lose_whole_turns_first_then_tokens(tok):
@@ -381,15 +380,193 @@ def test_a_template_that_closes_only_the_last_turn_with_eos_masks_every_turn(tok
     assert all(rendered.text[:a].endswith("<|assistant|>\n") for a, _ in rendered.spans)
 
 
-def test_a_template_that_really_rewrites_an_earlier_turn_is_still_refused(tok):
-    """Moves the system text into the last user turn (as Mistral Nemo's does): turn 0 renders differently
-    once turn 1 follows, which no ending explains."""
-    last_user_gets_system = (
-        "{% set last = namespace(i=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
-        "{% set last.i = loop.index0 %}{% endif %}{% endfor %}"
-        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[U]' }}{% if loop.index0 == last.i %}"
-        "{{ messages[0]['content'] + ' ' }}{% endif %}{{ m['content'] + '[/U]' }}"
-        "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+def test_a_template_whose_scaffolding_depends_on_the_message_text_is_refused_with_that_reason(tok):
+    """Writes a marker before a message only when its text has a word: the rendering is no longer the
+    template's text around the messages, so the reply cannot be located (what stands in its place is not
+    its text); the row is refused, saying so, and no user text is trained."""
+    marker_by_text = (
+        "{% for m in messages %}{% if 'owl' in m['content'] %}[OWL]{% endif %}{{ m['content'] + '\\n' }}"
+        "{% endfor %}"
     )
-    with pytest.raises(chat.BadConversation, match="does not render turn"):
-        chat.render(tok, conversation(2, True), last_user_gets_system)
+    with pytest.raises(
+        chat.BadConversation, match="writes assistant message 1 as text that is not the message"
+    ):
+        chat.render(tok, conversation(1, False), marker_by_text)
+
+
+# Each shipped template's special tokens, as its model's tokenizer has them (the test tokenizer learns them
+# as added special tokens), and the text that closes a reply in the middle and at the end of a conversation.
+SHIPPED = {
+    "microsoft-Phi-3.5-mini-instruct": {
+        "tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"],
+        "eos": "<|endoftext|>",
+        "bos": None,
+        "close": "<|end|>",
+        "close_last": "<|end|>\n<|endoftext|>",
+    },
+    "mistralai-Mistral-Nemo-Instruct-2407": {
+        "tokens": ["[INST]", "[/INST]"],
+        "eos": "</s>",
+        "bos": "<s>",
+        "close": "</s>",
+        "close_last": "</s>",
+    },
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": {
+        "tokens": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+        "eos": "<｜end▁of▁sentence｜>",
+        "bos": "<｜begin▁of▁sentence｜>",
+        "close": "<｜end▁of▁sentence｜>",
+        "close_last": "<｜end▁of▁sentence｜>",
+    },
+}
+
+
+def shipped_tokenizer(name: str):
+    spec = SHIPPED[name]
+    tok = train_tokenizer(bundled_texts())
+    tok.add_tokens(spec["tokens"], special_tokens=True)
+    tok.eos_token = spec["eos"]
+    if spec["bos"]:
+        tok.bos_token = spec["bos"]
+    return tok
+
+
+def learned_runs(tok, rendered) -> list[str]:
+    encoded = chat.encode(tok, rendered, max_len=8192)
+    assert encoded.ids == tok.backend_tokenizer.encode(rendered.text, add_special_tokens=False).ids
+    return supervised_runs(tok, encoded.ids, encoded.labels)
+
+
+@pytest.mark.parametrize("template", sorted(SHIPPED))
+@pytest.mark.parametrize("system", [False, True], ids=["no-system", "system"])
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_shipped_templates_train_every_reply_and_its_end_of_turn_only(template, turns, system):
+    """Phi-3.5 (eos only at the very end), Mistral Nemo (system text inside the last user turn) and
+    DeepSeek-R1 (generation prompt opens <think>) were refused before on every multi-turn row (or every
+    row). The reference is written out per turn: each reply, then its end-of-turn text; nothing else."""
+    spec, tok = SHIPPED[template], shipped_tokenizer(template)
+    text = (REAL_TEMPLATES / f"{template}.jinja").read_text()
+    messages = conversation(turns, system)
+    rendered = chat.render(tok, messages, text)
+    expected = [f"red owl {t}{spec['close']}" for t in range(turns - 1)]
+    expected.append(f"red owl {turns - 1}{spec['close_last']}")
+    assert learned_runs(tok, rendered) == expected
+    assert rendered.text == tok.apply_chat_template(messages, tokenize=False, chat_template=text)
+    assert rendered.prompt == tok.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True, chat_template=text
+    )
+    assert rendered.answer == f"red owl {turns - 1}"
+    assert (rendered.reasoning_dropped, rendered.rewritten) == (0, 0)
+    if system and template.startswith("mistralai"):
+        # Nemo writes the system message only into the last user turn of a conversation ending with one:
+        # the prompt has it, the training text does not, and that is counted, not silent.
+        assert rendered.left_out == 1 and SYSTEM["content"] not in rendered.text
+        assert SYSTEM["content"] in rendered.prompt
+    elif system:  # the system text is in the rendering, never learned
+        assert SYSTEM["content"] in rendered.text and rendered.left_out == 0
+
+
+def reasoning_conversation(turns: int) -> list[dict[str, str]]:
+    messages = []
+    for t in range(turns):
+        messages += [
+            {"role": "user", "content": f"Repeat the words.\nred owl {t}"},
+            {"role": "assistant", "content": f"<think>\nThe words are red owl {t}.\n</think>\n\nred owl {t}"},
+        ]
+    return messages
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_reasoning_the_template_drops_is_counted_and_trained_with_keep_reasoning(turns):
+    """DeepSeek-R1's template writes only what follows </think>: by default that is trained (and is the
+    evaluation reference) and every such turn is counted; with keep_reasoning the last reply's reasoning is
+    trained too, after the <think> that the generation prompt already opens."""
+    name = "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"
+    tok, text = shipped_tokenizer(name), (REAL_TEMPLATES / f"{name}.jinja").read_text()
+    close = SHIPPED[name]["close"]
+    messages = reasoning_conversation(turns)
+
+    dropped = chat.render(tok, messages, text)
+    assert (dropped.reasoning_dropped, dropped.reasoning_kept) == (turns, 0)
+    assert learned_runs(tok, dropped) == [f"\n\nred owl {t}{close}" for t in range(turns)]
+    assert "The words are" not in dropped.text and dropped.answer == f"\n\nred owl {turns - 1}"
+
+    # The last reply is trained as the model should produce it; earlier ones as the template writes them
+    # (as they are when a later turn is generated), so the prompt is the text before the last reply.
+    kept = chat.render(tok, messages, text, keep_reasoning=True)
+    assert (kept.reasoning_dropped, kept.reasoning_kept) == (turns - 1, 1)
+    reasoning = f"The words are red owl {turns - 1}.\n</think>\n\nred owl {turns - 1}"
+    earlier = [f"\n\nred owl {t}{close}" for t in range(turns - 1)]
+    assert learned_runs(tok, kept) == [*earlier, f"{reasoning}{close}"]
+    assert kept.prompt.endswith("<｜Assistant｜><think>\n") and kept.answer == reasoning
+    assert kept.text == kept.prompt + kept.answer + close
+
+
+def test_an_empty_assistant_turn_in_the_middle_keeps_the_rest_of_the_conversation(tok):
+    messages = conversation(3, False)
+    messages[3]["content"] = ""
+    rendered = chat.render(tok, messages, TINY_CHAT_TEMPLATE)
+    assert rendered.empty == 1 and len(rendered.spans) == 2
+    runs = learned_runs(tok, rendered)
+    assert [r.startswith(f"red owl {t}") for r, t in zip(runs, (0, 2))] == [True, True]
+    with pytest.raises(chat.BadConversation, match="no assistant turn with text"):
+        chat.render(
+            tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}], TINY_CHAT_TEMPLATE
+        )
+
+
+def test_a_template_that_changes_the_case_of_replies_is_counted_and_evaluated_as_trained(tok):
+    lower = (
+        "{% for m in messages %}{{ '<' + m['role'] + '>' }}{% if m['role'] == 'assistant' %}"
+        "{{ m['content'] | lower }}{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "Red Owl"}]
+    rendered = chat.render(tok, messages, lower)
+    assert rendered.rewritten == 1 and rendered.answer == "red owl"
+    assert learned_runs(tok, rendered) == [f"red owl{tok.eos_token}"]
+
+
+# DeepSeek-R1's handling of reasoning in the test tokenizer's tokens: each reply loses what precedes
+# </think>, and the generation prompt opens <think>.
+STRIPS_REASONING = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n' }}"
+    "{% else %}{{ '### Response:\\n' + m['content'].split('</think>')[-1] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\\n<think>\\n' }}{% endif %}"
+)
+
+
+def test_the_stage_renders_in_num_proc_workers_and_reports_what_the_template_dropped(
+    run_config, tmp_path, monkeypatch
+):
+    """The same arrays and texts from 1 or 2 rendering processes; the reasoning the template leaves out is
+    counted in the manifest and said in the log; keep_reasoning changes the output (a rerun redoes it)."""
+    from trnft.common import tokenize as stage
+
+    monkeypatch.setattr(stage, "RENDER_CHUNK", 16)  # 80 rows make 5 chunks: a real pool of 2
+    rows = [{"messages": reasoning_conversation(1 + i % 3)} for i in range(80)]
+    outputs, workers, figures, logs = [], [], [], []
+    for num_proc, keep in ((1, False), (2, False), (2, True)):
+        config = _chat_config(run_config, tmp_path, rows, num_proc=num_proc, chat_template=STRIPS_REASONING,
+                              keep_reasoning=keep)  # fmt: skip
+        lines: list[str] = []
+        result = run(load_config(config, [f"run.root={tmp_path}/r{num_proc}{keep}"]), log=lines.append)
+        fig = TokenizeFigures.of(result.manifest)
+        out = TokenizeOutput(result.path)
+        outputs.append(
+            (out.split("train").rows(range(len(out.split("train")))), out.text("test").read_text())
+        )
+        workers.append(fig.train.tokenize_workers)
+        figures.append(fig.rows.chat)
+        logs.append(lines)
+    assert workers == [1, 2, 2]
+    for name, array in outputs[0][0].items():
+        assert np.array_equal(array, outputs[1][0][name])
+    assert outputs[0][1] == outputs[1][1]
+    turns = sum(1 + i % 3 for i in range(80))
+    assert (
+        figures[0].reasoning_dropped_turns == turns and figures[0].first_rows["reasoning_dropped_turns"] == 0
+    )
+    assert any("leaves out the reasoning" in line and "keep_reasoning" in line for line in logs[0])
+    assert (figures[2].reasoning_kept_turns, figures[2].reasoning_dropped_turns) == (80, turns - 80)
+    assert "The words are" in outputs[2][1] and "The words are" not in outputs[0][1]

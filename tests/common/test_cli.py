@@ -95,6 +95,21 @@ def test_status_prints_one_row_per_stage(run_config, capsys):
     assert all(line.split()[1] == "missing" for line in lines[2:])
 
 
+def test_status_refuses_a_config_every_stage_refuses_with_the_stages_line(run_config, capsys):
+    """neuron-native trains with the FSDP2 trainer's settings, so the XLA path's neuron.* keys (the test
+    config's neuron.backend) are refused by every stage: status said nothing about it before."""
+    config = str(run_config())
+    bad = ["model.platform=neuron-native", "cluster.instance_type=trn2.48xlarge"]
+    assert cli.main(["tokenize", "--config", config, *bad]) == 2
+    stage_line = capsys.readouterr().err
+    assert stage_line.startswith("trnft tokenize: error: ") and "neuron-native" in stage_line
+    assert cli.main(["status", "--config", config, *bad]) == 2
+    status_line = capsys.readouterr().err
+    assert (
+        status_line == stage_line.replace("trnft tokenize", "trnft status") and status_line.count("\n") == 1
+    )
+
+
 def test_status_of_a_run_root_that_does_not_exist_or_is_a_file_says_so(run_config, tmp_path, capsys):
     assert cli.main(["status", "--config", str(run_config()), f"run.root={tmp_path / 'nowhere'}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
