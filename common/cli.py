@@ -21,18 +21,8 @@ from trnft.common.env import set_process_defaults
 from trnft.common.errors import TrnftError
 from trnft.common.exits import DEBUG_ENV, run_command
 from trnft.common.io.tensor_io import DEFAULT_MAX_SHARD_SIZE
-from trnft.common.pipeline import backend
-from trnft.common.pipeline.stages import STAGES, format_status, resolve_stage
-
-STAGE_HELP = {
-    "tokenize": "Load, format, split and tokenize the dataset into static-shape sequences.",
-    "compile": "Warm the compile cache: neuron_parallel_compile on Trainium, the XLA cache on CPU, a no-op on GPU.",
-    "train": "Train LoRA or the full model, resuming from the newest complete checkpoint.",
-    "consolidate": "Turn the newest complete checkpoint into a PEFT adapter or HF safetensors model.",
-    "merge": "Merge the adapter into the base model (streaming, base dtype).",
-    "evaluate": "Generate on the test split and score with BERTScore and exact match.",
-}
-
+from trnft.common.pipeline import backend, registry
+from trnft.common.pipeline.stages import format_status
 
 # Stages that also run without a run config, on paths given on the command line: the flags they need.
 STANDALONE = {
@@ -69,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"On an error, print the full traceback before its one line (also {DEBUG_ENV}=1).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
+    for stage in registry.names():
+        text = registry.spec(stage).help
+        p = sub.add_parser(stage, help=text, description=text)
         _add_config_args(p, config_required=stage not in ("consolidate", "merge"))
         p.add_argument("--force", action="store_true", help="Redo the stage even if it is complete.")
         if stage == "consolidate":
@@ -181,7 +172,7 @@ def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> 
     platform.check_config(cfg)
     for name, value in platform.process_env(cfg).items():  # before the stage imports torch
         os.environ.setdefault(name, value)
-    run = resolve_stage(stage, cfg)
+    run = registry.runner(stage, cfg)
     run(cfg, force=args.force, log=log)
     return 0
 
@@ -239,8 +230,8 @@ def _status_command(args: argparse.Namespace, log: Callable[[str], None]) -> int
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], int]] = {
-    **dict.fromkeys(STAGES, _run_stage_command),
+Command = Callable[[argparse.Namespace, Callable[[str], None]], int]
+COMMANDS: dict[str, Command] = {
     "status": _status_command,
     "jobspec": _jobspec_command,
     "smoke": _smoke_command,
@@ -274,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.torchrun_args = argv[split + 1 :]
     else:
         args = parse_args(parser, argv)
-    command = COMMANDS[args.command]
+    command = COMMANDS.get(args.command) or _run_stage_command  # every other subcommand is a stage
     if os.environ.get(stop.DIE_WITH_PARENT_ENV) == "1":
         stop.die_with_parent()  # a worker `trnft train` started locally: it ends with that process
     previous = (

@@ -43,7 +43,7 @@ from trnft.common.config.run_config import EvalSection, RunConfig
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.io.hf_files import resolve_model_dir
 from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, StageSpec, run_stage
 from trnft.common.training.data import TEXT_FILES, TOKENIZER_DIR, TokenizeOutput, read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
@@ -53,8 +53,18 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(\w+)\}")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
+SPEC = StageSpec(
+    name="evaluate",
+    help="Generate on the test split and score with BERTScore and exact match.",
+    needs=lambda cfg: ("tokenize", "consolidate" if cfg.eval.use_adapter else "merge"),
+    config_keys=lambda cfg: ("model.name_or_path", "eval"),
+    offline=True,
+    wait_timeout="6h",
+)
+
+
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
-    return run_stage(SPECS["evaluate"], cfg, _body, force=force, log=log)
+    return run_stage(SPEC, cfg, _body, force=force, log=log)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,9 +55,10 @@ from trnft.common.io.tensor_io import (
     to_f32,
     write_sharded_model,
 )
+from trnft.common.pipeline import inputs
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.rundir import into_new_folder
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, StageSpec, run_stage
 
 ROW_BLOCK_BYTES = 32 << 20
 
@@ -98,9 +99,19 @@ ROLES: dict[tuple[str, str | None], Role] = {
 SUPPORTED_PEFT_TYPES = ("LORA",)
 
 
+SPEC = StageSpec(
+    name="merge",
+    help="Merge the adapter into the base model (streaming, base dtype).",
+    needs=lambda cfg: ("consolidate",),
+    config_keys=lambda cfg: ("model.name_or_path", "model.revision", "model.dtype", "lora.enabled"),
+    inputs=inputs.base_model_inputs,
+    offline=True,
+)
+
+
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
     """The merge stage: base model + ``<root>/consolidate`` -> ``<root>/merge``."""
-    return run_stage(SPECS["merge"], cfg, _body, force=force, log=log)
+    return run_stage(SPEC, cfg, _body, force=force, log=log)
 
 
 # --------------------------------------------------------------------------------------------------

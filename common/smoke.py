@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 
 from trnft.common.config.run_config import NeuronSection, dump_config, load_config, with_overrides
-from trnft.common.pipeline.stages import STAGES, format_status
+from trnft.common.pipeline import registry
+from trnft.common.pipeline.stages import format_status
 from trnft.common.testing.fixtures import build_tiny_model, bundled_chat_path, bundled_dataset_path
 
 # What a platform needs beyond the smoke config: neuron-native trains on trn2/trn3 instance types only (the
@@ -80,7 +81,7 @@ def run_smoke(
     run_yaml = prepare(root, platform=platform, overrides=overrides, chat=chat)
     cfg = load_config(run_yaml)
     log(f"smoke: run config {run_yaml}")
-    for stage in STAGES:
+    for stage in registry.names():
         cmd = [sys.executable, "-m", "trnft.common.cli", stage, "--config", str(run_yaml)]
         if force:
             cmd.append("--force")

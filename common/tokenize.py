@@ -39,9 +39,10 @@ import numpy as np
 
 from trnft.common.config.run_config import DatasetSection, RunConfig, stable_hash
 from trnft.common.errors import TrnftError
+from trnft.common.pipeline import inputs
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.hashing import tree_digest
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, StageSpec, run_stage
 from trnft.common.stop import worker_pool
 from trnft.common.training.data import ARRAYS, IGNORE_INDEX, SPLIT_DIRS, TEXT_FILES, TOKENIZER_DIR
 
@@ -57,9 +58,18 @@ HISTOGRAM_BINS = 8
 ENCODE_CHUNK = 512
 
 
+SPEC = StageSpec(
+    name="tokenize",
+    help="Load, format, split and tokenize the dataset into static-shape sequences.",
+    needs=lambda cfg: (),
+    config_keys=lambda cfg: ("model.name_or_path", "model.tokenizer", "model.revision", "dataset"),
+    inputs=inputs.tokenize_inputs,
+)
+
+
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
     """Run the tokenize stage of ``cfg`` (skipped when complete and unchanged)."""
-    return run_stage(SPECS["tokenize"], cfg, _body, force=force, log=log)
+    return run_stage(SPEC, cfg, _body, force=force, log=log)
 
 
 # --------------------------------------------------------------------------------------------------

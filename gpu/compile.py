@@ -13,11 +13,12 @@ from typing import ClassVar
 
 from trnft.common.config.run_config import RunConfig
 from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.platform_stages import COMPILE
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
-    return run_stage(SPECS["compile"], cfg, _body, force=force, log=log)
+    return run_stage(COMPILE, cfg, _body, force=force, log=log)
 
 
 @dataclass(frozen=True)

@@ -60,42 +60,30 @@ from trnft.common.config.run_config import (
 )
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.exits import FIRST_RETRYABLE
-from trnft.common.pipeline import backend
+from trnft.common.pipeline import backend, registry
 from trnft.common.pipeline.atomic import swap_into_place
-from trnft.common.pipeline.stages import STAGES
+from trnft.common.pipeline.stages import JOB_TEMPLATE
 from trnft.jobspecs import admission, trainjob
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "00-config.yaml"
 CONTAINER = "pytorch"  # the PyTorchJob webhook needs one container named so; Jobs use it too for uniformity
-STAGE_FILES = {stage: f"{i:02d}-{stage}.yaml" for i, stage in enumerate(STAGES, start=1)}
 
-# (platform, stage) -> template; see the module docstring.
-TEMPLATES = {
-    ("neuron", "tokenize"): "job.yaml.j2",
-    ("neuron", "compile"): "pytorchjob.yaml.j2",
-    ("neuron", "train"): "pytorchjob.yaml.j2",
-    ("neuron", "consolidate"): "job.yaml.j2",
-    ("neuron", "merge"): "job.yaml.j2",
-    ("neuron", "evaluate"): "job.yaml.j2",
-    ("gpu", "tokenize"): "job.yaml.j2",
-    ("gpu", "compile"): "job.yaml.j2",
-    ("gpu", "train"): "pytorchjob.yaml.j2",
-    ("gpu", "consolidate"): "job.yaml.j2",
-    ("gpu", "merge"): "job.yaml.j2",
-    ("gpu", "evaluate"): "job.yaml.j2",
-    ("neuron-native", "tokenize"): "job.yaml.j2",
-    ("neuron-native", "compile"): "pytorchjob.yaml.j2",
-    ("neuron-native", "train"): "pytorchjob.yaml.j2",
-    ("neuron-native", "consolidate"): "job.yaml.j2",
-    ("neuron-native", "merge"): "job.yaml.j2",
-    ("neuron-native", "evaluate"): "job.yaml.j2",
-}
+
+def stage_files() -> dict[str, str]:
+    """Each stage's spec file, numbered in pipeline order (``00-config.yaml`` comes first)."""
+    return {stage: f"{i:02d}-{stage}.yaml" for i, stage in enumerate(registry.names(), start=1)}
+
+
+def template_of(cfg: RunConfig, stage: str) -> str:
+    """The Jinja template a stage's job uses on ``cfg``'s platform (the stage's spec says; see the table in
+    this module's docstring)."""
+    return registry.spec(stage).templates.get(cfg.model.platform, JOB_TEMPLATE)
+
+
 # Platforms whose compile stage is the train job's torchrun itself running `trnft compile` (a trial run that
 # fills a just-in-time compile cache), rather than a command that starts its own processes.
 COMPILE_UNDER_TORCHRUN = ("neuron-native",)
-# Stages that read only the run directory (and the model cache filled by earlier stages).
-OFFLINE_STAGES = ("consolidate", "merge", "evaluate")
 
 # Failure handling (the exit classes of trnft.common.exits). PyTorchJobs: training-operator v1.9's ExitCode
 # policy restarts a replica only for a retryable exit (128 and above) and fails the job on 1-127.
@@ -257,7 +245,7 @@ def _env(cfg: RunConfig, stage: str, extra: dict[str, str]) -> list[dict[str, An
         {"name": "TRNFT_RUN", "value": cfg.run.name},
         {"name": "TRNFT_JOB_NAME", "value": job_name(cfg, stage)},
     ]
-    if stage in OFFLINE_STAGES:
+    if registry.spec(stage).offline:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     if cfg.cluster.hf_token_secret:
         env.append(
@@ -475,7 +463,7 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
             body=body,
         )
     return Document(
-        template=TEMPLATES[(cfg.model.platform, stage)],
+        template=template_of(cfg, stage),
         header=header,
         name=name,
         namespace=cfg.cluster.namespace,
@@ -491,7 +479,7 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
 def _job_document(cfg: RunConfig, stage: str, placement: Placement, image: str, header: str) -> Document:
     pod = _pod(cfg, stage, placement, _stage_command(stage), {}, restart_policy="Never", image=image)
     return Document(
-        template=TEMPLATES[(cfg.model.platform, stage)],
+        template=template_of(cfg, stage),
         header=header,
         name=job_name(cfg, stage),
         namespace=cfg.cluster.namespace,
@@ -577,8 +565,8 @@ def plan(cfg: RunConfig) -> dict[str, Document]:
             config_yaml=dump_config(cfg),
         )
     }
-    for stage in STAGES:
-        file = STAGE_FILES[stage]
+    for stage in registry.names():
+        file = stage_files()[stage]
         if stage == "train" or (stage == "compile" and backend.of(cfg).compiles_graphs):
             docs[file] = _training_documents(cfg, stage, layout)
         elif stage == "evaluate":
@@ -667,17 +655,9 @@ def render(cfg: RunConfig) -> dict[str, str]:
 
 
 RUNTIME_RESOURCE = "clustertrainingruntimes.trainer.kubeflow.org"
+
+
 # How long `trnft submit --wait` watches each stage before it gives up watching (the job keeps running).
-WAIT_TIMEOUTS = {
-    "tokenize": "2h",
-    "compile": "12h",
-    "train": "3d",
-    "consolidate": "2h",
-    "merge": "2h",
-    "evaluate": "6h",
-}
-
-
 def apply_lines(out: Path, cfg: RunConfig) -> list[str]:
     """The commands that run the stages in order, each only after the previous one succeeded.
 
@@ -689,8 +669,10 @@ def apply_lines(out: Path, cfg: RunConfig) -> list[str]:
     if cfg.cluster.operator == "trainjob":
         # Fails at once, before any stage runs, when the admin has not applied the runtime yet.
         lines.insert(0, f"kubectl get {RUNTIME_RESOURCE}/{runtime_document(cfg).name}")
-    for stage in STAGES:
-        lines.append(f"trnft submit {out / STAGE_FILES[stage]} --wait --timeout {WAIT_TIMEOUTS[stage]}")
+    for stage in registry.names():
+        lines.append(
+            f"trnft submit {out / stage_files()[stage]} --wait --timeout {registry.spec(stage).wait_timeout}"
+        )
     return lines
 
 

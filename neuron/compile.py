@@ -33,9 +33,9 @@ from trnft.common.config.run_config import RunConfig, dump_config
 from trnft.common.errors import ProcessFailed, TrnftError
 from trnft.common.exits import exit_code_of_process
 from trnft.common.pipeline.figures import Figures
+from trnft.common.pipeline.platform_stages import COMPILE
 from trnft.common.pipeline.rundir import RunDir
 from trnft.common.pipeline.stages import (
-    SPECS,
     StageContext,
     StageOutcome,
     StageResult,
@@ -61,7 +61,7 @@ def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = pri
     if device(cfg) == "trainium" and not is_main_process():
         compile_worker(cfg, log)
         return None
-    return run_stage(SPECS["compile"], cfg, _body, force=force, log=log)
+    return run_stage(COMPILE, cfg, _body, force=force, log=log)
 
 
 def _body(ctx: StageContext) -> StageOutcome:
@@ -191,7 +191,7 @@ def _run_parallel_compile(cfg: RunConfig, log: Callable[[str], None]) -> tuple[l
 def compile_worker(cfg: RunConfig, log: Callable[[str], None]) -> None:
     """A Worker pod's part: trace this node's graphs into the shared cache; write no stage output."""
     rank = os.environ.get("RANK", "?")
-    upstream_manifests(SPECS["compile"], cfg, RunDir(cfg.run.root))  # refuses a missing or stale tokenize
+    upstream_manifests(COMPILE, cfg, RunDir(cfg.run.root))  # refuses a missing or stale tokenize
     _, seconds = _run_parallel_compile(cfg, log)
     log(
         f"compile: worker rank {rank} traced its graphs into {launch.cache_dir(cfg)} in {seconds:.0f}s; "

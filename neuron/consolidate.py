@@ -52,8 +52,9 @@ from trnft.common.io.tensor_io import (
 )
 from trnft.common.pipeline import checkpoints
 from trnft.common.pipeline.figures import Figures
+from trnft.common.pipeline.platform_stages import CONSOLIDATE
 from trnft.common.pipeline.rundir import into_new_folder
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 from trnft.neuron import nxd_format
 from trnft.neuron.nxd_format import ShardSet, open_shard_set
 from trnft.neuron.parallel_layout import Key, ModelDims, NeuronLayout, parse_key, query_head_sources
@@ -64,7 +65,7 @@ BLOCK_BYTES = 32 << 20
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
     """The consolidate stage: newest complete checkpoint of ``<root>/train`` -> ``<root>/consolidate``."""
-    return run_stage(SPECS["consolidate"], cfg, _body, force=force, log=log)
+    return run_stage(CONSOLIDATE, cfg, _body, force=force, log=log)
 
 
 # --------------------------------------------------------------------------------------------------

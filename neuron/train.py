@@ -23,7 +23,8 @@ from trnft.common import stop
 from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import ConfigError, TrnftError
 from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.platform_stages import TRAIN
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.training.data import TokenizeOutput
 from trnft.common.training.policy import Cadence, TrainFigures, on_recompile, refuse_non_finite
 from trnft.neuron import launch
@@ -40,7 +41,7 @@ def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = pri
             "train: started under neuron_parallel_compile (NEURON_EXTRACT_GRAPHS_ONLY=1), where model outputs "
             "are not real; run `trnft compile` to fill the compile cache and `trnft train` without the wrapper"
         )
-    return run_stage(SPECS["train"], cfg, _body, force=force, log=log)
+    return run_stage(TRAIN, cfg, _body, force=force, log=log)
 
 
 def is_precompilation() -> bool:

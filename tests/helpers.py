@@ -135,10 +135,11 @@ def first_step_reference(run, model_dir) -> float:
 def complete_by_hand(cfg, stage: str, files: list[dict] | None = None) -> dict:
     """Write ``stage``'s manifest as if it had run with ``cfg`` (its fingerprint over the current upstream
     manifests), so tests can put a stage in place without running it. Returns the manifest."""
+    from trnft.common.pipeline import registry
     from trnft.common.pipeline.rundir import RunDir, output_digest
-    from trnft.common.pipeline.stages import SPECS, fingerprint_of
+    from trnft.common.pipeline.stages import fingerprint_of
 
-    spec = SPECS[stage]
+    spec = registry.spec(stage)
     rundir = RunDir(cfg.run.root)
     upstream = {name: rundir.manifest(name) for name in spec.needs(cfg)}
     external = spec.inputs(cfg)

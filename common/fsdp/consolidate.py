@@ -41,8 +41,9 @@ from trnft.common.io.tensor_io import (
 )
 from trnft.common.pipeline import checkpoints
 from trnft.common.pipeline.figures import Figures
+from trnft.common.pipeline.platform_stages import CONSOLIDATE
 from trnft.common.pipeline.rundir import into_new_folder
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -58,7 +59,7 @@ TORCH_TO_SAFETENSORS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
-    return run_stage(SPECS["consolidate"], cfg, _body, force=force, log=log)
+    return run_stage(CONSOLIDATE, cfg, _body, force=force, log=log)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -69,7 +69,8 @@ from trnft.common.fsdp import parallel
 from trnft.common.fsdp.platform import DevicePlatform
 from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present, resolve_model_dir
 from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.platform_stages import TRAIN
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 from trnft.common.training.data import (
     IGNORE_INDEX,
     TokenizedSplit,
@@ -113,7 +114,7 @@ def run(
     from trnft.common.pipeline.rundir import RunDir
     from trnft.common.pipeline.stages import current_manifest, upstream_manifests
 
-    spec = SPECS["train"]
+    spec = TRAIN
     done = None if force else current_manifest(spec, cfg)
     if done is not None:
         log(
@@ -175,7 +176,7 @@ def _launch(
 
     from trnft.common.pipeline.rundir import RunDir
 
-    spec = SPECS["train"]
+    spec = TRAIN
     rundir = RunDir(cfg.run.root)
     with tempfile.TemporaryDirectory(prefix="trnft-train-") as tmp:
         config_path = Path(tmp) / "run.yaml"

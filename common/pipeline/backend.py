@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from trnft.common.cluster.instances import InstanceType, Layout
     from trnft.common.config.run_config import RunConfig
 
-# The stages whose implementation depends on the platform; the others are shared.
-PLATFORM_STAGES = ("compile", "train", "consolidate")
-
 REGISTRY: dict[str, str] = {
     "neuron": "trnft.neuron.backend",
     "gpu": "trnft.gpu.backend",
@@ -52,7 +49,8 @@ class Backend(Protocol):
         """Refuse settings this platform cannot honour (ConfigError, one line), before any stage runs."""
 
     def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Log) -> Any:
-        """Run one of :data:`PLATFORM_STAGES`; returns its StageResult (None where a process has no output)."""
+        """Run a stage whose spec is ``by_platform`` (:mod:`trnft.common.pipeline.platform_stages`); returns its
+        StageResult (None where a process has no output)."""
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
         """(tensor-parallel, pipeline-parallel) degrees of training; data parallelism takes the rest."""
@@ -87,7 +85,9 @@ class StageModules:
         return {}
 
     def run_stage(self, stage: str, cfg: RunConfig, *, force: bool, log: Log) -> Any:
-        if stage not in PLATFORM_STAGES:
+        from trnft.common.pipeline import registry
+
+        if not registry.spec(stage).by_platform:
             raise AssertionError(f"{stage} is a shared stage, not one of {self.package}'s")
         return importlib.import_module(f"{self.package}.{stage}").run(cfg, force=force, log=log)
 

@@ -1,4 +1,5 @@
-"""The six stages, what each one reads, and the machinery every stage runs through.
+"""What a stage is (:class:`StageSpec`) and the machinery every stage runs through; the stages themselves
+are listed in :mod:`trnft.common.pipeline.registry`.
 
 A stage module exposes ``run(cfg, *, force=False, log=print) -> StageResult`` and implements its work as a
 ``body(ctx) -> StageOutcome`` passed to :func:`run_stage`, which:
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trnft.common.config.run_config import RunConfig, changes_output, select, stable_hash, to_dict
+from trnft.common.config.run_config import RunConfig, select, stable_hash
 from trnft.common.errors import TrnftError, UpstreamError
-from trnft.common.pipeline import attempts, backend, checkpoints, inputs
+from trnft.common.pipeline import attempts, checkpoints, registry
 from trnft.common.pipeline.figures import Figures
 from trnft.common.pipeline.hashing import library_versions
 from trnft.common.pipeline.rundir import (
@@ -37,81 +38,35 @@ from trnft.common.pipeline.rundir import (
     verify_files,
 )
 
-STAGES = ("tokenize", "compile", "train", "consolidate", "merge", "evaluate")
-
-
-def _output_keys(cfg: RunConfig, section: str, *, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """``section``'s keys that can change a stage's output: all but the schema's ``runtime_only`` ones
-    (:func:`trnft.common.config.run_config.changes_output`), so a key declares it in one place."""
-    values = getattr(cfg, section)
-    return tuple(
-        f"{section}.{k}" for k in to_dict(values) if k not in leave_out and changes_output(values, k)
-    )
-
-
-def _train_keys(cfg: RunConfig) -> tuple[str, ...]:
-    """Config keys that decide what training produces: model, LoRA, train and the platform's section."""
-    train_keys = _output_keys(cfg, "train", leave_out=("compile_steps",))
-    return ("model", "lora", *train_keys, *_platform_keys(cfg))
-
-
-def _platform_keys(cfg: RunConfig) -> tuple[str, ...]:
-    return _output_keys(cfg, backend.of(cfg).config_section)
+# The Kubernetes template of a stage that runs as a plain Job (one pod, CPU unless the stage asks for more).
+JOB_TEMPLATE = "job.yaml.j2"
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What a stage reads and which config keys decide its output."""
+    """A stage: what it reads, which config keys decide its output, and how it is run and deployed.
+
+    A stage is one module holding its ``StageSpec`` (and, when it is shared by every platform, its
+    ``run(cfg, *, force, log)``), listed once in :mod:`trnft.common.pipeline.registry`."""
 
     name: str
+    help: str  # the CLI subcommand's one-line help
     needs: Callable[[RunConfig], tuple[str, ...]]
     config_keys: Callable[[RunConfig], tuple[str, ...]]
+    # Run by the platform's backend (``Backend.run_stage``) rather than by the module's own run().
+    by_platform: bool = False
+    # Kubernetes template per model.platform (jobspecs/*.j2); platforms not named run it as a plain Job.
+    templates: dict[str, str] = field(default_factory=dict)
+    # Reads only the run directory and the model cache earlier stages filled (runs with HF_HUB_OFFLINE=1).
+    offline: bool = False
+    # How long `trnft submit --wait` waits for it by default in the generated apply script.
+    wait_timeout: str = "2h"
     # Writes into its final folder as it goes (train: checkpoints) instead of a staging sibling.
     in_place: bool = False
     # Redo automatically when config or inputs changed; False refuses without --force (train: hours of work).
     redo_on_change: bool = True
     # Content digests of external inputs (dataset files, local model/tokenizer folders); part of the fingerprint.
     inputs: Callable[[RunConfig], list[dict[str, Any]]] = lambda cfg: []
-
-
-SPECS: dict[str, StageSpec] = {
-    "tokenize": StageSpec(
-        name="tokenize",
-        needs=lambda cfg: (),
-        config_keys=lambda cfg: ("model.name_or_path", "model.tokenizer", "model.revision", "dataset"),
-        inputs=inputs.tokenize_inputs,
-    ),
-    "compile": StageSpec(
-        name="compile",
-        needs=lambda cfg: ("tokenize",),
-        config_keys=lambda cfg: (*_train_keys(cfg), "train.compile_steps"),
-    ),
-    "train": StageSpec(
-        name="train",
-        needs=lambda cfg: ("tokenize",),
-        config_keys=_train_keys,
-        in_place=True,
-        redo_on_change=False,
-        inputs=inputs.base_model_inputs,
-    ),
-    "consolidate": StageSpec(
-        name="consolidate",
-        needs=lambda cfg: ("train",),
-        config_keys=lambda cfg: ("model.platform", "lora.enabled"),
-    ),
-    "merge": StageSpec(
-        name="merge",
-        needs=lambda cfg: ("consolidate",),
-        config_keys=lambda cfg: ("model.name_or_path", "model.revision", "model.dtype", "lora.enabled"),
-        inputs=inputs.base_model_inputs,
-    ),
-    "evaluate": StageSpec(
-        name="evaluate",
-        needs=lambda cfg: ("tokenize", "consolidate" if cfg.eval.use_adapter else "merge"),
-        config_keys=lambda cfg: ("model.name_or_path", "eval"),
-    ),
-}
-assert tuple(SPECS) == STAGES
 
 
 @dataclass
@@ -197,7 +152,8 @@ def upstream_manifests(spec: StageSpec, cfg: RunConfig, rundir: RunDir) -> dict[
             "corrupt": "has an unreadable manifest",
             "stale": f"is stale: {row.reason}",
         }[row.state]
-        force = " --force" if row.state in ("stale", "corrupt") and not SPECS[name].redo_on_change else ""
+        redo = registry.spec(name).redo_on_change
+        force = " --force" if row.state in ("stale", "corrupt") and not redo else ""
         raise UpstreamError(
             f"{spec.name} needs a complete {name} stage ({where} {what}); "
             f"run `trnft {name} --config <run.yaml>{force}` first"
@@ -213,8 +169,8 @@ def upstream_chain(spec: StageSpec, cfg: RunConfig) -> list[str]:
         name = todo.pop()
         if name not in found:
             found.add(name)
-            todo.extend(SPECS[name].needs(cfg))
-    return [name for name in STAGES if name in found]
+            todo.extend(registry.spec(name).needs(cfg))
+    return [name for name in registry.names() if name in found]
 
 
 def fingerprint_of(
@@ -455,30 +411,9 @@ def _execute(
 # Dispatch and status
 
 
-def resolve_stage(stage: str, cfg: RunConfig) -> Callable[..., StageResult | None]:
-    """The ``run(cfg, *, force, log)`` of a stage: the platform's backend for compile/train/consolidate,
-    the shared implementation for the others."""
-    if stage in backend.PLATFORM_STAGES:
-        platform = backend.of(cfg)
-
-        def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> Any:
-            return platform.run_stage(stage, cfg, force=force, log=log)
-
-        return run
-    if stage == "tokenize":
-        from trnft.common import tokenize as shared
-    elif stage == "merge":
-        from trnft.common import merge as shared
-    elif stage == "evaluate":
-        from trnft.common import evaluate as shared
-    else:
-        raise AssertionError(stage)
-    return shared.run
-
-
 def stage_states(cfg: RunConfig) -> list[StageState]:
     """One row per stage: complete / stale / incomplete / failed / missing / corrupt, when, key figure."""
-    return _states(cfg, RunDir(cfg.run.root), STAGES)
+    return _states(cfg, RunDir(cfg.run.root), registry.names())
 
 
 def _states(cfg: RunConfig, rundir: RunDir, names: Sequence[str]) -> list[StageState]:
@@ -489,12 +424,12 @@ def _states(cfg: RunConfig, rundir: RunDir, names: Sequence[str]) -> list[StageS
     """
     wanted = set(names)
     for name in names:
-        wanted.update(upstream_chain(SPECS[name], cfg))
+        wanted.update(upstream_chain(registry.spec(name), cfg))
     rows: dict[str, StageState] = {}
-    for name in STAGES:
+    for name in registry.names():
         if name in wanted:
-            rows[name] = _state(cfg, rundir, SPECS[name], rows)
-    return [rows[name] for name in STAGES if name in names]
+            rows[name] = _state(cfg, rundir, registry.spec(name), rows)
+    return [rows[name] for name in registry.names() if name in names]
 
 
 def _state(cfg: RunConfig, rundir: RunDir, spec: StageSpec, rows: dict[str, StageState]) -> StageState:

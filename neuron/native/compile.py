@@ -27,7 +27,8 @@ from trnft.common.config.run_config import RunConfig
 from trnft.common.errors import TrnftError
 from trnft.common.fsdp import trainer
 from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.stages import SPECS, StageContext, StageOutcome, StageResult, run_stage
+from trnft.common.pipeline.platform_stages import COMPILE
+from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 from trnft.neuron import launch
 from trnft.neuron.native import preflight, torchneuron
 from trnft.neuron.native.device import NEURON, cache_dir_of, cached_graphs, device_platform
@@ -38,7 +39,7 @@ TRIAL_WAIT_S = 600
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
-    return run_stage(SPECS["compile"], cfg, _body, force=force, log=log)
+    return run_stage(COMPILE, cfg, _body, force=force, log=log)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import yaml
 from trnft.common.config.run_config import load_config, with_overrides
 from trnft.common.errors import TrnftError, UpstreamError
 from trnft.common.pipeline.figures import Figures
+from trnft.common.pipeline.registry import spec
 from trnft.common.pipeline.rundir import RunDir
-from trnft.common.pipeline.stages import SPECS, StageOutcome, format_status, run_stage, stage_states
+from trnft.common.pipeline.stages import StageOutcome, format_status, run_stage, stage_states
 
 MINIMAL = {
     "run": {"name": "t", "root": "RUN"},
@@ -53,7 +54,7 @@ def writing_body(text: str = "hello", calls: list | None = None):
 
 
 def test_stage_output_appears_complete_with_manifest(cfg):
-    result = run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+    result = run_stage(spec("tokenize"), cfg, writing_body(), log=lambda m: None)
     out = Path(cfg.run.root) / "tokenize"
     assert result.path == out and not result.skipped
     manifest = json.loads((out / "manifest.json").read_text())
@@ -74,7 +75,7 @@ def test_crash_inside_the_body_leaves_no_visible_output(cfg):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        run_stage(SPECS["tokenize"], cfg, body, log=lambda m: None)
+        run_stage(spec("tokenize"), cfg, body, log=lambda m: None)
     root = Path(cfg.run.root)
     assert not (root / "tokenize").exists()
     assert not list(root.glob("tokenize.staging-*"))
@@ -90,12 +91,13 @@ def test_sigkill_before_rename_leaves_no_visible_output(cfg, tmp_path):
             f"""
             import os, signal
             from trnft.common.config.run_config import load_config
-            from trnft.common.pipeline.stages import SPECS, StageOutcome, run_stage
+            from trnft.common.pipeline.registry import spec
+            from trnft.common.pipeline.stages import StageOutcome, run_stage
             cfg = load_config({str(tmp_path / "run.yaml")!r})
             def body(ctx):
                 (ctx.out_dir / "data.txt").write_text("half")
                 os.kill(os.getpid(), signal.SIGKILL)
-            run_stage(SPECS["tokenize"], cfg, body)
+            run_stage(spec("tokenize"), cfg, body)
             """
         )
     )
@@ -105,7 +107,7 @@ def test_sigkill_before_rename_leaves_no_visible_output(cfg, tmp_path):
     assert not (root / "tokenize").exists()
     assert len(list(root.glob("tokenize.staging-*"))) == 1
     assert stage_states(cfg)[0].state == "incomplete"
-    run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+    run_stage(spec("tokenize"), cfg, writing_body(), log=lambda m: None)
     assert not list(root.glob("tokenize.staging-*"))
     assert (root / "tokenize" / "data.txt").read_text() == "hello"
 
@@ -113,32 +115,32 @@ def test_sigkill_before_rename_leaves_no_visible_output(cfg, tmp_path):
 def test_complete_stage_is_skipped_and_force_redoes_it(cfg):
     calls: list = []
     logs: list[str] = []
-    run_stage(SPECS["tokenize"], cfg, writing_body("one", calls), log=logs.append)
-    second = run_stage(SPECS["tokenize"], cfg, writing_body("two", calls), log=logs.append)
+    run_stage(spec("tokenize"), cfg, writing_body("one", calls), log=logs.append)
+    second = run_stage(spec("tokenize"), cfg, writing_body("two", calls), log=logs.append)
     assert second.skipped and len(calls) == 1
     assert any("already complete" in m and "--force" in m for m in logs)
     assert (Path(cfg.run.root) / "tokenize" / "data.txt").read_text() == "one"
-    forced = run_stage(SPECS["tokenize"], cfg, writing_body("two", calls), force=True, log=logs.append)
+    forced = run_stage(spec("tokenize"), cfg, writing_body("two", calls), force=True, log=logs.append)
     assert not forced.skipped and len(calls) == 2
     assert (Path(cfg.run.root) / "tokenize" / "data.txt").read_text() == "two"
 
 
 def test_config_change_redoes_a_stage_and_says_why(cfg):
     logs: list[str] = []
-    run_stage(SPECS["tokenize"], cfg, writing_body("one"), log=logs.append)
+    run_stage(spec("tokenize"), cfg, writing_body("one"), log=logs.append)
     changed = with_overrides(cfg, ["dataset.max_seq_length=512"])
-    result = run_stage(SPECS["tokenize"], changed, writing_body("two"), log=logs.append)
+    result = run_stage(spec("tokenize"), changed, writing_body("two"), log=logs.append)
     assert not result.skipped
     assert any("redoing, config changed: dataset.max_seq_length" in m for m in logs)
     # a key outside the stage's fingerprint does not redo it
     other = with_overrides(changed, ["train.max_steps=50"])
-    assert run_stage(SPECS["tokenize"], other, writing_body("three"), log=logs.append).skipped
+    assert run_stage(spec("tokenize"), other, writing_body("three"), log=logs.append).skipped
 
 
 def test_missing_upstream_refuses_before_any_work(cfg):
     calls: list = []
     with pytest.raises(UpstreamError) as err:
-        run_stage(SPECS["compile"], cfg, writing_body(calls=calls), log=lambda m: None)
+        run_stage(spec("compile"), cfg, writing_body(calls=calls), log=lambda m: None)
     assert "compile needs a complete tokenize stage" in str(err.value)
     assert "run `trnft tokenize --config" in str(err.value)
     assert calls == []
@@ -147,35 +149,35 @@ def test_missing_upstream_refuses_before_any_work(cfg):
 
 def test_newer_upstream_output_marks_downstream_stale_and_redoes_it(cfg):
     quiet = lambda m: None  # noqa: E731
-    run_stage(SPECS["tokenize"], cfg, writing_body("one"), log=quiet)
-    run_stage(SPECS["compile"], cfg, writing_body("c"), log=quiet)
+    run_stage(spec("tokenize"), cfg, writing_body("one"), log=quiet)
+    run_stage(spec("compile"), cfg, writing_body("c"), log=quiet)
     assert [r.state for r in stage_states(cfg)][:2] == ["complete", "complete"]
-    run_stage(SPECS["tokenize"], cfg, writing_body("new data"), force=True, log=quiet)
+    run_stage(spec("tokenize"), cfg, writing_body("new data"), force=True, log=quiet)
     assert [r.state for r in stage_states(cfg)][:2] == ["complete", "stale"]
     logs: list[str] = []
-    assert not run_stage(SPECS["compile"], cfg, writing_body("c"), log=logs.append).skipped
+    assert not run_stage(spec("compile"), cfg, writing_body("c"), log=logs.append).skipped
     assert any("newer output of tokenize" in m for m in logs)
 
 
 def test_in_place_stage_refuses_a_changed_config_without_force(cfg):
     quiet = lambda m: None  # noqa: E731
-    run_stage(SPECS["tokenize"], cfg, writing_body(), log=quiet)
-    run_stage(SPECS["train"], cfg, writing_body("weights"), log=quiet)
+    run_stage(spec("tokenize"), cfg, writing_body(), log=quiet)
+    run_stage(spec("train"), cfg, writing_body("weights"), log=quiet)
     changed = with_overrides(cfg, ["train.learning_rate=0.5"])
     with pytest.raises(
         TrnftError, match=r"train: .* was made with other settings \(config changed: train.learning_rate\)"
     ):
-        run_stage(SPECS["train"], changed, writing_body("other"), log=quiet)
+        run_stage(spec("train"), changed, writing_body("other"), log=quiet)
     # keys that do not decide the output (logging) do not count as a change
     assert run_stage(
-        SPECS["train"], with_overrides(cfg, ["train.logging_steps=1"]), writing_body(), log=quiet
+        spec("train"), with_overrides(cfg, ["train.logging_steps=1"]), writing_body(), log=quiet
     ).skipped
-    assert not run_stage(SPECS["train"], changed, writing_body("other"), force=True, log=quiet).skipped
+    assert not run_stage(spec("train"), changed, writing_body("other"), force=True, log=quiet).skipped
 
 
 def test_status_on_a_partial_run(cfg):
     quiet = lambda m: None  # noqa: E731
-    run_stage(SPECS["tokenize"], cfg, writing_body(), log=quiet)
+    run_stage(spec("tokenize"), cfg, writing_body(), log=quiet)
     rundir = RunDir(cfg.run.root)
     (rundir.stage_dir("train")).mkdir()
     rundir.write_progress("train", {"summary": "checkpoint-20 of 100 steps"})
@@ -191,13 +193,13 @@ def test_status_on_a_partial_run(cfg):
 def test_second_runner_of_a_stage_is_refused(cfg):
     rundir = RunDir(cfg.run.root)
     with rundir.lock("tokenize"), pytest.raises(TrnftError, match="already running"):
-        run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+        run_stage(spec("tokenize"), cfg, writing_body(), log=lambda m: None)
 
 
 def test_non_main_ranks_write_no_manifest(cfg, monkeypatch):
-    run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+    run_stage(spec("tokenize"), cfg, writing_body(), log=lambda m: None)
     monkeypatch.setenv("RANK", "1")
-    result = run_stage(SPECS["train"], cfg, writing_body("w"), log=lambda m: None)
+    result = run_stage(spec("train"), cfg, writing_body("w"), log=lambda m: None)
     assert result.manifest == {}
     assert not (Path(cfg.run.root) / "train" / "manifest.json").exists()
 
@@ -213,16 +215,16 @@ def test_retries_in_a_cluster_job_are_bounded_and_progress_restarts_the_count(cf
 
     for _ in range(2):
         with pytest.raises(RuntimeError):
-            run_stage(SPECS["tokenize"], cfg, lost_peer, log=lambda m: None)
+            run_stage(spec("tokenize"), cfg, lost_peer, log=lambda m: None)
     calls: list = []
     with pytest.raises(
         TrnftError, match=r"2 attempts since the start made no progress .*NCCL watchdog"
     ) as info:
-        run_stage(SPECS["tokenize"], cfg, writing_body(calls=calls), log=lambda m: None)
+        run_stage(spec("tokenize"), cfg, writing_body(calls=calls), log=lambda m: None)
     assert info.value.exit_code == 1 and calls == []  # permanent, and the body never ran
     assert "--force" in str(info.value)
     # --force clears the budget; success removes the record.
-    run_stage(SPECS["tokenize"], cfg, writing_body(), force=True, log=lambda m: None)
+    run_stage(spec("tokenize"), cfg, writing_body(), force=True, log=lambda m: None)
     assert not (Path(cfg.run.root) / ".trnft" / "tokenize.attempts.json").exists()
 
 
@@ -243,7 +245,7 @@ def test_train_attempts_that_saved_a_new_checkpoint_do_not_use_the_budget(cfg, m
 def test_local_runs_have_no_retry_budget(cfg, monkeypatch):
     monkeypatch.delenv("TRNFT_JOB_NAME", raising=False)
     cfg = with_overrides(cfg, ["cluster.backoff_limit=0"])
-    run_stage(SPECS["tokenize"], cfg, writing_body(), log=lambda m: None)
+    run_stage(spec("tokenize"), cfg, writing_body(), log=lambda m: None)
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,9 @@ SECTION_CHANGES = {
 def test_one_key_of_each_section_makes_exactly_the_stages_it_decides_stale(make_run):
     import pytest
 
-    from trnft.common.pipeline.stages import STAGES
+    from trnft.common.pipeline.registry import names
+
+    STAGES = names()
 
     run = make_run()
     cfg = load_config(run.config)
@@ -146,7 +148,9 @@ def test_runtime_only_keys_keep_every_stage_complete_and_an_output_key_does_not(
     import dataclasses
 
     from trnft.common.config.run_config import GpuSection, NeuronSection, TrainSection, changes_output
-    from trnft.common.pipeline.stages import STAGES
+    from trnft.common.pipeline.registry import names
+
+    STAGES = names()
 
     declared = {
         f"{name}.{f.name}"

@@ -16,7 +16,7 @@ from trnft.common import cli
 from trnft.common.config.run_config import load_config
 from trnft.common.errors import ConfigError
 from trnft.jobspecs import controllers
-from trnft.jobspecs.render import STAGE_FILES, render, render_runtimes
+from trnft.jobspecs.render import render, render_runtimes, stage_files
 from trnft.jobspecs.validate import ACCELERATOR_RESOURCES, document_problems, validate_documents
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,7 +191,7 @@ def test_cpu_stages_request_no_accelerator_and_training_layout_adds_up(case):
             shm = next(v for v in pod["volumes"] if v["name"] == "shm")
             assert shm["emptyDir"]["medium"] == "Memory"
             assert not any(v.get("hostPath") for v in pod["volumes"])
-    train = files[STAGE_FILES["train"]][0]
+    train = files[stage_files()["train"]][0]
     world = int(train["metadata"]["annotations"]["trnft.dev/world-size"])
     replicas, nproc, container = _training_shape(train)
     assert len(_pods(train)) == (replicas if train["kind"] == "TrainJob" else min(replicas, 2))
@@ -231,7 +231,7 @@ def test_cpu_stages_request_no_accelerator_and_training_layout_adds_up(case):
 
 
 def test_trn2_uses_logical_cores():
-    train = rendered("trn2-48xl-x1")[STAGE_FILES["train"]][0]
+    train = rendered("trn2-48xl-x1")[stage_files()["train"]][0]
     assert train["spec"]["nprocPerNode"] == "64"  # 128 physical cores at LNC=2
     env = {
         e["name"]: e.get("value")
@@ -511,7 +511,7 @@ def test_generate_jobspec_script_defaults_to_the_trn1_example(tmp_path):
     )
     out = tmp_path / "rendered"  # the default OUTDIR, relative to the caller
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["00-config.yaml", *sorted(STAGE_FILES.values())]
+    assert sorted(p.name for p in out.iterdir()) == ["00-config.yaml", *sorted(stage_files().values())]
     commands = [line.split() for line in proc.stdout.splitlines() if line.startswith("  ")]
     # First the TrainJobs' runtime must exist (an admin applies it once), then the config, then each stage.
     assert commands[0] == [
@@ -523,7 +523,7 @@ def test_generate_jobspec_script_defaults_to_the_trn1_example(tmp_path):
     assert all(c[:2] == ["trnft", "submit"] and "--wait" in c for c in commands[2:])
     assert [c[-1 if c[0] == "kubectl" else 2].split("/")[-1] for c in commands[1:]] == [
         "00-config.yaml",
-        *STAGE_FILES.values(),
+        *stage_files().values(),
     ]
     assert "TP=8 x PP=1 x DP=4" in proc.stdout and "(validated)" in proc.stdout
 
@@ -685,18 +685,18 @@ def test_the_jobset_rules_tell_evictions_permanent_and_retryable_failures_apart(
 @pytest.mark.parametrize("case", ["trn1-32xl-x4", "trn1n-32xl-x2", "trn2-48xl-native-x2"])
 def test_multi_node_pods_stay_in_one_zone(case):
     files = rendered(case)
-    (train,) = files[STAGE_FILES["train"]]
+    (train,) = files[stage_files()["train"]]
     for pod in _pods(train):
         (term,) = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         assert term["topologyKey"] == "topology.kubernetes.io/zone"
         # The selector matches the pod's own labels, so the first pod can land anywhere and the rest follow.
         assert term["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    for name in (STAGE_FILES["tokenize"], STAGE_FILES["merge"]):
+    for name in (stage_files()["tokenize"], stage_files()["merge"]):
         assert "affinity" not in files[name][0]["spec"]["template"]["spec"]
 
 
 def test_single_node_jobs_have_no_zone_rule():
-    (train,) = rendered("trn1-32xl-x1")[STAGE_FILES["train"]]
+    (train,) = rendered("trn1-32xl-x1")[stage_files()["train"]]
     assert all("affinity" not in pod["spec"] for pod in _pods(train))
 
 
@@ -714,12 +714,12 @@ def test_volcano_gang_schedules_multi_node_jobs_all_or_nothing():
     docs = dict(
         _docs("llama31_8b_lora_trn1.yaml", ["cluster.num_nodes=4", *SCHEDULERS["volcano"], PYTORCHJOB])
     )
-    train = docs[STAGE_FILES["train"]]
+    train = docs[stage_files()["train"]]
     assert train["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 4, "queue": "training"}
     assert {p["spec"]["schedulerName"] for p in _pods(train)} == {"volcano"}
-    compile_ = docs[STAGE_FILES["compile"]]
+    compile_ = docs[stage_files()["compile"]]
     assert compile_["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] == 4
-    assert "schedulerName" not in docs[STAGE_FILES["tokenize"]]["spec"]["template"]["spec"]
+    assert "schedulerName" not in docs[stage_files()["tokenize"]]["spec"]["template"]["spec"]
 
 
 def test_volcano_gang_schedules_trainjobs_through_their_runtime():
@@ -729,7 +729,7 @@ def test_volcano_gang_schedules_trainjobs_through_their_runtime():
     runtime = docs["runtime-trnft-trn1-32xlarge-volcano.yaml"]
     assert runtime["spec"]["podGroupPolicy"] == {"volcano": {}}
     for stage in ("compile", "train"):
-        job = docs[STAGE_FILES[stage]]
+        job = docs[stage_files()[stage]]
         assert job["spec"]["runtimeRef"]["name"] == "trnft-trn1-32xlarge-volcano"
         template = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
         assert template["metadata"]["annotations"] == {"scheduling.volcano.sh/queue-name": "training"}
@@ -775,9 +775,9 @@ def test_the_printed_commands_wait_bounded_and_stop_at_a_failure(tmp_path, capsy
     lines = [line.strip() for line in printed.splitlines() if line.startswith("  ")]
     assert lines[0] == "kubectl get clustertrainingruntimes.trainer.kubeflow.org/trnft-trn1-32xlarge"
     assert lines[1] == f"kubectl apply -f {out / '00-config.yaml'}"
-    for line, stage in zip(lines[2:], STAGE_FILES, strict=True):
+    for line, stage in zip(lines[2:], stage_files(), strict=True):
         assert re.fullmatch(
-            rf"trnft submit {re.escape(str(out / STAGE_FILES[stage]))} --wait --timeout \d+[hd]", line
+            rf"trnft submit {re.escape(str(out / stage_files()[stage]))} --wait --timeout \d+[hd]", line
         )
     assert (
         "--timeout=-1s" not in printed and "is a tag" not in printed

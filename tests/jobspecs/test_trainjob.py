@@ -15,7 +15,7 @@ from trnft.common import cli
 from trnft.common.cluster.launch import rendezvous_endpoint
 from trnft.common.config.run_config import load_config
 from trnft.jobspecs import controllers, trainjob
-from trnft.jobspecs.render import STAGE_FILES, render, render_runtimes, runtime_document
+from trnft.jobspecs.render import render, render_runtimes, runtime_document, stage_files
 from trnft.jobspecs.validate import TRAINER_CRD_DIR, document_problems, trainjob_runtime_problems
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -61,7 +61,7 @@ def test_the_runtime_command_writes_the_runtime_the_trainjobs_reference(tmp_path
     docs, rendered_runtime = _render(overrides)
     assert runtime == rendered_runtime
     for stage in ("compile", "train"):
-        assert docs[STAGE_FILES[stage]]["spec"]["runtimeRef"] == {
+        assert docs[stage_files()[stage]]["spec"]["runtimeRef"] == {
             "apiGroup": "trainer.kubeflow.org",
             "kind": "ClusterTrainingRuntime",
             "name": "trnft-trn1-32xlarge",

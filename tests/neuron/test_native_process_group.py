@@ -75,11 +75,12 @@ def test_a_stage_started_by_hand_has_the_neff_cache_location_before_torch_loads(
     script = f"""
 import json, os, sys
 from trnft.common import cli
+from trnft.common.pipeline import registry
 seen = {{}}
 def resolve(stage, cfg):
     seen.update(torch="torch" in sys.modules, cache=os.environ.get("{torchneuron.NEFF_CACHE_ENV}"))
     return lambda cfg, force, log: None
-cli.resolve_stage = resolve
+registry.runner = resolve
 assert cli.main(["train", "--config", {str(config)!r}]) == 0
 print(json.dumps(seen))
 """
