@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import subprocess as _subprocess
 import sys
 from pathlib import Path
 from typing import TypeVar
@@ -63,8 +63,16 @@ def write_config(path: Path, raw: dict) -> Path:
     return path
 
 
+# TRNFT_TEST_SUBPROCESS=1 runs every Run.stage as its own process (as before stages ran in-process).
+SUBPROCESS_ENV = "TRNFT_TEST_SUBPROCESS"
+
+
 class Run:
-    """A run directory with its config file; stages run as ``python -m trnft.common.cli`` processes."""
+    """A run directory with its config file. ``stage()`` runs a stage through the CLI's entry function in
+    this process (its exit code, stdout and stderr as a CompletedProcess), or as a ``python -m
+    trnft.common.cli`` process where a test needs one: an ``env`` (fault injection, which may SIGKILL the
+    process), ``subprocess=True``, or the trn1 platform's compile and train (torch-xla's CPU device is set up
+    per process)."""
 
     def __init__(self, root: Path, raw: dict) -> None:
         self.root = root
@@ -72,11 +80,21 @@ class Run:
         self.config = write_config(root.parent / f"{root.name}.yaml", raw)
 
     def stage(
-        self, stage: str, *overrides: str, env: dict[str, str] | None = None, timeout: int = 900
-    ) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "trnft.common.cli", stage, "--config", str(self.config), *overrides]
+        self,
+        stage: str,
+        *overrides: str,
+        env: dict[str, str] | None = None,
+        timeout: int = 900,
+        subprocess: bool = False,
+    ) -> _subprocess.CompletedProcess:
+        argv = [stage, "--config", str(self.config), *overrides]
+        platform = self.raw.get("model", {}).get("platform", "neuron")
+        xla = platform == "neuron" and stage in ("compile", "train")
+        if env is None and not subprocess and not xla and os.environ.get(SUBPROCESS_ENV) != "1":
+            return run_cli_in_process(argv)
+        cmd = [sys.executable, "-m", "trnft.common.cli", *argv]
         full_env = {**os.environ, "PJRT_DEVICE": "CPU", **(env or {})}
-        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+        return _subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
 
     def manifest(self, stage: str) -> dict:
         return json.loads((self.root / stage / "manifest.json").read_text())
@@ -86,7 +104,54 @@ class Run:
         return kind.of(self.manifest(stage))
 
 
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+def run_cli_in_process(argv: list[str]) -> _subprocess.CompletedProcess:
+    """``trnft <argv>`` through ``cli.main`` in this process, as a CompletedProcess. What it writes is captured
+    at the file descriptors, so processes it starts (torchrun's workers) are captured too; the environment
+    and torch's thread count are put back afterwards (a stage sets process defaults and its platform's
+    variables), so the next test starts from the same state."""
+    import contextlib
+    import tempfile
+
+    import torch
+
+    from trnft.common import cli
+
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    os.environ["PJRT_DEVICE"] = "CPU"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            with (
+                open(1, "w", buffering=1, closefd=False) as py_out,
+                open(2, "w", buffering=1, closefd=False) as py_err,
+                contextlib.redirect_stdout(py_out),
+                contextlib.redirect_stderr(py_err),
+            ):
+                try:
+                    code = cli.main(argv)
+                except SystemExit as exc:  # argparse's exit
+                    code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            os.close(saved_fds[0])
+            os.close(saved_fds[1])
+            os.environ.clear()
+            os.environ.update(saved_env)
+            if torch.get_num_threads() != threads:  # setting it unasked pins MKL's threads (other sums)
+                torch.set_num_threads(threads)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+    return _subprocess.CompletedProcess(["trnft", *argv], code, *texts)
+
+
+def ok(proc: _subprocess.CompletedProcess) -> _subprocess.CompletedProcess:
     """Assert a stage process succeeded, showing its output when it did not."""
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
