@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.errors import ConfigError
-from trnft.common.training.data import IGNORE_INDEX
+from .errors import ConfigError
+from .training.data import IGNORE_INDEX
 
 ROLES = {
     # "developer" is OpenAI's newer name for the system message (its exports write it).

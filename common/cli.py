@@ -15,14 +15,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trnft.common import stop
-from trnft.common.config.run_config import load_config
-from trnft.common.env import set_process_defaults
-from trnft.common.errors import TrnftError
-from trnft.common.exits import DEBUG_ENV, run_command
-from trnft.common.io.tensor_io import DEFAULT_MAX_SHARD_SIZE
-from trnft.common.pipeline import backend, registry
-from trnft.common.pipeline.stages import format_status
+from . import stop
+from .config.run_config import load_config
+from .env import set_process_defaults
+from .errors import TrnftError
+from .exits import DEBUG_ENV, run_command
+from .io.tensor_io import DEFAULT_MAX_SHARD_SIZE
+from .pipeline import backend, registry
+from .pipeline.stages import format_status
 
 # Stages that also run without a run config, on paths given on the command line: the flags they need.
 STANDALONE = {
@@ -164,7 +164,7 @@ def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> 
             raise TrnftError(f"pass --config FILE, or {' and '.join(missing)} for a standalone {stage}")
         if stage == "consolidate":
             return backend.for_checkpoint(args.checkpoint).consolidate_standalone(args, log)
-        from trnft.common.merge import standalone
+        from .merge import standalone
 
         return standalone(args, log)
     cfg = load_config(args.config, args.overrides)
@@ -178,13 +178,13 @@ def _run_stage_command(args: argparse.Namespace, log: Callable[[str], None]) -> 
 
 
 def _jobspec_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    from trnft.jobspecs.render import command
+    from ..jobspecs.render import command
 
     return command(args, log)
 
 
 def _smoke_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    from trnft.common import smoke
+    from . import smoke
 
     # The XLA path needs the trn1 line (torch-xla); the current line's default is the FSDP2 trainer.
     platform = args.platform or ("neuron" if importlib.util.find_spec("torch_xla") is not None else "gpu")
@@ -194,19 +194,19 @@ def _smoke_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
 
 
 def _submit_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    from trnft.jobspecs.operate import submit_command
+    from ..jobspecs.operate import submit_command
 
     return submit_command(args, log)
 
 
 def _wait_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    from trnft.jobspecs.operate import wait_command
+    from ..jobspecs.operate import wait_command
 
     return wait_command(args, log)
 
 
 def _torchrun_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    from trnft.common.cluster.launch import run_torchrun
+    from .cluster.launch import run_torchrun
 
     return run_torchrun(args.torchrun_args)
 

@@ -38,13 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from trnft.common.config.adapter_config import LoraSettings, read_adapter_config
-from trnft.common.config.run_config import EvalSection, RunConfig
-from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.io.hf_files import resolve_model_dir
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, StageSpec, run_stage
-from trnft.common.training.data import TEXT_FILES, TOKENIZER_DIR, TokenizeOutput, read_jsonl
+from .config.adapter_config import LoraSettings, read_adapter_config
+from .config.run_config import EvalSection, RunConfig
+from .errors import ConfigError, TrnftError
+from .io.hf_files import resolve_model_dir
+from .pipeline.figures import Figures
+from .pipeline.registry import StageSpec
+from .pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from .training.data import TEXT_FILES, TOKENIZER_DIR, TokenizeOutput, read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -468,7 +469,7 @@ def run_generation(job: GenerationJob, log: Callable[[str], None]) -> Generation
 def _generation_worker(job: GenerationJob, out: str) -> None:
     import sys
 
-    from trnft.common.exits import run_command
+    from .exits import run_command
 
     def work() -> int:
         gen = run_generation(job, lambda m: print(m, flush=True))

@@ -27,8 +27,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from trnft.common.errors import TrnftError
-from trnft.common.stop import Stopped
+from .errors import TrnftError
+from .stop import Stopped
 
 DEBUG_ENV = "TRNFT_DEBUG"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it

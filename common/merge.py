@@ -32,16 +32,16 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from trnft.common.config.adapter_config import (
+from .config.adapter_config import (
     ADAPTER_CONFIG_FILE,
     LoraSettings,
     check_merge_settings,
     read_adapter_config,
 )
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import TrnftError
-from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present, resolve_model_dir
-from trnft.common.io.tensor_io import (
+from .config.run_config import RunConfig
+from .errors import TrnftError
+from .io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present, resolve_model_dir
+from .io.tensor_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX,
     Array,
@@ -55,10 +55,11 @@ from trnft.common.io.tensor_io import (
     to_f32,
     write_sharded_model,
 )
-from trnft.common.pipeline import inputs
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.rundir import into_new_folder
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, StageSpec, run_stage
+from .pipeline import inputs
+from .pipeline.figures import Figures
+from .pipeline.registry import StageSpec
+from .pipeline.rundir import into_new_folder
+from .pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 
 ROW_BLOCK_BYTES = 32 << 20
 

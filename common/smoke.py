@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from trnft.common.config.run_config import NeuronSection, dump_config, load_config, with_overrides
-from trnft.common.pipeline import registry
-from trnft.common.pipeline.stages import format_status
-from trnft.common.testing.fixtures import build_tiny_model, bundled_chat_path, bundled_dataset_path
+from .config.run_config import NeuronSection, dump_config, load_config, with_overrides
+from .pipeline import registry
+from .pipeline.stages import format_status
+from .testing.fixtures import build_tiny_model, bundled_chat_path, bundled_dataset_path
 
 # What a platform needs beyond the smoke config: neuron-native trains on trn2/trn3 instance types only (the
 # local run uses the CPU all the same; the instance type matters to the specs it would render).

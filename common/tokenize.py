@@ -37,14 +37,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from trnft.common.config.run_config import DatasetSection, RunConfig, stable_hash
-from trnft.common.errors import TrnftError
-from trnft.common.pipeline import inputs
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.hashing import tree_digest
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, StageSpec, run_stage
-from trnft.common.stop import worker_pool
-from trnft.common.training.data import ARRAYS, IGNORE_INDEX, SPLIT_DIRS, TEXT_FILES, TOKENIZER_DIR
+from .config.run_config import DatasetSection, RunConfig, stable_hash
+from .errors import TrnftError
+from .pipeline import inputs
+from .pipeline.figures import Figures
+from .pipeline.hashing import tree_digest
+from .pipeline.registry import StageSpec
+from .pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from .stop import worker_pool
+from .training.data import ARRAYS, IGNORE_INDEX, SPLIT_DIRS, TEXT_FILES, TOKENIZER_DIR
 
 SPLITS = ("train", "validation", "test")
 FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -339,7 +340,7 @@ class _ChatRendering:
 
 def _render_chunk(tokenizer: Any, job: _ChatRendering, values: Sequence[Any]) -> list[Any]:
     """Per row: the rendered conversation, or the reason it cannot be used (a str)."""
-    from trnft.common import chat
+    from . import chat
 
     out: list[Any] = []
     for value in values:
@@ -366,7 +367,7 @@ def format_conversations(
     ``dataset.max_bad_row_fraction`` of them stops the stage."""
     import functools
 
-    from trnft.common import chat
+    from . import chat
 
     if d.messages_field not in ds.column_names:
         raise TrnftError(
@@ -922,7 +923,7 @@ def _chat_samples(
 ) -> tuple[list[tuple[list[int], list[int]]], SampleStats, int]:
     """(input_ids, labels) per conversation (:func:`trnft.common.chat.encode`), the sample counts, and how
     many conversations lost trailing turns."""
-    from trnft.common import chat
+    from . import chat
 
     stats = SampleStats(samples=len(records))
     out, truncated_turns, needed = [], 0, []

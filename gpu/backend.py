@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.cluster.instances import InstanceType, Layout
-from trnft.common.config.run_config import RunConfig
-from trnft.common.pipeline.backend import StageModules
+from ..common.cluster.instances import InstanceType, Layout
+from ..common.config.run_config import RunConfig
+from ..common.pipeline.backend import StageModules
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class GpuBackend(StageModules):
     accelerator: str = "gpu"
 
     def check_config(self, cfg: RunConfig) -> None:
-        from trnft.common.training.families import check_fsdp_family
+        from ..common.training.families import check_fsdp_family
 
         check_fsdp_family(cfg.model.name_or_path)
 
@@ -39,12 +39,12 @@ class GpuBackend(StageModules):
         return []
 
     def owns_checkpoint(self, path: Path) -> bool:
-        from trnft.common.fsdp.consolidate import holds_gpu_checkpoints
+        from ..common.fsdp.consolidate import holds_gpu_checkpoints
 
         return holds_gpu_checkpoints(path)
 
     def consolidate_standalone(self, args: Any, log: Any) -> int:
-        from trnft.common.fsdp.consolidate import standalone
+        from ..common.fsdp.consolidate import standalone
 
         return standalone(args, log)
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from trnft.common.config.run_config import RunConfig
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.platform_stages import COMPILE
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from ..common.config.run_config import RunConfig
+from ..common.pipeline.figures import Figures
+from ..common.pipeline.platform_stages import COMPILE
+from ..common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:

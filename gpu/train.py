@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from trnft.common.config.run_config import RunConfig
-from trnft.common.fsdp import trainer
-from trnft.common.fsdp.platform import CPU, CUDA, DevicePlatform
-from trnft.common.pipeline.stages import StageResult
+from ..common.config.run_config import RunConfig
+from ..common.fsdp import trainer
+from ..common.fsdp.platform import CPU, CUDA, DevicePlatform
+from ..common.pipeline.stages import StageResult
 
 
 def device_platform() -> DevicePlatform:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from trnft.jobspecs import controllers
+from . import controllers
 
 JOBSET_TAG = "sigs.k8s.io/jobset v0.12.0"  # what Kubeflow Trainer v2.3.0 builds with (its go.mod)
 JOBSET_WEBHOOK = f"{JOBSET_TAG} pkg/webhooks/jobset_webhook.go"

@@ -64,14 +64,14 @@ def strategic_merge(base: Any, patch: Any, field: str | None = None) -> Any:
         return out
     if isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
         key = MERGE_KEYS[field]
-        out = [copy.deepcopy(item) for item in base]
+        merged = [copy.deepcopy(item) for item in base]
         for item in patch:
-            at = next((i for i, old in enumerate(out) if old.get(key) == item.get(key)), None)
+            at = next((i for i, old in enumerate(merged) if old.get(key) == item.get(key)), None)
             if at is None:
-                out.append(copy.deepcopy(item))
+                merged.append(copy.deepcopy(item))
             else:
-                out[at] = strategic_merge(out[at], item, None)
-        return out
+                merged[at] = strategic_merge(merged[at], item, None)
+        return merged
     return copy.deepcopy(patch)
 
 

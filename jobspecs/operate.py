@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from trnft.common.errors import TrnftError
+from ..common.errors import TrnftError
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 124  # as timeout(1) reports it

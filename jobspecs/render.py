@@ -41,9 +41,9 @@ from typing import Any
 import jinja2
 import yaml
 
-from trnft.common import stop
-from trnft.common.cluster import launch
-from trnft.common.cluster.instances import (
+from ..common import stop
+from ..common.cluster import launch
+from ..common.cluster.instances import (
     DEVICE_RESOURCES,
     EFA_RESOURCE,
     InstanceType,
@@ -51,19 +51,19 @@ from trnft.common.cluster.instances import (
     instance,
     training_layout,
 )
-from trnft.common.config.run_config import (
+from ..common.config.run_config import (
     RunConfig,
     dump_config,
     load_config,
     pinned_by_digest,
     stable_hash,
 )
-from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.exits import FIRST_RETRYABLE
-from trnft.common.pipeline import backend, registry
-from trnft.common.pipeline.atomic import swap_into_place
-from trnft.common.pipeline.stages import JOB_TEMPLATE
-from trnft.jobspecs import admission, trainjob
+from ..common.errors import ConfigError, TrnftError
+from ..common.exits import FIRST_RETRYABLE
+from ..common.pipeline import backend, registry
+from ..common.pipeline.atomic import swap_into_place
+from ..common.pipeline.registry import JOB_TEMPLATE
+from . import admission, trainjob
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "00-config.yaml"
@@ -701,7 +701,7 @@ def write_atomically(out: Path, files: dict[str, str]) -> None:
 
 def command(args: Any, log: Callable[[str], None]) -> int:
     """``trnft jobspec``: render (or take ``--files``), validate, write atomically, print apply lines."""
-    from trnft.jobspecs import validate as k8s_validate
+    from . import validate as k8s_validate
 
     if args.files:
         problems = k8s_validate.validate_files([Path(f) for f in args.files])

@@ -39,7 +39,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from trnft.common.exits import FIRST_RETRYABLE
+from ..common.exits import FIRST_RETRYABLE
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 API_GROUP = "trainer.kubeflow.org"

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from trnft.common.exits import FIRST_RETRYABLE
-from trnft.jobspecs import admission, trainjob
+from ..common.exits import FIRST_RETRYABLE
+from . import admission, trainjob
 
 K8S_VERSION = "v1.33.0"
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -460,7 +460,7 @@ def _patched_pod_specs(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, An
 
 def _trainjob_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """Trainer v2.3.0's webhook rules on a TrainJob (plugins/torch, plugins/jobset) and trnft's invariants."""
-    from trnft.jobspecs.trainjob import RESERVED_ENV
+    from .trainjob import RESERVED_ENV
 
     problems: list[tuple[str, str]] = []
     spec = doc.get("spec") or {}
@@ -536,7 +536,7 @@ def _runtime_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """A ClusterTrainingRuntime as Trainer needs it and as trnft's failure classes need it: one trainer
     replicated job with a ``node`` container; its Job fails on the first failed pod (the JobSet restarts
     the gang); the JobSet rules' message patterns point at FailJob rules of the matching kind."""
-    from trnft.jobspecs.trainjob import ANCESTOR_LABEL, ANCESTOR_TRAINER
+    from .trainjob import ANCESTOR_LABEL, ANCESTOR_TRAINER
 
     problems: list[tuple[str, str]] = []
     jobset = ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trnft.common.cluster.instances import InstanceType, Layout
-from trnft.common.config.run_config import RunConfig
-from trnft.common.env import has_neuron_device
-from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.backend import StageModules
-from trnft.neuron import launch
+from ..common.cluster.instances import InstanceType, Layout
+from ..common.config.run_config import RunConfig
+from ..common.env import has_neuron_device
+from ..common.errors import ConfigError, TrnftError
+from ..common.pipeline import checkpoints
+from ..common.pipeline.backend import StageModules
+from . import launch
 
 REHEARSAL_ENV = "TRNFT_TRAINIUM_REHEARSAL"
 # NxD tag folders: where optimum-neuron's shards live inside a checkpoint.
@@ -73,7 +73,7 @@ def preflight_or_fail() -> None:
     """The Neuron startup check before anything is compiled or trained (skipped in a rehearsal)."""
     if trainium_rehearsal():
         return
-    from trnft.neuron.preflight import run as preflight
+    from .preflight import run as preflight
 
     problems = preflight()
     if problems:
@@ -94,10 +94,10 @@ def check_settings(cfg: RunConfig) -> None:
     - A model family optimum-neuron 0.4.5 has no training model for (:mod:`trnft.common.training.families`).
     - ``train.eval_steps`` or ``train.early_stopping_patience``: no trainer of this platform validates.
     """
-    from trnft.common.errors import ConfigError
-    from trnft.common.training.families import check_trn1_family
-    from trnft.neuron import fused_groups
-    from trnft.neuron.parallel_layout import model_layout
+    from ..common.errors import ConfigError
+    from ..common.training.families import check_trn1_family
+    from . import fused_groups
+    from .parallel_layout import model_layout
 
     check_trn1_family(cfg.model.name_or_path)
     # Neither trainer of this platform validates: NeuronTrainer has no evaluation loop and the CPU-XLA
@@ -126,15 +126,15 @@ def check_settings(cfg: RunConfig) -> None:
     fused_groups.check_kv_copies_on_target(layout, _target(cfg))
     on_trainium = cfg.neuron.backend == "trainium" or (cfg.neuron.backend == "auto" and has_neuron_device())
     if on_trainium and config is not None:
-        from trnft.common.cluster.instances import instance
-        from trnft.neuron import memory
+        from ..common.cluster.instances import instance
+        from . import memory
 
         memory.check(cfg, config, instance(cfg.cluster.instance_type))
 
 
 def _target(cfg: RunConfig) -> str | None:
     """The Neuron target of the training instance type (trn1, trn2, trn3), None for an unknown type."""
-    from trnft.common.cluster.instances import instance
+    from ..common.cluster.instances import instance
 
     try:
         return instance(cfg.cluster.instance_type).target
@@ -191,7 +191,7 @@ class NeuronBackend(StageModules):
         return _holds_nxd_shards(Path(path))
 
     def consolidate_standalone(self, args: Any, log: Any) -> int:
-        from trnft.neuron.consolidate import standalone
+        from .consolidate import standalone
 
         return standalone(args, log)
 

@@ -27,15 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from trnft.common.cluster.instances import instance, training_layout
-from trnft.common.cluster.launch import rendezvous_endpoint, torchrun_argv
-from trnft.common.config.run_config import RunConfig, dump_config
-from trnft.common.errors import ProcessFailed, TrnftError
-from trnft.common.exits import exit_code_of_process
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.platform_stages import COMPILE
-from trnft.common.pipeline.rundir import RunDir
-from trnft.common.pipeline.stages import (
+from ..common.cluster.instances import instance, training_layout
+from ..common.cluster.launch import rendezvous_endpoint, torchrun_argv
+from ..common.config.run_config import RunConfig, dump_config
+from ..common.errors import ProcessFailed, TrnftError
+from ..common.exits import exit_code_of_process
+from ..common.pipeline.figures import Figures
+from ..common.pipeline.platform_stages import COMPILE
+from ..common.pipeline.rundir import RunDir
+from ..common.pipeline.stages import (
     StageContext,
     StageOutcome,
     StageResult,
@@ -43,10 +43,10 @@ from trnft.common.pipeline.stages import (
     run_stage,
     upstream_manifests,
 )
-from trnft.common.training.data import TokenizeOutput
-from trnft.neuron import launch, precompile
-from trnft.neuron.backend import device, preflight_or_fail, require_trn1_line
-from trnft.neuron.train import cpu_cache_dir
+from ..common.training.data import TokenizeOutput
+from . import launch, precompile
+from .backend import device, preflight_or_fail, require_trn1_line
+from .train import cpu_cache_dir
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult | None:
@@ -101,7 +101,7 @@ class TrainiumCompileFigures(Figures):
 
 
 def compile_cpu(ctx: StageContext) -> StageOutcome:
-    from trnft.neuron.xla_trainer import XlaTrainer, compile_count, persistent_cache_counters
+    from .xla_trainer import XlaTrainer, compile_count, persistent_cache_counters
 
     cfg, log = ctx.cfg, ctx.log
     cache = Path(cpu_cache_dir(cfg))
@@ -163,7 +163,7 @@ def parallel_compile_command(cfg: RunConfig, config_path: str) -> tuple[list[str
 
 def _run_parallel_compile(cfg: RunConfig, log: Callable[[str], None]) -> tuple[list[str], float]:
     """Run this node's ``neuron_parallel_compile``; the config goes to a node-local file (same on every node)."""
-    from trnft.neuron.trainium import check_settings
+    from .trainium import check_settings
 
     check_settings(cfg)  # refuse what training would refuse before the compile job spends any time
     preflight_or_fail()

@@ -28,17 +28,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from trnft.common.config.adapter_config import (
+from ..common.config.adapter_config import (
     ADAPTER_CONFIG_FILE,
     LoraSettings,
     adapter_config_text,
     module_of,
     read_adapter_config,
 )
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import TrnftError
-from trnft.common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
-from trnft.common.io.tensor_io import (
+from ..common.config.run_config import RunConfig
+from ..common.errors import TrnftError
+from ..common.io.hf_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_present
+from ..common.io.tensor_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ITEMSIZE,
     Array,
@@ -50,14 +50,14 @@ from trnft.common.io.tensor_io import (
     write_safetensors,
     write_sharded_model,
 )
-from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.platform_stages import CONSOLIDATE
-from trnft.common.pipeline.rundir import into_new_folder
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
-from trnft.neuron import nxd_format
-from trnft.neuron.nxd_format import ShardSet, open_shard_set
-from trnft.neuron.parallel_layout import Key, ModelDims, NeuronLayout, parse_key, query_head_sources
+from ..common.pipeline import checkpoints
+from ..common.pipeline.figures import Figures
+from ..common.pipeline.platform_stages import CONSOLIDATE
+from ..common.pipeline.rundir import into_new_folder
+from ..common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from . import nxd_format
+from .nxd_format import ShardSet, open_shard_set
+from .parallel_layout import Key, ModelDims, NeuronLayout, parse_key, query_head_sources
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BLOCK_BYTES = 32 << 20
@@ -199,6 +199,7 @@ class Piece:
         full = self.tensor.shape[1] if len(self.tensor.shape) > 1 else 0
         if self.col_start is None:
             return full
+        assert self.col_stop is not None  # set together with col_start
         return self.col_stop - self.col_start
 
     def read(self, start: int | None = None, stop: int | None = None) -> Array:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from trnft.common.errors import ConfigError
-from trnft.neuron.parallel_layout import GATE_UP, NeuronLayout
+from ..common.errors import ConfigError
+from .parallel_layout import GATE_UP, NeuronLayout
 
 
 def why_fused(module: str, layout: NeuronLayout | None) -> str:

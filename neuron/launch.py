@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from trnft.common.cluster.instances import InstanceType, Layout
-from trnft.common.config.run_config import NEURON_CACHE_DIR_CHARS, RunConfig
-from trnft.common.errors import ConfigError
+from ..common.cluster.instances import InstanceType, Layout
+from ..common.config.run_config import NEURON_CACHE_DIR_CHARS, RunConfig
+from ..common.errors import ConfigError
 
 
 def cache_dir(cfg: RunConfig) -> str:

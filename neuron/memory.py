@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from trnft.common.cluster.instances import InstanceType
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import ConfigError
+from ..common.cluster.instances import InstanceType
+from ..common.config.run_config import RunConfig
+from ..common.errors import ConfigError
 
 GIB = 1024**3
 USABLE_FRACTION = 0.9

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trnft.common.errors import TrnftError
-from trnft.common.io.tensor_io import LazyTensor, TensorRef, TorchFile, load_pickle_only
+from ..common.errors import TrnftError
+from ..common.io.tensor_io import LazyTensor, TensorRef, TorchFile, load_pickle_only
 
 MODEL_SHARDS = "shards"
 ADAPTER_SHARDS = "adapter_shards"

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import ConfigError
-from trnft.common.training.tensor_parallel import COLUMN_PROJECTIONS, DECODER_SPLITS, ROW_PROJECTIONS
+from ..common.config.run_config import RunConfig
+from ..common.errors import ConfigError
+from ..common.training.tensor_parallel import COLUMN_PROJECTIONS, DECODER_SPLITS, ROW_PROJECTIONS
 
 # This module is imported by the consolidator, which must stay free of torch (its import alone costs
 # about half a gigabyte of RSS); the writer functions below import torch where they use it.

@@ -16,9 +16,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trnft.common.config.run_config import load_config
-from trnft.common.env import set_process_defaults
-from trnft.common.exits import run_command
+from ..common.config.run_config import load_config
+from ..common.env import set_process_defaults
+from ..common.exits import run_command
 
 MODULE = "trnft.neuron.precompile"
 
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> int:
-        from trnft.neuron import trainium
+        from . import trainium
 
         trainium.precompile(load_config(args.config, args.overrides), lambda m: print(m, flush=True))
         return 0

@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from trnft.common import stop
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.platform_stages import TRAIN
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
-from trnft.common.training.data import TokenizeOutput
-from trnft.common.training.policy import Cadence, TrainFigures, on_recompile, refuse_non_finite
-from trnft.neuron import launch
-from trnft.neuron.backend import device, preflight_or_fail, require_trn1_line
+from ..common import stop
+from ..common.config.run_config import RunConfig
+from ..common.errors import ConfigError, TrnftError
+from ..common.pipeline import checkpoints
+from ..common.pipeline.platform_stages import TRAIN
+from ..common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from ..common.training.data import TokenizeOutput
+from ..common.training.policy import Cadence, TrainFigures, on_recompile, refuse_non_finite
+from . import launch
+from .backend import device, preflight_or_fail, require_trn1_line
 
 CPU_CACHE_SUBDIR = "xla_cpu"
 
@@ -57,7 +57,7 @@ def cpu_cache_dir(cfg: RunConfig) -> str:
 def _body(ctx: StageContext) -> StageOutcome:
     ctx.verify_upstream("tokenize")
     if device(ctx.cfg) == "trainium":
-        from trnft.neuron import trainium
+        from . import trainium
 
         preflight_or_fail()
         return trainium.train(ctx)
@@ -95,7 +95,7 @@ class _CpuRun:
 
 def train_cpu(ctx: StageContext) -> StageOutcome:
     """Run (or resume) training on torch-xla's CPU device: set up, loop over the steps, report."""
-    from trnft.neuron.xla_trainer import XlaTrainer, compile_count
+    from .xla_trainer import XlaTrainer, compile_count
 
     cfg, log = ctx.cfg, ctx.log
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
@@ -162,7 +162,7 @@ def _cpu_step(ctx: StageContext, trainer: Any, tokenized: TokenizeOutput, run: _
 
 
 def _cpu_report(ctx: StageContext, trainer: Any, resume: Path | None, run: _CpuRun) -> StageOutcome:
-    from trnft.neuron.xla_trainer import persistent_cache_counters
+    from .xla_trainer import persistent_cache_counters
 
     end = ctx.cfg.train.max_steps
     final = checkpoints.newest_complete(ctx.out_dir)

@@ -33,20 +33,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from trnft.common import stop
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.stages import StageContext, StageOutcome
-from trnft.common.tokenize import TokenizeFigures
-from trnft.common.training.data import (
+from ..common import stop
+from ..common.config.run_config import RunConfig
+from ..common.errors import ConfigError, TrnftError
+from ..common.pipeline import checkpoints
+from ..common.pipeline.figures import Figures
+from ..common.pipeline.stages import StageContext, StageOutcome
+from ..common.tokenize import TokenizeFigures
+from ..common.training.data import (
     TokenizedSplit,
     TokenizeOutput,
     batch_indices,
     segment_allowed,
 )
-from trnft.common.training.optim import global_batch
+from ..common.training.optim import global_batch
 
 ADAPTER = "default"
 # A fixed staging name: every rank of every node must agree on it without talking to each other.
@@ -65,14 +65,14 @@ def check_settings(cfg: RunConfig) -> None:
     t, n, d = cfg.train, cfg.neuron, cfg.dataset
     from transformers import AutoConfig
 
-    from trnft.common.cluster.instances import instance
-    from trnft.neuron import fused_groups, memory
+    from ..common.cluster.instances import instance
+    from . import fused_groups, memory
 
     config = AutoConfig.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
     if cfg.lora.enabled:
-        from trnft.neuron.parallel_layout import model_layout
+        from .parallel_layout import model_layout
 
         fused_groups.check(cfg.lora.target_modules, model_layout(cfg, config))
         fused_groups.check_frozen_fused_gqa(model_layout(cfg, config), lora=True)
@@ -264,8 +264,8 @@ def read_resume_state(checkpoint: Path | None) -> ResumeState | None:
 
 def _rank_shard_tensors(tag_dir: Path, tp: int, pp: int) -> dict[str, Any]:
     """This rank's tensors exactly as optimum-neuron saved them (fused and TP-sharded), as torch tensors."""
-    from trnft.neuron.nxd_format import open_shard_set
-    from trnft.neuron.xla_trainer import to_torch
+    from .nxd_format import open_shard_set
+    from .xla_trainer import to_torch
 
     shard = open_shard_set(tag_dir).file(tp, pp)
     return {name: to_torch(shard.lazy(name).read()) for name in shard.names()}
@@ -288,7 +288,7 @@ def load_rank_weights(model: Any, checkpoint: Path, *, lora: bool, tp_rank: int,
         result = set_peft_model_state_dict(model, saved, adapter_name=ADAPTER)
         if getattr(result, "unexpected_keys", None):
             raise TrnftError(
-                f"{checkpoint}: adapter tensors the model does not have: {result.unexpected_keys[:3]}"
+                f"{checkpoint}: adapter tensors the model does not have: {result.unexpected_keys[:3]}"  # type: ignore[attr-defined]
             )
         back = {
             k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()
@@ -330,7 +330,7 @@ def build_model(cfg: RunConfig, args: Any) -> Any:
         return model
     from optimum.neuron.peft import get_peft_model
 
-    from trnft.common.training.lora import peft_config
+    from ..common.training.lora import peft_config
 
     peft_model = get_peft_model(model, peft_config(cfg, cfg.lora.target_modules))
     _seed_lora_a(peft_model, cfg.train.seed, _fused_modules(cfg))
@@ -385,7 +385,7 @@ def flag_sequence_sharded_lora_factors(model: Any) -> list[str]:
 def _fused_modules(cfg: RunConfig) -> dict[str, tuple[str, ...]]:
     from transformers import AutoConfig
 
-    from trnft.neuron.parallel_layout import model_layout
+    from .parallel_layout import model_layout
 
     config = AutoConfig.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -406,7 +406,7 @@ def _seed_lora_a(model: Any, seed: int, fused: dict[str, tuple[str, ...]]) -> No
     import torch
     from neuronx_distributed.parallel_layers import parallel_state
 
-    from trnft.common.training.lora import lora_init, lora_seed_name
+    from ..common.training.lora import lora_init, lora_seed_name
 
     tp, rank = (
         parallel_state.get_tensor_model_parallel_size(),
@@ -439,8 +439,8 @@ def trainer_class() -> type:
     from neuronx_distributed.parallel_layers import parallel_state
     from optimum.neuron import NeuronTrainer
 
-    from trnft.common.training.optim import wants_decay
-    from trnft.common.training.policy import lr_factor, refuse_non_finite
+    from ..common.training.optim import wants_decay
+    from ..common.training.policy import lr_factor, refuse_non_finite
 
     class _TrnftNeuronTrainer(NeuronTrainer):
         def __init__(self, *args: Any, trnft: _RunPlan, **kwargs: Any) -> None:
@@ -594,7 +594,7 @@ def _gloo_world() -> Any:
 
 def _refuse_non_finite_step(step: int, running_loss: Any, grad_norm: Any) -> None:
     """The policy's refusal on device values of one optimizer step (a step closure: they are computed)."""
-    from trnft.common.training.policy import refuse_non_finite
+    from ..common.training.policy import refuse_non_finite
 
     loss = float(running_loss.detach().to("cpu").item()) if running_loss is not None else None
     norm = grad_norm.detach().to("cpu").item() if hasattr(grad_norm, "detach") else grad_norm
@@ -822,7 +822,7 @@ def precompile(cfg: RunConfig, log: Callable[[str], None]) -> None:
     """
     from neuronx_distributed.parallel_layers import parallel_state
 
-    from trnft.common.pipeline.rundir import RunDir
+    from ..common.pipeline.rundir import RunDir
 
     check_settings(cfg)
     steps = cfg.train.compile_steps

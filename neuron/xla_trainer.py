@@ -26,23 +26,23 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common.config.run_config import LORA_DEFAULT_TARGETS, RunConfig
-from trnft.common.errors import TrnftError
-from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
-from trnft.common.io.tensor_io import Array
-from trnft.common.pipeline import checkpoints
-from trnft.common.training.data import (
+from ..common.config.run_config import LORA_DEFAULT_TARGETS, RunConfig
+from ..common.errors import TrnftError
+from ..common.io.hf_files import TOKENIZER_FILES, copy_present
+from ..common.io.tensor_io import Array
+from ..common.pipeline import checkpoints
+from ..common.training.data import (
     TokenizeOutput,
     batch_indices,
     segment_attention_mask,
     step_seed,
     summed_token_loss,
 )
-from trnft.common.training.lora import ADAPTER, apply_lora, seed_lora_a, tie_lora_a
-from trnft.common.training.optim import global_batch, wants_decay
-from trnft.common.training.policy import lr_of
-from trnft.neuron import fused_groups, nxd_format
-from trnft.neuron.parallel_layout import (
+from ..common.training.lora import ADAPTER, apply_lora, seed_lora_a, tie_lora_a
+from ..common.training.optim import global_batch, wants_decay
+from ..common.training.policy import lr_of
+from . import fused_groups, nxd_format
+from .parallel_layout import (
     NeuronLayout,
     model_layout,
     parameter_metadata,
@@ -461,7 +461,7 @@ class XlaTrainer:
         """Load trainable weights from the checkpoint's shards (through the consolidator) and its state."""
         import torch
 
-        from trnft.neuron.consolidate import load_checkpoint_tensors
+        from .consolidate import load_checkpoint_tensors
 
         state = json.loads((checkpoint / checkpoints.TRNFT_STATE / "state.json").read_text())
         tensors = load_checkpoint_tensors(checkpoint)

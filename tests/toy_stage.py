@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageSpec, run_stage
+from trnft.common.pipeline.registry import StageSpec
+from trnft.common.pipeline.stages import StageContext, StageOutcome, run_stage
 from trnft.common.training.data import TEXT_FILES
 
 SPEC = StageSpec(

@@ -13,9 +13,9 @@ from typing import Literal
 
 import yaml
 
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import ConfigError
-from trnft.common.pipeline import backend
+from ..config.run_config import RunConfig
+from ..errors import ConfigError
+from ..pipeline import backend
 
 # Targets whose NeuronCores the runtime groups by the logical NeuronCore config (LNC): Trainium 2 and 3.
 LNC_TARGETS = ("trn2", "trn3")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from trnft.common.cluster.instances import Layout
+from .instances import Layout
 
 CONFIG_IN_POD = "/config/run.yaml"
 # What each process runs: the train stage of the trnft CLI, unless a caller names another module.
@@ -67,9 +67,9 @@ def run_torchrun(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from trnft.common import stop
-    from trnft.common.errors import ProcessFailed, TrnftError
-    from trnft.common.exits import exit_code_of_process, is_retryable
+    from .. import stop
+    from ..errors import ProcessFailed, TrnftError
+    from ..exits import exit_code_of_process, is_retryable
 
     if not argv:
         raise TrnftError("torchrun: give torchrun's flags and the module to run, as for torchrun itself")

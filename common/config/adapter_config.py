@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trnft.common.errors import TrnftError
+from ..errors import TrnftError
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."

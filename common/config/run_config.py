@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from trnft.common.errors import ConfigError
+from ..errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------
 # Field helpers. Constraints live in the field metadata so one generic checker enforces them and the

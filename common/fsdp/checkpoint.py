@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.errors import TrnftError
-from trnft.common.pipeline import checkpoints
+from ..errors import TrnftError
+from ..pipeline import checkpoints
 
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"

@@ -26,12 +26,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from trnft.common.config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, adapter_config_text
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import TrnftError
-from trnft.common.fsdp.checkpoint import CheckpointMeta, is_gpu_checkpoint, read_tensors
-from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present
-from trnft.common.io.tensor_io import (
+from ..config.adapter_config import ADAPTER_CONFIG_FILE, LoraSettings, adapter_config_text
+from ..config.run_config import RunConfig
+from ..errors import TrnftError
+from ..io.hf_files import TOKENIZER_FILES, copy_present
+from ..io.tensor_io import (
     DEFAULT_MAX_SHARD_BYTES,
     Array,
     PlannedTensor,
@@ -39,11 +38,12 @@ from trnft.common.io.tensor_io import (
     write_safetensors,
     write_sharded_model,
 )
-from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.platform_stages import CONSOLIDATE
-from trnft.common.pipeline.rundir import into_new_folder
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from ..pipeline import checkpoints
+from ..pipeline.figures import Figures
+from ..pipeline.platform_stages import CONSOLIDATE
+from ..pipeline.rundir import into_new_folder
+from ..pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from .checkpoint import CheckpointMeta, is_gpu_checkpoint, read_tensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -162,7 +162,7 @@ def lora_tensors(ckpt_dir: Path, meta: CheckpointMeta) -> list[PlannedTensor]:
 def full_tensors(ckpt_dir: Path, meta: CheckpointMeta) -> list[PlannedTensor]:
     """Hugging Face-named tensors in the base dtype, each read from the checkpoint only when it is written;
     a tied lm_head is left to the config (as Hugging Face saves it)."""
-    from trnft.common.fsdp.checkpoint import tensor_shapes
+    from .checkpoint import tensor_shapes
 
     dtype = meta.base_dtype
     tied = bool(meta.model_config.get("tie_word_embeddings"))

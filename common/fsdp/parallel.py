@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trnft.common.errors import ConfigError, TrnftError
-from trnft.common.training.lora import lora_init
-from trnft.common.training.tensor_parallel import DECODER_SPLITS, projection_kind
+from ..errors import ConfigError, TrnftError
+from ..training.lora import lora_init
+from ..training.tensor_parallel import DECODER_SPLITS, projection_kind
 
 # Path segments PEFT puts around the base model's modules: dropping them gives the Hugging Face name.
 PEFT_PREFIX = ("base_model", "model")
@@ -403,7 +403,7 @@ def load_base_weights(model: Any, model_dir: Path, device: torch.device) -> int:
     The files are memory-mapped and only the local slice of each tensor is copied, one tensor at a time.
     Returns the number of tensors loaded. Raises TrnftError for a tensor the files lack.
     """
-    from trnft.common.io.tensor_io import open_safetensors_model
+    from ..io.tensor_io import open_safetensors_model
 
     files = open_safetensors_model(model_dir)
     loaded = 0

@@ -60,18 +60,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trnft.common import stop
-from trnft.common.config.run_config import RunConfig, dump_config
-from trnft.common.errors import ConfigError, ProcessFailed, TrnftError
-from trnft.common.exits import exit_code_of_process
-from trnft.common.fsdp import checkpoint as ckpt
-from trnft.common.fsdp import parallel
-from trnft.common.fsdp.platform import DevicePlatform
-from trnft.common.io.hf_files import TOKENIZER_FILES, copy_present, resolve_model_dir
-from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.platform_stages import TRAIN
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
-from trnft.common.training.data import (
+from .. import stop
+from ..config.run_config import RunConfig, dump_config
+from ..errors import ConfigError, ProcessFailed, TrnftError
+from ..exits import exit_code_of_process
+from ..io.hf_files import TOKENIZER_FILES, copy_present, resolve_model_dir
+from ..pipeline import checkpoints
+from ..pipeline.platform_stages import TRAIN
+from ..pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from ..training.data import (
     IGNORE_INDEX,
     TokenizedSplit,
     TokenizeOutput,
@@ -82,11 +79,14 @@ from trnft.common.training.data import (
     step_seed,
     summed_token_loss,
 )
-from trnft.common.training.lightning_policy import PolicyCallback, RunRecord
-from trnft.common.training.lora import ADAPTER, apply_lora, check_targets
-from trnft.common.training.optim import decay_groups, global_batch
-from trnft.common.training.policy import TrainFigures
-from trnft.common.training.recompute import checkpointing_kwargs
+from ..training.lightning_policy import PolicyCallback, RunRecord
+from ..training.lora import ADAPTER, apply_lora, check_targets
+from ..training.optim import decay_groups, global_batch
+from ..training.policy import TrainFigures
+from ..training.recompute import checkpointing_kwargs
+from . import checkpoint as ckpt
+from . import parallel
+from .platform import DevicePlatform
 
 # How long a collective may wait for its peers before the process fails (and Kubernetes retries it).
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -111,8 +111,8 @@ def run(
     line, before a process starts or a folder is made. ``graph_counter`` counts the graphs the device has
     compiled (native Neuron's cache), for ``train.on_recompile``.
     """
-    from trnft.common.pipeline.rundir import RunDir
-    from trnft.common.pipeline.stages import current_manifest, upstream_manifests
+    from ..pipeline.rundir import RunDir
+    from ..pipeline.stages import current_manifest, upstream_manifests
 
     spec = TRAIN
     done = None if force else current_manifest(spec, cfg)
@@ -174,7 +174,7 @@ def _launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from trnft.common.pipeline.rundir import RunDir
+    from ..pipeline.rundir import RunDir
 
     spec = TRAIN
     rundir = RunDir(cfg.run.root)

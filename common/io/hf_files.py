@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from trnft.common.errors import TrnftError
+from ..errors import TrnftError
 
 TOKENIZER_FILES = (
     "tokenizer.json",

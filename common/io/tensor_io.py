@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from trnft.common.errors import TrnftError
+from ..errors import TrnftError
 
 # safetensors dtype -> numpy storage dtype (BF16 kept as raw 16-bit words)
 STORAGE = {

@@ -20,8 +20,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from trnft.common.errors import TrnftError
-from trnft.common.pipeline.rundir import now_iso, write_json_atomic
+from ..errors import TrnftError
+from .rundir import now_iso, write_json_atomic
 
 JOB_ENV = "TRNFT_JOB_NAME"
 

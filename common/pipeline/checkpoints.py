@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from trnft.common.pipeline.atomic import swap_into_place
+from .atomic import swap_into_place
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging-"
@@ -327,7 +327,7 @@ def resume_point(train_dir: Path, fingerprint: str, log: Callable[[str], None]) 
     output, never set aside) or the newest verifying one other settings (resuming it would silently train
     something else; falling back past it would drop work the user may want).
     """
-    from trnft.common.errors import TrnftError
+    from ..errors import TrnftError
 
     for leftover in staging_leftovers(train_dir):
         log(f"train: removing {leftover.name}, an interrupted save")

@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any, ClassVar, TypeVar, Union
 
-from trnft.common.errors import TrnftError
+from ..errors import TrnftError
 
 F = TypeVar("F", bound="Figures")
 
@@ -77,7 +77,8 @@ def _decode(kind: Any, value: Any, where: str) -> Any:
         if unknown or missing:
             what = f"unknown field {unknown[0]!r}" if unknown else f"no field {missing[0]!r}"
             raise TrnftError(f"{where}: {what} for {kind.__name__}; was it written by another trnft version?")
-        return kind(**{name: _decode(hints[name], value[name], f"{where}.{name}") for name in fields})
+        fields_of = {name: _decode(hints[name], value[name], f"{where}.{name}") for name in fields}
+        return kind(**fields_of)  # type: ignore[operator]  # a dataclass type, checked above
     if origin in (list, tuple):
         (item,) = typing.get_args(kind)[:1]
         return [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value)]

@@ -9,9 +9,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from trnft.common.config.run_config import RunConfig
-from trnft.common.io.hf_files import TOKENIZER_FILES
-from trnft.common.pipeline.hashing import file_digest, tree_digest
+from ..config.run_config import RunConfig
+from ..io.hf_files import TOKENIZER_FILES
+from .hashing import file_digest, tree_digest
 
 MODEL_FILES_SUFFIXES = (".safetensors", ".bin", ".json")
 

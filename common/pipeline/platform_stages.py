@@ -4,9 +4,9 @@ what the three share (what they read, which keys decide their output, how they a
 
 from __future__ import annotations
 
-from trnft.common.config.run_config import RunConfig, changes_output, to_dict
-from trnft.common.pipeline import backend, inputs
-from trnft.common.pipeline.stages import StageSpec
+from ..config.run_config import RunConfig, changes_output, to_dict
+from . import backend, inputs
+from .registry import StageSpec
 
 
 def _output_keys(cfg: RunConfig, section: str, *, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:

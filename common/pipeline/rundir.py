@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.errors import TrnftError
-from trnft.common.pipeline.atomic import swap_into_place
-from trnft.common.pipeline.hashing import file_sha256, list_files
+from ..errors import TrnftError
+from .atomic import swap_into_place
+from .hashing import file_sha256, list_files
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -285,7 +285,7 @@ def into_new_folder(out: Path, work: Callable[[Path], Any], log: Callable[[str],
         staging.mkdir(parents=True)
         (staging / OWNER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         try:
-            from trnft.common.pipeline.checkpoints import fault_point
+            from .checkpoints import fault_point
 
             fault_point("output", "staged")
             result = work(staging)

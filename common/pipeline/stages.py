@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trnft.common.config.run_config import RunConfig, select, stable_hash
-from trnft.common.errors import TrnftError, UpstreamError
-from trnft.common.pipeline import attempts, checkpoints, registry
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.hashing import library_versions
-from trnft.common.pipeline.rundir import (
+from ..config.run_config import RunConfig, select, stable_hash
+from ..errors import TrnftError, UpstreamError
+from . import attempts, checkpoints, registry
+from .figures import Figures
+from .hashing import library_versions
+from .registry import StageSpec
+from .rundir import (
     MANIFEST_VERSION,
     RunDir,
     StageState,
@@ -37,36 +38,6 @@ from trnft.common.pipeline.rundir import (
     output_digest,
     verify_files,
 )
-
-# The Kubernetes template of a stage that runs as a plain Job (one pod, CPU unless the stage asks for more).
-JOB_TEMPLATE = "job.yaml.j2"
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A stage: what it reads, which config keys decide its output, and how it is run and deployed.
-
-    A stage is one module holding its ``StageSpec`` (and, when it is shared by every platform, its
-    ``run(cfg, *, force, log)``), listed once in :mod:`trnft.common.pipeline.registry`."""
-
-    name: str
-    help: str  # the CLI subcommand's one-line help
-    needs: Callable[[RunConfig], tuple[str, ...]]
-    config_keys: Callable[[RunConfig], tuple[str, ...]]
-    # Run by the platform's backend (``Backend.run_stage``) rather than by the module's own run().
-    by_platform: bool = False
-    # Kubernetes template per model.platform (jobspecs/*.j2); platforms not named run it as a plain Job.
-    templates: dict[str, str] = field(default_factory=dict)
-    # Reads only the run directory and the model cache earlier stages filled (runs with HF_HUB_OFFLINE=1).
-    offline: bool = False
-    # How long `trnft submit --wait` waits for it by default in the generated apply script.
-    wait_timeout: str = "2h"
-    # Writes into its final folder as it goes (train: checkpoints) instead of a staging sibling.
-    in_place: bool = False
-    # Redo automatically when config or inputs changed; False refuses without --force (train: hours of work).
-    redo_on_change: bool = True
-    # Content digests of external inputs (dataset files, local model/tokenizer folders); part of the fingerprint.
-    inputs: Callable[[RunConfig], list[dict[str, Any]]] = lambda cfg: []
 
 
 @dataclass

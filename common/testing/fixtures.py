@@ -133,13 +133,13 @@ def tiny_config(family: str, vocab_size: int, shape: TinyShape, tokenizer: Any) 
         initializer_range=shape.initializer_range,
     )
     builders = {
-        "llama": lambda: transformers.LlamaConfig(**common, rope_theta=10000.0),
+        "llama": lambda: transformers.LlamaConfig(**common, rope_theta=10000.0),  # type: ignore[call-arg]
         "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=head_dim),
         "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
         # Ministral 3 (2025-12): Mistral's dense decoder with YaRN RoPE and llama-4 attention scaling.
         "ministral3": lambda: transformers.Ministral3Config(**common, head_dim=head_dim),
         # Gemma 4 text (2026): sliding and global attention layers, per-layer input embeddings, q/k norms.
-        "gemma4": lambda: transformers.Gemma4TextConfig(
+        "gemma4": lambda: transformers.Gemma4TextConfig(  # type: ignore[call-arg]  # kwargs of PreTrainedConfig
             **common,
             head_dim=head_dim,
             global_head_dim=head_dim,

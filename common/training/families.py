@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trnft.common.errors import ConfigError
+from ..errors import ConfigError
 
 # Families every stage runs on in CI, on the FSDP2 platforms (tests/gpu/test_families.py), with the LoRA
 # targets its projections have (q/k/v/o attention, gate/up/down MLP) and the first transformers release

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 
 import lightning as L
 
-from trnft.common import stop
-from trnft.common.errors import TrnftError
-from trnft.common.pipeline import checkpoints
-from trnft.common.pipeline.stages import StageContext
-from trnft.common.training.policy import Cadence, EarlyStopping, lr_of, on_recompile, refuse_non_finite
+from .. import stop
+from ..errors import TrnftError
+from ..pipeline import checkpoints
+from ..pipeline.stages import StageContext
+from .policy import Cadence, EarlyStopping, lr_of, on_recompile, refuse_non_finite
 
 
 class PolicyTarget(Protocol):

@@ -6,8 +6,8 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import ConfigError
+from ..config.run_config import RunConfig
+from ..errors import ConfigError
 
 ADAPTER = "default"
 
@@ -51,7 +51,7 @@ def check_targets(model: Any, targets: Sequence[str], rank: int | None = None) -
     types = _linear_types()
     for name, module in model.named_modules():
         if isinstance(module, types) and name.rsplit(".", 1)[-1] in targets:
-            side = min(module.weight.shape[-2:])
+            side = min(module.weight.shape[-2:])  # type: ignore[attr-defined]  # Linear or Conv1D
             if rank > side:
                 raise ConfigError(
                     f"lora.r: {rank} is larger than {name.rsplit('.', 1)[-1]}'s smaller side ({side}); a rank above "

@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from trnft.common.config.run_config import TrainSection
-from trnft.common.errors import ConfigError
+from ..config.run_config import TrainSection
+from ..errors import ConfigError
 
 
 def lr_at(step: int, train: TrainSection) -> float:

@@ -25,10 +25,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from trnft.common.config.run_config import RunConfig, TrainSection
-from trnft.common.errors import TrnftError
-from trnft.common.pipeline.figures import Figures
-from trnft.common.training.optim import lr_at
+from ..config.run_config import RunConfig, TrainSection
+from ..errors import TrnftError
+from ..pipeline.figures import Figures
+from .optim import lr_at
 
 
 def lr_of(step: int, train: TrainSection) -> float:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trnft.common.cluster.instances import InstanceType, Layout, instance
-from trnft.common.config.run_config import NeuronSection, RunConfig
-from trnft.common.errors import ConfigError
-from trnft.common.pipeline.backend import StageModules
-from trnft.neuron import launch
-from trnft.neuron.native import torchneuron
+from ...common.cluster.instances import InstanceType, Layout, instance
+from ...common.config.run_config import NeuronSection, RunConfig
+from ...common.errors import ConfigError
+from ...common.pipeline.backend import StageModules
+from .. import launch
+from . import torchneuron
 
 # neuron.* keys native Neuron honours; any other neuron.* key at a non-default value is the XLA path's.
 SHARED_NEURON_KEYS = ("cache_dir", "logical_nc_config")
@@ -46,7 +46,7 @@ def check_settings(cfg: RunConfig) -> None:
     Raises:
         ConfigError: one line naming the key, why, and what to use instead.
     """
-    from trnft.common.training.families import check_fsdp_family
+    from ...common.training.families import check_fsdp_family
 
     check_fsdp_family(cfg.model.name_or_path)
     inst = instance(cfg.cluster.instance_type)
@@ -122,12 +122,12 @@ class NeuronNativeBackend(StageModules):
         return [("neuron.cache_dir", launch.cache_dir(cfg))]
 
     def owns_checkpoint(self, path: Path) -> bool:
-        from trnft.common.fsdp.consolidate import holds_gpu_checkpoints
+        from ...common.fsdp.consolidate import holds_gpu_checkpoints
 
         return holds_gpu_checkpoints(path)
 
     def consolidate_standalone(self, args: Any, log: Any) -> int:
-        from trnft.common.fsdp.consolidate import standalone
+        from ...common.fsdp.consolidate import standalone
 
         return standalone(args, log)
 

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from trnft.common.config.run_config import RunConfig
-from trnft.common.errors import TrnftError
-from trnft.common.fsdp import trainer
-from trnft.common.pipeline.figures import Figures
-from trnft.common.pipeline.platform_stages import COMPILE
-from trnft.common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
-from trnft.neuron import launch
-from trnft.neuron.native import preflight, torchneuron
-from trnft.neuron.native.device import NEURON, cache_dir_of, cached_graphs, device_platform
+from ...common.config.run_config import RunConfig
+from ...common.errors import TrnftError
+from ...common.fsdp import trainer
+from ...common.pipeline.figures import Figures
+from ...common.pipeline.platform_stages import COMPILE
+from ...common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from .. import launch
+from . import preflight, torchneuron
+from .device import NEURON, cache_dir_of, cached_graphs, device_platform
 
 TRIAL_DIR = "compile.trial"
 # How long rank 0 waits for the other ranks to finish the trial before removing it.

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry
 
-from trnft.common.env import has_neuron_device
-from trnft.common.errors import TrnftError
-from trnft.common.fsdp.platform import CPU, DevicePlatform
-from trnft.neuron.native import torchneuron
+from ...common.env import has_neuron_device
+from ...common.errors import TrnftError
+from ...common.fsdp.platform import CPU, DevicePlatform
+from . import torchneuron
 
 
 def runtime_present() -> bool:

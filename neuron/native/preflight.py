@@ -20,8 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from trnft.common.env import has_neuron_device
-from trnft.neuron.native import torchneuron
+from ...common.env import has_neuron_device
+from . import torchneuron
 
 MANIFEST_ENV = "TRNFT_NEURON_NATIVE_MANIFEST"
 # Why each package of the release must be there (AWS's install line for TorchNeuron 2.14).
@@ -113,7 +113,7 @@ def run(manifest: Path | None = None, *, image_only: bool = False) -> list[str]:
 def require() -> None:
     """Run the check before a stage uses the device (compile and train on a Neuron node); the first problem
     stops the stage in one line."""
-    from trnft.common.errors import TrnftError
+    from ...common.errors import TrnftError
 
     problems = run()
     if problems:

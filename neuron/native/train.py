@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from trnft.common.config.run_config import RunConfig
-from trnft.common.fsdp import trainer
-from trnft.common.pipeline.stages import StageResult
-from trnft.neuron import launch
-from trnft.neuron.native import preflight, torchneuron
-from trnft.neuron.native.device import NEURON, NeffCacheWatch, cache_dir_of, device_platform
+from ...common.config.run_config import RunConfig
+from ...common.fsdp import trainer
+from ...common.pipeline.stages import StageResult
+from .. import launch
+from . import preflight, torchneuron
+from .device import NEURON, NeffCacheWatch, cache_dir_of, device_platform
 
 
 def run(cfg: RunConfig, *, force: bool = False, log: Callable[[str], None] = print) -> StageResult:

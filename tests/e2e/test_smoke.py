@@ -39,7 +39,10 @@ def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, pla
     assert again.returncode == 0 and again.stdout.count("already complete") == 6, again.stdout[-2000:]
 
 
-@pytest.mark.parametrize("platform", [TRN1, "gpu"])
+# The chat smoke of the XLA path is extended (beyond CI's budget): the gpu one runs the same conversations.
+@pytest.mark.parametrize(
+    "platform", [pytest.param("neuron", marks=[pytest.mark.trn1, pytest.mark.extended]), "gpu"]
+)
 def test_smoke_on_conversations_trains_on_assistant_turns_and_evaluates_chat_prompts(tmp_path, platform):
     """`trnft smoke --chat`: the bundled conversations (1 to 3 turns, some with a system prompt) rendered with
     the tiny tokenizer's chat template, loss on assistant turns only; evaluate prompts with the template's

@@ -246,7 +246,7 @@ def test_lora_starts_from_train_seed(tmp_path, tiny_llama, flash_tokenized):
     assert all(float(adapters[0][n].abs().max()) < 1e-20 for n in b_names)
 
 
-@pytest.mark.slow  # the LoRA resume above covers the same code path in the default run
+@pytest.mark.extended  # the LoRA resume above covers the same code path in the default run
 def test_full_fine_tuning_resumes_exactly_and_consolidates(tmp_path, tiny_llama, flash_tokenized):
     """lora.enabled=false: optimum-neuron's model shards (shards/) are resumed and consolidated the same way."""
     full = {"lora": {"enabled": False}, "train": {**TRAIN, "learning_rate": 1e-4, "min_lr": 1e-5}}
@@ -497,7 +497,7 @@ def test_two_processes_train_the_adapter_one_process_trains(layout, request, uni
         np.testing.assert_allclose(mine[name].numpy(), theirs[name].numpy(), atol=ADAPTER_ATOL, err_msg=name)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_the_tp2_neuron_trainer_and_the_cpu_xla_trainer_train_the_same_adapter(
     tp2, tiny_llama, flash_tokenized, tmp_path
 ):
@@ -524,7 +524,7 @@ def test_the_tp2_neuron_trainer_and_the_cpu_xla_trainer_train_the_same_adapter(
     print(f"NeuronTrainer tp=2 vs CPU-XLA tp=2: losses {mine} vs {theirs}; adapters differ by <= {worst:.2e}")
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_tp2_sigkill_during_a_save_resumes_exactly_and_force_restarts_on_every_rank(
     tmp_path, tiny_llama, flash_tokenized, tp2
 ):
@@ -552,7 +552,7 @@ def test_tp2_sigkill_during_a_save_resumes_exactly_and_force_restarts_on_every_r
     )
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_sigterm_saves_the_step_in_flight_and_the_rerun_ends_like_the_uninterrupted_run(
     tmp_path, tiny_llama, flash_tokenized, uninterrupted
 ):
@@ -735,7 +735,7 @@ def test_at_tp2_with_sequence_parallelism_every_rank_trains_the_adapter_that_is_
     assert outside <= total // 1000 and worst <= 2 * lr
 
 
-@pytest.mark.slow  # a 4-process NeuronTrainer run (about 4 min on 2 cores)
+@pytest.mark.extended  # a 4-process NeuronTrainer run (about 4 min on 2 cores)
 def test_at_tp4_with_sequence_parallelism_every_rank_trains_the_adapter_that_is_exported(
     tmp_path, tiny_llama, packed_tokenized
 ):
