@@ -28,6 +28,7 @@ Face token is only ever a Secret reference.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -126,16 +127,19 @@ class Placement:
 
 @dataclass
 class Pod:
-    labels: dict[str, str]
+    """A pod as _pod.yaml.j2 writes it for every operator; a field left None is not written (the runtime's
+    node pod has no command, the TrainJob's patch no image)."""
+
+    labels: dict[str, str] | None
     annotations: dict[str, str]
-    image: str
-    image_pull_policy: str
-    command: list[str]
-    env: list[dict[str, Any]]
-    resources: dict[str, dict[str, str]]
+    image: str | None
+    image_pull_policy: str | None
+    command: list[str] | None
+    env: list[dict[str, Any]] | None
+    resources: dict[str, dict[str, str]] | None
     volume_mounts: list[dict[str, Any]]
     volumes: list[dict[str, Any]]
-    node_selector: dict[str, str]
+    node_selector: dict[str, str] | None
     tolerations: list[dict[str, Any]]
     service_account: str | None
     security_context: dict[str, Any] | None = None
@@ -164,7 +168,16 @@ class Document:
     run_policy: dict[str, Any] = field(default_factory=dict)
     pod_failure_policy: dict[str, Any] = field(default_factory=dict)
     config_yaml: str = ""
-    body: dict[str, Any] = field(default_factory=dict)  # a whole document (object.yaml.j2)
+    train_job: trainjob.TrainJobValues | None = None  # trainjob.yaml.j2
+    runtime: trainjob.RuntimeValues | None = None  # clustertrainingruntime.yaml.j2
+
+    def text(self) -> str:
+        """The document as YAML, written by its template."""
+        return _environment().get_template(self.template).render(doc=self)
+
+    def body(self) -> dict[str, Any]:
+        """The document as the API server would read it (parsed from :meth:`text`)."""
+        return yaml.safe_load(self.text())
 
 
 def job_name(cfg: RunConfig, stage: str) -> str:
@@ -443,11 +456,7 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
         volcano = _volcano(cfg, layout.nodes)
         runtime = trainjob.runtime_name(inst.name, volcano)
         annotations["trnft.dev/runtime"] = runtime
-        body = trainjob.trainjob_body(
-            name=name,
-            namespace=cfg.cluster.namespace,
-            labels=labels,
-            annotations=annotations,
+        values = trainjob.trainjob_values(
             runtime=runtime,
             pod=pod,
             nodes=layout.nodes,
@@ -455,12 +464,14 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
             volcano_queue=cfg.cluster.queue if volcano else None,
         )
         return Document(
-            template="object.yaml.j2",
+            template="trainjob.yaml.j2",
             header=header,
             name=name,
             namespace=cfg.cluster.namespace,
             labels=labels,
-            body=body,
+            annotations=annotations,
+            pod=pod,
+            train_job=values,
         )
     return Document(
         template=template_of(cfg, stage),
@@ -513,20 +524,29 @@ def runtime_document(cfg: RunConfig) -> Document:
     name = trainjob.runtime_name(inst.name, volcano)
     placement = Placement(kind=inst.accelerator, instance=inst, devices=inst.neuron_devices or inst.gpus)
     volumes, mounts = _volumes(cfg, _shm_gib(placement))
-    body = trainjob.runtime_body(
-        name=name,
-        accelerator=inst.accelerator,
-        instance_name=inst.name,
+    pod = Pod(
+        labels=None,
+        # Long accelerator jobs must not be consolidated away mid-run.
+        annotations={"karpenter.sh/do-not-disrupt": "true"},
+        container_name=trainjob.NODE,
+        # A default: every TrainJob sets spec.trainer.image (the CRD requires one here).
         image=cfg.cluster.image,
-        node_resources=_resources(cfg, placement),
+        # Trainer v2.3.0 patches no pull policy per TrainJob; images are pinned by digest (trnft jobspec).
+        image_pull_policy="IfNotPresent",
+        command=None,
+        env=None,
+        resources=_resources(cfg, placement),  # a whole node; a TrainJob's resourcesPerNode replaces them
+        volume_mounts=[m for m in mounts if m["name"] == "shm"],
+        volumes=[v for v in volumes if v["name"] == "shm"],
+        node_selector={"node.kubernetes.io/instance-type": inst.name},
         tolerations=[_accelerator_toleration(inst.accelerator)],
-        shm_volume=next(v for v in volumes if v["name"] == "shm"),
-        shm_mount=next(m for m in mounts if m["name"] == "shm"),
-        ipc_lock=inst.efa > 0,
-        volcano=volcano,
+        service_account=None,
+        security_context={"capabilities": {"add": ["IPC_LOCK"]}} if inst.efa else None,  # EFA pins memory
+        restart_policy="Never",  # required with a podFailurePolicy
+        scheduler_name=VOLCANO_SCHEDULER if volcano else None,
     )
     return Document(
-        template="object.yaml.j2",
+        template="clustertrainingruntime.yaml.j2",
         header=(
             f"Kubeflow Trainer v2 runtime of trnft's TrainJobs on {inst.name}"
             + (" (Volcano gang scheduling)" if volcano else "")
@@ -534,8 +554,10 @@ def runtime_document(cfg: RunConfig) -> Document:
         ),
         name=name,
         namespace="",
-        labels=body["metadata"]["labels"],
-        body=body,
+        labels=trainjob.runtime_labels(inst.accelerator),
+        annotations={"trnft.dev/instance-type": inst.name},
+        pod=pod,
+        runtime=trainjob.runtime_values(volcano),
     )
 
 
@@ -546,8 +568,7 @@ def runtime_file(cfg: RunConfig) -> str:
 def render_runtimes(cfg: RunConfig) -> dict[str, str]:
     """File name -> YAML text of the runtime this config's TrainJobs need."""
     check_cluster_config(cfg)
-    doc = runtime_document(cfg)
-    return {runtime_file(cfg): _environment().get_template(doc.template).render(doc=doc)}
+    return {runtime_file(cfg): runtime_document(cfg).text()}
 
 
 def plan(cfg: RunConfig) -> dict[str, Document]:
@@ -589,11 +610,11 @@ def _check_derived_objects(cfg: RunConfig, docs: dict[str, Document]) -> None:
     controllers could never create (trnft.jobspecs.admission): the job would wait forever."""
     if cfg.cluster.operator != "trainjob":
         return
-    runtime = runtime_document(cfg).body
+    runtime = runtime_document(cfg).body()
     for doc in docs.values():
-        if doc.body.get("kind") != "TrainJob":
+        if doc.train_job is None:
             continue
-        for path, message in admission.trainjob_problems(doc.body, runtime):
+        for path, message in admission.trainjob_problems(doc.body(), runtime):
             raise ConfigError(
                 f"run.name / cluster.num_nodes: the {doc.name} TrainJob would never start: {path}: {message}; "
                 f"use a shorter run.name (now {len(cfg.run.name)} characters)"
@@ -634,6 +655,7 @@ def nested(value: Any, indent: int) -> str:
     )
 
 
+@functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("trnft.jobspecs", ""),
@@ -650,8 +672,7 @@ def _environment() -> jinja2.Environment:
 
 def render(cfg: RunConfig) -> dict[str, str]:
     """File name -> YAML text for every document, in apply order."""
-    env = _environment()
-    return {file: env.get_template(doc.template).render(doc=doc) for file, doc in plan(cfg).items()}
+    return {file: doc.text() for file, doc in plan(cfg).items()}
 
 
 RUNTIME_RESOURCE = "clustertrainingruntimes.trainer.kubeflow.org"
@@ -721,7 +742,7 @@ def command(args: Any, log: Callable[[str], None]) -> int:
         problems = k8s_validate.validate_documents(docs)
         if cfg.cluster.operator == "trainjob" and not runtimes:
             # Every TrainJob against the runtime it names, as Trainer's webhook checks its patches.
-            problems += k8s_validate.trainjob_runtime_problems(docs, runtime_document(cfg).body)
+            problems += k8s_validate.trainjob_runtime_problems(docs, runtime_document(cfg).body())
         if problems:
             raise TrnftError(
                 f"rendered specs are invalid ({len(problems)} problem(s)): " + "; ".join(problems)

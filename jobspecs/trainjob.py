@@ -1,4 +1,6 @@
 """Kubeflow Trainer v2 documents: the ClusterTrainingRuntime of an instance type, and the TrainJob of a stage.
+The values are computed here; ``trainjob.yaml.j2`` and ``clustertrainingruntime.yaml.j2`` write the documents,
+with the pod partial every operator's objects share (``_pod.yaml.j2``).
 
 Facts relied on (kubeflow/trainer tag v2.3.0, read from source; pinned in tests/jobspecs/test_trainjob.py):
 
@@ -11,7 +13,7 @@ Facts relied on (kubeflow/trainer tag v2.3.0, read from source; pinned in tests/
 * The torch plugin injects ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``
   (``<trainjob>-node-0-0.<trainjob>``) and ``PET_MASTER_PORT`` (29500) into that container; a TrainJob
   must not set them itself. ``numProcPerNode: auto`` counts only resources named like "gpu", so Trainium
-  TrainJobs always give the number (:func:`trainjob_body`).
+  TrainJobs always give the number (:func:`trainjob_values`).
 * The JobSet's job for ``node`` runs ``numNodes`` pods (parallelism = completions = numNodes, indexed).
 * Webhook rules of runtimePatches: ``manager`` is a domain-prefixed path; every patched replicated job and
   container exists in the runtime; the ``node`` container gets no env through a patch (plugins/jobset).
@@ -36,7 +38,9 @@ restarts make no progress, at ``cluster.backoff_limit``.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..common.exits import FIRST_RETRYABLE
@@ -123,85 +127,39 @@ def jobset_failure_policy() -> dict[str, Any]:
     }
 
 
-def runtime_body(
-    *,
-    name: str,
-    accelerator: str,
-    instance_name: str,
-    image: str,
-    node_resources: dict[str, Any],
-    tolerations: list[dict[str, Any]],
-    shm_volume: dict[str, Any],
-    shm_mount: dict[str, Any],
-    ipc_lock: bool,
-    volcano: bool,
-) -> dict[str, Any]:
-    """A ClusterTrainingRuntime (metadata and spec) for every trnft run on ``instance_name``.
+@dataclass(frozen=True)
+class RuntimeValues:
+    """What clustertrainingruntime.yaml.j2 places besides the node pod (render.Document.pod): a
+    ClusterTrainingRuntime for every trnft run on one instance type.
 
     It holds what is the same for every run on that hardware: the node selector, the accelerator
     toleration, a whole node's resources (a TrainJob's ``resourcesPerNode`` replaces them), /dev/shm, the
     failure policies. What differs per run (volumes, zone, service account, grace period, labels) comes in
-    the TrainJob's runtimePatches.
-    """
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",  # required with a podFailurePolicy
-        "nodeSelector": {"node.kubernetes.io/instance-type": instance_name},
-        "tolerations": tolerations,
-    }
-    if volcano:
-        pod_spec["schedulerName"] = "volcano"
-    container: dict[str, Any] = {
-        "name": NODE,
-        # A default: every TrainJob sets spec.trainer.image (the CRD requires one here).
-        "image": image,
-        # Trainer v2.3.0 patches no pull policy per TrainJob; images are pinned by digest (trnft jobspec).
-        "imagePullPolicy": "IfNotPresent",
-        "resources": node_resources,
-        "volumeMounts": [shm_mount],
-    }
-    if ipc_lock:
-        container["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}  # EFA pins memory
-    pod_spec["containers"] = [container]
-    pod_spec["volumes"] = [shm_volume]
-    spec: dict[str, Any] = {"mlPolicy": {"numNodes": 1, "torch": {}}}
-    if volcano:
-        spec["podGroupPolicy"] = {"volcano": {}}
-    spec["template"] = {
-        "spec": {
-            "failurePolicy": jobset_failure_policy(),
-            "replicatedJobs": [
-                {
-                    "name": NODE,
-                    "replicas": 1,
-                    "template": {
-                        "metadata": {"labels": {ANCESTOR_LABEL: ANCESTOR_TRAINER}},
-                        "spec": {
-                            "backoffLimit": 0,
-                            "podFailurePolicy": child_job_failure_policy(NODE, permanent_exit_codes()),
-                            "template": {
-                                # Long accelerator jobs must not be consolidated away mid-run.
-                                "metadata": {"annotations": {"karpenter.sh/do-not-disrupt": "true"}},
-                                "spec": pod_spec,
-                            },
-                        },
-                    },
-                }
-            ],
-        }
-    }
+    the TrainJob's runtimePatches."""
+
+    ml_policy: dict[str, Any]
+    pod_group_policy: dict[str, Any] | None
+    failure_policy: dict[str, Any] = field(default_factory=jobset_failure_policy)
+    child_backoff_limit: int = 0  # any failed pod fails the child Job; the JobSet policy decides what next
+    child_pod_failure_policy: dict[str, Any] = field(
+        default_factory=lambda: child_job_failure_policy(NODE, permanent_exit_codes())
+    )
+    replicated_job_labels: dict[str, str] = field(default_factory=lambda: {ANCESTOR_LABEL: ANCESTOR_TRAINER})
+    node: str = NODE
+    api_version: str = API_VERSION
+
+
+def runtime_values(volcano: bool) -> RuntimeValues:
+    return RuntimeValues(
+        ml_policy={"numNodes": 1, "torch": {}}, pod_group_policy={"volcano": {}} if volcano else None
+    )
+
+
+def runtime_labels(accelerator: str) -> dict[str, str]:
     return {
-        "apiVersion": API_VERSION,
-        "kind": RUNTIME_KIND,
-        "metadata": {
-            "name": name,
-            "labels": {
-                "trainer.kubeflow.org/framework": "torch",
-                "app.kubernetes.io/name": "trnft",
-                "trnft.dev/accelerator": accelerator,
-            },
-            "annotations": {"trnft.dev/instance-type": instance_name},
-        },
-        "spec": spec,
+        "trainer.kubeflow.org/framework": "torch",
+        "app.kubernetes.io/name": "trnft",
+        "trnft.dev/accelerator": accelerator,
     }
 
 
@@ -209,70 +167,50 @@ def permanent_exit_codes() -> list[int]:
     return list(range(1, FIRST_RETRYABLE))
 
 
-def trainjob_body(
-    *,
-    name: str,
-    namespace: str,
-    labels: dict[str, str],
-    annotations: dict[str, str],
-    runtime: str,
-    pod: Any,
-    nodes: int,
-    nproc_per_node: int,
-    volcano_queue: str | None,
-) -> dict[str, Any]:
-    """A TrainJob for one stage: ``pod`` (a :class:`trnft.jobspecs.render.Pod`) split into what
-    ``spec.trainer`` sets and what the runtime patch adds; the pod's CPU-stage volumes (run storage, run
-    config) are patched in, /dev/shm comes from the runtime."""
-    own_volumes = [v for v in pod.volumes if v["name"] != "shm"]
-    own_mounts = [m for m in pod.volume_mounts if m["name"] != "shm"]
-    pod_spec: dict[str, Any] = {}
-    if pod.service_account:
-        pod_spec["serviceAccountName"] = pod.service_account
-    if pod.termination_grace_seconds:
-        pod_spec["terminationGracePeriodSeconds"] = pod.termination_grace_seconds
+@dataclass(frozen=True)
+class TrainJobValues:
+    """What trainjob.yaml.j2 places besides the stage's pod (render.Document.pod, whose image, command, env
+    and resources go to ``spec.trainer``): the runtime it names and ``patch_pod``, the rest of the pod
+    (labels, annotations, placement, the run's volumes) that the runtime patch adds; /dev/shm comes from the
+    runtime."""
+
+    runtime_ref: dict[str, str]
+    nodes: int
+    nproc_per_node: int
+    patch_pod: Any  # a render.Pod with only what the patch may set
+    jobset_annotations: dict[str, str] | None = None
+    patch_manager: str = PATCH_MANAGER
+    node: str = NODE
+    api_version: str = API_VERSION
+
+
+def trainjob_values(
+    *, runtime: str, pod: Any, nodes: int, nproc_per_node: int, volcano_queue: str | None
+) -> TrainJobValues:
+    """Split ``pod`` (a :class:`trnft.jobspecs.render.Pod`) into what ``spec.trainer`` sets and what the
+    runtime patch adds. The patch repeats the runtime's accelerator toleration (``tolerations`` has no merge
+    key and is replaced whole), adds only node selectors beyond the runtime's instance type, and gives the
+    ``node`` container no env (Trainer's webhook refuses one)."""
     extra_selector = {k: v for k, v in pod.node_selector.items() if k != "node.kubernetes.io/instance-type"}
-    if extra_selector:
-        pod_spec["nodeSelector"] = extra_selector
-    if pod.affinity:
-        pod_spec["affinity"] = pod.affinity
-    # Replaced whole by the patch (no merge key): the runtime's accelerator toleration is repeated here.
-    pod_spec["tolerations"] = pod.tolerations
-    pod_spec["containers"] = [{"name": NODE, "volumeMounts": own_mounts}]
-    pod_spec["volumes"] = own_volumes
-    template: dict[str, Any] = {
-        "spec": {
-            "replicatedJobs": [
-                {
-                    "name": NODE,
-                    "template": {
-                        "spec": {
-                            "template": {
-                                "metadata": {"labels": pod.labels, "annotations": pod.annotations},
-                                "spec": pod_spec,
-                            }
-                        }
-                    },
-                }
-            ]
-        }
-    }
-    if volcano_queue:
-        template = {"metadata": {"annotations": {VOLCANO_QUEUE_ANNOTATION: volcano_queue}}, **template}
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "TrainJob",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations},
-        "spec": {
-            "runtimeRef": {"apiGroup": API_GROUP, "kind": RUNTIME_KIND, "name": runtime},
-            "trainer": {
-                "image": pod.image,
-                "command": pod.command,
-                "env": pod.env,
-                "numNodes": nodes,
-                "numProcPerNode": nproc_per_node,
-                "resourcesPerNode": pod.resources,
-            },
-            "runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": template}}],
-        },
-    }
+    patch = dataclasses.replace(
+        pod,
+        container_name=NODE,
+        image=None,
+        image_pull_policy=None,
+        command=None,
+        env=None,
+        resources=None,
+        security_context=None,
+        restart_policy=None,
+        scheduler_name=None,
+        node_selector=extra_selector or None,
+        volume_mounts=[m for m in pod.volume_mounts if m["name"] != "shm"],
+        volumes=[v for v in pod.volumes if v["name"] != "shm"],
+    )
+    return TrainJobValues(
+        runtime_ref={"apiGroup": API_GROUP, "kind": RUNTIME_KIND, "name": runtime},
+        nodes=nodes,
+        nproc_per_node=nproc_per_node,
+        patch_pod=patch,
+        jobset_annotations={VOLCANO_QUEUE_ANNOTATION: volcano_queue} if volcano_queue else None,
+    )

@@ -70,7 +70,7 @@ def _rendered(example: str, nodes: int, extra: list[str] = ()) -> tuple[list, di
         overrides.append("cluster.zone=us-west-2a")
     cfg = load_config(EXAMPLES / example, overrides)
     docs = [(name, d) for name, text in render(cfg).items() for d in yaml.safe_load_all(text) if d]
-    return docs, runtime_document(cfg).body
+    return docs, runtime_document(cfg).body()
 
 
 @pytest.mark.parametrize("nodes", [1, 2, MAX_NODES])

@@ -26,7 +26,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def _runtime(example: str = "llama31_8b_lora_trn1.yaml") -> tuple[dict, dict]:
     """(the child Job spec, the JobSet failure policy) of a 2-node runtime, as rendered."""
     cfg = load_config(EXAMPLES / example, ["cluster.num_nodes=2", "cluster.zone=us-west-2a"])
-    body = yaml.safe_load(yaml.safe_dump(runtime_document(cfg).body))
+    body = yaml.safe_load(yaml.safe_dump(runtime_document(cfg).body()))
     jobset = body["spec"]["template"]["spec"]
     return jobset["replicatedJobs"][0]["template"]["spec"], jobset["failurePolicy"]
 

@@ -33,7 +33,7 @@ def _render(overrides: list[str]) -> tuple[dict, dict]:
     """(stage file -> document, the runtime) for the trn1 example with ``overrides``."""
     cfg = load_config(TRN1, overrides)
     docs = {name: yaml.safe_load(text) for name, text in render(cfg).items()}
-    return docs, runtime_document(cfg).body
+    return docs, runtime_document(cfg).body()
 
 
 def test_the_shipped_crds_are_the_upstream_v2_3_0_files():
@@ -277,12 +277,76 @@ def test_the_runtime_is_the_same_for_every_run_on_an_instance_type():
     runtime, so two runs on the same hardware share one runtime."""
     a = runtime_document(
         load_config(TRN1, ["run.name=a", "cluster.zone=us-west-2a", "cluster.stop_grace_seconds=900"])
-    ).body
+    ).body()
     b = runtime_document(
         load_config(TRN1, ["run.name=b", "cluster.service_account=x", "cluster.storage.claim_name=other"])
-    ).body
+    ).body()
     assert a == b and a["metadata"]["name"] == trainjob.runtime_name("trn1.32xlarge", volcano=False)
     files = render_runtimes(
         load_config(TRN1, ["cluster.num_nodes=2", "cluster.gang_scheduler=volcano", "cluster.queue=q"])
     )
     assert list(files) == ["runtime-trnft-trn1-32xlarge-volcano.yaml"]
+
+
+def test_one_change_to_the_pod_partial_reaches_every_operators_pods(tmp_path, monkeypatch):
+    """Every spec is written by a template sharing _pod.yaml.j2: a platform team that adds an annotation
+    there once sees it on the Jobs, both PyTorchJob replicas, the TrainJob's patched pod and the runtime's."""
+    import shutil
+
+    import jinja2
+
+    from trnft.jobspecs import render as render_module
+
+    folder = tmp_path / "templates"
+    shutil.copytree(
+        Path(render_module.__file__).parent, folder, ignore=shutil.ignore_patterns("*.py", "crds")
+    )
+    partial = folder / "_pod.yaml.j2"
+    text = partial.read_text()
+    marker = "annotations:{{ pod.annotations | nested(2) }}"
+    assert text.count(marker) == 1
+    partial.write_text(text.replace(marker, marker + "\n  example.com/sidecar: injected", 1))
+    environment = render_module._environment()
+    changed = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(folder), undefined=jinja2.StrictUndefined, autoescape=False,
+        keep_trailing_newline=True,
+    )  # fmt: skip
+    changed.filters.update(environment.filters)
+    monkeypatch.setattr(render_module, "_environment", lambda: changed)
+
+    def pod_annotations(doc: dict) -> list[dict]:
+        if doc["kind"] == "Job":
+            return [doc["spec"]["template"]["metadata"]["annotations"]]
+        if doc["kind"] == "PyTorchJob":
+            return [
+                r["template"]["metadata"]["annotations"] for r in doc["spec"]["pytorchReplicaSpecs"].values()
+            ]
+        if doc["kind"] == "TrainJob":
+            template = doc["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
+            return [
+                template["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["metadata"][
+                    "annotations"
+                ]
+            ]
+        assert doc["kind"] == "ClusterTrainingRuntime"
+        return [
+            doc["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["metadata"][
+                "annotations"
+            ]
+        ]
+
+    seen = set()
+    for overrides in (
+        ["cluster.num_nodes=2", "cluster.zone=us-west-2a"],
+        ["cluster.num_nodes=2", "cluster.zone=us-west-2a", "cluster.operator=pytorchjob"],
+    ):
+        cfg = load_config(TRN1, overrides)
+        texts = [
+            *render(cfg).values(),
+            *(render_runtimes(cfg).values() if "pytorchjob" not in overrides[-1] else []),
+        ]
+        for doc in (d for text in texts for d in yaml.safe_load_all(text) if d and d["kind"] != "ConfigMap"):
+            for found in pod_annotations(doc):
+                assert found.get("example.com/sidecar") == "injected", doc["kind"]
+            seen.add(doc["kind"])
+    assert seen == {"Job", "PyTorchJob", "TrainJob", "ClusterTrainingRuntime"}
