@@ -39,8 +39,7 @@ from ..common.training.data import (
     summed_token_loss,
 )
 from ..common.training.lora import ADAPTER, apply_lora, seed_lora_a, tie_lora_a
-from ..common.training.optim import global_batch, wants_decay
-from ..common.training.policy import lr_of
+from ..common.training.optim import global_batch, lr_at, wants_decay
 from . import fused_groups, nxd_format
 from .parallel_layout import (
     NeuronLayout,
@@ -327,7 +326,7 @@ class XlaTrainer:
         idx = batch_indices(step, self.global_batch, len(self.split), train.seed)
         tokens = int((np.asarray(self.split.segment_ids[idx]) != 0).sum())
         supervised = max(1, self.split.supervised_tokens(idx))
-        lr = lr_of(step, train)
+        lr = lr_at(step, train)
         bc1 = 1.0 - train.adam_beta1 ** (step + 1)
         bc2 = 1.0 - train.adam_beta2 ** (step + 1)
         # One transfer of everything that changes per step (scalars 0 and 1 would be folded into constants).

@@ -24,7 +24,8 @@ from .. import stop
 from ..errors import TrnftError
 from ..pipeline import checkpoints
 from ..pipeline.stages import StageContext
-from .policy import Cadence, EarlyStopping, lr_of, on_recompile, refuse_non_finite
+from .optim import lr_at
+from .policy import Cadence, EarlyStopping, on_recompile, refuse_non_finite
 
 
 class PolicyTarget(Protocol):
@@ -85,7 +86,7 @@ class PolicyCallback(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
         step = pl_module.step_count
         for group in optimizer.param_groups:
-            group["lr"] = lr_of(step, self.train)
+            group["lr"] = lr_at(step, self.train)
         try:
             refuse_non_finite(step + 1, pl_module.step_loss, pl_module.step_grad_norm)
         except TrnftError:
@@ -114,7 +115,7 @@ class PolicyCallback(L.Callback):
             record.seconds += time.perf_counter() - self._started
         checkpoints.fault_point("step", step)
         self._watch_graphs(step, pl_module)
-        lr = lr_of(step - 1, self.train)
+        lr = lr_at(step - 1, self.train)
         if pl_module.is_main and self.cadence.logs(step, record.start + 1):
             self.ctx.log(
                 f"train: step {step}/{self.train.max_steps} loss {pl_module.step_loss:.4f} lr {lr:.2e} "

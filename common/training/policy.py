@@ -4,9 +4,9 @@ Three loops train models in trnft (the Lightning FSDP2 trainer of the ``gpu`` an
 platforms, the CPU-XLA trainer and optimum-neuron's ``NeuronTrainer`` subclass). None of them keeps its
 own copy of these rules:
 
-- :func:`lr_factor` / :func:`lr_of`: the learning rate of optimizer step ``s`` (0-based) as a factor of
-  ``train.learning_rate`` (what ``LambdaLR`` wants) and as a value; warmup + cosine of
-  :func:`trnft.common.training.optim.lr_at`.
+- :func:`lr_factor`: the learning rate of optimizer step ``s`` (0-based) as a factor of
+  ``train.learning_rate`` (what ``LambdaLR`` wants); the value itself is
+  :func:`trnft.common.training.optim.lr_at` (warmup + cosine), which every trainer calls.
 - :func:`refuse_non_finite`: called at **every** optimizer step, before the update, with the step's loss
   and gradient norm; raises one line naming the step, so a non-finite state is never applied or saved.
 - :class:`Cadence`: which steps log, validate and save (the last step always logs and saves; the first
@@ -29,11 +29,6 @@ from ..config.run_config import RunConfig, TrainSection
 from ..errors import TrnftError
 from ..pipeline.figures import Figures
 from .optim import lr_at
-
-
-def lr_of(step: int, train: TrainSection) -> float:
-    """Learning rate of optimizer step ``step`` (0-based)."""
-    return lr_at(step, train)
 
 
 def lr_factor(step: int, train: TrainSection) -> float:

@@ -11,15 +11,14 @@ from trnft.common.config.run_config import TrainSection
 from trnft.common.errors import TrnftError
 from trnft.common.training.lightning_policy import PolicyCallback, RunRecord
 from trnft.common.training.optim import lr_at
-from trnft.common.training.policy import Cadence, EarlyStopping, lr_factor, lr_of, refuse_non_finite
+from trnft.common.training.policy import Cadence, EarlyStopping, lr_factor, refuse_non_finite
 
 
 def test_one_schedule_as_value_and_as_factor():
     train = TrainSection(learning_rate=2e-4, min_lr=2e-5, warmup_steps=4, max_steps=20)
     for step in range(20):
-        assert lr_of(step, train) == lr_at(step, train)
         assert lr_factor(step, train) * train.learning_rate == pytest.approx(lr_at(step, train), rel=1e-12)
-    assert lr_of(0, train) == pytest.approx(5e-5) and lr_of(19, train) > train.min_lr
+    assert lr_at(0, train) == pytest.approx(5e-5) and lr_at(19, train) > train.min_lr
 
 
 @pytest.mark.parametrize(
