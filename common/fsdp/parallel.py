@@ -168,7 +168,8 @@ def check_world(size: int, tp: int) -> None:
     """Refuse a ``gpu.tp`` that does not divide the number of training processes."""
     if size % tp:
         raise ConfigError(
-            f"gpu.tp: {tp} does not divide the {size} training processes; use a divisor of {size}"
+            f"gpu.tp: {tp} does not divide the {size} training processes; use a divisor of {size} "
+            "or set gpu.devices"
         )
 
 

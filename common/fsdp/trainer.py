@@ -274,11 +274,7 @@ def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int, platform: Devic
     """Refuse what cannot work before any weights load: layout, batch, targets, vocabulary, validation."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if world % cfg.gpu.tp:
-        raise ConfigError(
-            f"gpu.tp: {cfg.gpu.tp} does not divide the {world} training processes; use a divisor of {world} "
-            "or set gpu.devices"
-        )
+    parallel.check_world(world, cfg.gpu.tp)
     global_batch(cfg.train, world // cfg.gpu.tp)
     parallel.replica_groups(cfg.gpu.replicate, lora=cfg.lora.enabled, dp=world // cfg.gpu.tp, nodes=_nodes())
     try:
