@@ -224,7 +224,7 @@ def render(
         raise BadConversation(f"the chat template failed to render it ({reason})") from exc
 
     scaffolds, slots = _align(skeleton, full, messages)
-    written = {}
+    written: dict[int, list[int]] = {}
     for j, (k, _, _) in enumerate(slots):
         written.setdefault(k, []).append(j)
     for k in with_text:

@@ -92,7 +92,7 @@ def install_cooperative() -> None:
 
 def install_cooperative_keeping() -> dict[int, Any]:
     """:func:`install_cooperative`, returning the handlers it replaced (for :func:`restore`)."""
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     reset()
     install_cooperative()
     return previous

@@ -993,7 +993,7 @@ def _body(ctx: StageContext) -> StageOutcome:
                 )
                 + f"); {split.dropped_no_supervised} left with no supervised token were dropped"
             )
-    template = {
+    template: dict[str, Any] = {
         "input_template": d.input_template,
         "output_template": d.output_template,
         "field_mapping": d.field_mapping,

@@ -272,13 +272,13 @@ def _env(cfg: RunConfig, stage: str, extra: dict[str, str]) -> list[dict[str, An
 
 
 def _volumes(cfg: RunConfig, shm_gib: int) -> tuple[list[dict], list[dict]]:
-    volumes = [
+    volumes: list[dict[str, Any]] = [
         {"name": "run-storage", "persistentVolumeClaim": {"claimName": cfg.cluster.storage.claim_name}},
         {"name": "run-config", "configMap": {"name": f"{cfg.run.name}-config"}},
         # A pod's /dev/shm is 64 MiB by default; DataLoader workers and collectives need more.
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},
     ]
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "run-storage", "mountPath": cfg.cluster.storage.mount_path},
         {"name": "run-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "shm", "mountPath": "/dev/shm"},
@@ -387,7 +387,8 @@ def _same_zone_affinity(cfg: RunConfig, stage: str) -> dict[str, Any]:
 
 def _queue_labels(cfg: RunConfig) -> dict[str, str]:
     """Kueue admits a job, all its pods at once, from the LocalQueue named by this label."""
-    return {KUEUE_QUEUE_LABEL: cfg.cluster.queue} if cfg.cluster.gang_scheduler == "kueue" else {}
+    queue = cfg.cluster.queue
+    return {KUEUE_QUEUE_LABEL: queue} if cfg.cluster.gang_scheduler == "kueue" and queue else {}
 
 
 def _volcano(cfg: RunConfig, nodes: int) -> bool:
@@ -447,7 +448,7 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
     )
     pod.termination_grace_seconds = cfg.cluster.stop_grace_seconds + STOP_MARGIN_S
     header = f"trnft {stage} for run {cfg.run.name}: {layout.describe()} on {inst.name}"
-    labels = {**pod.labels, **_queue_labels(cfg)}
+    labels = {**(pod.labels or {}), **_queue_labels(cfg)}
     annotations = {
         "trnft.dev/world-size": str(layout.world),
         "trnft.dev/parallel": f"tp={layout.tp},pp={layout.pp},dp={layout.dp}",
@@ -494,7 +495,7 @@ def _job_document(cfg: RunConfig, stage: str, placement: Placement, image: str, 
         header=header,
         name=job_name(cfg, stage),
         namespace=cfg.cluster.namespace,
-        labels={**pod.labels, **_queue_labels(cfg)},
+        labels={**(pod.labels or {}), **_queue_labels(cfg)},
         pod=pod,
         backoff_limit=cfg.cluster.backoff_limit,
         pod_failure_policy=pod_failure_policy(),

@@ -130,7 +130,7 @@ class NeuronLayout:
 
     def fused_modules(self) -> dict[str, tuple[str, ...]]:
         """Fused projection -> Hugging Face projections, at this layout."""
-        fused = {"gate_up_proj": GATE_UP}
+        fused: dict[str, tuple[str, ...]] = {"gate_up_proj": GATE_UP}
         if self.attention in ("gqa", "fused_mha"):
             fused["qkv_proj"] = QKV
         return fused
@@ -283,7 +283,7 @@ def _kind(proj: str) -> str | None:
 # path splits them (common/training/tensor_parallel.py); NxD adds its vocabulary-parallel embedding. The CPU-XLA trainer's sharding, the
 # checkpoint writer and its metadata all read it; fused layers (gate_up, qkv) and GQA add their own rules.
 PARTITION_TABLE: dict[str, dict[str, int | None]] = {
-    **DECODER_SPLITS,
+    **DECODER_SPLITS,  # type: ignore[dict-item]  # its keys are the Literal "column" / "row"
     "embedding": {"weight": 0, "lora_embedding_A": None, "lora_embedding_B": None},
 }
 

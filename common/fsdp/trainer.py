@@ -561,7 +561,7 @@ class ShardedCausalLM(L.LightningModule):
         return sum(p.numel() for p in self.trainable)  # DTensor.numel() is the whole tensor's
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        optimizer = self.optimizers()
+        optimizer: Any = self.optimizers()  # one optimizer here (Lightning's type also allows a list)
         return getattr(optimizer, "optimizer", optimizer)  # the LightningOptimizer's wrapped optimizer
 
     # -- one optimizer step -------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def wants_decay(name: str, ndim: int) -> bool:
 
 def decay_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW parameter groups (with and without weight decay); empty groups are left out."""
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, param in named_params:
         if not param.requires_grad:
             continue
