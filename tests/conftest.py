@@ -44,7 +44,8 @@ def pytest_collection_modifyitems(config, items):
     """Hardware skips, and the split between the two dependency lines.
 
     On the current line, ``trn1`` tests are skipped (tests/trn1_line.sh runs them in the trn1
-    environment); on the trn1 line, only ``trn1`` and ``both_lines`` tests are selected.
+    environment); on the trn1 line, only ``trn1`` and ``both_lines`` tests are selected. ``extended`` tests
+    run only when the -m expression names them.
     """
     from trnft.common.env import has_neuron_device
 
@@ -52,13 +53,20 @@ def pytest_collection_modifyitems(config, items):
     skip_trn = pytest.mark.skip(reason="needs a Neuron device and the Neuron SDK")
     skip_trn1 = pytest.mark.skip(reason="the trn1 line's test: tests/trn1_line.sh runs it in .venv-trn1")
     on_this_line, elsewhere = [], []
+    # `extended` runs also carry `slow` (a module's or a function's mark): only a -m naming extended runs them.
+    wants_extended = "extended" in (config.getoption("markexpr") or "")
     for item in items:
+        if item.get_closest_marker("extended") is not None and not wants_extended:
+            elsewhere.append(item)
+            continue
         trn1_only = item.get_closest_marker("trn1") is not None or _writes_xser(item)
         if TRN1_LINE_ENV:
             both = item.get_closest_marker("both_lines") is not None
             (on_this_line if trn1_only or both else elsewhere).append(item)
-        elif trn1_only:
+            continue
+        if trn1_only:
             item.add_marker(skip_trn1)
+        on_this_line.append(item)
     if elsewhere:
         config.hook.pytest_deselected(items=elsewhere)
         items[:] = on_this_line
