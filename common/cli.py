@@ -135,6 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("torchrun_args", nargs=argparse.REMAINDER, metavar="TORCHRUN_ARGS")
 
     p = sub.add_parser(
+        "ray",
+        help="Run compile or train as Ray Train workers (what a RayJob's entrypoint runs).",
+        description="Start a Ray Train TorchTrainer on the Ray cluster at RAY_ADDRESS (a local one without it) "
+        "whose workers run `trnft STAGE` as torchrun's processes would; Ray restarts them up to "
+        "cluster.backoff_limit times for a retryable failure, never for a permanent one (exit 1-127).",
+    )
+    p.add_argument("stage", choices=("compile", "train"))
+    p.add_argument("--config", required=True, help="Run config YAML.")
+    p.add_argument("--workers", type=int, default=None, help="Ranks (default: gpu.devices, else 1).")
+    p.add_argument(
+        "--per-worker",
+        action="append",
+        metavar="RESOURCE=N",
+        help="Ray resources of one worker, e.g. GPU=1 or neuron_cores=2 (repeatable; default CPU=1).",
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=None, help="Ray's retry budget (default: cluster.backoff_limit)."
+    )
+    p.add_argument("--force", action="store_true", help="Redo the stage even if it is complete.")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="Config overrides.")
+
+    p = sub.add_parser(
         "smoke",
         help="Run the whole pipeline locally on a bundled tiny model and dataset.",
         description="Build a tiny Llama and tokenizer, then run every stage on CPU with the bundled data.",
@@ -211,6 +233,21 @@ def _torchrun_command(args: argparse.Namespace, log: Callable[[str], None]) -> i
     return run_torchrun(args.torchrun_args)
 
 
+def _ray_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from .cluster import ray_train
+
+    cfg = load_config(args.config, args.overrides)
+    return ray_train.run(
+        args.stage,
+        cfg,
+        workers=args.workers or cfg.gpu.devices or 1,
+        per_worker=ray_train.parse_resources(args.per_worker),
+        max_failures=args.max_failures,
+        force=args.force,
+        log=log,
+    )
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
@@ -236,6 +273,7 @@ COMMANDS: dict[str, Command] = {
     "jobspec": _jobspec_command,
     "smoke": _smoke_command,
     "torchrun": _torchrun_command,
+    "ray": _ray_command,
     "submit": _submit_command,
     "wait": _wait_command,
 }

@@ -851,15 +851,23 @@ def train(
     started = _Started(ctx, module, record)
     trainer = _lightning_trainer(cfg, platform, world_size, local_size, [started, policy], _loggers(ctx))
     t0 = time.perf_counter()
+    finished = False
     try:
         with _quiet_about_the_step_dataset():
             trainer.fit(module)
         if record.stopped_by:
             raise stop.Stopped(record.stopped_by, f"{record.saved[-1]} saved; the rerun resumes there")
         wall = time.perf_counter() - t0
-        return _report(ctx, module, record, wall)
+        outcome = _report(ctx, module, record, wall)
+        finished = True
+        return outcome
     finally:
         if dist.is_initialized():
+            if finished:
+                # Every rank leaves the group together: on torch 2.14 a gloo rank that tears its group down
+                # while a peer is still reporting can abort at exit ("terminate called without an active
+                # exception", seen with one thread per rank). After a failure a peer may never arrive.
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -216,7 +216,8 @@ def fault_point(where: str, step: int | str) -> None:
     ``TRNFT_FAULT_RANK`` when set (the others must learn of it from that rank), else to every rank;
     ``stall-during-<where>:<step>`` sleeps there for ``TRNFT_FAULT_STALL_S`` seconds (default a minute; a test
     then signals the process or races another one). Standalone commands call it as ``output:staged`` once
-    they hold their output's lock.
+    they hold their output's lock. With ``TRNFT_FAULT_ONCE=<file>`` a kill or term fires only for the process
+    that creates that file (a restarted worker, which inherits the environment, then runs through).
     """
     fault = os.environ.get("TRNFT_FAULT", "")
     if fault == f"stall-during-{where}:{step}":
@@ -229,6 +230,12 @@ def fault_point(where: str, step: int | str) -> None:
     only = os.environ.get("TRNFT_FAULT_RANK")
     if only is not None and os.environ.get("RANK", "0") != only:
         return
+    once = os.environ.get("TRNFT_FAULT_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL if fault.startswith("kill-") else signal.SIGTERM)
