@@ -74,6 +74,7 @@ RESOURCES = {
     "Job": "jobs.batch",
     "PyTorchJob": "pytorchjobs.kubeflow.org",
     "TrainJob": "trainjobs.trainer.kubeflow.org",
+    "RayJob": "rayjobs.ray.io",
 }
 JOBSET_RESOURCE = "jobsets.jobset.x-k8s.io"
 WORKLOAD_RESOURCE = "workloads.kueue.x-k8s.io"
@@ -120,7 +121,7 @@ class JobState:
 
 
 def read_job_ref(file: Path) -> tuple[JobRef | None, list[dict[str, Any]]]:
-    """The Job, PyTorchJob or TrainJob a rendered spec file holds (None for the ConfigMap file), and its documents."""
+    """The Job, PyTorchJob, TrainJob or RayJob a rendered spec file holds (None for the ConfigMap file), and its documents."""
     if not file.is_file():
         raise TrnftError(f"{file}: no such spec file; render the specs with `trnft jobspec` first")
     try:
@@ -214,7 +215,60 @@ def job_state(obj: dict[str, Any]) -> JobState:
         if active:
             return JobState("running", f"{active} child job(s) active, pods starting")
         return JobState("waiting", "created, pods not running yet (scheduling or pulling the image)")
-    raise TrnftError(f"{obj.get('kind')!r} is not a Job, PyTorchJob or TrainJob")
+    if kind == "RayJob":
+        return _rayjob_state(obj)
+    raise TrnftError(f"{obj.get('kind')!r} is not a Job, PyTorchJob, TrainJob or RayJob")
+
+
+# KubeRay v1.7.0's failure reasons (rayjob_types.go JobFailedReason), in words a user can act on.
+RAYJOB_FAILURES = {
+    "SubmissionFailed": "the submitter could not run the entrypoint on the Ray cluster",
+    "DeadlineExceeded": "spec.activeDeadlineSeconds passed",
+    "PreRunningDeadlineExceeded": "spec.preRunningDeadlineSeconds passed before the Ray job ran",
+    "AppFailed": "the entrypoint (trnft ray) failed",
+    "ValidationFailed": "KubeRay refused the spec",
+    "JobStatusCheckTimeoutExceeded": "KubeRay could not read the Ray job's status for too long",
+    "JobDeploymentStatusTransitionGracePeriodExceeded": "the Ray job ended but the RayJob never finished",
+}
+
+
+def _rayjob_state(obj: dict[str, Any]) -> JobState:
+    """A KubeRay RayJob: ``jobDeploymentStatus`` (the RayJob), ``jobStatus`` (the Ray job), ``reason`` and
+    ``message`` (rayjob_types.go, v1.7.0)."""
+    status = obj.get("status") or {}
+    deployment, ray_job = status.get("jobDeploymentStatus") or "", status.get("jobStatus") or ""
+    message = (status.get("message") or "").strip()
+    last_line = message.splitlines()[-1] if message else ""
+    if deployment in ("Failed", "ValidationFailed") or (deployment == "Complete" and ray_job != "SUCCEEDED"):
+        reason = status.get("reason") or ("AppFailed" if ray_job in ("FAILED", "STOPPED") else "")
+        what = RAYJOB_FAILURES.get(reason, "failed")
+        detail = f"{reason or deployment}: {what}" + (f": {last_line}" if last_line else "")
+        return JobState("failed", detail, never_started=deployment == "ValidationFailed")
+    if deployment == "Complete":
+        return JobState("succeeded", f"complete at {status.get('endTime', '?')}")
+    if deployment in ("Suspended", "Suspending") or (obj.get("spec") or {}).get("suspend"):
+        return JobState("waiting", "suspended (waiting for admission, e.g. by Kueue)", never_started=True)
+    cluster = status.get("rayClusterStatus") or {}
+    ready, desired = (
+        int(cluster.get("readyWorkerReplicas") or 0),
+        int(cluster.get("desiredWorkerReplicas") or 0),
+    )
+    if deployment == "Retrying":
+        return JobState(
+            "running", f"retrying the whole RayJob on a new cluster ({last_line or 'after a failure'})"
+        )
+    if deployment == "Running":
+        if ray_job == "RUNNING":
+            return JobState("running", f"Ray job running on {ready} of {desired} worker pod(s)")
+        return JobState(
+            "running", f"Ray cluster ready, Ray job {ray_job or 'not yet'} submitted (submitter starting)"
+        )
+    if deployment == "Initializing":
+        return JobState(
+            "waiting",
+            f"Ray cluster not ready: {ready} of {desired} worker pod(s) ready (scheduling or pulling the image)",
+        )
+    return JobState("waiting", "created, not yet picked up by the KubeRay operator", never_started=True)
 
 
 class KubectlError(TrnftError):
@@ -392,6 +446,8 @@ POD_SELECTORS = {
     "PyTorchJob": "training.kubeflow.org/job-name",
     # The JobSet a TrainJob runs on has the TrainJob's name and labels every pod with it.
     "TrainJob": "jobset.sigs.k8s.io/jobset-name",
+    # The submitter Job KubeRay names as the RayJob; its pod prints the driver's log, the workers' included.
+    "RayJob": "batch.kubernetes.io/job-name",
 }
 
 
@@ -424,7 +480,7 @@ def _hints(ref: JobRef, pod: str | None = None) -> str:
     # TrainJob's pod names end in a random suffix, so by label, each line prefixed with its pod.
     if pod:
         logs = pod
-    elif ref.kind == "Job":
+    elif ref.kind in ("Job", "RayJob"):
         logs = f"job/{ref.name}"
     elif ref.kind == "TrainJob":
         logs = f"-l {POD_SELECTORS['TrainJob']}={ref.name} --prefix"
@@ -496,7 +552,8 @@ def wait(
             pod = failed_pod(ref, kubectl)
             named = f"pod {pod} failed; " if pod else ""
             log(
-                f"{ref}: failed; {named}{_hints(ref, pod)}; fix the cause, then `trnft submit {ref.file}` reruns it"
+                f"{ref}: failed ({state.detail}); {named}{_hints(ref, pod)}; fix the cause, then "
+                f"`trnft submit {ref.file}` reruns it"
             )
             return EXIT_FAILED
         remaining = deadline - clock()
@@ -586,7 +643,7 @@ def wait_command(args: Any, log: Callable[[str], None]) -> int:
     file = Path(args.file)
     ref, _ = read_job_ref(file)
     if ref is None:
-        raise TrnftError(f"{file}: holds no Job, PyTorchJob or TrainJob to wait for")
+        raise TrnftError(f"{file}: holds no Job, PyTorchJob, TrainJob or RayJob to wait for")
     timeout_s = parse_duration(args.timeout, "--timeout")
     interval_s = parse_duration(args.interval, "--interval")
     kubectl = kubectl_until(time.monotonic() + timeout_s)

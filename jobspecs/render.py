@@ -43,7 +43,7 @@ import jinja2
 import yaml
 
 from ..common import stop
-from ..common.cluster import launch
+from ..common.cluster import launch, ray_train
 from ..common.cluster.instances import (
     DEVICE_RESOURCES,
     EFA_RESOURCE,
@@ -64,7 +64,7 @@ from ..common.exits import FIRST_RETRYABLE
 from ..common.pipeline import backend, registry
 from ..common.pipeline.atomic import swap_into_place
 from ..common.pipeline.registry import JOB_TEMPLATE
-from . import admission, trainjob
+from . import admission, rayjob, trainjob
 
 CONFIG_DIR = "/config"
 CONFIG_FILE = "00-config.yaml"
@@ -170,6 +170,8 @@ class Document:
     config_yaml: str = ""
     train_job: trainjob.TrainJobValues | None = None  # trainjob.yaml.j2
     runtime: trainjob.RuntimeValues | None = None  # clustertrainingruntime.yaml.j2
+    ray_job: rayjob.RayJobValues | None = None  # rayjob.yaml.j2
+    head_pod: Pod | None = None  # the RayJob's head (the driver), beside its worker group's pod
 
     def text(self) -> str:
         """The document as YAML, written by its template."""
@@ -231,6 +233,22 @@ def check_cluster_config(cfg: RunConfig) -> None:
             f"cluster.num_nodes: {c.num_nodes} nodes need cluster.zone (the zone with your capacity and FSx "
             "volume) or cluster.gang_scheduler: kueue or volcano (all pods placed together, or none)"
         )
+    if c.operator == "rayjob":
+        ray_train.check_platform(cfg)
+        if c.gang_scheduler == "volcano":
+            raise ConfigError(
+                "cluster.gang_scheduler: volcano is not rendered for cluster.operator rayjob (KubeRay's batch "
+                "scheduler is an operator setting); use kueue, which admits a RayJob as a whole"
+            )
+        stages = ["compile", "train"] if backend.of(cfg).compiles_graphs else ["train"]
+        longest = max((job_name(cfg, s) for s in stages), key=len)
+        if len(longest) > rayjob.MAX_RAYJOB_NAME:
+            suffix = len(longest) - len(cfg.run.name)
+            raise ConfigError(
+                f"run.name: the RayJob {longest} has {len(longest)} characters; KubeRay admits at most "
+                f"{rayjob.MAX_RAYJOB_NAME} (its RayCluster adds 6); use a run.name of at most "
+                f"{rayjob.MAX_RAYJOB_NAME - suffix} characters"
+            )
     if c.eval_image and not c.eval_instance_type:
         raise ConfigError(
             "cluster.eval_image: set only with cluster.eval_instance_type (evaluate on GPU nodes)"
@@ -427,6 +445,8 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
     env = backend.of(cfg).launch_env(cfg, inst, layout)
     if efa:
         env.update(launch.efa_env(inst.efa_rdma_read))
+    if cfg.cluster.operator == "rayjob":
+        return _rayjob_document(cfg, stage, layout, inst, placement, env)
     trainer_v2 = cfg.cluster.operator == "trainjob"
     if stage == "train" or cfg.model.platform in COMPILE_UNDER_TORCHRUN:
         # The operator injects MASTER_ADDR/MASTER_PORT (Trainer v2: PET_MASTER_ADDR/PET_MASTER_PORT); kubelet
@@ -485,6 +505,45 @@ def _training_documents(cfg: RunConfig, stage: str, layout: Layout) -> Document:
         nproc_per_node=str(layout.nproc_per_node),
         workers=layout.nodes - 1,
         run_policy=_run_policy(cfg, layout.nodes),
+    )
+
+
+def _rayjob_document(
+    cfg: RunConfig, stage: str, layout: Layout, inst: InstanceType, placement: Placement, env: dict[str, str]
+) -> Document:
+    """compile/train as a KubeRay RayJob: a CPU head running ``trnft ray <stage>`` (the driver) and one
+    worker group of ``layout.nodes`` accelerator pods whose Ray workers are the ranks."""
+    name = job_name(cfg, stage)
+    values = rayjob.rayjob_values(stage, f"{CONFIG_DIR}/run.yaml", inst, layout)
+    # KubeRay writes the Ray containers' command (`ray start`); a command of ours would run before it.
+    pod = _pod(
+        cfg, stage, placement, [], env, restart_policy=None, image=cfg.cluster.image, nodes=layout.nodes
+    )
+    pod.command = None
+    pod.termination_grace_seconds = cfg.cluster.stop_grace_seconds + STOP_MARGIN_S
+    head = _pod(
+        cfg,
+        stage,
+        Placement(kind="cpu", instance=None),
+        [],
+        env,
+        restart_policy=None,
+        image=cfg.cluster.image,
+    )
+    head.command = None
+    return Document(
+        template="rayjob.yaml.j2",
+        header=f"trnft {stage} for run {cfg.run.name} under Ray Train: {layout.describe()} on {inst.name}",
+        name=name,
+        namespace=cfg.cluster.namespace,
+        labels={**(pod.labels or {}), **_queue_labels(cfg)},
+        annotations={
+            "trnft.dev/world-size": str(layout.world),
+            "trnft.dev/parallel": f"tp={layout.tp},pp={layout.pp},dp={layout.dp}",
+        },
+        pod=pod,
+        head_pod=head,
+        ray_job=values,
     )
 
 

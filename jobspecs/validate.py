@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..common.exits import FIRST_RETRYABLE
-from . import admission, trainjob
+from . import admission, rayjob, trainjob
 
 K8S_VERSION = "v1.33.0"
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -233,6 +233,25 @@ def trainer_crd(kind: str) -> dict[str, Any]:
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
+RAY_CRD_FILE = "ray.io_rayjobs.yaml.gz"
+RAY_API_VERSION = "ray.io/v1"
+
+
+def ray_crd() -> dict[str, Any]:
+    """KubeRay v1.7.0's RayJob CRD, shipped gzipped in ``jobspecs/crds``."""
+    import gzip
+
+    text = gzip.decompress((TRAINER_CRD_DIR / RAY_CRD_FILE).read_bytes()).decode()
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@functools.cache
+def _ray_validator() -> Any:
+    from jsonschema import Draft7Validator
+
+    return Draft7Validator(crd_to_schema(ray_crd(), "v1"))
+
+
 @functools.cache
 def _trainer_validator(kind: str) -> Any:
     from jsonschema import Draft7Validator
@@ -264,6 +283,14 @@ def _pod_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
                 ((spec.get("template") or {}).get("spec") or {}).get("replicatedJobs") or []
             )
         ]
+    if kind == "RayJob":
+        cluster = spec.get("rayClusterSpec") or {}
+        out = [
+            ("spec.rayClusterSpec.headGroupSpec.template.spec", _template_spec(cluster.get("headGroupSpec")))
+        ]
+        for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
+            out.append((f"spec.rayClusterSpec.workerGroupSpecs.{i}.template.spec", _template_spec(group)))
+        return out
     if kind == "PyTorchJob":
         out = []
         for rtype, replica in (spec.get("pytorchReplicaSpecs") or {}).items():
@@ -275,6 +302,10 @@ def _pod_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             )
         return out
     return []
+
+
+def _template_spec(holder: Any) -> dict[str, Any]:
+    return ((holder or {}).get("template") or {}).get("spec") or {}
 
 
 def _flag(command: list[str], name: str) -> str | None:
@@ -336,6 +367,8 @@ def rule_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
         problems += _trainjob_problems(doc)
     if kind == "ClusterTrainingRuntime":
         problems += _runtime_problems(doc)
+    if kind == "RayJob":
+        problems += rayjob.rayjob_problems(doc)
 
     for path, pod in _pod_specs(doc):
         containers = pod.get("containers") or []
@@ -734,6 +767,12 @@ def document_problems(doc: Any, crd_path: str | None = None) -> list[tuple[str, 
                 )
             ]
         validator = _trainer_validator(doc["kind"])
+    elif doc.get("kind") == "RayJob":
+        if doc.get("apiVersion") != RAY_API_VERSION:
+            return [
+                ("apiVersion", f"no served version {doc.get('apiVersion')!r} of RayJob ({RAY_API_VERSION})")
+            ]
+        validator = _ray_validator()
     elif key in BUILTIN_SCHEMA_FILES:
         validator = _builtin_validator(BUILTIN_SCHEMA_FILES[key])
     else:

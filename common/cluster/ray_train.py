@@ -120,6 +120,42 @@ def _torchrun_variables(address: str, port: int, run_id: str) -> None:
     )
 
 
+NEURON_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
+
+
+def _node_and_neuron_cores() -> tuple[str, str | None]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), os.environ.get(NEURON_CORES_ENV)
+
+
+def _core_ids(value: str) -> list[int]:
+    """``0,1`` or ``0-3`` (the forms the Neuron runtime reads) as core numbers."""
+    ids: list[int] = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        first, _, last = part.partition("-")
+        ids.extend(range(int(first), int(last or first) + 1))
+    return ids
+
+
+def shared_neuron_cores(views: list[tuple[str, str | None]]) -> list[str | None]:
+    """For each worker (node, the NeuronCores Ray gave it), the cores of every worker on its node.
+
+    Ray gives each worker only its own NeuronCores; a torchrun process sees the node's and picks its device
+    by ``LOCAL_RANK``, which is what the trainer does. So each worker sees its node's union, in order (what
+    Ray Train does for GPUs with ``CUDA_VISIBLE_DEVICES``). None where Ray set nothing (no Neuron workers).
+    """
+    union: dict[str, set[int]] = {}
+    for node, cores in views:
+        if cores:
+            union.setdefault(node, set()).update(_core_ids(cores))
+    return [",".join(map(str, sorted(union[node]))) if node in union else None for node, _ in views]
+
+
+def _set_neuron_cores(cores: str) -> None:
+    os.environ[NEURON_CORES_ENV] = cores
+
+
 def _leave_process_group() -> None:
     import torch.distributed as dist
 
@@ -140,6 +176,10 @@ def _backend_classes() -> tuple[type, type]:
         def on_start(self, worker_group: Any, backend_config: Any) -> None:
             address, port = worker_group.execute_single(0, _free_address)
             worker_group.execute(_torchrun_variables, address, port, backend_config.run_id)
+            shared = shared_neuron_cores(worker_group.execute(_node_and_neuron_cores))
+            for index, cores in enumerate(shared):
+                if cores is not None:
+                    worker_group.execute_single(index, _set_neuron_cores, cores)
 
         def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
             worker_group.execute(_leave_process_group)
@@ -225,7 +265,7 @@ def run(
     if started_here:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     try:
-        outcome = ray.remote(num_cpus=0)(Outcome).remote()
+        outcome: Any = ray.remote(num_cpus=0)(Outcome).remote()  # an actor handle
         trainer = TorchTrainer(
             _worker,
             train_loop_config={

@@ -445,10 +445,11 @@ class ClusterSection:
         "first pod lands in, the same for every pod of the job (EFA works only within one zone).",
         pattern=r"^[a-z]{2}(-[a-z0-9]+)+$",
     )
-    operator: Literal["trainjob", "pytorchjob"] = opt(
+    operator: Literal["trainjob", "pytorchjob", "rayjob"] = opt(
         "trainjob",
         "What runs compile and train: trainjob (Kubeflow Trainer v2 TrainJob on the ClusterTrainingRuntime "
-        "`trnft jobspec --runtimes` renders; whole-gang restarts) or pytorchjob (training-operator v1.9).",
+        "`trnft jobspec --runtimes` renders; whole-gang restarts), pytorchjob (training-operator v1.9) or "
+        "rayjob (a KubeRay RayJob running Ray Train; gpu and neuron-native).",
     )
     gang_scheduler: Literal["none", "kueue", "volcano"] = opt(
         "none",

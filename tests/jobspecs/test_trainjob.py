@@ -290,7 +290,8 @@ def test_the_runtime_is_the_same_for_every_run_on_an_instance_type():
 
 def test_one_change_to_the_pod_partial_reaches_every_operators_pods(tmp_path, monkeypatch):
     """Every spec is written by a template sharing _pod.yaml.j2: a platform team that adds an annotation
-    there once sees it on the Jobs, both PyTorchJob replicas, the TrainJob's patched pod and the runtime's."""
+    there once sees it on the Jobs, both PyTorchJob replicas, the TrainJob's patched pod, the runtime's and
+    the RayJob's head and worker pods."""
     import shutil
 
     import jinja2
@@ -328,6 +329,10 @@ def test_one_change_to_the_pod_partial_reaches_every_operators_pods(tmp_path, mo
                     "annotations"
                 ]
             ]
+        if doc["kind"] == "RayJob":
+            cluster = doc["spec"]["rayClusterSpec"]
+            groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+            return [g["template"]["metadata"]["annotations"] for g in groups]
         assert doc["kind"] == "ClusterTrainingRuntime"
         return [
             doc["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["metadata"][
@@ -336,17 +341,21 @@ def test_one_change_to_the_pod_partial_reaches_every_operators_pods(tmp_path, mo
         ]
 
     seen = set()
-    for overrides in (
-        ["cluster.num_nodes=2", "cluster.zone=us-west-2a"],
-        ["cluster.num_nodes=2", "cluster.zone=us-west-2a", "cluster.operator=pytorchjob"],
+    for config, overrides in (
+        (TRN1, ["cluster.num_nodes=2", "cluster.zone=us-west-2a"]),
+        (TRN1, ["cluster.num_nodes=2", "cluster.zone=us-west-2a", "cluster.operator=pytorchjob"]),
+        (
+            EXAMPLES / "llama31_8b_lora_p5.yaml",
+            ["cluster.num_nodes=2", "cluster.zone=us-west-2a", "cluster.operator=rayjob"],
+        ),
     ):
-        cfg = load_config(TRN1, overrides)
+        cfg = load_config(config, overrides)
         texts = [
             *render(cfg).values(),
-            *(render_runtimes(cfg).values() if "pytorchjob" not in overrides[-1] else []),
+            *(render_runtimes(cfg).values() if cfg.cluster.operator == "trainjob" else []),
         ]
         for doc in (d for text in texts for d in yaml.safe_load_all(text) if d and d["kind"] != "ConfigMap"):
             for found in pod_annotations(doc):
                 assert found.get("example.com/sidecar") == "injected", doc["kind"]
             seen.add(doc["kind"])
-    assert seen == {"Job", "PyTorchJob", "TrainJob", "ClusterTrainingRuntime"}
+    assert seen == {"Job", "PyTorchJob", "TrainJob", "ClusterTrainingRuntime", "RayJob"}
