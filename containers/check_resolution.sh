@@ -2,8 +2,8 @@
 # Does each image's PyPI part resolve at the pinned versions? pip's resolver, without installing, against
 # the package index (the AWS-only packages, torch-neuronx / neuronx-cc / nki / neuronx-distributed, are
 # not on PyPI and are left to the image builds):
-#   gpu            trnft + vLLM 0.33.0 under containers/constraints/current.txt, for the GPU image's Python
-#   neuron-native  trnft under containers/constraints/current.txt, for Python 3.12 (Ubuntu 24.04)
+#   gpu            trnft + vLLM 0.33.0 + Ray 2.60.0 under containers/constraints/current.txt, for the GPU image's Python
+#   neuron-native  trnft + Ray 2.60.0 under containers/constraints/current.txt, for Python 3.12 (Ubuntu 24.04)
 #   trn1           containers/constraints/trn1.txt, for Python 3.11 (the Neuron DLC's)
 # Prints "check_resolution: <image> resolves" or pip's conflict and exits non-zero. Needs the index;
 # takes a few minutes (vLLM's dependency tree).
@@ -20,8 +20,8 @@ wheels_for() {  # pip's target-interpreter flags: that Python, binary wheels for
 failed=0
 for image in "${images[@]}"; do
     case "$image" in
-        gpu) args=(-c containers/constraints/current.txt "vllm==0.33.0" .) ;;
-        neuron-native) args=(-c containers/constraints/current.txt $(wheels_for 3.12) --target /tmp/check-resolution .) ;;
+        gpu) args=(-c containers/constraints/current.txt "vllm==0.33.0" "ray[train]==2.60.0" .) ;;
+        neuron-native) args=(-c containers/constraints/current.txt $(wheels_for 3.12) --target /tmp/check-resolution "ray[train]==2.60.0" .) ;;
         trn1) args=(-r containers/constraints/trn1.txt $(wheels_for 3.11) --target /tmp/check-resolution) ;;
         *) echo "check_resolution: unknown image $image" >&2; exit 2 ;;
     esac
