@@ -284,11 +284,15 @@ def run_stage(
                     (final / "manifest.json").unlink()
                 final.mkdir(parents=True, exist_ok=True)
                 outcome, manifest = execute(final)
-            else:
-                assert main, "staged stages run in one process"
+            elif main:
                 with rundir.staging(spec.name) as staged:
                     outcome, manifest = execute(staged)
                     rundir.commit(spec.name, staged)
+            else:
+                # Another rank of a stage every rank runs (neuron-native's compile trial under torchrun or
+                # Ray): it does the body's collective work and writes none of the output, which rank 0
+                # stages and commits.
+                outcome, manifest = execute(final)
         except TrnftError as exc:
             if main:
                 rundir.record_failure(spec.name, str(exc))

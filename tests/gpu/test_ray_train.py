@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARDED_TRAIN, Run, ok, smoke_raw
+from helpers import SHARDED_TRAIN, Run, ok, set_platform, smoke_raw
 
 from trnft.common.fsdp import checkpoint as gpu_checkpoint
 from trnft.common.fsdp.trainer import ShardedTrainFigures
@@ -52,17 +52,20 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _run(tmp_path: Path, tiny_llama: Path, tokenized: Path, name: str, **sections) -> Run:
+def _run(
+    tmp_path: Path, tiny_llama: Path, tokenized: Path, name: str, platform: str = "gpu", **sections
+) -> Run:
     root = tmp_path / name
     root.mkdir()
     shutil.copytree(tokenized, root / "tokenize")
-    raw = smoke_raw(root, tiny_llama, train=TRAIN, gpu={"devices": 2}, **sections)
-    raw["model"]["platform"] = "gpu"
+    gpu = {"devices": 2, **sections.pop("gpu", {})}
+    raw = set_platform(smoke_raw(root, tiny_llama, train=TRAIN, **sections), platform)
+    raw.setdefault("gpu", {}).update(gpu)
     return Run(root, raw)
 
 
-def _under_ray(run: Run, address: str, *args: str, env: dict[str, str] | None = None):
-    cmd = [sys.executable, "-m", "trnft.common.cli", "ray", "train", "--config", str(run.config), *args]
+def _under_ray(run: Run, address: str, *args: str, env: dict[str, str] | None = None, stage: str = "train"):
+    cmd = [sys.executable, "-m", "trnft.common.cli", "ray", stage, "--config", str(run.config), *args]
     full_env = {**os.environ, **THREADS, "RAY_ADDRESS": address, "RAY_DEDUP_LOGS": "0", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=900)
 
@@ -167,3 +170,28 @@ def test_the_trn1_platform_is_refused_under_ray_in_one_line(tmp_path, tiny_llama
     assert cfg.model.platform == "neuron"
     with pytest.raises(ConfigError, match=r"model\.platform neuron"):
         ray_train.run("train", cfg, workers=2, per_worker={"CPU": 1})
+
+
+@pytest.mark.extended  # the same comparison on the other platform and layout (beyond CI's budget)
+def test_neuron_native_compile_and_tensor_parallel_train_under_ray_equal_torchrun(
+    ray_cluster, tmp_path, tiny_llama, tokenized
+):
+    """neuron-native on the CPU at tp 2: the compile trial run and training as Ray Train workers, against the
+    same stages started by trnft itself."""
+    runs = {}
+    for name in ("torchrun", "ray"):
+        run = _run(tmp_path, tiny_llama, tokenized, name, platform="neuron-native", gpu={"tp": 2})
+        if name == "torchrun":
+            ok(run.stage("compile", env=THREADS))
+            ok(run.stage("train", env=THREADS))
+        else:
+            for stage in ("compile", "train"):
+                done = _under_ray(run, ray_cluster, "--workers", "2", stage=stage)
+                assert done.returncode == 0, done.stderr[-4000:]
+        runs[name] = run
+    ours, theirs = (runs[n].figures("train", ShardedTrainFigures) for n in ("ray", "torchrun"))
+    assert ours.tp == theirs.tp == 2
+    assert max(abs(a - b) for a, b in zip(ours.losses, theirs.losses)) <= 1e-6, (ours.losses, theirs.losses)
+    assert runs["ray"].manifest("compile")["status"] == "complete"
+    assert _checkpoint_files(runs["ray"]) == _checkpoint_files(runs["torchrun"])
+    _same_tensors(_trained(runs["ray"], 6), _trained(runs["torchrun"], 6))

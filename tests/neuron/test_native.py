@@ -61,6 +61,28 @@ def test_compile_is_a_trial_run_that_says_there_is_no_cache_on_cpu(make_run):
     assert sorted(p.name for p in (run.root / "compile").iterdir()) == ["manifest.json"]
 
 
+@pytest.mark.slow  # a 2-process torchrun trial run
+def test_compile_as_the_pod_runs_it_under_torchrun_on_two_ranks(make_run):
+    """The rendered TrainJob/PyTorchJob runs `trnft torchrun ... --module trnft.common.cli compile`: every rank
+    runs the stage (rank 1 used to fail "staged stages run in one process"); rank 0 alone writes the output."""
+    run = _native(make_run, train={"compile_steps": 2}, gpu={"devices": 2})
+    argv = ["torchrun", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+            "--rdzv_id=compile-test", "--module", "trnft.common.cli", "compile", "--config", str(run.config)]  # fmt: skip
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trnft.common.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fig = run.figures("compile", NativeCompileFigures)
+    assert (fig.device, fig.trial_steps) == ("cpu", 2)
+    assert not (run.root / "compile.trial").exists()
+    assert sorted(p.name for p in (run.root / "compile").iterdir()) == ["manifest.json"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Two ranks, resume
 
