@@ -23,10 +23,9 @@ from trnft.jobspecs.operate import EXIT_FAILED, JobRef, job_state, wait
 from trnft.jobspecs.render import render
 from trnft.jobspecs.validate import RAY_CRD_FILE, TRAINER_CRD_DIR, document_problems, ray_crd
 
-from .test_operate import Clock, FakeKubectl
+from .test_operate import Clock, FakeKubectl, recorded
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-STATUS = Path(__file__).parent / "status"
 # The examples whose trainer runs under Ray Train (the FSDP2 trainer); the trn1 ones are refused.
 RAY_EXAMPLES = ["llama31_8b_lora_p5.yaml", "llama31_8b_lora_trn2_native.yaml"]
 XLA_EXAMPLES = ["llama31_8b_lora_trn1.yaml", "qwen3_8b_lora_trn2.yaml"]
@@ -201,10 +200,6 @@ def test_only_trnft_variables_are_forwarded_to_the_workers():
 
 # --------------------------------------------------------------------------------------------------
 # trnft wait / submit on a RayJob
-
-
-def recorded(name: str) -> dict:
-    return json.loads((STATUS / f"{name}.json").read_text())
 
 
 @pytest.mark.parametrize(
