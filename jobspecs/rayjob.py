@@ -19,7 +19,9 @@ Facts relied on (ray-project/kuberay tag v1.7.0, read from source; pinned in tes
 * KubeRay writes the container command: a pod's own ``command`` runs before ``ulimit; ray start`` (so trnft
   sets none); container 0 is Ray's. It turns ``nvidia.com/gpu`` limits into ``num-gpus`` and only
   ``aws.amazon.com/neuroncore`` into the ``neuron_cores`` resource; trnft asks for whole Neuron devices
-  (``aws.amazon.com/neuron``), so a Neuron worker group declares its cores in ``rayStartParams.resources``.
+  (``aws.amazon.com/neuron``), so a Neuron worker group declares its cores in ``rayStartParams.resources``;
+  KubeRay writes each parameter into the ``ray start`` shell line as ``--key=value`` (``convertParamMap``), so
+  a JSON value is shell-quoted.
 * Status: ``jobDeploymentStatus`` (Initializing, Running, Complete, Failed, ValidationFailed, Suspending,
   Suspended, Retrying, Waiting), ``jobStatus`` (PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED), ``reason``
   (SubmissionFailed, DeadlineExceeded, PreRunningDeadlineExceeded, AppFailed, ValidationFailed, ...) and
@@ -29,6 +31,7 @@ Facts relied on (ray-project/kuberay tag v1.7.0, read from source; pinned in tes
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +81,11 @@ def entrypoint(stage: str, config_path: str, inst: InstanceType, layout: Layout)
 def rayjob_values(stage: str, config_path: str, inst: InstanceType, layout: Layout) -> RayJobValues:
     worker_params: dict[str, str] = {}
     if inst.accelerator == "neuron":
-        # KubeRay maps only aws.amazon.com/neuroncore to neuron_cores; the pods ask for whole devices.
-        worker_params["resources"] = json.dumps({"neuron_cores": inst.neuron_cores}, separators=(",", ":"))
+        # KubeRay maps only aws.amazon.com/neuroncore to neuron_cores; the pods ask for whole devices. It
+        # pastes each value into the `ray start` shell line unquoted (convertParamMap: "--%s=%s"), so the
+        # JSON travels shell-quoted, as KubeRay's own samples write it.
+        resources = json.dumps({"neuron_cores": inst.neuron_cores}, separators=(",", ":"))
+        worker_params["resources"] = shlex.quote(resources)
     return RayJobValues(
         entrypoint=entrypoint(stage, config_path, inst, layout),
         workers=layout.nodes,

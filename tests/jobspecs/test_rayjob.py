@@ -86,7 +86,9 @@ def test_every_example_renders_rayjobs_that_validate(example, nodes):
             assert argv[argv.index("--per-worker") + 1] == "GPU=1" and group["rayStartParams"] == {}
         else:
             assert limits["aws.amazon.com/neuron"] == str(inst.neuron_devices)
-            assert json.loads(group["rayStartParams"]["resources"]) == {"neuron_cores": inst.neuron_cores}
+            # as `ray start` receives it: KubeRay pastes --resources=<value> into a bash line
+            (value,) = shlex.split(f"--resources={group['rayStartParams']['resources']}")
+            assert json.loads(value.removeprefix("--resources=")) == {"neuron_cores": inst.neuron_cores}
             per_rank = inst.neuron_cores // layout.nproc_per_node
             assert argv[argv.index("--per-worker") + 1] == f"neuron_cores={per_rank}"
         assert not any(
