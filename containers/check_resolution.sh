@@ -20,8 +20,8 @@ wheels_for() {  # pip's target-interpreter flags: that Python, binary wheels for
 failed=0
 for image in "${images[@]}"; do
     case "$image" in
-        gpu) args=(-c containers/constraints/current.txt "vllm==0.33.0" "ray[train]==2.60.0" .) ;;
-        neuron-native) args=(-c containers/constraints/current.txt $(wheels_for 3.12) --target /tmp/check-resolution "ray[train]==2.60.0" .) ;;
+        gpu) args=(-c containers/constraints/current.txt "vllm==0.33.0" "ray[default,train]==2.60.0" .) ;;
+        neuron-native) args=(-c containers/constraints/current.txt $(wheels_for 3.12) --target /tmp/check-resolution "ray[default,train]==2.60.0" .) ;;
         trn1) args=(-r containers/constraints/trn1.txt $(wheels_for 3.11) --target /tmp/check-resolution) ;;
         *) echo "check_resolution: unknown image $image" >&2; exit 2 ;;
     esac

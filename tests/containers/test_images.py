@@ -545,11 +545,11 @@ def test_the_ray_extra_is_pinned_and_the_images_that_run_rayjobs_install_that_ra
     import tomllib
 
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ray"]
-    assert extra == ["ray[train]==2.60.0"]
+    assert extra == ["ray[default,train]==2.60.0"]
     assert _constraint_pins("current.txt")["ray"] == "2.60.0"
     for kind in ("gpu", "neuron-native"):
         steps = instructions(CONTAINERS / f"Dockerfile.{kind}")
         args = {a.split("=", 1)[0]: a.split("=", 1)[1] for w, a in steps if w == "ARG" and "=" in a}
         run = " ".join(a for w, a in steps if w == "RUN")
-        assert args["RAY_VERSION"] == "2.60.0" and '"ray[train]==${RAY_VERSION}"' in run, kind
+        assert args["RAY_VERSION"] == "2.60.0" and '"ray[default,train]==${RAY_VERSION}"' in run, kind
     assert "ray" not in " ".join(a for w, a in instructions(CONTAINERS / "Dockerfile.neuron") if w == "RUN")
