@@ -794,7 +794,8 @@ def command(args: Any, log: Callable[[str], None]) -> int:
     runtimes = getattr(args, "runtimes", False)
     if runtimes and cfg.cluster.operator != "trainjob":
         raise ConfigError(
-            "--runtimes: cluster.operator is pytorchjob, which needs no runtime; set cluster.operator=trainjob"
+            f"--runtimes: cluster.operator is {cfg.cluster.operator}, which needs no runtime (only TrainJobs "
+            "name one); set cluster.operator=trainjob"
         )
     files = render_runtimes(cfg) if runtimes else render(cfg)
     if args.validate:

@@ -124,6 +124,16 @@ def test_a_run_name_kuberay_would_refuse_is_refused_before_rendering():
     render(load_config(EXAMPLES / RAY_EXAMPLES[0], [*RAY, f"run.name={'r' * 40}"]))
 
 
+def test_runtimes_are_refused_for_rayjobs_naming_the_operator(tmp_path, capsys):
+    from trnft.common import cli
+
+    out = tmp_path / "o"
+    args = ["jobspec", "--config", str(EXAMPLES / RAY_EXAMPLES[0]), "--runtimes", "--out", str(out), *RAY]
+    assert cli.main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cluster.operator is rayjob, which needs no runtime" in line and not out.exists()
+
+
 def test_volcano_is_refused_for_rayjobs_in_one_line():
     with pytest.raises(ConfigError, match=r"^cluster\.gang_scheduler: volcano .* use kueue"):
         render(load_config(EXAMPLES / RAY_EXAMPLES[0], [*RAY, "cluster.gang_scheduler=volcano"]))
