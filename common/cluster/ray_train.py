@@ -216,6 +216,9 @@ def _worker(loop_config: Mapping[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="trnft-ray-") as tmp:
         config = Path(tmp) / "run.yaml"
         config.write_text(loop_config["config"])
+        # An exception cli.main lets through (what torchrun would report as exit 1) reaches Ray as a worker
+        # error and is retried: when a peer dies, the surviving ranks fail with such errors (a closed gloo
+        # connection), and only the exit codes trnft chose itself are known to be permanent.
         code = cli.main([stage, "--config", str(config), *(["--force"] if loop_config["force"] else [])])
     if code == 0:
         return
