@@ -315,5 +315,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.restore(previous)
 
 
+def end_torchrun_worker(code: int) -> None:
+    """End a process torchrun started (``python -m trnft.common.cli`` with ``TORCHELASTIC_RUN_ID`` set) with
+    ``code``, skipping the interpreter's C++ teardown.
+
+    On torch 2.14 a rank whose stage had finished sometimes aborted in that teardown ("terminate called
+    without an active exception", exit 134: a gloo thread still running while static objects are destroyed),
+    and torchrun then reported the whole finished job as failed (seen twice in 2-rank CPU runs, rank 1 both
+    times, after its manifest-writing peer). Everything the stage promises is on disk by now; Python's own
+    exit handlers (loggers, W&B) still run, then the process ends with the stage's exit code.
+    """
+    import atexit
+    import contextlib
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more to say there
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        end_torchrun_worker(exit_code)
+    sys.exit(exit_code)
