@@ -174,3 +174,23 @@ def test_a_short_write_without_errno_is_a_full_disk_line(capsys):
         "trnft tokenize: error: A write stopped short (9184 of 15104 bytes): the volume is most likely full; "
         "free space or write elsewhere (nothing half-written was kept)"
     ]
+
+
+def test_a_torchrun_worker_ends_with_its_code_after_pythons_exit_handlers(tmp_path):
+    """end_torchrun_worker skips only the interpreter's C++ teardown: atexit handlers (loggers, W&B) run,
+    buffered output reaches the pipe, and the exit code is the stage's."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "atexit-ran"
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from trnft.common.cli import end_torchrun_worker\n"
+        f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+        "print('train: complete', end='')\n"
+        "end_torchrun_worker(143)\n"
+        "print('never')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and proc.stdout == "train: complete"
+    assert marker.read_text() == "yes"
