@@ -240,7 +240,7 @@ def _ray_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     return ray_train.run(
         args.stage,
         cfg,
-        workers=args.workers or cfg.gpu.devices or 1,
+        workers=args.workers if args.workers is not None else (cfg.gpu.devices or 1),
         per_worker=ray_train.parse_resources(args.per_worker),
         max_failures=args.max_failures,
         force=args.force,

@@ -250,17 +250,17 @@ def run(
     rank that had one (not retried), or ``EXIT_RETRYABLE`` when Ray's retry budget ran out.
     """
     if stage not in RAY_STAGES:
-        raise TrnftError(f"trnft ray: runs {' or '.join(RAY_STAGES)}, not {stage}; the other stages are Jobs")
+        raise TrnftError(f"{stage}: Ray Train runs {' or '.join(RAY_STAGES)} only; the other stages are Jobs")
     check_platform(cfg)
     if workers < 1:
-        raise TrnftError(f"trnft ray: --workers {workers}; give at least 1")
+        raise TrnftError(f"--workers {workers}: give at least 1 (the ranks of the stage)")
     try:
         import ray
         from ray.train import FailureConfig, ScalingConfig
         from ray.train import RunConfig as RayRunConfig
         from ray.train.torch import TorchTrainer
     except ImportError as exc:
-        raise TrnftError(f"trnft ray: Ray Train is not installed here; {RAY_EXTRA}") from exc
+        raise TrnftError(f"Ray Train is not installed in this environment; {RAY_EXTRA}") from exc
 
     budget = cfg.cluster.backoff_limit if max_failures is None else max_failures
     environment_cls, _ = _backend_classes()

@@ -200,6 +200,15 @@ def test_per_worker_resources_and_their_refusals():
             ray_train.parse_resources([bad])
 
 
+def test_zero_workers_is_one_line_before_any_ray_cluster_starts(capsys):
+    from trnft.common import cli
+
+    config = str(EXAMPLES / RAY_EXAMPLES[0])
+    assert cli.main(["ray", "train", "--config", config, "--workers", "0"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "trnft ray: error: --workers 0: give at least 1 (the ranks of the stage)"
+
+
 def test_each_neuron_worker_sees_its_nodes_cores_as_torchrun_processes_do():
     views = [("n1", "0,1"), ("n1", "2-3"), ("n2", "0,1"), ("n2", "2,3"), ("n3", None)]
     assert ray_train.shared_neuron_cores(views) == ["0,1,2,3", "0,1,2,3", "0,1,2,3", "0,1,2,3", None]
