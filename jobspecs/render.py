@@ -531,6 +531,9 @@ def _rayjob_document(
         image=cfg.cluster.image,
     )
     head.command = None
+    # The head holds the driver and Ray's control plane: if the autoscaler consolidates its node away the
+    # whole RayJob fails, so it is as undisruptable as the accelerator pods.
+    head.annotations["karpenter.sh/do-not-disrupt"] = "true"
     return Document(
         template="rayjob.yaml.j2",
         header=f"trnft {stage} for run {cfg.run.name} under Ray Train: {layout.describe()} on {inst.name}",

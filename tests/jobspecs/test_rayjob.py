@@ -95,7 +95,9 @@ def test_every_example_renders_rayjobs_that_validate(example, nodes):
             k in head.get("resources", {}).get("limits", {})
             for k in ("nvidia.com/gpu", "aws.amazon.com/neuron")
         )
-        # the same image, volumes and zone on every pod
+        # the same image, volumes and zone on every pod; neither may be consolidated away mid-run
+        for template in (cluster["headGroupSpec"]["template"], group["template"]):
+            assert template["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
         for pod in (cluster["headGroupSpec"]["template"]["spec"], group["template"]["spec"]):
             assert pod["containers"][0]["image"] == cfg.cluster.image
             assert pod["nodeSelector"]["topology.kubernetes.io/zone"] == "us-west-2a"
