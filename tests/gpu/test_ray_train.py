@@ -24,6 +24,9 @@ TRAIN = {**SHARDED_TRAIN, "gradient_accumulation_steps": 1}
 # One thread per rank on both sides (torchrun's launcher and Ray both default to it on a 2-core machine,
 # not on a bigger one), so the two runs sum in the same order.
 THREADS = {"OMP_NUM_THREADS": "1"}
+# The test's own throwaway cluster: no token auth, whatever ~/.ray/auth_token holds (Ray 2.60 turns token
+# auth on for `ray start` when that file exists, e.g. left by any earlier local ray.init()).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 def _ray_cli() -> str:
@@ -39,7 +42,7 @@ def ray_cluster():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, **THREADS, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **THREADS, **RAY_ENV}
     start = [
         _ray_cli(), "start", "--head", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats",
@@ -66,7 +69,7 @@ def _run(
 
 def _under_ray(run: Run, address: str, *args: str, env: dict[str, str] | None = None, stage: str = "train"):
     cmd = [sys.executable, "-m", "trnft.common.cli", "ray", stage, "--config", str(run.config), *args]
-    full_env = {**os.environ, **THREADS, "RAY_ADDRESS": address, "RAY_DEDUP_LOGS": "0", **(env or {})}
+    full_env = {**os.environ, **THREADS, **RAY_ENV, "RAY_ADDRESS": address, **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=900)
 
 
