@@ -160,4 +160,44 @@ def rayjob_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
             problems.append(
                 (f"spec.rayClusterSpec.{path}", f"worker group {group_name}: minReplicas > maxReplicas")
             )
+    problems += kueue_problems(doc)
+    return problems
+
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_MAX_POD_SETS = 8  # jobframework.MaxPodSets
+
+
+def kueue_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """Kueue v0.19.2's RayJob webhook on a queue-labelled RayJob (pkg/controller/jobs/rayjob/rayjob_webhook.go
+    ``validateCreate`` and raycluster/common.go ``ValidateCreate``)."""
+    labels = (doc.get("metadata") or {}).get("labels") or {}
+    if not labels.get(KUEUE_QUEUE_LABEL):
+        return []
+    spec = doc.get("spec") or {}
+    cluster = spec.get("rayClusterSpec")
+    if spec.get("clusterSelector"):
+        return [("spec.clusterSelector", "a kueue managed job should not use an existing cluster")]
+    if cluster is None:
+        return [("spec.rayClusterSpec", "required for Kueue-managed jobs that don't use clusterSelector")]
+    problems: list[tuple[str, str]] = []
+    if not spec.get("shutdownAfterJobFinishes"):
+        problems.append(
+            ("spec.shutdownAfterJobFinishes", "a kueue managed job should delete the cluster after finishing")
+        )
+    if cluster.get("enableInTreeAutoscaling"):
+        problems.append(
+            ("spec.rayClusterSpec.enableInTreeAutoscaling", "a kueue managed job cannot autoscale")
+        )
+    groups = cluster.get("workerGroupSpecs") or []
+    if len(groups) + 1 > KUEUE_MAX_POD_SETS:
+        problems.append(("spec.rayClusterSpec.workerGroupSpecs", f"more than {KUEUE_MAX_POD_SETS} pod sets"))
+    for i, group in enumerate(groups):
+        if group.get("groupName") == "head":
+            problems.append(
+                (
+                    f"spec.rayClusterSpec.workerGroupSpecs[{i}].groupName",
+                    '"head" is reserved for the head group',
+                )
+            )
     return problems

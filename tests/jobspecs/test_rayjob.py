@@ -148,6 +148,28 @@ def test_kueue_admits_the_rayjob_as_a_whole():
     assert all(doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" for doc in jobs.values())
 
 
+KUEUE_BROKEN = [
+    (lambda d: d["spec"].update(shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=0), "spec.shutdownAfterJobFinishes"),
+    (lambda d: _cluster(d).update(enableInTreeAutoscaling=True), "enableInTreeAutoscaling"),
+    (lambda d: _group(d).update(groupName="head"), "groupName"),
+    (lambda d: _cluster(d).update(workerGroupSpecs=[_group(d)] * 8), "workerGroupSpecs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mutate", "path"), KUEUE_BROKEN)
+def test_kueues_rayjob_webhook_rules_apply_to_queued_rayjobs(mutate, path):
+    """Kueue v0.19.2's RayJob webhook (validateCreate, raycluster ValidateCreate) on what trnft renders with
+    a queue: the rendered one passes, each broken one is refused; without the queue label Kueue is silent."""
+    doc = copy.deepcopy(
+        _rayjobs(RAY_EXAMPLES[0], ["cluster.gang_scheduler=kueue", "cluster.queue=team-a"])["03-train.yaml"]
+    )
+    assert rayjob.kueue_problems(doc) == []
+    mutate(doc)
+    assert any(path in p for p, _ in rayjob.kueue_problems(doc))
+    del doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert rayjob.kueue_problems(doc) == []
+
+
 def _cluster(doc):
     return doc["spec"]["rayClusterSpec"]
 
