@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -210,6 +211,13 @@ def _worker(loop_config: Mapping[str, Any]) -> None:
     earlier = ray.get(outcome.permanent.remote())
     if earlier is not None:
         # A permanent error ended this run; Ray restarted the group without knowing it. Nothing to redo.
+        first_rank, first_code, _ = earlier
+        print(
+            f"rank {rank}: rank {first_rank} exited with {first_code} (permanent) earlier in this run; "
+            "the stage is not run again",
+            file=sys.stderr,
+            flush=True,
+        )
         return
     stage = loop_config["stage"]
     os.environ.update(loop_config["environment"])

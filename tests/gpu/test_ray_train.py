@@ -150,17 +150,14 @@ def test_a_permanent_error_in_the_workers_is_not_retried(ray_cluster, tmp_path, 
     output = done.stdout + done.stderr
     assert "not retried" in done.stderr.splitlines()[-1], done.stderr[-2000:]
     # Ray restarts the group (its failure policy cannot tell a permanent error), but the restarted workers
-    # find the recorded error and end at once: the stage itself ran once, on the first group's two ranks.
+    # find the recorded error and end at once: the stage itself ran only in the first group. (How many of
+    # the first group's ranks print their refusal is a race: Ray stops the group when rank 0 fails.)
     first_group, _, restarted = output.partition("Started training worker group")[2].partition(
         "Started training worker group"
     )
-    refusing = {
-        line.split("pid=")[1].split(")")[0]
-        for line in first_group.splitlines()
-        if "error: lora.target_modules" in line
-    }
-    assert len(refusing) == 2, first_group[-3000:]
+    assert "error: lora.target_modules" in first_group, first_group[-3000:]
     assert "error: lora.target_modules" not in restarted and "train: step" not in output
+    assert "(permanent) earlier in this run; the stage is not run again" in restarted, restarted[-3000:]
     assert not (run.root / "train").exists() or not list((run.root / "train").glob("checkpoint-*"))
 
 
