@@ -1,4 +1,4 @@
-"""Benchmark of how long a save stops training: synchronous DCP writes vs gpu.async_checkpoint.
+"""Benchmark of how long a save stops training: synchronous DCP writes vs fsdp.async_checkpoint.
 
 Two torchrun processes (gloo on the CPU, or NCCL on 2 GPUs with --device cuda) hold an FSDP2-sharded stack
 of linear layers with AdamW state (full fine-tuning's trained state: weights + two moments) and save it

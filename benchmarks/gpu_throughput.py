@@ -175,7 +175,7 @@ def run_mode(work: Path, mode: str, shape: Shape, layers: int, args, device: str
             "eval_steps": 0,
             "activation_checkpointing": "full",
         },
-        "gpu": {"devices": 1, "attn_implementation": "auto"},
+        "fsdp": {"devices": 1, "attn_implementation": "auto"},
     }
     config = folder / "run.yaml"
     config.write_text(json.dumps(raw))

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("stage", choices=("compile", "train"))
     p.add_argument("--config", required=True, help="Run config YAML.")
-    p.add_argument("--workers", type=int, default=None, help="Ranks (default: gpu.devices, else 1).")
+    p.add_argument("--workers", type=int, default=None, help="Ranks (default: fsdp.devices, else 1).")
     p.add_argument(
         "--per-worker",
         action="append",
@@ -240,7 +240,7 @@ def _ray_command(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     return ray_train.run(
         args.stage,
         cfg,
-        workers=args.workers if args.workers is not None else (cfg.gpu.devices or 1),
+        workers=args.workers if args.workers is not None else (cfg.fsdp.devices or 1),
         per_worker=ray_train.parse_resources(args.per_worker),
         max_failures=args.max_failures,
         force=args.force,

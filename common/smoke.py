@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from .config.run_config import NeuronSection, dump_config, load_config, with_overrides
+from .config.run_config import NeuronSection, ParallelSection, dump_config, load_config, with_overrides
 from .pipeline import registry
 from .pipeline.stages import format_status
 from .testing.fixtures import build_tiny_model, bundled_chat_path, bundled_dataset_path
@@ -24,8 +24,8 @@ from .testing.fixtures import build_tiny_model, bundled_chat_path, bundled_datas
 # What a platform needs beyond the smoke config: neuron-native trains on trn2/trn3 instance types only (the
 # local run uses the CPU all the same; the instance type matters to the specs it would render).
 PLATFORM_OVERRIDES = {"neuron-native": ("cluster.instance_type=trn2.48xlarge",)}
-# The smoke config's neuron section sets up the XLA path's CPU rehearsal (model.platform neuron); the other
-# platforms start from the section's defaults (neuron-native refuses XLA-only settings).
+# The smoke config's parallel and neuron sections set up the XLA path's CPU rehearsal (model.platform neuron); the other
+# platforms start from the sections' defaults (neuron-native refuses XLA-only settings).
 XLA_PLATFORM = "neuron"
 
 
@@ -53,7 +53,7 @@ def prepare(
         ],
     )
     if platform != XLA_PLATFORM:
-        cfg = dataclasses.replace(cfg, neuron=NeuronSection())
+        cfg = dataclasses.replace(cfg, neuron=NeuronSection(), parallel=ParallelSection())
     cfg = with_overrides(cfg, [*PLATFORM_OVERRIDES.get(platform, ()), *overrides])
     run_yaml = root / "run.yaml"
     run_yaml.write_text("# Written by `trnft smoke`; every stage reads it.\n" + dump_config(cfg))

@@ -14,17 +14,19 @@ from ..common.pipeline.backend import StageModules
 @dataclass(frozen=True)
 class GpuBackend(StageModules):
     platform: str = "gpu"
-    config_section: str = "gpu"
+    config_section: str = "fsdp"
     compiles_graphs: bool = False
     accelerator: str = "gpu"
 
     def check_config(self, cfg: RunConfig) -> None:
+        from ..common.fsdp import check_parallel_settings
         from ..common.training.families import check_fsdp_family
 
+        check_parallel_settings(cfg)
         check_fsdp_family(cfg.model.name_or_path)
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
-        return cfg.gpu.tp, 1  # FSDP2 shards over the data-parallel ranks; no pipeline parallelism
+        return cfg.parallel.tp, 1  # FSDP2 shards over the data-parallel ranks; no pipeline parallelism
 
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
         # A failed or stuck collective aborts the process (a retryable exit) instead of hanging the job.

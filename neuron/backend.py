@@ -83,7 +83,7 @@ def preflight_or_fail() -> None:
 def check_settings(cfg: RunConfig) -> None:
     """What the trn1 path refuses before any stage runs (one line each, exit 2).
 
-    - ``neuron.pp > 1``: optimum-neuron's pipeline inputs are exactly input_ids / attention_mask / labels
+    - ``parallel.pp > 1``: optimum-neuron's pipeline inputs are exactly input_ids / attention_mask / labels
       while trnft's batches carry position_ids, it ignores ``num_items_in_batch`` and cannot resume from
       meta parameters; no pipeline run has executed end to end, so it is refused until one does.
     - LoRA targets that name part of a group optimum-neuron fuses (:mod:`trnft.neuron.fused_groups`).
@@ -112,11 +112,16 @@ def check_settings(cfg: RunConfig) -> None:
                 "neuron's NeuronTrainer has no evaluation loop, and the CPU-XLA rehearsal follows it); set it "
                 "to 0 (the evaluate stage scores the trained model) or train on neuron-native or gpu"
             )
-    if cfg.neuron.pp > 1:
+    if cfg.parallel.replicate is not None:
         raise ConfigError(
-            f"neuron.pp: {cfg.neuron.pp} (pipeline parallelism) has never run end to end on this path "
+            f"parallel.replicate: {cfg.parallel.replicate} sets HSDP replica groups of the FSDP2 trainer, which "
+            "model.platform neuron does not run (its data parallelism is NxD's); remove it"
+        )
+    if cfg.parallel.pp > 1:
+        raise ConfigError(
+            f"parallel.pp: {cfg.parallel.pp} (pipeline parallelism) has never run end to end on this path "
             "(optimum-neuron's pipeline takes only input_ids/attention_mask/labels, ignores the global token "
-            "count and cannot resume); set neuron.pp=1 and use neuron.tp and data parallelism"
+            "count and cannot resume); set parallel.pp=1 and use parallel.tp and data parallelism"
         )
     config = _model_config(cfg)
     layout = None if config is None else model_layout(cfg, config)
@@ -179,7 +184,7 @@ class NeuronBackend(StageModules):
         check_settings(cfg)
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
-        return cfg.neuron.tp, cfg.neuron.pp
+        return cfg.parallel.tp, cfg.parallel.pp
 
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
         return launch.neuron_env(cfg, inst, layout)

@@ -28,8 +28,8 @@ def why_fused(module: str, layout: NeuronLayout | None) -> str:
     kv, tp = layout.dims.kv_heads, layout.tp
     if layout.attention == "gqa":
         if kv < tp:
-            return f"the model's {kv} key/value heads are fewer than neuron.tp={tp}: NxD's GQA QKV layer"
-        return f"neuron.tp={tp} does not divide the model's {kv} key/value heads: NxD's GQA QKV layer"
+            return f"the model's {kv} key/value heads are fewer than parallel.tp={tp}: NxD's GQA QKV layer"
+        return f"parallel.tp={tp} does not divide the model's {kv} key/value heads: NxD's GQA QKV layer"
     return "neuron.fuse_qkv is on and the model has as many key/value heads as query heads"
 
 
@@ -96,9 +96,9 @@ def check_kv_copies_on_target(layout: NeuronLayout | None, target: str | None) -
     if layout.kv_multiplier <= 1 or layout.dims.kv_heads <= 1:
         return
     raise ConfigError(
-        f"neuron.tp: {layout.tp} on {target} copies each of the model's {layout.dims.kv_heads} key/value heads "
+        f"parallel.tp: {layout.tp} on {target} copies each of the model's {layout.dims.kv_heads} key/value heads "
         f"{layout.kv_multiplier} times in NxD's GQA layer, whose {target} copy groups (adjacent ranks) do not "
         "match the layout optimum-neuron 0.4.5 loads on every platform (repeat: K0 K1 K0 K1), so different "
         f"heads' gradients would be summed; use model.platform: neuron-native on {target}, or "
-        f"neuron.tp <= {layout.dims.kv_heads}"
+        f"parallel.tp <= {layout.dims.kv_heads}"
     )

@@ -2,9 +2,9 @@
 
 Per training process (one logical NeuronCore), in bytes:
 
-- **weights**: every decoder projection, the embeddings and the LM head, split over ``neuron.tp`` (NxD
+- **weights**: every decoder projection, the embeddings and the LM head, split over ``parallel.tp`` (NxD
   shards all of them), in ``model.dtype``;
-- **gradients and optimizer state** of the trained parameters, split over ``neuron.tp`` and not over data
+- **gradients and optimizer state** of the trained parameters, split over ``parallel.tp`` and not over data
   parallelism (ZeRO-1 is off): a gradient in the weight dtype and two Adam moments, fp32 (4 bytes each)
   for LoRA and for full fine-tuning in fp32, bf16 under optimum-neuron's full-bf16 mode;
 - **activations** of one micro-batch (Korthikanti et al., "Reducing Activation Recomputation in Large
@@ -70,7 +70,7 @@ def estimate(cfg: RunConfig, config: Any, inst: InstanceType) -> MemoryEstimate 
     hbm = inst.neuron_core_memory_gib(cfg.neuron.logical_nc_config)
     if hbm is None:
         return None
-    tp = cfg.neuron.tp
+    tp = cfg.parallel.tp
     layers, h, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
     shapes = projection_shapes(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -109,12 +109,12 @@ def check(cfg: RunConfig, config: Any, inst: InstanceType) -> MemoryEstimate | N
     advice = []
     if cfg.train.activation_checkpointing != "full":
         advice.append("set train.activation_checkpointing=full")
-    advice.append(f"raise neuron.tp (now {cfg.neuron.tp})")
+    advice.append(f"raise parallel.tp (now {cfg.parallel.tp})")
     advice.append("lower dataset.max_seq_length or train.micro_batch_size")
     if not cfg.lora.enabled:
         advice.append("or train LoRA (lora.enabled=true)")
     raise ConfigError(
-        f"neuron.tp: the layout needs about {found.total_gib:.1f} GiB per NeuronCore (weights "
+        f"parallel.tp: the layout needs about {found.total_gib:.1f} GiB per NeuronCore (weights "
         f"{found.weights_gib:.1f}, gradients and optimizer {found.optimizer_gib:.1f}, activations "
         f"{found.activations_gib:.1f}) but a {inst.name} NeuronCore has {found.hbm_gib:.0f} GiB "
         f"({USABLE_FRACTION:.0%} usable); {', '.join(advice)}"

@@ -94,14 +94,14 @@ class NeuronLayout:
     def for_model(
         cls, dims: ModelDims, tp: int, *, fuse_qkv: bool = False, kv_size_multiplier: int | None = None
     ) -> NeuronLayout:
-        """The layout, or a ConfigError naming ``neuron.tp`` when the model cannot be split that way."""
+        """The layout, or a ConfigError naming ``parallel.tp`` when the model cannot be split that way."""
         for what, size in (
             ("attention heads", dims.heads),
             ("intermediate size", dims.intermediate),
             ("vocabulary size", dims.vocab),
         ):
             if size % tp:
-                raise ConfigError(f"neuron.tp: {tp} does not divide the {size} {what} of the model")
+                raise ConfigError(f"parallel.tp: {tp} does not divide the {size} {what} of the model")
         gqa = dims.kv_heads < tp or dims.kv_heads % tp != 0
         if not gqa:
             if kv_size_multiplier not in (None, 1):
@@ -114,7 +114,7 @@ class NeuronLayout:
         kv_total = dims.kv_heads * mult
         if tp % mult or kv_total % tp or dims.heads % kv_total:
             raise ConfigError(
-                f"neuron.tp: {tp} with {dims.kv_heads} KV heads needs KV replication, and kv_size_multiplier={mult} "
+                f"parallel.tp: {tp} with {dims.kv_heads} KV heads needs KV replication, and kv_size_multiplier={mult} "
                 f"does not give a whole number of KV heads per rank; use a tp that divides or is a multiple of "
                 f"{dims.kv_heads}"
             )
@@ -501,7 +501,7 @@ def model_layout(cfg: RunConfig, config: Any) -> NeuronLayout:
     (a ConfigError names the key when the model cannot be split that way)."""
     return NeuronLayout.for_model(
         ModelDims.from_config(config),
-        cfg.neuron.tp,
+        cfg.parallel.tp,
         fuse_qkv=cfg.neuron.fuse_qkv,
         kv_size_multiplier=cfg.neuron.kv_size_multiplier,
     )

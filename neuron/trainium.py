@@ -132,8 +132,8 @@ def training_arguments(cfg: RunConfig, output_dir: Path, *, logging_steps: int |
         logging_steps=logging_steps or t.logging_steps,
         report_to=["tensorboard"],
         logging_dir=str(output_dir / "tensorboard"),
-        tensor_parallel_size=n.tp,
-        pipeline_parallel_size=n.pp,
+        tensor_parallel_size=cfg.parallel.tp,
+        pipeline_parallel_size=cfg.parallel.pp,
         kv_size_multiplier=n.kv_size_multiplier,
         fuse_qkv=n.fuse_qkv,
         use_xser=n.checkpoint_format == "xser",
@@ -548,7 +548,7 @@ def trainer_class() -> type:
                     "step": step,
                     "fingerprint": plan.fingerprint,
                     "backend": "trainium",
-                    "layout": {"tp": plan.cfg.neuron.tp, "pp": plan.cfg.neuron.pp, "dp": plan.dp_size},
+                    "layout": {"tp": plan.cfg.parallel.tp, "pp": plan.cfg.parallel.pp, "dp": plan.dp_size},
                     "data_position": {"step": step, "consumed_sequences": step * plan.global_batch},
                     "not_restored_on_resume": NOT_RESTORED,
                 }
@@ -727,7 +727,12 @@ def train(ctx: StageContext) -> StageOutcome:
     return StageOutcome(
         summary=figures.summary(),
         figures=figures,
-        layout={"tp": cfg.neuron.tp, "pp": cfg.neuron.pp, "dp": dp_size, "global_batch": plan.global_batch},
+        layout={
+            "tp": cfg.parallel.tp,
+            "pp": cfg.parallel.pp,
+            "dp": dp_size,
+            "global_batch": plan.global_batch,
+        },
     )
 
 

@@ -178,7 +178,7 @@ class XlaTrainer:
         self.tokenized = tokenized
         self.log = log
         self.split = tokenized.split("train")
-        self.tp = cfg.neuron.tp
+        self.tp = cfg.parallel.tp
         self.devices = cfg.neuron.cpu_devices
         self.dp = self.devices // self.tp
         self.micro = cfg.train.micro_batch_size * self.dp  # sequences per forward pass, all DP ranks

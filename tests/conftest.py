@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Run, set_platform, smoke_raw, write_config
+from helpers import Run, smoke_raw, write_config
 
 
 def _has_cuda() -> bool:
@@ -120,9 +120,7 @@ def make_run(tmp_path, tiny_llama, tokenized):
         counter["n"] += 1
         root = tmp_path / f"run{counter['n']}"
         root.mkdir()
-        raw = smoke_raw(root, model or tiny_llama, **sections)
-        if platform:
-            set_platform(raw, platform)
+        raw = smoke_raw(root, model or tiny_llama, platform=platform, **sections)
         if model is None:
             shutil.copytree(tokenized, root / "tokenize")
         return Run(root, raw)

@@ -30,14 +30,17 @@ SHARDED_TRAIN = {
 }
 
 
-def smoke_raw(root: Path, model_dir: Path, **sections) -> dict:
-    """The smoke config as a dict, pointed at ``root`` and ``model_dir``, with section overrides merged."""
+def smoke_raw(root: Path, model_dir: Path, *, platform: str | None = None, **sections) -> dict:
+    """The smoke config as a dict, pointed at ``root`` and ``model_dir`` (and ``platform``: see
+    :func:`set_platform`), with section overrides merged last."""
     from trnft.common.testing.fixtures import bundled_dataset_path
 
     raw = yaml.safe_load((EXAMPLES / "smoke.yaml").read_text())
     raw["run"]["root"] = str(root)
     raw["model"]["name_or_path"] = str(model_dir)
     raw["dataset"]["files"] = [str(bundled_dataset_path())]
+    if platform:
+        set_platform(raw, platform)
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
@@ -49,10 +52,12 @@ PLATFORM_SECTIONS = {"neuron-native": {"cluster": {"instance_type": "trn2.48xlar
 
 
 def set_platform(raw: dict, platform: str) -> dict:
-    """Point a raw smoke config at ``platform``."""
+    """Point a raw smoke config at ``platform``: its parallel and neuron sections set up the XLA path's CPU
+    rehearsal, so the other platforms start from their defaults (as ``trnft smoke --platform`` does)."""
     raw["model"]["platform"] = platform
     if platform != "neuron":
         raw.pop("neuron", None)
+        raw.pop("parallel", None)
     for section, values in PLATFORM_SECTIONS.get(platform, {}).items():
         raw.setdefault(section, {}).update(values)
     return raw

@@ -46,6 +46,8 @@ class Env:
                 raw.pop(section, None)
             else:
                 raw.setdefault(section, {}).update(values)
+        if (raw.get("model") or {}).get("platform", "neuron") != "neuron" and "parallel" not in sections:
+            raw.pop("parallel", None)  # the smoke's tp 2 is its XLA rehearsal's (helpers.set_platform)
         path = self.tmp / name
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         return path
@@ -419,8 +421,8 @@ CASES = [
     ),
     Case(
         "cpu-devices-vs-tp",
-        _stage("status", neuron={"tp": 2, "cpu_devices": 3}),
-        ("neuron.cpu_devices", "multiple of neuron.tp"),
+        _stage("status", parallel={"tp": 2}, neuron={"cpu_devices": 3}),
+        ("neuron.cpu_devices", "multiple of parallel.tp"),
         2,
     ),
     Case("missing-model-section", _stage("status", model=None), ("model", "required key missing"), 2),
@@ -663,7 +665,7 @@ CASES = [
     ),
     Case(
         "gpu-train-before-tokenize",
-        _stage("train", model={"platform": "gpu"}, gpu={"devices": 2}),
+        _stage("train", model={"platform": "gpu"}, fsdp={"devices": 2}),
         ("train needs a complete tokenize stage",),
         1,
         ("run/train",),
@@ -685,17 +687,38 @@ CASES = [
     ),
     Case(
         "gpu-flash-on-cpu",
-        _tokenized("train", model={"platform": "gpu"}, gpu={"attn_implementation": "flash_attention_2"}),
-        ("gpu.attn_implementation", "needs CUDA"),
+        _tokenized("train", model={"platform": "gpu"}, fsdp={"attn_implementation": "flash_attention_2"}),
+        ("fsdp.attn_implementation", "needs CUDA"),
         2,
         ("run/train",),
     ),
     Case(
         "gpu-tp-vs-processes",
-        _tokenized("train", model={"platform": "gpu"}, gpu={"tp": 2}),
-        ("gpu.tp: 2 does not divide the 1 training processes",),
+        _tokenized("train", model={"platform": "gpu"}, parallel={"tp": 2}),
+        ("parallel.tp: 2 does not divide the 1 training processes",),
         2,
         ("run/train",),
+    ),
+    Case(
+        "gpu-pipeline-parallel",
+        _tokenized("train", model={"platform": "gpu"}, parallel={"pp": 2}),
+        ("parallel.pp: 2, but the FSDP2 trainer has no pipeline parallelism (model.platform gpu)",),
+        2,
+        ("run/train",),
+    ),
+    Case(
+        "neuron-hsdp-replicate",
+        _tokenized("train", parallel={"replicate": 2}),
+        ("parallel.replicate: 2 sets HSDP replica groups of the FSDP2 trainer", "model.platform neuron"),
+        2,
+        ("run/train",),
+    ),
+    Case(
+        "old-and-new-name-of-one-key",
+        _stage("status", parallel={"tp": 2}, neuron={"tp": 2}),
+        ("neuron.tp and parallel.tp are both set", "keep only parallel.tp"),
+        2,
+        (),
     ),
     Case(
         "gpu-lora-target",
@@ -729,7 +752,9 @@ CASES = [
     ),
     Case(
         "neuron-target-unsupported",
-        _tokenized("train", neuron={"tp": 1, "cpu_devices": 1}, lora={"target_modules": ["lm_head"]}),
+        _tokenized(
+            "train", parallel={"tp": 1}, neuron={"cpu_devices": 1}, lora={"target_modules": ["lm_head"]}
+        ),
         ("lora.target_modules", "'lm_head'"),
         1,
         ("run/train/checkpoint-1",),
@@ -969,8 +994,8 @@ CASES = [
     # ---- jobspec
     Case(
         "jobspec-tp-vs-cores",
-        _jobspec(neuron={"backend": "auto", "tp": 6}),
-        ("neuron.tp: 6 does not divide the 32 NeuronCores",),
+        _jobspec(parallel={"tp": 6}, neuron={"backend": "auto"}),
+        ("parallel.tp: 6 does not divide the 32 NeuronCores",),
         2,
         ("specs",),
     ),

@@ -117,11 +117,11 @@ def training_layout(cfg: RunConfig) -> Layout:
     if per_node % tp:
         choices = ", ".join(str(d) for d in _divisors(per_node))
         raise ConfigError(
-            f"{platform.config_section}.tp: {tp} does not divide the {per_node} {unit} of a {inst.name}; use one of {choices}"
+            f"parallel.tp: {tp} does not divide the {per_node} {unit} of a {inst.name}; use one of {choices}"
         )
     if world % (tp * pp):
         raise ConfigError(
-            f"{platform.config_section}.pp: TP x PP = {tp} x {pp} does not divide the world size {world} "
+            f"parallel.pp: TP x PP = {tp} x {pp} does not divide the world size {world} "
             f"({nodes} node(s) x {per_node} {unit})"
         )
     dp = world // (tp * pp)

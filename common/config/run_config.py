@@ -19,7 +19,9 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -276,15 +278,14 @@ class TrainSection:
 
 @dataclass(**_CFG)
 class NeuronSection:
-    """Trainium path: parallel layout, compile cache, checkpoint encoding."""
+    """What only the XLA path (model.platform neuron) reads, plus the compile cache and LNC native Neuron
+    shares with it: backend, virtual CPU devices, fused layers, attention kernel, checkpoint encoding."""
 
     backend: Literal["auto", "trainium", "cpu"] = opt(
         "auto", "trainium needs a Neuron device and the Neuron SDK; cpu runs torch-xla's CPU device."
     )
-    tp: int = opt(1, "Tensor-parallel degree.", ge=1)
-    pp: int = opt(1, "Pipeline-parallel degree (Trainium only).", ge=1)
     cpu_devices: int = opt(
-        1, "Virtual XLA devices on the CPU backend; data parallel = cpu_devices / tp.", ge=1
+        1, "Virtual XLA devices on the CPU backend; data parallel = cpu_devices / parallel.tp.", ge=1
     )
     kv_size_multiplier: int | None = opt(
         None, "KV-head replication for GQA when tp > kv heads (default tp // kv).", ge=1
@@ -324,12 +325,36 @@ class NeuronSection:
 
 
 @dataclass(**_CFG)
-class GpuSection:
-    """The FSDP2 trainer (platforms gpu and neuron-native): sharding, tensor parallelism, kernels."""
+class ParallelSection:
+    """How the ranks split the work, the same keys for every trainer: tensor, pipeline and replica groups;
+    data parallelism is what is left of the world size."""
 
     tp: int = opt(
-        1, "Tensor-parallel degree (DTensor on the decoder layers); data parallel = processes / tp.", ge=1
+        1,
+        "Tensor-parallel degree: DTensor on the decoder layers (platforms gpu and neuron-native) or NxD's "
+        "parallel layers (neuron); data parallel = ranks / (tp x pp).",
+        ge=1,
     )
+    pp: int = opt(
+        1,
+        "Pipeline-parallel degree; only model.platform neuron has it, and refuses it until it has run.",
+        ge=1,
+    )
+    replicate: int | None = opt(
+        None,
+        "HSDP in the FSDP2 trainer (gpu, neuron-native): split the data-parallel ranks into this many replica "
+        "groups; FSDP2 shards within a group and all-reduces gradients between groups, so weights are "
+        "all-gathered inside a group only. Default: one group per node for LoRA (the frozen base never "
+        "crosses nodes), 1 (plain FSDP) for full fine-tuning.",
+        ge=1,
+    )
+
+
+@dataclass(**_CFG)
+class FsdpSection:
+    """The FSDP2 trainer on Lightning (platforms gpu and neuron-native), whatever the device: processes,
+    sharding, kernels, compile, background saves, logging."""
+
     devices: int | None = opt(
         None,
         "Training processes per node: GPUs, or CPU processes (gloo); default every GPU, or 1 on CPU. "
@@ -348,13 +373,6 @@ class GpuSection:
         "optimizer state) while training goes on; the checkpoint still appears only when every rank's "
         "writes are done. false: training waits for each save.",
         runtime_only=True,  # the same checkpoint, written in the background or not
-    )
-    replicate: int | None = opt(
-        None,
-        "HSDP: split the data-parallel ranks into this many replica groups; FSDP2 shards within a group and "
-        "all-reduces gradients between groups, so weights are all-gathered inside a group only. Default: one "
-        "group per node for LoRA (the frozen base never crosses nodes), 1 (plain FSDP) for full fine-tuning.",
-        ge=1,
     )
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
         "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
@@ -472,8 +490,9 @@ class RunConfig:
     dataset: DatasetSection = required("Training data.")
     lora: LoraSection = opt(help="LoRA settings.", factory=LoraSection)
     train: TrainSection = opt(help="Training settings.", factory=TrainSection)
-    neuron: NeuronSection = opt(help="Trainium path settings.", factory=NeuronSection)
-    gpu: GpuSection = opt(help="GPU path settings.", factory=GpuSection)
+    parallel: ParallelSection = opt(help="Tensor, pipeline and replica parallelism.", factory=ParallelSection)
+    fsdp: FsdpSection = opt(help="The FSDP2 trainer (gpu, neuron-native).", factory=FsdpSection)
+    neuron: NeuronSection = opt(help="The XLA path (model.platform neuron).", factory=NeuronSection)
     eval: EvalSection = opt(help="Evaluation settings.", factory=EvalSection)
     cluster: ClusterSection = opt(help="Kubernetes settings.", factory=ClusterSection)
 
@@ -497,11 +516,11 @@ class RunConfig:
                     )
                 )
         cpu_neuron = self.model.platform == "neuron" and self.neuron.backend == "cpu"
-        if cpu_neuron and self.neuron.cpu_devices % (self.neuron.tp * self.neuron.pp):
+        if cpu_neuron and self.neuron.cpu_devices % (self.parallel.tp * self.parallel.pp):
             problems.append(
                 (
                     "neuron.cpu_devices",
-                    f"must be a multiple of neuron.tp ({self.neuron.tp}), got {self.neuron.cpu_devices}",
+                    f"must be a multiple of parallel.tp ({self.parallel.tp}), got {self.neuron.cpu_devices}",
                 )
             )
         if self.eval.use_adapter and not self.lora.enabled:
@@ -714,10 +733,138 @@ def _coerce(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
 
 # Keys earlier releases had, with what replaces them (a config that still sets one gets this line).
 RETIRED_KEYS = {
-    "gpu.strategy": "the GPU trainer always shards with FSDP2; set gpu.devices (processes per node) and gpu.tp",
-    "gpu.sharding_strategy": "use gpu.reshard_after_forward (true: FULL_SHARD, false: SHARD_GRAD_OP)",
+    "gpu.strategy": "the GPU trainer always shards with FSDP2; set fsdp.devices (processes per node) and parallel.tp",
+    "gpu.sharding_strategy": "use fsdp.reshard_after_forward (true: FULL_SHARD, false: SHARD_GRAD_OP)",
     "gpu.activation_checkpointing": "use train.activation_checkpointing (full, selective or off), one key for every platform",
 }
+
+# Keys that moved when settings were grouped by what they configure instead of by platform: parallelism in
+# parallel:, the FSDP2 trainer's options in fsdp: (neuron-native trains with them too). The old names are
+# read for one release, each with a one-line notice naming the new key.
+MOVED_KEYS: dict[str, str] = {
+    "gpu.tp": "parallel.tp",
+    "neuron.tp": "parallel.tp",
+    "neuron.pp": "parallel.pp",
+    "gpu.replicate": "parallel.replicate",
+    "gpu.devices": "fsdp.devices",
+    "gpu.reshard_after_forward": "fsdp.reshard_after_forward",
+    "gpu.cpu_offload": "fsdp.cpu_offload",
+    "gpu.async_checkpoint": "fsdp.async_checkpoint",
+    "gpu.attn_implementation": "fsdp.attn_implementation",
+    "gpu.wandb": "fsdp.wandb",
+    "gpu.compile": "fsdp.compile",
+}
+# Where a platform read a parallel key before the move (None: it had none). An old key a platform did not
+# read is dropped, not moved: it never applied there, and a resolved config written by an older release has
+# both gpu.tp and neuron.tp, gpu.replicate on trn1, neuron.pp on gpu.
+_PARALLEL_KEY_READ_BY: dict[str, dict[str, str | None]] = {
+    "parallel.tp": {"neuron": "neuron.tp", "gpu": "gpu.tp", "neuron-native": "gpu.tp"},
+    "parallel.pp": {"neuron": "neuron.pp", "gpu": None, "neuron-native": "neuron.pp"},
+    "parallel.replicate": {"neuron": None, "gpu": "gpu.replicate", "neuron-native": "gpu.replicate"},
+}
+_OLD_SECTIONS = ("gpu", "neuron")
+# The names stage fingerprints are hashed under: each key's name before the move, so that a run started by
+# an older release keeps its fingerprints (complete stages stay complete, train resumes). A parallel key a
+# platform did not have is left out while it holds its default, as it was absent then.
+_FINGERPRINT_NAME: dict[str, dict[str, str]] = {
+    "parallel.tp": {"neuron": "neuron.tp", "gpu": "gpu.tp", "neuron-native": "gpu.tp"},
+    "parallel.pp": {"neuron": "neuron.pp"},
+    "parallel.replicate": {"gpu": "gpu.replicate", "neuron-native": "gpu.replicate"},
+}
+_PARALLEL_DEFAULTS = {"parallel.tp": 1, "parallel.pp": 1, "parallel.replicate": None}
+
+
+def fingerprint_names(subset: Mapping[str, Any], platform: str) -> dict[str, Any]:
+    """``subset`` (dotted key -> value, from :func:`select`) under the names fingerprints are hashed with."""
+    out: dict[str, Any] = {}
+    for key, value in subset.items():
+        if key in _FINGERPRINT_NAME:
+            old = _FINGERPRINT_NAME[key].get(platform)
+            if old is None and value == _PARALLEL_DEFAULTS[key]:
+                continue
+            out[old or key] = value
+        elif key.startswith("fsdp."):
+            out[f"gpu.{key.removeprefix('fsdp.')}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def current_names(subset: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's recorded config subset with keys an older release wrote under old names renamed (for
+    messages comparing it with today's subset)."""
+    return {MOVED_KEYS.get(key, key): value for key, value in subset.items()}
+
+
+_noticed: set[str] = set()
+
+
+def _notice_moved(old: str, new: str, where: str) -> None:
+    """One line on stderr per moved key and process (rank 0 only under torchrun)."""
+    if old in _noticed or os.environ.get("RANK", "0") != "0":
+        return
+    _noticed.add(old)
+    print(
+        f"trnft: {where}{old} is now {new}; the old name is read until the next release, rename it",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def moved_key(parts: Sequence[str], where: str = "") -> list[str]:
+    """The key path ``parts`` under its current name (a moved key gets its notice); others unchanged."""
+    old = ".".join(parts[:2])
+    if old in MOVED_KEYS:
+        new = MOVED_KEYS[old]
+        _notice_moved(old, new, where)
+        return [*new.split("."), *parts[2:]]
+    if len(parts) >= 2 and parts[0] == "gpu" and old not in RETIRED_KEYS:
+        return ["fsdp", *parts[1:]]  # an unknown key of the old section: reported against fsdp's keys
+    return list(parts)
+
+
+def _platform_of(raw: Mapping[str, Any]) -> str | None:
+    model = raw.get("model")
+    return str(model["platform"]) if isinstance(model, Mapping) and "platform" in model else None
+
+
+def move_renamed_keys(raw: Mapping[str, Any], where: str = "", platform: str | None = None) -> dict[str, Any]:
+    """``raw`` (a parsed run config) with keys written under their old names (:data:`MOVED_KEYS`) moved to
+    their new place; a key given under both names is one line (ConfigError). ``platform`` is the run's
+    ``model.platform`` when ``raw`` is one of several layers (default: raw's own, else neuron)."""
+    data = dict(raw)
+    if not any(isinstance(data.get(section), Mapping) for section in _OLD_SECTIONS):
+        return data
+    platform = platform or _platform_of(data) or "neuron"
+    sections = {name: dict(data[name]) for name in _OLD_SECTIONS if isinstance(data.get(name), Mapping)}
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if key not in sections.get(section, {}):
+            continue
+        value = sections[section].pop(key)
+        new_section, new_key = new.split(".")
+        read_by = _PARALLEL_KEY_READ_BY.get(new, {})
+        if platform in read_by and read_by[platform] != old:
+            continue
+        target = dict(data.get(new_section) or {})
+        if new_key in target:
+            raise ConfigError(
+                f"{where}{old} and {new} are both set; {old} is the old name of {new}: keep only {new}"
+            )
+        _notice_moved(old, new, where)
+        target[new_key] = value
+        data[new_section] = target
+    for name, rest in sections.items():
+        if name == "gpu":
+            for key in list(rest):
+                if f"gpu.{key}" in RETIRED_KEYS:
+                    raise ConfigError(f"{where}gpu.{key}: no longer a setting; {RETIRED_KEYS[f'gpu.{key}']}")
+            if rest:  # unknown keys of the old section: reported against fsdp's keys
+                data["fsdp"] = {**rest, **(data.get("fsdp") or {})}
+            del data["gpu"]
+        else:
+            data[name] = rest
+    return data
 
 
 def _build(cls: type, data: Mapping[str, Any], path: str, problems: _Problems) -> Any:
@@ -830,6 +977,9 @@ def overrides_tree(overrides: Sequence[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for text in overrides:
         parts, raw = parse_override(text)
+        if ".".join(parts[:2]) in RETIRED_KEYS:
+            raise ConfigError(f"override {text}: no longer a setting; {RETIRED_KEYS['.'.join(parts[:2])]}")
+        parts = moved_key(parts, "override ")
         value = _override_value(raw, _schema_for(parts), text)
         node = tree
         for part in parts[:-1]:
@@ -918,7 +1068,7 @@ def config_from_dict(
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source or 'config'}: the top level must be a mapping of sections")
-    data = json.loads(json.dumps(dict(raw), default=str))
+    data = move_renamed_keys(json.loads(json.dumps(dict(raw), default=str)), f"{source}: " if source else "")
     if preprocess:
         data = _preprocess(data, base_dir)
     problems = _Problems(overrides)
@@ -988,10 +1138,15 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     if not files:
         raise ConfigError("no config file given; pass --config PATH to a run YAML (see examples/)")
     merged: dict[str, Any] = {}
-    for p in files:
-        merged = _deep_merge(merged, _preprocess(_read_yaml(p), p.resolve().parent))
-    merged = _deep_merge(merged, _preprocess(overrides_tree(overrides), Path.cwd()))
-    origins = {".".join(parse_override(text)[0]): text for text in overrides}
+    raws = [(p, _read_yaml(p)) for p in files]
+    tree = overrides_tree(overrides)
+    # Which old tp key applies depends on the platform, which a later layer may set.
+    platform = next((pl for pl in map(_platform_of, [tree, *reversed([r for _, r in raws])]) if pl), None)
+    for p, raw in raws:
+        moved = move_renamed_keys(raw, f"{p}: ", platform)
+        merged = _deep_merge(merged, _preprocess(moved, p.resolve().parent))
+    merged = _deep_merge(merged, _preprocess(tree, Path.cwd()))
+    origins = {".".join(moved_key(parse_override(text)[0])): text for text in overrides}
     return config_from_dict(
         merged, source=", ".join(str(p) for p in files), preprocess=False, overrides=origins
     )

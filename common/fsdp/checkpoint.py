@@ -12,7 +12,7 @@
 
 Everything is written into ``checkpoint-<step>.staging-<id>/`` and renamed when complete (by rank 0,
 after every rank finished its shards), so an interrupted save never looks like a checkpoint. The shards
-may be written in the background (:class:`BackgroundWriters`, ``gpu.async_checkpoint``) while training
+may be written in the background (:class:`BackgroundWriters`, ``fsdp.async_checkpoint``) while training
 goes on; the rename still waits for every rank's writes. A checkpoint
 written on N ranks loads on any other number of ranks and tensor-parallel degree (DCP reshards).
 """

@@ -131,14 +131,14 @@ def world_of(mesh: Any, device: torch.device, replicate: int = 1) -> World:
 
 
 def replica_groups(configured: int | None, *, lora: bool, dp: int, nodes: int) -> int:
-    """How many HSDP replica groups: ``gpu.replicate``, or by default one per node for LoRA (when the
+    """How many HSDP replica groups: ``parallel.replicate``, or by default one per node for LoRA (when the
     nodes split the data-parallel ranks evenly) and 1 for full fine-tuning. Raises ConfigError for a
     value that does not divide the data-parallel ranks."""
     if configured is None:
         return nodes if lora and nodes > 1 and dp % nodes == 0 else 1
     if dp % configured:
         raise ConfigError(
-            f"gpu.replicate: {configured} does not divide the {dp} data-parallel ranks (processes / gpu.tp); "
+            f"parallel.replicate: {configured} does not divide the {dp} data-parallel ranks (processes / parallel.tp); "
             f"use a divisor of {dp}"
         )
     return configured
@@ -164,12 +164,36 @@ def stop_world() -> None:
         dist.destroy_process_group()
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """How one run's ranks divide, computed once (:func:`rank_layout`) and handed to every part of the
+    trainer: ``tp`` ranks per tensor-parallel group, ``dp`` = world / tp data-parallel ranks, split into
+    ``replicate`` HSDP groups."""
+
+    world: int
+    tp: int
+    replicate: int
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+
+def rank_layout(cfg: Any, world: int, *, nodes: int) -> RankLayout:
+    """The layout of ``world`` ranks under ``cfg.parallel`` (a RunConfig), or a ConfigError naming the key
+    that does not divide them."""
+    tp = cfg.parallel.tp
+    check_world(world, tp)
+    replicate = replica_groups(cfg.parallel.replicate, lora=cfg.lora.enabled, dp=world // tp, nodes=nodes)
+    return RankLayout(world=world, tp=tp, replicate=replicate)
+
+
 def check_world(size: int, tp: int) -> None:
-    """Refuse a ``gpu.tp`` that does not divide the number of training processes."""
+    """Refuse a ``parallel.tp`` that does not divide the number of training processes."""
     if size % tp:
         raise ConfigError(
-            f"gpu.tp: {tp} does not divide the {size} training processes; use a divisor of {size} "
-            "or set gpu.devices"
+            f"parallel.tp: {tp} does not divide the {size} training processes; use a divisor of {size} "
+            "or set fsdp.devices"
         )
 
 
@@ -293,7 +317,7 @@ def split_output_head(model: Any, tp_mesh: Any) -> bool:
 
 
 def check_tensor_parallel(config: Any, tp: int) -> None:
-    """Refuse a ``gpu.tp`` that does not divide the heads and the MLP width."""
+    """Refuse a ``parallel.tp`` that does not divide the heads and the MLP width."""
     if tp == 1:
         return
     heads = config.num_attention_heads
@@ -304,7 +328,9 @@ def check_tensor_parallel(config: Any, tp: int) -> None:
         ("MLP width", config.intermediate_size),
     ):
         if n % tp:
-            raise ConfigError(f"gpu.tp: {tp} does not divide the model's {n} {what}; use a divisor of {n}")
+            raise ConfigError(
+                f"parallel.tp: {tp} does not divide the model's {n} {what}; use a divisor of {n}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ process-group backend and the compile backend come from the platform's
 schedule, the non-finite refusal and the logging / validation / saving cadence from the one training
 policy (:class:`~trnft.common.training.lightning_policy.PolicyCallback`).
 
-Processes: ``gpu.devices`` per node (every device by default; on CPU, gloo processes). Under torchrun (the
+Processes: ``fsdp.devices`` per node (every device by default; on CPU, gloo processes). Under torchrun (the
 Kubernetes PyTorchJob) the world comes from its environment; outside it, ``trnft train`` starts the
-processes itself with torchrun's launcher. ``gpu.tp`` ranks form a tensor-parallel group and read the same
+processes itself with torchrun's launcher. ``parallel.tp`` ranks form a tensor-parallel group and read the same
 batch; data parallelism takes the rest (:mod:`trnft.common.fsdp.parallel`).
 
 The training math is the Neuron path's:
@@ -105,7 +105,7 @@ def run(
     log: Callable[[str], None] = print,
     graph_counter: Callable[[], int] | None = None,
 ) -> StageResult:
-    """The train stage: in this process (under torchrun, or one process), or in ``gpu.devices`` it starts.
+    """The train stage: in this process (under torchrun, or one process), or in ``fsdp.devices`` it starts.
 
     Everything that can be refused (upstream, layout, batch, targets, vocabulary) is refused first, in one
     line, before a process starts or a folder is made. ``graph_counter`` counts the graphs the device has
@@ -125,7 +125,12 @@ def run(
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else nproc
     rundir = RunDir(cfg.run.root)
     upstream_manifests(spec, cfg, rundir)
-    check(cfg, TokenizeOutput(rundir.stage_dir("tokenize")), world, platform)
+    check(
+        cfg,
+        TokenizeOutput(rundir.stage_dir("tokenize")),
+        parallel.rank_layout(cfg, world, nodes=_nodes()),
+        platform,
+    )
     if nproc > 1:
         return _launch(cfg, nproc, platform, force=force, log=log)
 
@@ -155,12 +160,12 @@ def _processes_to_start(cfg: RunConfig, platform: DevicePlatform) -> int:
     if under_torchrun():
         return 1
     available = platform.count_devices()
-    if platform.name != "cpu" and cfg.gpu.devices and cfg.gpu.devices > available:
+    if platform.name != "cpu" and cfg.fsdp.devices and cfg.fsdp.devices > available:
         raise ConfigError(
-            f"gpu.devices: {cfg.gpu.devices} but this machine has {available} {platform.name} devices"
+            f"fsdp.devices: {cfg.fsdp.devices} but this machine has {available} {platform.name} devices"
         )
     default = available if platform.name != "cpu" else 1
-    return cfg.gpu.devices or default
+    return cfg.fsdp.devices or default
 
 
 def _launch(
@@ -199,7 +204,7 @@ def _launch(
             max_restarts=0,
             monitor_interval=1,
         )
-        log(f"train: starting {nproc} {platform.name} processes (gpu.devices)")
+        log(f"train: starting {nproc} {platform.name} processes (fsdp.devices)")
         try:
             grace = stop.workers_get_grace(stop.grace_seconds())
             with _threads_per_process(nproc), _workers_die_with_this_process(), grace:
@@ -249,9 +254,9 @@ def _threads_per_process(nproc: int) -> Iterator[None]:
 def compile_backend(cfg: RunConfig, platform: DevicePlatform) -> str | None:
     """The torch.compile backend of the decoder blocks (None: eager). auto compiles on CUDA only: the
     Neuron backend's compile path is not yet measured here, and the CPU always runs eager."""
-    if platform.compile_backend is None or cfg.gpu.compile == "off":
+    if platform.compile_backend is None or cfg.fsdp.compile == "off":
         return None
-    if cfg.gpu.compile == "auto" and platform.name != "cuda":
+    if cfg.fsdp.compile == "auto" and platform.name != "cuda":
         return None
     return platform.compile_backend
 
@@ -259,24 +264,25 @@ def compile_backend(cfg: RunConfig, platform: DevicePlatform) -> str | None:
 def attention_implementation(cfg: RunConfig, device: str) -> str:
     """flash_attention_2 on CUDA when flash_attn is installed and training in bf16 (auto; flash-attn has
     no fp32 kernels), else sdpa; or what the config says."""
-    wanted = cfg.gpu.attn_implementation
+    wanted = cfg.fsdp.attn_implementation
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if wanted == "auto":
         return "flash_attention_2" if device == "cuda" and has_flash and cfg.train.bf16 else "sdpa"
     if wanted == "flash_attention_2" and (device != "cuda" or not has_flash):
         raise ConfigError(
-            "gpu.attn_implementation: flash_attention_2 needs CUDA and the flash_attn package; use auto or sdpa"
+            "fsdp.attn_implementation: flash_attention_2 needs CUDA and the flash_attn package; use auto or sdpa"
         )
     return wanted
 
 
-def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int, platform: DevicePlatform) -> Any:
-    """Refuse what cannot work before any weights load: layout, batch, targets, vocabulary, validation."""
+def check(
+    cfg: RunConfig, tokenized: TokenizeOutput, layout: parallel.RankLayout, platform: DevicePlatform
+) -> Any:
+    """Refuse what cannot work before any weights load: batch, targets, vocabulary, validation (the layout
+    itself was checked when it was computed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    parallel.check_world(world, cfg.gpu.tp)
-    global_batch(cfg.train, world // cfg.gpu.tp)
-    parallel.replica_groups(cfg.gpu.replicate, lora=cfg.lora.enabled, dp=world // cfg.gpu.tp, nodes=_nodes())
+    global_batch(cfg.train, layout.dp)
     try:
         config = AutoConfig.from_pretrained(
             cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -285,7 +291,7 @@ def check(cfg: RunConfig, tokenized: TokenizeOutput, world: int, platform: Devic
         raise TrnftError(
             f"model.name_or_path: cannot load the model config of {cfg.model.name_or_path!r} ({exc})"
         ) from exc
-    parallel.check_tensor_parallel(config, cfg.gpu.tp)
+    parallel.check_tensor_parallel(config, cfg.parallel.tp)
     attention_implementation(cfg, platform.device_type)
     if tokenized.info["vocab_size"] > config.vocab_size:
         raise TrnftError(
@@ -424,7 +430,11 @@ class ShardedCausalLM(L.LightningModule):
     """
 
     def __init__(
-        self, ctx: StageContext, platform: DevicePlatform, tokenized: TokenizeOutput, world_size: int
+        self,
+        ctx: StageContext,
+        platform: DevicePlatform,
+        tokenized: TokenizeOutput,
+        layout: parallel.RankLayout,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -436,7 +446,8 @@ class ShardedCausalLM(L.LightningModule):
         train = self.cfg.train
         self.micro = train.micro_batch_size
         self.accumulation = train.gradient_accumulation_steps
-        self.global_batch = global_batch(train, world_size // self.cfg.gpu.tp)
+        self.layout = layout
+        self.global_batch = global_batch(train, layout.dp)
         self.attn = attention_implementation(self.cfg, platform.device_type)
         self.compile_backend = compile_backend(self.cfg, platform)
         self.step_count = 0
@@ -448,7 +459,7 @@ class ShardedCausalLM(L.LightningModule):
         self.model: Any = None
         self.world: parallel.World | None = None
         self.loss_parallel = False  # set in configure_model: lm_head split along the vocabulary over tp
-        self._writers: ckpt.BackgroundWriters | None = None  # gpu.async_checkpoint: set in configure_model
+        self._writers: ckpt.BackgroundWriters | None = None  # fsdp.async_checkpoint: set in configure_model
         self._in_flight: _InFlightSave | None = None
 
     @property
@@ -465,14 +476,9 @@ class ShardedCausalLM(L.LightningModule):
             return
         cfg = self.cfg
         device = self.trainer.strategy.root_device
-        replicate = parallel.replica_groups(
-            cfg.gpu.replicate,
-            lora=cfg.lora.enabled,
-            dp=self.device_mesh[parallel.DP_DIM].size(),
-            nodes=_nodes(),
-        )
-        self.world = world = parallel.world_of(self.device_mesh, device, replicate)
-        if cfg.gpu.async_checkpoint:
+        assert self.device_mesh[parallel.DP_DIM].size() == self.layout.dp  # Lightning built our layout's mesh
+        self.world = world = parallel.world_of(self.device_mesh, device, self.layout.replicate)
+        if cfg.fsdp.async_checkpoint:
             self._writers = ckpt.BackgroundWriters.create()
         model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
@@ -493,16 +499,16 @@ class ShardedCausalLM(L.LightningModule):
         if recompute is not None:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-        self.loss_parallel = cfg.gpu.tp > 1 and parallel.loss_parallel_head(model) is not None
+        self.loss_parallel = cfg.parallel.tp > 1 and parallel.loss_parallel_head(model) is not None
         settings = parallel.ShardSettings(
-            tp=cfg.gpu.tp,
+            tp=cfg.parallel.tp,
             bf16=cfg.train.bf16,
-            reshard_after_forward=cfg.gpu.reshard_after_forward,
-            cpu_offload=cfg.gpu.cpu_offload,
+            reshard_after_forward=cfg.fsdp.reshard_after_forward,
+            cpu_offload=cfg.fsdp.cpu_offload,
             compile_backend=self.compile_backend,
         )
         parallel.shard(model, world, settings)
-        parallel.materialize(model, device, buffers, cpu_offload=cfg.gpu.cpu_offload)
+        parallel.materialize(model, device, buffers, cpu_offload=cfg.fsdp.cpu_offload)
         parallel.load_base_weights(model, model_dir, device)
         if cfg.lora.enabled:
             parallel.init_lora_weights(model, cfg.train.seed, device)
@@ -514,7 +520,7 @@ class ShardedCausalLM(L.LightningModule):
     def configure_optimizers(self) -> Any:
         train = self.cfg.train
         # One fused kernel per parameter group on CUDA (DTensor parameters included); foreach elsewhere.
-        fused = self.world.device.type == "cuda" and not self.cfg.gpu.cpu_offload
+        fused = self.world.device.type == "cuda" and not self.cfg.fsdp.cpu_offload
         return torch.optim.AdamW(
             self._param_groups(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
             eps=train.adam_epsilon, **({"fused": True} if fused else {"foreach": True}),
@@ -672,7 +678,7 @@ class ShardedCausalLM(L.LightningModule):
         """Checkpoint the current step on every rank; rank 0 commits it. Returns its folder name.
 
         The checkpoint is committed (``done`` marker, rename, pruning) by :meth:`commit_written`, which the
-        policy calls right after: a synchronous save is complete by then; with ``gpu.async_checkpoint`` the
+        policy calls right after: a synchronous save is complete by then; with ``fsdp.async_checkpoint`` the
         shards are copied to host memory here and written in the background while training goes on, and
         the commit happens at the first step end where every rank's writes are on disk, so the checkpoint
         appears whole or not at all. At most one save is in flight: a new one first commits the previous.
@@ -768,17 +774,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def _lightning_trainer(
-    cfg: RunConfig,
     platform: DevicePlatform,
-    world_size: int,
+    layout: parallel.RankLayout,
     local_size: int,
     callbacks: list[Any],
     loggers: list[Any],
 ) -> L.Trainer:
     """``lightning.Trainer`` on ``ModelParallelStrategy`` for this platform's device and process group."""
     strategy = platform.lightning_strategy(
-        data_parallel_size=world_size // cfg.gpu.tp,
-        tensor_parallel_size=cfg.gpu.tp,
+        data_parallel_size=layout.dp,
+        tensor_parallel_size=layout.tp,
         save_distributed_checkpoint=True,
         process_group_backend=platform.process_group_backend,
         timeout=COLLECTIVE_TIMEOUT,
@@ -786,7 +791,7 @@ def _lightning_trainer(
     return L.Trainer(
         accelerator=platform.lightning_accelerator(),
         devices=local_size,
-        num_nodes=world_size // local_size,
+        num_nodes=layout.world // local_size,
         strategy=strategy,
         precision="32-true",  # FSDP2's MixedPrecisionPolicy casts (train.bf16); Lightning must not autocast
         max_epochs=1,  # one pass over the remaining steps (the dataset of step numbers)
@@ -806,15 +811,15 @@ def _lightning_trainer(
 
 
 def _loggers(ctx: StageContext) -> list[Any]:
-    """TensorBoard under ``<train>/tensorboard`` and, with ``gpu.wandb``, Weights & Biases (rank 0 writes)."""
+    """TensorBoard under ``<train>/tensorboard`` and, with ``fsdp.wandb``, Weights & Biases (rank 0 writes)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     loggers: list[Any] = [
         TensorBoardLogger(save_dir=str(ctx.out_dir), name="tensorboard", version="", default_hp_metric=False)
     ]
-    if ctx.cfg.gpu.wandb:
+    if ctx.cfg.fsdp.wandb:
         if importlib.util.find_spec("wandb") is None:
-            ctx.log("warning: gpu.wandb is on but wandb is not installed; logging to TensorBoard only")
+            ctx.log("warning: fsdp.wandb is on but wandb is not installed; logging to TensorBoard only")
         else:
             from lightning.pytorch.loggers import WandbLogger
 
@@ -839,17 +844,17 @@ def train(
     ctx.verify_upstream("tokenize")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    parallel.check_world(world_size, cfg.gpu.tp)
+    layout = parallel.rank_layout(cfg, world_size, nodes=_nodes())
     # Lightning's launcher calls torch.set_num_threads() when OMP_NUM_THREADS is unset; that pins MKL's
     # thread count and changes CPU summation order (one process then trains measurably differently from
     # the same run before Lightning). Naming the count torch already uses keeps torch's own threading.
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
-    module = ShardedCausalLM(ctx, platform, tokenized, world_size)
+    module = ShardedCausalLM(ctx, platform, tokenized, layout)
     record = RunRecord(start=0, resumed_from=None)
     policy = PolicyCallback(ctx, record, graph_counter=graph_counter)
     started = _Started(ctx, module, record)
-    trainer = _lightning_trainer(cfg, platform, world_size, local_size, [started, policy], _loggers(ctx))
+    trainer = _lightning_trainer(platform, layout, local_size, [started, policy], _loggers(ctx))
     t0 = time.perf_counter()
     finished = False
     try:

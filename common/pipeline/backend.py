@@ -38,7 +38,7 @@ class Backend(Protocol):
     """What a training platform provides. Each platform's ``backend`` module defines ``BACKEND``."""
 
     platform: str
-    # The config section whose keys decide the training output (part of the train/compile fingerprint).
+    # The trainer's config section (fsdp or neuron): its keys, with parallel's, decide the training output.
     config_section: str
     # True when the compile stage does work on the accelerator (a PyTorchJob); False for a no-op Job.
     compiles_graphs: bool

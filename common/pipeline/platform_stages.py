@@ -19,9 +19,11 @@ def _output_keys(cfg: RunConfig, section: str, *, leave_out: tuple[str, ...] = (
 
 
 def train_keys(cfg: RunConfig) -> tuple[str, ...]:
-    """Config keys that decide what training produces: model, LoRA, train and the platform's section."""
+    """Config keys that decide what training produces: model, LoRA, train, parallelism and the trainer's
+    section (``fsdp`` or ``neuron``)."""
     train = _output_keys(cfg, "train", leave_out=("compile_steps",))
-    return ("model", "lora", *train, *_output_keys(cfg, backend.of(cfg).config_section))
+    parallel = _output_keys(cfg, "parallel")
+    return ("model", "lora", *train, *parallel, *_output_keys(cfg, backend.of(cfg).config_section))
 
 
 # Accelerator stages run as distributed jobs; gpu's compile is a no-op and stays a plain Job.

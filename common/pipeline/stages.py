@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config.run_config import RunConfig, select, stable_hash
+from ..config.run_config import RunConfig, current_names, fingerprint_names, select, stable_hash
 from ..errors import TrnftError, UpstreamError
 from . import attempts, checkpoints, registry
 from .figures import Figures
@@ -151,7 +151,8 @@ def fingerprint_of(
     subset = select(cfg, spec.config_keys(cfg))
     data = {
         "stage": spec.name,
-        "config": subset,
+        # hashed under the keys' names before settings moved to parallel/fsdp: older runs keep their hashes
+        "config": fingerprint_names(subset, cfg.model.platform),
         "upstream": {name: m.get("output_digest") for name, m in sorted(upstream.items())},
         "inputs": sorted((e["name"], e["digest"]) for e in external),
     }
@@ -177,7 +178,7 @@ def _describe_change(
     upstream: dict[str, dict],
     external: list[dict[str, Any]],
 ) -> str:
-    keys = changed_keys(previous.get("config", {}), subset)
+    keys = changed_keys(current_names(previous.get("config", {})), subset)
     old_up = previous.get("upstream", {})
     ups = [n for n, m in upstream.items() if old_up.get(n) != m.get("output_digest")]
     old_inputs = {

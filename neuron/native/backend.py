@@ -1,8 +1,8 @@
 """The ``neuron-native`` platform: Trainium 2 and 3 on native PyTorch (TorchNeuron), through the FSDP2
 trainer on Lightning that the gpu platform uses.
 
-Settings: the FSDP2 trainer's (``gpu.tp``, ``gpu.devices``, ``gpu.reshard_after_forward``,
-``gpu.activation_checkpointing``, ``gpu.compile``) and, from the ``neuron`` section, only what native
+Settings: the FSDP2 trainer's (``parallel.tp``, ``parallel.replicate``, ``fsdp.devices``, ``fsdp.reshard_after_forward``,
+``fsdp.compile``, ``train.activation_checkpointing``) and, from the ``neuron`` section, only what native
 Neuron shares with the XLA path: ``neuron.cache_dir`` (the persistent compile cache on the shared volume)
 and ``neuron.logical_nc_config``. Everything else is refused by
 :func:`check_settings` in one line before any stage runs.
@@ -27,13 +27,11 @@ from . import torchneuron
 SHARED_NEURON_KEYS = ("cache_dir", "logical_nc_config")
 # What to do instead, per XLA-only key.
 _INSTEAD = {
-    "tp": "the FSDP2 trainer's tensor parallelism is gpu.tp",
-    "pp": "the FSDP2 trainer has no pipeline parallelism; use gpu.tp and data parallelism",
     "backend": "the device is chosen by the platform (Neuron when /dev/neuron* and torch-neuronx exist, else CPU)",
-    "cpu_devices": "on CPU the processes are gpu.devices",
-    "kv_size_multiplier": "GQA key/value heads are split by DTensor with gpu.tp dividing them",
+    "cpu_devices": "on CPU the processes are fsdp.devices",
+    "kv_size_multiplier": "GQA key/value heads are split by DTensor with parallel.tp dividing them",
     "fuse_qkv": "NxD's fused projections are the XLA path's",
-    "attention": "attention is gpu.attn_implementation (sdpa or eager on Neuron)",
+    "attention": "attention is fsdp.attn_implementation (sdpa or eager on Neuron)",
     "checkpoint_format": "checkpoints are torch.distributed checkpoints",
     "parallel_compile_workers": "there is no neuron_parallel_compile; the compile stage is a trial run",
     "compiler_flags": "TorchNeuron documents no NEURON_CC_FLAGS; it compiles with its own settings",
@@ -46,8 +44,10 @@ def check_settings(cfg: RunConfig) -> None:
     Raises:
         ConfigError: one line naming the key, why, and what to use instead.
     """
+    from ...common.fsdp import check_parallel_settings
     from ...common.training.families import check_fsdp_family
 
+    check_parallel_settings(cfg)
     check_fsdp_family(cfg.model.name_or_path)
     inst = instance(cfg.cluster.instance_type)
     if inst.accelerator != "neuron" or inst.target not in torchneuron.TARGETS:
@@ -71,15 +71,15 @@ def check_settings(cfg: RunConfig) -> None:
                 f"neuron.{f.name}: {value!r} is a setting of model.platform neuron (PyTorch/XLA), which "
                 f"neuron-native cannot honour ({_INSTEAD.get(f.name, 'remove it')}); remove it"
             )
-    if cfg.gpu.attn_implementation == "flash_attention_2":
+    if cfg.fsdp.attn_implementation == "flash_attention_2":
         raise ConfigError(
-            "gpu.attn_implementation: flash_attention_2 is CUDA's flash-attn package; on neuron-native use "
+            "fsdp.attn_implementation: flash_attention_2 is CUDA's flash-attn package; on neuron-native use "
             "auto, sdpa or eager"
         )
-    if cfg.gpu.cpu_offload:
+    if cfg.fsdp.cpu_offload:
         raise ConfigError(
-            "gpu.cpu_offload: FSDP2 CPU offload is not supported on neuron-native (its optimizer step would "
-            "run on the host, away from the NeuronCores); set gpu.cpu_offload=false and add nodes or gpu.tp"
+            "fsdp.cpu_offload: FSDP2 CPU offload is not supported on neuron-native (its optimizer step would "
+            "run on the host, away from the NeuronCores); set fsdp.cpu_offload=false and add nodes or parallel.tp"
         )
 
 
@@ -97,7 +97,7 @@ def neuron_native_env(cfg: RunConfig, inst: InstanceType, layout: Layout) -> dic
 @dataclass(frozen=True)
 class NeuronNativeBackend(StageModules):
     platform: str = "neuron-native"
-    config_section: str = "gpu"
+    config_section: str = "fsdp"
     compiles_graphs: bool = True
     accelerator: str = "neuron"
 
@@ -105,7 +105,7 @@ class NeuronNativeBackend(StageModules):
         check_settings(cfg)
 
     def model_parallel(self, cfg: RunConfig) -> tuple[int, int]:
-        return cfg.gpu.tp, 1
+        return cfg.parallel.tp, 1
 
     def launch_env(self, cfg: RunConfig, inst: InstanceType, layout: Layout) -> dict[str, str]:
         return neuron_native_env(cfg, inst, layout)

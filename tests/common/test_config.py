@@ -58,7 +58,7 @@ def test_minimal_config_gets_defaults(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
     assert cfg.train.micro_batch_size == 1
     assert cfg.lora.enabled and "q_proj" in cfg.lora.target_modules
-    assert cfg.neuron.tp == 1
+    assert cfg.parallel.tp == 1
 
 
 @pytest.mark.parametrize(
@@ -207,7 +207,7 @@ def test_a_bare_on_or_off_in_yaml_is_the_word_not_a_boolean(tmp_path):
     head = "run: {name: t, root: /tmp/t}\nmodel: {name_or_path: /tmp/m}\ndataset: {name: a/b}\n"
     path.write_text(head + "train: {activation_checkpointing: off}\ngpu: {compile: on}\n")
     cfg = load_config(path)
-    assert (cfg.train.activation_checkpointing, cfg.gpu.compile) == ("off", "on")
+    assert (cfg.train.activation_checkpointing, cfg.fsdp.compile) == ("off", "on")
     path.write_text(head + "train: {activation_checkpointing: on}\n")
     with pytest.raises(ConfigError) as err:  # no word "on" for this key: the boolean is still refused
         load_config(path)

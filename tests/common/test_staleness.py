@@ -114,7 +114,8 @@ SECTION_CHANGES = {
     "train": ("train.learning_rate=0.001", ("-", "stale", "stale", "stale", "stale", "stale")),
     "train-runtime": ("train.logging_steps=7", ("-",) * 6),  # how often to log: no output changes
     "neuron": ("neuron.checkpoint_format=plain", ("-", "stale", "stale", "stale", "stale", "stale")),
-    "gpu": ("gpu.reshard_after_forward=false", ("-",) * 6),  # the other platform's section
+    "parallel": ("parallel.tp=1", ("-", "stale", "stale", "stale", "stale", "stale")),
+    "fsdp": ("fsdp.reshard_after_forward=false", ("-",) * 6),  # the other trainer's section
     "train-recompute": ("train.activation_checkpointing=off", ("-",) * 6),  # memory and time, not numbers
     "eval": ("eval.max_new_tokens=5", ("-",) * 5 + ("stale",)),
     "cluster": ("cluster.num_nodes=2", ("-",) * 6),  # where pods run, not what they compute
@@ -147,28 +148,39 @@ def test_runtime_only_keys_keep_every_stage_complete_and_an_output_key_does_not(
     resumes from its checkpoint), while a key that changes the numbers makes it stale."""
     import dataclasses
 
-    from trnft.common.config.run_config import GpuSection, NeuronSection, TrainSection, changes_output
+    from trnft.common.config.run_config import (
+        FsdpSection,
+        NeuronSection,
+        ParallelSection,
+        TrainSection,
+        changes_output,
+    )
     from trnft.common.pipeline.registry import names
 
     STAGES = names()
 
     declared = {
         f"{name}.{f.name}"
-        for name, section in (("train", TrainSection), ("gpu", GpuSection), ("neuron", NeuronSection))
+        for name, section in (
+            ("train", TrainSection),
+            ("parallel", ParallelSection),
+            ("fsdp", FsdpSection),
+            ("neuron", NeuronSection),
+        )
         for f in dataclasses.fields(section)
         if not changes_output(section, f.name)
     }
     assert declared == {
         "train.logging_steps", "train.on_recompile", "train.keep_checkpoints", "train.activation_checkpointing",
-        "gpu.wandb", "gpu.async_checkpoint", "neuron.parallel_compile_workers",
+        "fsdp.wandb", "fsdp.async_checkpoint", "neuron.parallel_compile_workers",
     }  # fmt: skip
     for platform in ("gpu", "neuron-native"):
         run = make_run(platform=platform)
         cfg = load_config(run.config)
         for stage in STAGES[1:]:
             complete_by_hand(cfg, stage)
-        for override in ("gpu.wandb=true", "gpu.async_checkpoint=false", "train.logging_steps=3",
+        for override in ("fsdp.wandb=true", "fsdp.async_checkpoint=false", "train.logging_steps=3",
                          "train.activation_checkpointing=off"):  # fmt: skip
             assert _states(run, override)["train"] == "complete", (platform, override)
-        assert _states(run, "gpu.tp=2")["train"] == "stale"
+        assert _states(run, "parallel.tp=2")["train"] == "stale"
         assert _states(run, "train.learning_rate=0.5")["train"] == "stale"

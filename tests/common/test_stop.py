@@ -163,7 +163,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_sigkill_of_a_local_train_ends_the_processes_it_started(make_run):
-    run = make_run(platform="gpu", gpu={"devices": 2}, train={"max_steps": 10_000, "save_steps": 10_000})
+    run = make_run(platform="gpu", fsdp={"devices": 2}, train={"max_steps": 10_000, "save_steps": 10_000})
     parent = subprocess.Popen(
         [sys.executable, "-m", "trnft.common.cli", "train", "--config", str(run.config)],
         stdout=subprocess.DEVNULL,

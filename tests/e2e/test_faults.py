@@ -17,7 +17,7 @@ import json
 import shutil
 
 import pytest
-from helpers import Run, ok, set_platform, smoke_raw
+from helpers import Run, ok, smoke_raw
 
 from trnft.common.pipeline.registry import names
 
@@ -43,7 +43,7 @@ def _fault(stage: str, point: str) -> str:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("reference") / "run"
-    run = Run(root, set_platform(smoke_raw(root, tiny_llama, **SETTINGS), "gpu"))
+    run = Run(root, smoke_raw(root, tiny_llama, **SETTINGS, platform="gpu"))
     for stage in STAGES:
         ok(run.stage(stage, timeout=1200))
     return run
@@ -86,7 +86,7 @@ CASES = [
 @pytest.mark.parametrize(("stage", "point"), CASES)
 def test_a_killed_stage_reruns_to_the_uninterrupted_result(reference, tmp_path, tiny_llama, stage, point):
     root = tmp_path / "run"
-    run = Run(root, set_platform(smoke_raw(root, tiny_llama, **SETTINGS), "gpu"))
+    run = Run(root, smoke_raw(root, tiny_llama, **SETTINGS, platform="gpu"))
     root.mkdir()
     for upstream in STAGES[: STAGES.index(stage)]:
         shutil.copytree(reference.root / upstream, root / upstream)

@@ -77,12 +77,8 @@ def test_the_trainium_pipeline_with_a_kill_and_a_resume(tmp_path):
         model,
         dataset={"packing": False, "max_seq_length": 2048},
         train=TRAIN,
-        neuron={
-            "backend": "trainium",
-            "tp": 2,
-            "attention": "flash",
-            "cache_dir": str(tmp_path / "neuron_cache"),
-        },
+        parallel={"tp": 2},
+        neuron={"backend": "trainium", "attention": "flash", "cache_dir": str(tmp_path / "neuron_cache")},
         cluster={"instance_type": "trn1.2xlarge", "num_nodes": 1},
     )
     raw["model"]["dtype"] = "bfloat16"

@@ -1,4 +1,4 @@
-"""gpu.async_checkpoint: shards written in the background hold the weights and optimizer state of the moment
+"""fsdp.async_checkpoint: shards written in the background hold the weights and optimizer state of the moment
 the save started, even when training changes them at once (2 gloo ranks, FSDP2 on CPU), and load back as
 a synchronous save of the same moment does.
 

@@ -24,7 +24,7 @@ STEPS = SHARDED_TRAIN
 
 
 def _run(make_run, **train):
-    return make_run(platform="gpu", train={**STEPS, **train}, gpu={"attn_implementation": "sdpa"})
+    return make_run(platform="gpu", train={**STEPS, **train}, fsdp={"attn_implementation": "sdpa"})
 
 
 def test_fp32_training_on_cuda_equals_training_on_the_cpu(make_run):

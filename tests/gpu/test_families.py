@@ -37,7 +37,7 @@ def test_a_family_of_this_year_runs_every_stage(make_run, tmp_path, family, plat
     from transformers import AutoModelForCausalLM
 
     model = build_tiny_model(tmp_path / family, family)
-    run = make_run(model=model, platform=platform, train=SHORT, gpu={"devices": tp, "tp": tp})
+    run = make_run(model=model, platform=platform, train=SHORT, parallel={"tp": tp}, fsdp={"devices": tp})
     for stage in ("tokenize", "compile", "train", "consolidate", "merge", "evaluate"):
         ok(run.stage(stage))
     figures = run.figures("train", ShardedTrainFigures)

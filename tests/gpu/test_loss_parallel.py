@@ -1,4 +1,4 @@
-"""Loss parallelism under gpu.tp: the lm_head splits along the vocabulary, each tensor-parallel rank holds only
+"""Loss parallelism under parallel.tp: the lm_head splits along the vocabulary, each tensor-parallel rank holds only
 its columns of the logits, and the loss and gradients equal those of the whole logits (2 gloo ranks).
 
 Upstream facts relied on (torch 2.8.0, torch/distributed/tensor/parallel/loss.py): ``loss_parallel()``

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARDED_TRAIN, Run, ok, set_platform, smoke_raw
+from helpers import SHARDED_TRAIN, Run, ok, smoke_raw
 
 from trnft.common.fsdp import checkpoint as gpu_checkpoint
 from trnft.common.fsdp.trainer import ShardedTrainFigures
@@ -62,7 +62,7 @@ def _run(
     root.mkdir()
     shutil.copytree(tokenized, root / "tokenize")
     gpu = {"devices": 2, **sections.pop("gpu", {})}
-    raw = set_platform(smoke_raw(root, tiny_llama, train=TRAIN, **sections), platform)
+    raw = smoke_raw(root, tiny_llama, train=TRAIN, **sections, platform=platform)
     raw.setdefault("gpu", {}).update(gpu)
     return Run(root, raw)
 
@@ -180,7 +180,7 @@ def test_neuron_native_compile_and_tensor_parallel_train_under_ray_equal_torchru
     same stages started by trnft itself."""
     runs = {}
     for name in ("torchrun", "ray"):
-        run = _run(tmp_path, tiny_llama, tokenized, name, platform="neuron-native", gpu={"tp": 2})
+        run = _run(tmp_path, tiny_llama, tokenized, name, platform="neuron-native", parallel={"tp": 2})
         if name == "torchrun":
             ok(run.stage("compile", env=THREADS))
             ok(run.stage("train", env=THREADS))

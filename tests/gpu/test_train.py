@@ -1,6 +1,6 @@
 """The GPU trainer on CPU: FSDP2 (and DTensor tensor parallelism) over gloo, one process and two.
 
-Runs go through the public CLI (``trnft train`` with ``gpu.devices`` / ``gpu.tp``), which starts the ranks
+Runs go through the public CLI (``trnft train`` with ``fsdp.devices`` / ``parallel.tp``), which starts the ranks
 itself. The two-rank runs are the acceptance of the sharded trainer: same losses as one process with the
 same global batch, exact resume after SIGKILL, and a consolidated adapter equal to the one-process one.
 """
@@ -210,9 +210,7 @@ def one_process(tmp_path_factory, tiny_llama, tokenized):
         root = tmp_path_factory.mktemp(name) / "run"
         root.mkdir()
         shutil.copytree(tokenized, root / "tokenize")
-        raw = smoke_raw(root, tiny_llama, **sections)
-        raw["model"]["platform"] = "gpu"
-        return Run(root, raw)
+        return Run(root, smoke_raw(root, tiny_llama, platform="gpu", **sections))
 
     single = make("single", train={**SHARDED, "gradient_accumulation_steps": 2})
     ok(single.stage("train"))
@@ -222,7 +220,7 @@ def one_process(tmp_path_factory, tiny_llama, tokenized):
 @pytest.fixture(scope="module")
 def two_ranks(one_process):
     _, make = one_process
-    run = make("dp2", train={**SHARDED, "gradient_accumulation_steps": 1}, gpu={"devices": 2})
+    run = make("dp2", train={**SHARDED, "gradient_accumulation_steps": 1}, fsdp={"devices": 2})
     ok(run.stage("train"))
     return run
 
@@ -258,7 +256,7 @@ def test_a_two_rank_checkpoint_consolidates_to_the_one_process_adapter(one_proce
 
 def test_two_rank_resume_after_sigkill_equals_the_uninterrupted_run(one_process, two_ranks):
     _, make = one_process
-    broken = make("dp2-killed", train={**SHARDED, "gradient_accumulation_steps": 1}, gpu={"devices": 2})
+    broken = make("dp2-killed", train={**SHARDED, "gradient_accumulation_steps": 1}, fsdp={"devices": 2})
     killed = broken.stage("train", env={"TRNFT_FAULT": "kill-during-save:6"})
     assert killed.returncode == 137  # the SIGKILLed rank, as a retryable exit
     resumed = ok(broken.stage("train"))
@@ -275,7 +273,7 @@ def test_sigterm_to_one_rank_saves_the_step_it_was_in_and_the_rerun_ends_like_th
     """An eviction: SIGTERM reaches rank 1 during step 4 (checkpoints are due at 3 and 6). Both ranks agree
     to stop after step 4, save checkpoint-4 and exit 143; the rerun resumes at step 4, not 3."""
     _, make = one_process
-    evicted = make("dp2-term", train={**SHARDED, "gradient_accumulation_steps": 1}, gpu={"devices": 2})
+    evicted = make("dp2-term", train={**SHARDED, "gradient_accumulation_steps": 1}, fsdp={"devices": 2})
     stopped = evicted.stage("train", env={"TRNFT_FAULT": "term-during-step:4", "TRNFT_FAULT_RANK": "1"})
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "SIGTERM received; stopping after step 4 with checkpoint-4 saved" in stopped.stdout
@@ -332,9 +330,11 @@ def test_a_checkpoint_damaged_after_its_save_is_skipped_and_the_run_resumes_from
 
 
 def test_tensor_parallel_two_ranks_train_like_one_process(one_process, tmp_path, tiny_llama):
-    """gpu.tp=2: the decoder projections split over 2 ranks (dp 1); the same losses and adapter."""
+    """parallel.tp=2: the decoder projections split over 2 ranks (dp 1); the same losses and adapter."""
     single, make = one_process
-    tp = make("tp2", train={**SHARDED, "gradient_accumulation_steps": 2}, gpu={"devices": 2, "tp": 2})
+    tp = make(
+        "tp2", train={**SHARDED, "gradient_accumulation_steps": 2}, parallel={"tp": 2}, fsdp={"devices": 2}
+    )
     ok(tp.stage("train"))
     a, b = single.figures("train", ShardedTrainFigures), tp.figures("train", ShardedTrainFigures)
     assert (b.dp, b.tp) == (1, 2)
@@ -365,12 +365,15 @@ def test_selective_recompute_trains_like_full_recompute(one_process):
 
 
 def test_hsdp_two_replica_groups_train_like_one_process(one_process, tmp_path, tiny_llama):
-    """gpu.replicate=2 on 2 ranks: HSDP with two replica groups of one shard each (gradients all-reduced
+    """parallel.replicate=2 on 2 ranks: HSDP with two replica groups of one shard each (gradients all-reduced
     between groups, not reduce-scattered); the same losses, and the checkpoint consolidates to the same
     adapter's logits."""
     single, make = one_process
     run = make(
-        "hsdp", train={**SHARDED, "gradient_accumulation_steps": 1}, gpu={"devices": 2, "replicate": 2}
+        "hsdp",
+        train={**SHARDED, "gradient_accumulation_steps": 1},
+        parallel={"replicate": 2},
+        fsdp={"devices": 2},
     )
     ok(run.stage("train"))
     assert run.manifest("train")["layout"]["replicate"] == 2
@@ -406,18 +409,18 @@ def test_a_replicate_that_does_not_divide_the_ranks_is_one_line():
     with pytest.raises(ConfigError) as err:
         replica_groups(3, lora=True, dp=4, nodes=1)
     assert str(err.value) == (
-        "gpu.replicate: 3 does not divide the 4 data-parallel ranks (processes / gpu.tp); use a divisor of 4"
+        "parallel.replicate: 3 does not divide the 4 data-parallel ranks (processes / parallel.tp); use a divisor of 4"
     )
 
 
 def test_cpu_offload_on_two_ranks_trains_like_one_process(one_process):
-    """gpu.cpu_offload: FSDP2 keeps parameters, gradients and Adam state in host memory (on the CPU
+    """fsdp.cpu_offload: FSDP2 keeps parameters, gradients and Adam state in host memory (on the CPU
     here: what it checks is that the offload path builds, clips across devices and trains the same)."""
     single, make = one_process
     run = make(
         "offload",
         train={**SHARDED, "gradient_accumulation_steps": 1},
-        gpu={"devices": 2, "cpu_offload": True},
+        fsdp={"devices": 2, "cpu_offload": True},
     )
     ok(run.stage("train"))
     a, b = single.figures("train", ShardedTrainFigures), run.figures("train", ShardedTrainFigures)
@@ -486,11 +489,14 @@ def test_full_fine_tuning_on_two_ranks_consolidates_to_the_one_process_model(
             "train.global_batch_size: 5 is not a multiple of micro_batch_size 2",
         ),
         (
-            {"gpu": {"attn_implementation": "flash_attention_2"}},
-            "gpu.attn_implementation: flash_attention_2 needs CUDA",
+            {"fsdp": {"attn_implementation": "flash_attention_2"}},
+            "fsdp.attn_implementation: flash_attention_2 needs CUDA",
         ),
-        ({"gpu": {"tp": 2}}, "gpu.tp: 2 does not divide the 1 training processes"),
-        ({"gpu": {"tp": 3, "devices": 3}}, "gpu.tp: 3 does not divide the model's 4 attention heads"),
+        ({"parallel": {"tp": 2}}, "parallel.tp: 2 does not divide the 1 training processes"),
+        (
+            {"parallel": {"tp": 3}, "fsdp": {"devices": 3}},
+            "parallel.tp: 3 does not divide the model's 4 attention heads",
+        ),
         (
             {"gpu": {"strategy": "fsdp"}},
             "gpu.strategy: no longer a setting; the GPU trainer always shards with FSDP2",
@@ -510,7 +516,7 @@ def test_bad_input_is_one_line_before_any_training(make_run, sections, message, 
 def test_missing_tokenize_output_names_the_stage_to_run(tmp_path, tiny_llama):
     from helpers import Run, smoke_raw
 
-    raw = smoke_raw(tmp_path / "run", tiny_llama, model={"platform": "gpu"}, gpu={"devices": 2})
+    raw = smoke_raw(tmp_path / "run", tiny_llama, platform="gpu", fsdp={"devices": 2})
     proc = Run(tmp_path / "run", raw).stage("train")
     assert proc.returncode != 0 and "run `trnft tokenize --config <run.yaml>` first" in proc.stderr
 

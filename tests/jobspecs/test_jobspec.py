@@ -293,8 +293,8 @@ def test_job_names_are_stable_dns_1035(tmp_path):
     ("overrides", "message"),
     [
         (
-            ["neuron.tp=6"],
-            "neuron.tp: 6 does not divide the 32 NeuronCores of a trn1.32xlarge; use one of 1, 2, 4, 8, 16, 32",
+            ["parallel.tp=6"],
+            "parallel.tp: 6 does not divide the 32 NeuronCores of a trn1.32xlarge; use one of 1, 2, 4, 8, 16, 32",
         ),
         (
             ["cluster.instance_type=p5.48xlarge"],

@@ -57,7 +57,9 @@ def _pod_env(rank: int) -> dict[str, str]:
 def _two_node_run(make_run):
     # The shared tokenized fixture is packed, so these runs use the attention that keeps packing.
     # tp 4: the tiny Llama's 4 attention heads split over it (a tp that cannot split the model is refused)
-    return make_run(neuron={"backend": "trainium", "tp": 4, "attention": "eager"}, cluster={"num_nodes": 2})
+    return make_run(
+        parallel={"tp": 4}, neuron={"backend": "trainium", "attention": "eager"}, cluster={"num_nodes": 2}
+    )
 
 
 def test_a_worker_pod_traces_its_graphs_and_writes_no_stage_output(make_run, parallel_compile_tool):

@@ -57,7 +57,7 @@ def test_full_lists_and_unfused_subsets_pass():
             ["q_proj", "v_proj"],
             _layout(LLAMA_8B, 32),
             "lora.target_modules: names q_proj, v_proj but not k_proj; on the Trainium path they are one "
-            "module qkv_proj (the model's 8 key/value heads are fewer than neuron.tp=32: NxD's GQA QKV "
+            "module qkv_proj (the model's 8 key/value heads are fewer than parallel.tp=32: NxD's GQA QKV "
             "layer), which LoRA adapts as a whole: add k_proj or remove q_proj, v_proj",
         ),
         (
@@ -79,24 +79,24 @@ def test_part_of_a_fused_group_is_one_line_naming_it(targets, layout, message):
     ("overrides", "message"),
     [
         (
-            ["neuron.pp=2", "neuron.tp=1"],
-            "neuron.pp: 2 (pipeline parallelism) has never run end to end on this path",
+            ["parallel.pp=2", "parallel.tp=1"],
+            "parallel.pp: 2 (pipeline parallelism) has never run end to end on this path",
         ),
         (["lora.target_modules=[gate_proj,q_proj,k_proj,v_proj]"], "add up_proj or remove gate_proj"),
-        # the tiny Llama has 2 key/value heads: at neuron.tp=4 (8 CPU devices) q/k/v are one module
+        # the tiny Llama has 2 key/value heads: at parallel.tp=4 (8 CPU devices) q/k/v are one module
         (
-            ["neuron.tp=4", "neuron.cpu_devices=8", "lora.target_modules=[q_proj,v_proj]"],
-            "fewer than neuron.tp=4",
+            ["parallel.tp=4", "neuron.cpu_devices=8", "lora.target_modules=[q_proj,v_proj]"],
+            "fewer than parallel.tp=4",
         ),
         # fused q/k/v on NxD's GQA layer with a frozen base: NxD 0.15's backward fails (qkv_linear_utils.py)
         (
-            ["neuron.tp=4", "neuron.cpu_devices=8", "neuron.fuse_qkv=true"],
+            ["parallel.tp=4", "neuron.cpu_devices=8", "neuron.fuse_qkv=true"],
             "neuron.fuse_qkv: LoRA keeps the base frozen",
         ),
         # 2 KV heads copied twice on trn2, where NxD's copy groups do not match optimum-neuron's loading
         (
-            ["neuron.tp=4", "neuron.cpu_devices=8", "cluster.instance_type=trn2.48xlarge"],
-            "neuron.tp: 4 on trn2 copies each of the model's 2 key/value heads 2 times",
+            ["parallel.tp=4", "neuron.cpu_devices=8", "cluster.instance_type=trn2.48xlarge"],
+            "parallel.tp: 4 on trn2 copies each of the model's 2 key/value heads 2 times",
         ),
     ],
 )
@@ -132,7 +132,7 @@ def test_kv_copies_of_several_heads_are_refused_on_trn2_only():
 
     two_kv = ModelDims(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=96, layers=2)
     one_kv = ModelDims(hidden=64, heads=4, kv_heads=1, head_dim=16, intermediate=128, vocab=96, layers=2)
-    with pytest.raises(ConfigError, match=r"neuron\.tp: 4 on trn2 copies each of the model's 2 key/value"):
+    with pytest.raises(ConfigError, match=r"parallel\.tp: 4 on trn2 copies each of the model's 2 key/value"):
         check_kv_copies_on_target(_layout(two_kv, 4), "trn2")
     check_kv_copies_on_target(_layout(two_kv, 4), "trn1")  # the rule optimum-neuron loads with
     check_kv_copies_on_target(_layout(one_kv, 4), "trn2")  # one head: both rules give the same copies

@@ -25,7 +25,7 @@ def _cfg(**sections):
         "model": {"name_or_path": "meta-llama/Llama-3.1-8B", "dtype": "bfloat16"},
         "dataset": {"name": "x/y", "max_seq_length": 2048, "packing": False},
         "train": {"bf16": True, "micro_batch_size": 1},
-        "neuron": {"tp": 8},
+        "parallel": {"tp": 8},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -47,7 +47,7 @@ def test_trn2_cores_at_lnc_2_hold_24_gib():
 
 
 def test_recomputation_is_what_lets_long_sequences_fit():
-    long = {"dataset": {"max_seq_length": 16384}, "neuron": {"tp": 8, "attention": "eager"}}
+    long = {"dataset": {"max_seq_length": 16384}, "parallel": {"tp": 8}, "neuron": {"attention": "eager"}}
     on = estimate(_cfg(**long), LLAMA_8B, instance("trn1.32xlarge"))
     off = estimate(
         _cfg(**long, train={"activation_checkpointing": "off"}), LLAMA_8B, instance("trn1.32xlarge")
@@ -57,17 +57,17 @@ def test_recomputation_is_what_lets_long_sequences_fit():
         check(_cfg(**long, train={"activation_checkpointing": "off"}), LLAMA_8B, instance("trn1.32xlarge"))
     line = str(err.value)
     assert (
-        line.startswith("neuron.tp: the layout needs about")
+        line.startswith("parallel.tp: the layout needs about")
         and "a trn1.32xlarge NeuronCore has 16 GiB" in line
     )
     assert "set train.activation_checkpointing=full" in line and "\n" not in line
 
 
 def test_full_fine_tuning_of_8b_on_one_core_is_refused_with_what_to_change():
-    cfg = _cfg(lora={"enabled": False}, neuron={"tp": 1})
+    cfg = _cfg(lora={"enabled": False}, parallel={"tp": 1})
     with pytest.raises(ConfigError) as err:
         check(cfg, LLAMA_8B, instance("trn1.32xlarge"))
-    assert "raise neuron.tp (now 1)" in str(err.value) and "or train LoRA" in str(err.value)
+    assert "raise parallel.tp (now 1)" in str(err.value) and "or train LoRA" in str(err.value)
 
 
 def test_every_stage_refuses_it_before_running(make_run, tmp_path):
@@ -75,7 +75,7 @@ def test_every_stage_refuses_it_before_running(make_run, tmp_path):
     model = tmp_path / "llama-8b-config-only"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**LLAMA_8B.to_dict(), "model_type": "llama"}))
-    run = make_run(model=model, neuron={"backend": "trainium", "tp": 1}, lora={"enabled": False})
+    run = make_run(model=model, parallel={"tp": 1}, neuron={"backend": "trainium"}, lora={"enabled": False})
     proc = run.stage("tokenize", env={"TRNFT_TRAINIUM_REHEARSAL": "1"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "GiB per NeuronCore" in lines[0], proc.stderr

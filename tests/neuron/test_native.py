@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHARDED_TRAIN, Run, first_step_reference, ok, set_platform, smoke_raw
+from helpers import SHARDED_TRAIN, Run, first_step_reference, ok, smoke_raw
 
 from trnft.common.env import has_neuron_device
 from trnft.common.fsdp import checkpoint as fsdp_checkpoint
@@ -65,7 +65,7 @@ def test_compile_is_a_trial_run_that_says_there_is_no_cache_on_cpu(make_run):
 def test_compile_as_the_pod_runs_it_under_torchrun_on_two_ranks(make_run):
     """The rendered TrainJob/PyTorchJob runs `trnft torchrun ... --module trnft.common.cli compile`: every rank
     runs the stage (rank 1 used to fail "staged stages run in one process"); rank 0 alone writes the output."""
-    run = _native(make_run, train={"compile_steps": 2}, gpu={"devices": 2})
+    run = _native(make_run, train={"compile_steps": 2}, fsdp={"devices": 2})
     argv = ["torchrun", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
             "--rdzv_id=compile-test", "--module", "trnft.common.cli", "compile", "--config", str(run.config)]  # fmt: skip
     env = {**os.environ, "PJRT_DEVICE": "CPU", "OMP_NUM_THREADS": "1"}
@@ -93,7 +93,7 @@ def native_runs(tmp_path_factory, tiny_llama, tokenized):
         root = tmp_path_factory.mktemp(name) / "run"
         root.mkdir()
         shutil.copytree(tokenized, root / "tokenize")
-        return Run(root, set_platform(smoke_raw(root, tiny_llama, **sections), NATIVE))
+        return Run(root, smoke_raw(root, tiny_llama, **sections, platform=NATIVE))
 
     return make
 
@@ -102,7 +102,7 @@ def test_two_ranks_equal_one_rank_with_accumulation_and_resume_after_sigkill(nat
     single = native_runs("native-1", train={**SHARDED_TRAIN, "gradient_accumulation_steps": 2})
     ok(single.stage("train"))
     two = native_runs(
-        "native-2", train={**SHARDED_TRAIN, "gradient_accumulation_steps": 1}, gpu={"devices": 2}
+        "native-2", train={**SHARDED_TRAIN, "gradient_accumulation_steps": 1}, fsdp={"devices": 2}
     )
     killed = two.stage("train", env={"TRNFT_FAULT": "kill-during-save:6"})
     assert killed.returncode == 137
@@ -113,7 +113,7 @@ def test_two_ranks_equal_one_rank_with_accumulation_and_resume_after_sigkill(nat
     np.testing.assert_allclose(b.losses, a.losses, rtol=1e-4, atol=1e-4)
     # and the resumed two-rank run equals the same two-rank run uninterrupted, bit for bit
     clean = native_runs(
-        "native-2-clean", train={**SHARDED_TRAIN, "gradient_accumulation_steps": 1}, gpu={"devices": 2}
+        "native-2-clean", train={**SHARDED_TRAIN, "gradient_accumulation_steps": 1}, fsdp={"devices": 2}
     )
     ok(clean.stage("train"))
     assert clean.figures("train", ShardedTrainFigures).losses == b.losses
@@ -135,14 +135,17 @@ def test_two_ranks_equal_one_rank_with_accumulation_and_resume_after_sigkill(nat
             "Neuron supports trn2 and trn3 only); use model.platform: neuron (the PyTorch/XLA path)",
         ),
         (["cluster.instance_type=p5.48xlarge"], "use model.platform: gpu for it"),
-        (["neuron.tp=2"], "neuron.tp: 2 is a setting of model.platform neuron (PyTorch/XLA)"),
-        (["neuron.pp=2"], "the FSDP2 trainer has no pipeline parallelism"),
+        (
+            ["neuron.cpu_devices=2"],
+            "neuron.cpu_devices: 2 is a setting of model.platform neuron (PyTorch/XLA)",
+        ),
+        (["parallel.pp=2"], "the FSDP2 trainer has no pipeline parallelism"),
         (["neuron.fuse_qkv=true"], "neuron.fuse_qkv: True is a setting of model.platform neuron"),
         (
-            ["gpu.attn_implementation=flash_attention_2"],
-            "gpu.attn_implementation: flash_attention_2 is CUDA's",
+            ["fsdp.attn_implementation=flash_attention_2"],
+            "fsdp.attn_implementation: flash_attention_2 is CUDA's",
         ),
-        (["gpu.cpu_offload=true"], "gpu.cpu_offload: FSDP2 CPU offload is not supported on neuron-native"),
+        (["fsdp.cpu_offload=true"], "fsdp.cpu_offload: FSDP2 CPU offload is not supported on neuron-native"),
     ],
 )
 def test_settings_it_cannot_honour_are_one_line_and_exit_2(make_run, overrides, message):
@@ -175,7 +178,7 @@ def test_the_jobspec_refuses_a_trn1_instance_in_one_line(tmp_path):
 def test_trains_on_neuron_cores_fills_the_cache_and_resumes(make_run, tmp_path):
     """On a trn2: compile fills the NEFF cache, training compiles nothing after step 1, resume is exact."""
     cache = tmp_path / "neff-cache"
-    sections = {"train": {**SHARDED_TRAIN, "compile_steps": 3}, "gpu": {"devices": 2}}
+    sections = {"train": {**SHARDED_TRAIN, "compile_steps": 3}, "fsdp": {"devices": 2}}
     run = _native(make_run, neuron={"cache_dir": str(cache)}, **sections)
     ok(run.stage("compile"))
     compiled = run.figures("compile", NativeCompileFigures)

@@ -67,10 +67,10 @@ def test_a_stage_started_by_hand_has_the_neff_cache_location_before_torch_loads(
     import subprocess
     import sys
 
-    from helpers import set_platform, smoke_raw, write_config
+    from helpers import smoke_raw, write_config
 
     config = write_config(
-        tmp_path / "run.yaml", set_platform(smoke_raw(tmp_path / "run", tiny_llama), "neuron-native")
+        tmp_path / "run.yaml", smoke_raw(tmp_path / "run", tiny_llama, platform="neuron-native")
     )
     script = f"""
 import json, os, sys

@@ -60,7 +60,7 @@ def test_layout_choice(tp, mode, mult):
 @pytest.mark.parametrize(
     ("dims", "tp", "message"),
     [
-        (DIMS, 3, "neuron.tp: 3 does not divide the 4 attention heads of the model"),
+        (DIMS, 3, "parallel.tp: 3 does not divide the 4 attention heads of the model"),
         (
             ModelDims(hidden=96, heads=6, kv_heads=3, head_dim=16, intermediate=256, vocab=512, layers=1),
             2,

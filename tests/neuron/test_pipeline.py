@@ -24,7 +24,8 @@ def test_merged_model_reproduces_the_trainers_loss(make_run, tiny_llama, tp):
     from transformers import AutoModelForCausalLM
 
     run = make_run(
-        neuron={"tp": tp, "cpu_devices": tp},
+        parallel={"tp": tp},
+        neuron={"cpu_devices": tp},
         train={"max_steps": 21, "save_steps": 20, "logging_steps": 20, "keep_checkpoints": 2},
     )
     ok(run.stage("train"))

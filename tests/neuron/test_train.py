@@ -32,7 +32,8 @@ def _adapter(checkpoint: Path) -> dict[str, np.ndarray]:
 
 def test_lora_tp2_dp2_lowers_the_loss_and_writes_the_optimum_neuron_layout(make_run):
     run = make_run(
-        neuron={"tp": 2, "cpu_devices": 4},
+        parallel={"tp": 2},
+        neuron={"cpu_devices": 4},
         train={
             "max_steps": 150,
             "save_steps": 75,
@@ -70,7 +71,9 @@ def test_first_step_loss_is_the_same_at_tp1_tp2_and_tp4(make_run):
     first = {}
     for tp in (1, 2, 4):
         run = make_run(
-            neuron={"tp": tp, "cpu_devices": tp}, train={"max_steps": 1, "save_steps": 1, "warmup_steps": 0}
+            parallel={"tp": tp},
+            neuron={"cpu_devices": tp},
+            train={"max_steps": 1, "save_steps": 1, "warmup_steps": 0},
         )
         ok(run.stage("train"))
         first[tp] = run.figures("train", XlaTrainFigures).losses[0]
@@ -82,7 +85,9 @@ def test_first_step_loss_equals_a_plain_transformers_forward(make_run, tiny_llam
     """The CPU-XLA trainer's first LoRA step logs the base model's loss on that batch, as a plain
     transformers forward computes it (the FSDP2 platforms check the same in tests/neuron/test_native.py)."""
     run = make_run(
-        neuron={"tp": 1, "cpu_devices": 1}, train={"max_steps": 1, "save_steps": 1, "warmup_steps": 0}
+        parallel={"tp": 1},
+        neuron={"cpu_devices": 1},
+        train={"max_steps": 1, "save_steps": 1, "warmup_steps": 0},
     )
     ok(run.stage("train"))
     first = run.figures("train", XlaTrainFigures).losses[0]
@@ -111,7 +116,8 @@ def test_restart_resumes_exactly_after_sigkill_between_steps_and_during_a_save(m
             "logging_steps": 1,
             "warmup_steps": 2,
         },
-        "neuron": {"tp": 2, "cpu_devices": 2, "checkpoint_format": "plain"},
+        "parallel": {"tp": 2},
+        "neuron": {"cpu_devices": 2, "checkpoint_format": "plain"},
     }
     straight = make_run(**common)
     ok(straight.stage("train"))
@@ -177,7 +183,8 @@ def test_compile_then_train_compiles_nothing_after_the_first_step(make_run):
 def test_full_fine_tuning_writes_model_shards(make_run):
     run = make_run(
         lora={"enabled": False},
-        neuron={"tp": 2, "cpu_devices": 2},
+        parallel={"tp": 2},
+        neuron={"cpu_devices": 2},
         train={"max_steps": 2, "save_steps": 2, "learning_rate": 1.0e-4, "min_lr": 1.0e-5, "warmup_steps": 0},
     )
     ok(run.stage("train"))
@@ -202,12 +209,12 @@ def test_full_fine_tuning_writes_model_shards(make_run):
     ("sections", "message"),
     [
         (
-            {"neuron": {"tp": 3, "cpu_devices": 3}},
-            "neuron.tp: 3 does not divide the 4 attention heads of the model",
+            {"parallel": {"tp": 3}, "neuron": {"cpu_devices": 3}},
+            "parallel.tp: 3 does not divide the 4 attention heads of the model",
         ),
         (
-            {"neuron": {"tp": 2, "cpu_devices": 3}},
-            "neuron.cpu_devices: must be a multiple of neuron.tp (2), got 3",
+            {"parallel": {"tp": 2}, "neuron": {"cpu_devices": 3}},
+            "neuron.cpu_devices: must be a multiple of parallel.tp (2), got 3",
         ),
         ({"neuron": {"cache_dir": "/tmp/cache.v2"}}, "neuron.cache_dir: must not contain '.'"),
         ({"lora": {"target_modules": ["q_proj", "dense"]}}, "lora.target_modules: 'dense' is not supported"),
@@ -216,9 +223,13 @@ def test_full_fine_tuning_writes_model_shards(make_run):
             "names gate_proj but not up_proj; on the Trainium path they are one module gate_up_proj",
         ),
         (
-            {"neuron": {"tp": 4, "cpu_devices": 4}, "lora": {"target_modules": ["q_proj", "v_proj"]}},
+            {
+                "parallel": {"tp": 4},
+                "neuron": {"cpu_devices": 4},
+                "lora": {"target_modules": ["q_proj", "v_proj"]},
+            },
             "names q_proj, v_proj but not k_proj; on the Trainium path they are one module qkv_proj (the "
-            "model's 2 key/value heads are fewer than neuron.tp=4",
+            "model's 2 key/value heads are fewer than parallel.tp=4",
         ),
     ],
 )
@@ -252,7 +263,7 @@ def test_train_without_tokenize_output_names_the_stage_to_run(tmp_path, tiny_lla
 def test_a_non_finite_step_stops_the_run_before_it_is_saved(make_run):
     # full fine-tuning at an absurd learning rate: the weights overflow within a step or two
     run = make_run(
-        neuron={"tp": 1, "cpu_devices": 1},
+        parallel={"tp": 1}, neuron={"cpu_devices": 1},
         lora={"enabled": False},
         train={"learning_rate": 1e30, "min_lr": 0.0, "max_grad_norm": 0.0, "warmup_steps": 0, "max_steps": 5,
                "save_steps": 1},

@@ -85,7 +85,8 @@ def _trainium_run(root: Path, model: Path, tokenized: Path, **sections) -> Run:
     root.mkdir()
     shutil.copytree(tokenized, root / "tokenize")
     sections = {"dataset": FLASH_DATASET, "train": TRAIN, **sections}
-    sections["neuron"] = {"backend": "trainium", "tp": 1, "cpu_devices": 1, **sections.get("neuron", {})}
+    sections["neuron"] = {"backend": "trainium", "cpu_devices": 1, **sections.get("neuron", {})}
+    sections["parallel"] = {"tp": 1, **sections.get("parallel", {})}
     return Run(root, smoke_raw(root, model, **sections))
 
 
@@ -275,7 +276,8 @@ def test_eager_attention_keeps_packed_samples_apart(make_run, tiny_llama):
     from trnft.common.training.data import IGNORE_INDEX
 
     run = make_run(
-        neuron={"backend": "trainium", "tp": 1, "cpu_devices": 1, "attention": "eager"},
+        parallel={"tp": 1},
+        neuron={"backend": "trainium", "cpu_devices": 1, "attention": "eager"},
         train={**TRAIN, "max_steps": 1, "save_steps": 1, "warmup_steps": 0},
     )
     ok(torchrun(run, "train"))
@@ -425,7 +427,7 @@ ADAPTER_ATOL = 2e-4
 
 def _two_rank_run(root: Path, model: Path, tokenized: Path, tp: int) -> Run:
     train = TRAIN if tp == 2 else {**TRAIN, "gradient_accumulation_steps": 1}
-    return _trainium_run(root, model, tokenized, train=train, neuron={"tp": tp, "cpu_devices": 2})
+    return _trainium_run(root, model, tokenized, train=train, parallel={"tp": tp}, neuron={"cpu_devices": 2})
 
 
 @pytest.fixture(scope="module")
@@ -508,7 +510,11 @@ def test_the_tp2_neuron_trainer_and_the_cpu_xla_trainer_train_the_same_adapter(
     from trnft.neuron.train import XlaTrainFigures
 
     xla = _trainium_run(
-        tmp_path / "xla", tiny_llama, flash_tokenized, neuron={"backend": "cpu", "tp": 2, "cpu_devices": 2}
+        tmp_path / "xla",
+        tiny_llama,
+        flash_tokenized,
+        parallel={"tp": 2},
+        neuron={"backend": "cpu", "cpu_devices": 2},
     )
     ok(xla.stage("train"))
     theirs = xla.figures("train", XlaTrainFigures).losses
@@ -655,8 +661,8 @@ def packed_tokenized(tmp_path_factory, tiny_llama) -> Path:
 
 
 def _packed_run(root: Path, model: Path, tokenized: Path, tp: int, backend: str = "trainium") -> Run:
-    neuron = {"backend": backend, "tp": tp, "cpu_devices": tp, "attention": "eager"}
-    return _trainium_run(root, model, tokenized, dataset=PACKED_DATASET, neuron=neuron)
+    neuron = {"backend": backend, "cpu_devices": tp, "attention": "eager"}
+    return _trainium_run(root, model, tokenized, dataset=PACKED_DATASET, parallel={"tp": tp}, neuron=neuron)
 
 
 def _supervised_share_per_shard(tokenized: Path, seed: int, tp: int) -> list[float]:
@@ -756,10 +762,10 @@ def test_full_fine_tuning_at_tp2_sums_the_norm_gradients_and_trains_what_one_pro
     full = {"lora": {"enabled": False}, "train": {**TRAIN, "learning_rate": 1e-4, "min_lr": 1e-5}}
     neuron = {"attention": "eager"}
     one = _trainium_run(tmp_path / "one", tiny_llama, packed_tokenized, dataset=PACKED_DATASET, **full,
-                        neuron={**neuron, "tp": 1, "cpu_devices": 1})  # fmt: skip
+                        parallel={"tp": 1}, neuron={**neuron, "cpu_devices": 1})  # fmt: skip
     ok(torchrun(one, "train"))
     two = _trainium_run(tmp_path / "two", tiny_llama, packed_tokenized, dataset=PACKED_DATASET, **full,
-                        neuron={**neuron, "tp": 2, "cpu_devices": 2})  # fmt: skip
+                        parallel={"tp": 2}, neuron={**neuron, "cpu_devices": 2})  # fmt: skip
     ok(torchrun(two, "train", nproc=2))
     assert two.figures("train", TrainiumTrainFigures).optimum_neuron.sequence_parallel_enabled
     losses = [r.figures("train", TrainiumTrainFigures).logged_losses for r in (one, two)]
