@@ -61,9 +61,9 @@ def _run(
     root = tmp_path / name
     root.mkdir()
     shutil.copytree(tokenized, root / "tokenize")
-    gpu = {"devices": 2, **sections.pop("gpu", {})}
+    fsdp = {"devices": 2, **sections.pop("fsdp", {})}
     raw = smoke_raw(root, tiny_llama, train=TRAIN, **sections, platform=platform)
-    raw.setdefault("gpu", {}).update(gpu)
+    raw.setdefault("fsdp", {}).update(fsdp)
     return Run(root, raw)
 
 
