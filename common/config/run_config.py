@@ -846,7 +846,10 @@ def move_renamed_keys(raw: Mapping[str, Any], where: str = "", platform: str | N
         read_by = _PARALLEL_KEY_READ_BY.get(new, {})
         if platform in read_by and read_by[platform] != old:
             continue
-        target = dict(data.get(new_section) or {})
+        existing = data.get(new_section)
+        if existing is not None and not isinstance(existing, Mapping):
+            continue  # `parallel: 2` and the like: _build reports the section itself
+        target = dict(existing or {})
         if new_key in target:
             raise ConfigError(
                 f"{where}{old} and {new} are both set; {old} is the old name of {new}: keep only {new}"

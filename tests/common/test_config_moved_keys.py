@@ -128,3 +128,12 @@ def test_other_ranks_do_not_repeat_the_notices(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     load_config(OLD_CONFIG)
     assert capsys.readouterr().err == ""
+
+
+def test_a_new_section_that_is_not_a_mapping_is_reported_not_a_traceback(tmp_path):
+    raw = yaml.safe_load(OLD_CONFIG.read_text())
+    raw["parallel"] = 2
+    path = tmp_path / "scalar.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"parallel: must be a mapping, got int"):
+        load_config(path)
