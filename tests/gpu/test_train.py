@@ -440,12 +440,12 @@ def full_fine_tuning(one_process, tmp_path_factory):
 
 @pytest.mark.slow  # three processes twice; the LoRA two-rank tests run by default
 @pytest.mark.parametrize(
-    "gpu, accumulation",
-    [({"devices": 2}, 1), ({"devices": 2, "tp": 2}, 2)],
+    "tp, accumulation",
+    [(1, 1), (2, 2)],
     ids=["dp2", "tp2-loss-parallel"],
 )
 def test_full_fine_tuning_on_two_ranks_consolidates_to_the_one_process_model(
-    full_fine_tuning, tmp_path, gpu, accumulation
+    full_fine_tuning, tmp_path, tp, accumulation
 ):
     """dp 2, and tp 2 where the trained lm_head is split along the vocabulary (loss parallelism)."""
     theirs, single_ft, make = full_fine_tuning
@@ -453,20 +453,20 @@ def test_full_fine_tuning_on_two_ranks_consolidates_to_the_one_process_model(
         "ft2",
         lora={"enabled": False},
         train={**single_ft, "gradient_accumulation_steps": accumulation},
-        gpu=gpu,
+        parallel={"tp": tp},
+        fsdp={"devices": 2},
     )
     ok(two.stage("train"))
-    assert two.manifest("train")["layout"]["loss_parallel"] is (gpu.get("tp", 1) == 2)
+    assert two.manifest("train")["layout"]["loss_parallel"] is (tp == 2)
     mine = _consolidated(two, 2, tmp_path / "ft2")
     assert mine.keys() == theirs.keys() and "model.embed_tokens.weight" in mine and "lm_head.weight" in mine
     # Row-parallel and vocabulary-parallel sums add in another order at tp 2; Adam turns a near-zero
     # gradient's rounding into a full lr-sized step for that element (measured: 4 of 65,536 elements of one
     # tensor by 4.2e-4 at lr 1e-3), so at tp 2 a few elements may differ by up to 2 x lr.
-    tp = gpu.get("tp", 1) > 1
     for k in mine:
         far = (mine[k] - theirs[k]).abs() > 1e-5 + 1e-4 * theirs[k].abs()
-        assert int(far.sum()) <= (mine[k].numel() // 1000 if tp else 0), k
-        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=2e-3 if tp else 1e-5)
+        assert int(far.sum()) <= (mine[k].numel() // 1000 if tp > 1 else 0), k
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=2e-3 if tp > 1 else 1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -579,8 +579,13 @@ def test_fsdp2_and_tensor_parallel_on_two_cuda_devices(make_run, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
     runs = {}
-    for name, gpu in (("dp", {"devices": 2}), ("tp", {"devices": 2, "tp": 2})):
-        runs[name] = _gpu_run(make_run, train={**SHORT, "bf16": True, "micro_batch_size": 2}, gpu=gpu)
+    for name, tp in (("dp", 1), ("tp", 2)):
+        runs[name] = _gpu_run(
+            make_run,
+            train={**SHORT, "bf16": True, "micro_batch_size": 2},
+            parallel={"tp": tp},
+            fsdp={"devices": 2},
+        )
         ok(runs[name].stage("train"))
     a, b = (runs[n].figures("train", ShardedTrainFigures) for n in ("dp", "tp"))
     assert a.backend == "fsdp2-cuda" and a.losses[-1] < a.losses[0]
