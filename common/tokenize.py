@@ -354,8 +354,8 @@ def _render_chunk(tokenizer: Any, job: _ChatRendering, values: Sequence[Any]) ->
     return out
 
 
-def _render_in_worker(job: _ChatRendering, values: Sequence[Any]) -> tuple[int, list[Any]]:
-    return os.getpid(), _render_chunk(_WORKER_TOKENIZER, job, values)
+def _render_in_worker(job: _ChatRendering, values: Sequence[Any]) -> list[Any]:
+    return _render_chunk(_WORKER_TOKENIZER, job, values)
 
 
 def format_conversations(
@@ -385,10 +385,12 @@ def format_conversations(
     if d.num_proc <= 1 or len(chunks) <= 1:
         results = [item for chunk in chunks for item in _render_chunk(tok, job, chunk)]
     else:
-        with worker_pool(min(d.num_proc, len(chunks)), _init_worker, (str(tokenizer_dir),)) as pool:
+        # The pool's size is what is reported: which of its processes rendered which chunk is scheduling
+        # (under load one process can take every chunk before the other has started).
+        stats.render_workers = min(d.num_proc, len(chunks))
+        with worker_pool(stats.render_workers, _init_worker, (str(tokenizer_dir),)) as pool:
             parts = list(pool.imap(functools.partial(_render_in_worker, job), chunks))
-        results = [item for _, part in parts for item in part]
-        stats.render_workers = len({pid for pid, _ in parts})
+        results = [item for part in parts for item in part]
     records, bad = [], []
     for i, result in enumerate(results):
         if isinstance(result, str):
@@ -557,8 +559,8 @@ def _encode_with(tokenizer: Any, chunk: list[tuple[str, str]]) -> list[tuple[lis
     return [(p.ids, r.ids) for p, r in zip(prompts, responses)]
 
 
-def _encode_in_worker(chunk: list[tuple[str, str]]) -> tuple[int, list[tuple[list[int], list[int]]]]:
-    return os.getpid(), _encode_with(_WORKER_TOKENIZER, chunk)
+def _encode_in_worker(chunk: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    return _encode_with(_WORKER_TOKENIZER, chunk)
 
 
 # Text longer than a sample can hold is clipped before it is encoded, so encoding memory follows
@@ -612,7 +614,8 @@ def clip_pairs(pairs: Sequence[tuple[str, str]], limit: int) -> tuple[list[tuple
 
 @dataclass
 class EncodedPairs:
-    """Token ids per (prompt, response) pair, in order, and how many processes encoded them."""
+    """Token ids per (prompt, response) pair, in order, and how many processes the encoding pool had (1
+    without one)."""
 
     ids: list[tuple[list[int], list[int]]]
     workers: int
@@ -622,7 +625,8 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer_dir: str | Path, nu
     """(prompt ids with special tokens, response ids without) per pair, in order, for any ``num_proc``.
 
     Pairs go in chunks of ``ENCODE_CHUNK``; with ``num_proc`` > 1 and more than one chunk, a pool of up to
-    ``num_proc`` forked workers encodes them (``workers`` counts the distinct processes that did).
+    ``num_proc`` forked workers encodes them (``workers``: the pool's size; which process encoded which
+    chunk is scheduling).
     """
     # Imported here, before any fork, so that workers share it instead of each importing it again.
     from transformers import AutoTokenizer
@@ -631,9 +635,10 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer_dir: str | Path, nu
     if num_proc <= 1 or len(chunks) <= 1:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         return EncodedPairs([item for chunk in chunks for item in _encode_with(tokenizer, chunk)], workers=1)
-    with worker_pool(min(num_proc, len(chunks)), _init_worker, (str(tokenizer_dir),)) as pool:
+    workers = min(num_proc, len(chunks))
+    with worker_pool(workers, _init_worker, (str(tokenizer_dir),)) as pool:
         parts = list(pool.imap(_encode_in_worker, chunks))
-    return EncodedPairs([item for _, part in parts for item in part], workers=len({pid for pid, _ in parts}))
+    return EncodedPairs([item for part in parts for item in part], workers=workers)
 
 
 @dataclass

@@ -136,7 +136,7 @@ def test_output_does_not_depend_on_num_proc(run_config, tmp_path, monkeypatch):
         out = TokenizeOutput(result.path)
         arrays.append(out.split("train").rows(range(len(out.split("train")))))
         arrays.append(out.text("test").read_text())
-    assert workers == [1, 2]  # the second run really encoded in two processes
+    assert workers == [1, 2]  # the second run encoded through a pool of two processes
     for a, b in zip(arrays[0].values(), arrays[2].values()):
         assert np.array_equal(a, b)
     assert arrays[1] == arrays[3]
