@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +26,8 @@ from ..common.pipeline import checkpoints
 from ..common.pipeline.platform_stages import TRAIN
 from ..common.pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
 from ..common.training.data import TokenizeOutput
-from ..common.training.policy import Cadence, TrainFigures, on_recompile, refuse_non_finite
+from ..common.training.driver import RunRecord, StepDriver
+from ..common.training.policy import TrainFigures
 from . import launch
 from .backend import device, preflight_or_fail, require_trn1_line
 
@@ -76,21 +77,38 @@ class XlaTrainFigures(TrainFigures):
     compile_stage_ran: bool
 
 
-@dataclass
-class _CpuRun:
-    """What the CPU training loop counts while it runs."""
+class _XlaTarget:
+    """The CPU-XLA trainer as the step driver's target: one process (SPMD over its devices), so a stop
+    signal needs no agreement and a save is written before :meth:`save` returns."""
 
-    start: int
-    compiles_at_start: int
-    compiled_with_stage: bool
-    first_step_compiles: int | None = None
-    late_compiles: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    saved: list[str] = field(default_factory=list)
+    is_main = True
 
-    def rate(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+    def __init__(self, ctx: StageContext, trainer: Any, tokenized: TokenizeOutput) -> None:
+        self.ctx, self.trainer, self.tokenized = ctx, trainer, tokenized
+        self._written: str | None = None
+
+    @property
+    def step_count(self) -> int:
+        return self.trainer.step
+
+    def validate(self) -> float:
+        # Never reached: train.eval_steps is refused for this trainer before any stage runs
+        # (trnft.neuron.backend); the rehearsal's graphs are its training step's only.
+        raise TrnftError("train.eval_steps: the CPU-XLA trainer does not validate; set train.eval_steps=0")
+
+    def save(self) -> str:
+        ctx = self.ctx
+        path = self.trainer.save(ctx.out_dir, ctx.fingerprint, self.tokenized.tokenizer_dir)
+        checkpoints.prune(ctx.out_dir, ctx.cfg.train.keep_checkpoints, ctx.log)
+        self._written = path.name
+        return path.name
+
+    def commit_written(self, *, wait: bool) -> str | None:
+        name, self._written = self._written, None
+        return name
+
+    def agreed_stop(self) -> int:
+        return stop.requested()
 
 
 def train_cpu(ctx: StageContext) -> StageOutcome:
@@ -104,64 +122,29 @@ def train_cpu(ctx: StageContext) -> StageOutcome:
     trainer.setup(cache_dir=cpu_cache_dir(cfg), resume=resume)
     if resume is not None:
         log(f"train: resumed from {resume.name} at step {trainer.step}")
-    run = _CpuRun(trainer.step, compile_count(), ctx.rundir.manifest("compile") is not None)
+    record = RunRecord(start=trainer.step, resumed_from=resume.name if resume else None)
+    driver = StepDriver(ctx, record)
     writer = _tensorboard(ctx.out_dir)
+    sink = None if writer is None else lambda metrics, step: _write_scalars(writer, metrics, step)
     previous = stop.install_cooperative_keeping()  # a stop signal ends the run after its step, saved
     try:
+        driver.start(_XlaTarget(ctx, trainer, tokenized), sink, compile_count)
         while trainer.step < cfg.train.max_steps:
-            _cpu_step(ctx, trainer, tokenized, run, writer)
-            signum = stop.requested()  # one process (SPMD over its devices): nothing to agree on
-            if signum and trainer.step < cfg.train.max_steps:
-                if not run.saved or run.saved[-1] != f"checkpoint-{trainer.step}":
-                    run.saved.append(trainer.save(ctx.out_dir, ctx.fingerprint, tokenized.tokenizer_dir).name)
-                log(f"train: {stop.signal.Signals(signum).name} received; stopping after step {trainer.step} "
-                    f"with {run.saved[-1]} saved")  # fmt: skip
-                raise stop.Stopped(signum, f"{run.saved[-1]} saved; the rerun resumes there")
+            done = trainer.train_step()
+            # The update is in the step's graph; refused here, before anything of the step is saved.
+            driver.before_update(done.step, done.loss, done.grad_norm)
+            if driver.after_step(done):
+                break
+        driver.end()
+        driver.raise_if_stopped()
     finally:
         stop.restore(previous)
         if writer is not None:
             writer.close()
-    return _cpu_report(ctx, trainer, resume, run)
+    return _cpu_report(ctx, trainer, record)
 
 
-def _cpu_step(ctx: StageContext, trainer: Any, tokenized: TokenizeOutput, run: _CpuRun, writer: Any) -> None:
-    """One optimizer step: train, watch for recompilation, log, save on schedule, record progress."""
-    cfg, log = ctx.cfg, ctx.log
-    end = cfg.train.max_steps
-    cadence = Cadence.of(cfg.train)
-    record = trainer.train_step()
-    refuse_non_finite(record.step, record.loss, record.grad_norm)
-    checkpoints.fault_point("step", record.step)
-    if run.first_step_compiles is None:
-        run.first_step_compiles = record.compiles - run.compiles_at_start
-    else:
-        new = record.compiles - run.compiles_at_start - run.first_step_compiles - run.late_compiles
-        if new > 0:
-            run.late_compiles += new
-            on_recompile(cfg, run.compiled_with_stage, record.step, new, log)
-        run.tokens += record.tokens
-        run.seconds += record.seconds
-    if cadence.logs(record.step, run.start + 1):
-        log(
-            f"train: step {record.step}/{end} loss {record.loss:.4f} lr {record.lr:.2e} "
-            f"grad_norm {record.grad_norm:.3f} tokens/s {run.rate():,.0f} "
-            f"compiles {record.compiles - run.compiles_at_start}"
-        )
-    if writer is not None:
-        writer.add_scalar("train/loss", record.loss, record.step)
-        writer.add_scalar("train/learning_rate", record.lr, record.step)
-        writer.add_scalar("train/grad_norm", record.grad_norm, record.step)
-        if run.seconds:
-            writer.add_scalar("train/tokens_per_second", run.rate(), record.step)
-    if cadence.saves(record.step):
-        path = trainer.save(ctx.out_dir, ctx.fingerprint, tokenized.tokenizer_dir)
-        run.saved.append(path.name)
-        checkpoints.prune(ctx.out_dir, cfg.train.keep_checkpoints, log)
-        log(f"train: saved {path.name}")
-    ctx.rundir.write_progress("train", {"summary": f"step {trainer.step} of {end}", "step": trainer.step})
-
-
-def _cpu_report(ctx: StageContext, trainer: Any, resume: Path | None, run: _CpuRun) -> StageOutcome:
+def _cpu_report(ctx: StageContext, trainer: Any, record: RunRecord) -> StageOutcome:
     from .xla_trainer import persistent_cache_counters
 
     end = ctx.cfg.train.max_steps
@@ -170,19 +153,19 @@ def _cpu_report(ctx: StageContext, trainer: Any, resume: Path | None, run: _CpuR
         raise TrnftError(f"train: ended at step {trainer.step} without checkpoint-{end}")
     losses = trainer.history
     figures = XlaTrainFigures(
-        steps_this_run=trainer.step - run.start,
-        resumed_from=resume.name if resume else None,
-        start_step=run.start,
+        steps_this_run=trainer.step - record.start,
+        resumed_from=record.resumed_from,
+        start_step=record.start,
         end_step=trainer.step,
         first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
         losses=losses,
-        tokens_per_second=round(run.rate(), 1) if run.seconds else None,
-        xla_compiles_first_step=run.first_step_compiles or 0,
-        xla_compiles_after_first_step=run.late_compiles,
+        tokens_per_second=round(record.rate(), 1) if record.seconds else None,
+        xla_compiles_first_step=record.graphs_first_step or 0,
+        xla_compiles_after_first_step=record.graphs_after_first_step or 0,
         persistent_cache=persistent_cache_counters(),
-        compile_stage_ran=run.compiled_with_stage,
-        checkpoints_saved=run.saved,
+        compile_stage_ran=ctx.rundir.manifest("compile") is not None,
+        checkpoints_saved=record.saved,
         final_checkpoint=final.path.name,
     )
     layout = {
@@ -193,6 +176,11 @@ def _cpu_report(ctx: StageContext, trainer: Any, resume: Path | None, run: _CpuR
         "global_batch": trainer.global_batch,
     }
     return StageOutcome(summary=figures.summary(), figures=figures, layout=layout)
+
+
+def _write_scalars(writer: Any, metrics: dict[str, float], step: int) -> None:
+    for name, value in metrics.items():
+        writer.add_scalar(name, value, step)
 
 
 def _tensorboard(train_dir: Path) -> Any:

@@ -37,7 +37,6 @@ from ..common import stop
 from ..common.config.run_config import RunConfig
 from ..common.errors import ConfigError, TrnftError
 from ..common.pipeline import checkpoints
-from ..common.pipeline.figures import Figures
 from ..common.pipeline.stages import StageContext, StageOutcome
 from ..common.tokenize import TokenizeFigures
 from ..common.training.data import (
@@ -47,6 +46,7 @@ from ..common.training.data import (
     segment_allowed,
 )
 from ..common.training.optim import global_batch
+from ..common.training.policy import Cadence, TrainFigures
 
 ADAPTER = "default"
 # A fixed staging name: every rank of every node must agree on it without talking to each other.
@@ -101,13 +101,20 @@ def check_settings(cfg: RunConfig) -> None:
 
 
 def training_arguments(cfg: RunConfig, output_dir: Path, *, logging_steps: int | None = None) -> Any:
-    """NeuronTrainingArguments carrying every trnft setting that optimum-neuron has a place for."""
+    """NeuronTrainingArguments carrying every trnft setting that optimum-neuron has a place for.
+
+    The run's :class:`~trnft.common.training.policy.Cadence` as the HF trainer's flow applies it: a save
+    every ``save_steps`` and at the last step, a loss logged every ``logging_steps`` (averaged over the
+    steps since the last one; HF's flow does not add the first and last step as the other trainers' log
+    lines do). ``train.eval_steps`` and early stopping are refused on this platform (:mod:`.backend`).
+    """
     from optimum.neuron import NeuronTrainingArguments
 
     t, n = cfg.train, cfg.neuron
+    cadence = Cadence.of(t)
     return NeuronTrainingArguments(
         output_dir=str(output_dir),
-        max_steps=t.max_steps,
+        max_steps=cadence.max_steps,
         per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
@@ -127,9 +134,9 @@ def training_arguments(cfg: RunConfig, output_dir: Path, *, logging_steps: int |
         gradient_checkpointing=t.activation_checkpointing == "full",
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps",
-        save_steps=t.save_steps,
+        save_steps=cadence.save_steps,
         save_total_limit=None,  # trnft prunes (checkpoints.prune keeps train.keep_checkpoints complete ones)
-        logging_steps=logging_steps or t.logging_steps,
+        logging_steps=logging_steps or cadence.logging_steps,
         report_to=["tensorboard"],
         logging_dir=str(output_dir / "tensorboard"),
         tensor_parallel_size=cfg.parallel.tp,
@@ -705,20 +712,25 @@ def train(ctx: StageContext) -> StageOutcome:
         log(f"train: {stop.signal.Signals(plan.stopped_by).name} received; stopping after step {step} "
             f"with checkpoint-{step} saved")  # fmt: skip
         raise stop.Stopped(plan.stopped_by, f"checkpoint-{step} saved; the rerun resumes there")
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    logged = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     final = checkpoints.newest_complete(ctx.out_dir)
     if ctx.is_main and (final is None or final.step != cfg.train.max_steps):
         raise TrnftError(
             f"train: ended at step {trainer.state.global_step} without checkpoint-{cfg.train.max_steps}"
         )
+    losses = [loss for _, loss in logged]
     figures = TrainiumTrainFigures(
+        steps_this_run=trainer.state.global_step - start,
         resumed_from=resume.checkpoint.name if resume else None,
         start_step=start,
         end_step=trainer.state.global_step,
-        logged_losses=losses,
+        first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
+        losses=losses,
+        loss_steps=[step for step, _ in logged],
+        tokens_per_second=None,  # optimum-neuron's own rates are in training_summary_metrics.json
         checkpoints_saved=plan.saved,
-        final_checkpoint=final.path.name if final else None,
+        final_checkpoint=final.path.name if final else "",  # "" only on ranks that did not look
         restored_on_resume=sorted(set(plan.restored)),
         not_restored_on_resume=NOT_RESTORED if resume else [],
         non_pad_token_fraction=TokenizeFigures.of(ctx.upstream["tokenize"]).train.non_pad_fraction,
@@ -760,16 +772,13 @@ class OptimumNeuronSettings:
 
 
 @dataclass(frozen=True)
-class TrainiumTrainFigures(Figures):
+class TrainiumTrainFigures(TrainFigures):
+    """optimum-neuron's NeuronTrainer run. Its losses are what it logs: the mean loss since the previous
+    logging step, at the steps in ``loss_steps`` (every step with ``train.logging_steps: 1``)."""
+
     KIND: ClassVar[str] = "train/trainium"
 
-    resumed_from: str | None
-    start_step: int
-    end_step: int
-    logged_losses: list[float]
-    final_loss: float | None
-    checkpoints_saved: list[str]
-    final_checkpoint: str | None
+    loss_steps: list[int]
     restored_on_resume: list[str]
     not_restored_on_resume: list[str]
     # As the tokenize stage measured it: padded rows (flash attention) carry far fewer real tokens.
@@ -777,10 +786,7 @@ class TrainiumTrainFigures(Figures):
     optimum_neuron: OptimumNeuronSettings
 
     def summary(self) -> str:
-        text = f"{self.end_step} steps on Trainium"
-        if self.logged_losses:
-            text += f", loss {self.logged_losses[0]:.3f} -> {self.logged_losses[-1]:.3f}"
-        return text
+        return super().summary().replace(" steps", " steps on Trainium", 1)
 
 
 def effective_settings(args: Any, trainer: Any) -> OptimumNeuronSettings:

@@ -20,7 +20,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from ..common.training.data import (
     step_seed,
     summed_token_loss,
 )
+from ..common.training.driver import FinishedStep
 from ..common.training.lora import ADAPTER, apply_lora, seed_lora_a, tie_lora_a
 from ..common.training.optim import global_batch, lr_at, wants_decay
 from . import fused_groups, nxd_format
@@ -157,17 +157,6 @@ class StaticAdamW:
 
 # --------------------------------------------------------------------------------------------------
 # The trainer
-
-
-@dataclass
-class StepLog:
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float
-    tokens: int
-    seconds: float
-    compiles: int
 
 
 class XlaTrainer:
@@ -314,7 +303,7 @@ class XlaTrainer:
             out[name] = t
         return out
 
-    def train_step(self) -> StepLog:
+    def train_step(self) -> FinishedStep:
         """One optimizer step (``gradient_accumulation_steps`` micro-batches); advances ``self.step``."""
         import torch
         import torch_xla
@@ -346,14 +335,12 @@ class XlaTrainer:
         loss_value = float(sum(x.item() for x in losses))
         self.step += 1
         self.history.append(loss_value)
-        return StepLog(
-            step + 1,
-            loss_value,
-            lr,
-            float(grad_norm.item()),
-            tokens,
-            time.perf_counter() - t0,
-            compile_count(),
+        return FinishedStep(
+            step=step + 1,
+            loss=loss_value,
+            grad_norm=float(grad_norm.item()),
+            tokens=tokens,
+            seconds=time.perf_counter() - t0,
         )
 
     # -- checkpoints --------------------------------------------------------------------------------

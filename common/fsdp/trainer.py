@@ -6,7 +6,7 @@ A ``LightningModule`` (:class:`ShardedCausalLM`) trained by ``lightning.Trainer`
 process-group backend and the compile backend come from the platform's
 :class:`~trnft.common.fsdp.platform.DevicePlatform` (CUDA/NCCL, Neuron/``neuron``, CPU/gloo); the
 schedule, the non-finite refusal and the logging / validation / saving cadence from the one training
-policy (:class:`~trnft.common.training.lightning_policy.PolicyCallback`).
+policy and step driver (:class:`~trnft.common.training.lightning_policy.PolicyCallback`).
 
 Processes: ``fsdp.devices`` per node (every device by default; on CPU, gloo processes). Under torchrun (the
 Kubernetes PyTorchJob) the world comes from its environment; outside it, ``trnft train`` starts the
@@ -79,7 +79,8 @@ from ..training.data import (
     step_seed,
     summed_token_loss,
 )
-from ..training.lightning_policy import PolicyCallback, RunRecord
+from ..training.driver import RunRecord
+from ..training.lightning_policy import PolicyCallback
 from ..training.lora import ADAPTER, apply_lora, check_targets
 from ..training.optim import decay_groups, global_batch
 from ..training.policy import TrainFigures

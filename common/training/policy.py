@@ -15,8 +15,10 @@ own copy of these rules:
 - :class:`TrainFigures`: the figures every trainer reports (each adds its own).
 - :func:`on_recompile`: what graphs compiled after the first step mean (``train.on_recompile``).
 
-The Lightning trainer applies them through :class:`trnft.common.training.lightning_policy.PolicyCallback`;
-the other two call these functions directly.
+:class:`trnft.common.training.driver.StepDriver` applies them around every step of the FSDP2 trainer
+(through :class:`trnft.common.training.lightning_policy.PolicyCallback`) and of the CPU-XLA trainer; the
+NeuronTrainer gets the same cadence and schedule as its ``TrainingArguments`` and its callbacks
+(:mod:`trnft.neuron.trainium`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The one training policy: schedule, non-finite refusal, cadence, early stopping, recompile watch."""
+"""The one training policy and its step driver: schedule, non-finite refusal, cadence, early stopping,
+recompile watch, saving and stop handling around each step."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from trnft.common import stop
 from trnft.common.config.run_config import TrainSection
 from trnft.common.errors import TrnftError
-from trnft.common.training.lightning_policy import PolicyCallback, RunRecord
+from trnft.common.training.driver import FinishedStep, RunRecord, StepDriver
+from trnft.common.training.lightning_policy import _agreed_count
 from trnft.common.training.optim import lr_at
 from trnft.common.training.policy import Cadence, EarlyStopping, lr_factor, refuse_non_finite
 
@@ -49,40 +52,147 @@ def test_early_stopping_counts_validations_without_a_new_best():
     assert not any(never.update(x) for x in (1.0, 2.0, 3.0))
 
 
+def _ctx(tmp_path, **train):
+    logged: list[str] = []
+    progress: list[dict] = []
+    cfg = SimpleNamespace(train=TrainSection(**train))
+    rundir = SimpleNamespace(
+        manifest=lambda stage: {"stage": stage},  # a compile stage ran
+        write_progress=lambda stage, record: progress.append(record),
+    )
+    return SimpleNamespace(cfg=cfg, rundir=rundir, log=logged.append), logged, progress
+
+
+class _Target:
+    """A trainer as the driver sees it: counts its steps, saves synchronously, a stop when told."""
+
+    def __init__(self, validation: list[float] = (), stop_after: int = 0, is_main: bool = True) -> None:
+        self.step_count, self.is_main = 0, is_main
+        self.validation, self.stop_after = list(validation), stop_after
+        self.saves: list[int] = []
+        self._written: str | None = None
+
+    def validate(self) -> float:
+        return self.validation.pop(0)
+
+    def save(self) -> str:
+        self.saves.append(self.step_count)
+        self._written = f"checkpoint-{self.step_count}"
+        return self._written
+
+    def commit_written(self, *, wait: bool) -> str | None:
+        name, self._written = self._written, None
+        return name
+
+    def agreed_stop(self) -> int:
+        return 15 if self.stop_after and self.step_count >= self.stop_after else 0
+
+
+def _run(driver: StepDriver, target: _Target, steps: int) -> int:
+    for step in range(1, steps + 1):
+        target.step_count = step
+        driver.before_update(step, 2.0 / step, 1.0)
+        if driver.after_step(FinishedStep(step, 2.0 / step, 1.0, tokens=100, seconds=0.5)):
+            break
+    driver.end()
+    return target.step_count
+
+
+def test_the_driver_logs_saves_and_records_progress_on_the_cadence(tmp_path):
+    ctx, logged, progress = _ctx(tmp_path, max_steps=6, logging_steps=4, save_steps=4)
+    record = RunRecord(start=0, resumed_from=None)
+    driver, target, metrics = StepDriver(ctx, record), _Target(), []
+    driver.start(target, lambda m, step: metrics.append((step, sorted(m))))
+    assert _run(driver, target, 6) == 6
+    assert [line.split()[2] for line in logged if " loss " in line] == ["1/6", "4/6", "6/6"]
+    assert [line for line in logged if "saved" in line] == [
+        "train: saved checkpoint-4",
+        "train: saved checkpoint-6",
+    ]
+    assert target.saves == [4, 6] and record.saved == ["checkpoint-4", "checkpoint-6"]
+    assert [p["step"] for p in progress] == [1, 2, 3, 4, 5, 6]
+    # the first step of the run (start-up) is left out of the throughput
+    assert (record.tokens, record.seconds, record.rate()) == (500, 2.5, 200.0)
+    assert metrics[0] == (1, ["train/grad_norm", "train/learning_rate", "train/loss"])
+    assert metrics[1][1][-1] == "train/tokens_per_second"
+    driver.raise_if_stopped()  # no stop signal: nothing to raise
+
+
+def test_the_driver_validates_stops_early_and_saves_the_step_it_stops_at(tmp_path):
+    ctx, logged, _ = _ctx(tmp_path, max_steps=10, eval_steps=2, save_steps=5, early_stopping_patience=2)
+    record = RunRecord(start=0, resumed_from=None)
+    driver, target = StepDriver(ctx, record), _Target(validation=[3.0, 2.0, 2.5, 2.4])
+    driver.start(target)
+    assert _run(driver, target, 10) == 8
+    assert record.stopped_early and target.saves == [5, 8]
+    assert "train: early stop at step 8: 2 validations without improvement" in logged
+
+
+def test_a_stop_signal_saves_the_step_it_came_in_and_stops(tmp_path):
+    ctx, logged, _ = _ctx(tmp_path, max_steps=10, save_steps=4)
+    record = RunRecord(start=0, resumed_from=None)
+    driver, target = StepDriver(ctx, record), _Target(stop_after=6)
+    driver.start(target)
+    assert _run(driver, target, 10) == 6
+    assert target.saves == [4, 6] and record.stopped_by == 15
+    assert "train: SIGTERM received; stopping after step 6 with checkpoint-6 saved" in logged
+    with pytest.raises(stop.Stopped):
+        driver.raise_if_stopped()
+
+
+def test_a_non_finite_step_commits_the_last_save_before_it_is_refused(tmp_path):
+    ctx, logged, _ = _ctx(tmp_path, max_steps=10, save_steps=2)
+    driver, target = StepDriver(ctx, RunRecord(start=0, resumed_from=None)), _Target()
+    driver.start(target)
+    target.step_count = 2
+    target.save()  # a background save whose files are written but not yet committed
+    with pytest.raises(TrnftError, match="train: step 3 has a non-finite loss"):
+        driver.before_update(3, math.nan, 1.0)
+    assert logged == ["train: saved checkpoint-2"]
+
+
+def test_only_the_main_rank_logs_and_writes_progress(tmp_path):
+    ctx, logged, progress = _ctx(tmp_path, max_steps=4, save_steps=2)
+    driver, target = StepDriver(ctx, RunRecord(start=0, resumed_from=None)), _Target(is_main=False)
+    driver.start(target)
+    assert _run(driver, target, 4) == 4 and target.saves == [2, 4]
+    assert logged == [] and progress == []
+
+
 def test_graphs_compiled_after_the_first_step_follow_on_recompile(tmp_path):
     """The counter reads a real folder of .neff files (as the Neuron compile cache holds them)."""
     from trnft.neuron.native.device import NeffCacheWatch
 
-    logged: list[str] = []
-    cfg = SimpleNamespace(train=TrainSection(max_steps=4, on_recompile="fail"))
-    rundir = SimpleNamespace(manifest=lambda stage: {"stage": stage})  # a compile stage ran
-    ctx = SimpleNamespace(cfg=cfg, rundir=rundir, log=logged.append)
+    ctx, _, _ = _ctx(tmp_path, max_steps=4, on_recompile="fail")
     record = RunRecord(start=0, resumed_from=None)
+    cache = tmp_path / "cache"
+    cache.mkdir()
     counted: list[int] = []
-    watch = NeffCacheWatch(tmp_path)
+    watch = NeffCacheWatch(cache)
 
     def counter() -> int:
         counted.append(watch())
         return counted[-1]
 
-    policy = PolicyCallback(ctx, record, graph_counter=counter)
-    rank0 = SimpleNamespace(is_main=True, device=None)
-
     def compile_graph(name: str) -> None:
-        (tmp_path / f"{name}.neff").write_text("x")
+        (cache / f"{name}.neff").write_text("x")
 
     compile_graph("warm")  # in the cache before the run: a hit, not a compile
-    policy.on_train_start(None, rank0)
+    driver = StepDriver(ctx, record)
+    driver.start(_Target(), graph_counter=counter)
     compile_graph("step1-a")
     compile_graph("step1-b")
-    policy._watch_graphs(1, rank0)
-    policy._watch_graphs(2, rank0)
+    assert driver._watch_graphs(1) == 2 and driver._watch_graphs(2) == 2
     assert (record.graphs_at_start, record.graphs_first_step, record.graphs_after_first_step) == (1, 2, 0)
     compile_graph("late")
     with pytest.raises(TrnftError, match=r"1 graph\(s\) compiled at step 3, after the first step"):
-        policy._watch_graphs(3, rank0)
+        driver._watch_graphs(3)
     assert record.graphs_after_first_step == 1
-    # only rank 0 reads the cache (one process alone shares its count with itself)
-    calls = len(counted)
-    policy._watch_graphs(4, SimpleNamespace(is_main=False, device=None))
-    assert len(counted) == calls
+
+
+def test_only_rank_0_reads_the_compile_cache():
+    calls: list[int] = []
+    # one process alone shares its count with itself; another rank's own count is never read
+    assert _agreed_count(lambda: calls.append(1) or 7, SimpleNamespace(is_main=True, device=None)) == 7
+    assert _agreed_count(lambda: calls.append(1) or 7, SimpleNamespace(is_main=False, device=None)) == 0
+    assert len(calls) == 1

@@ -118,7 +118,8 @@ def test_a_full_run_writes_a_manifest_with_what_optimum_neuron_ran(uninterrupted
     manifest = uninterrupted.manifest("train")
     figures = TrainiumTrainFigures.of(manifest)
     assert manifest["status"] == "complete"
-    assert figures.end_step == 6 and len(figures.logged_losses) == 6
+    assert figures.end_step == 6 and figures.loss_steps == [1, 2, 3, 4, 5, 6]  # logging_steps 1
+    assert figures.first_loss == figures.losses[0] and figures.steps_this_run == 6
     assert figures.checkpoints_saved == ["checkpoint-3", "checkpoint-6"]
     assert figures.final_checkpoint == "checkpoint-6"
     # Every setting reached optimum-neuron (read back from its own objects, not from trnft's config).
@@ -146,7 +147,7 @@ def test_the_trainer_reads_trnft_batches_and_computes_trnft_loss(uninterrupted, 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     expected = step_batch_loss(base, split, 0, _global_batch(), _seed(uninterrupted))
     other = step_batch_loss(base, split, 1, _global_batch(), _seed(uninterrupted))
-    logged = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses
+    logged = uninterrupted.figures("train", TrainiumTrainFigures).losses
     assert abs(expected - other) > 1e-2  # batches differ enough that a wrong order would show
     np.testing.assert_allclose(logged[0], expected, rtol=1e-4)
 
@@ -166,7 +167,7 @@ def test_consolidating_its_checkpoint_gives_the_model_that_trained(uninterrupted
     base_loss = step_batch_loss(base, split, 3, _global_batch(), _seed(uninterrupted))
     tuned = PeftModel.from_pretrained(base, adapter)
     loss = step_batch_loss(tuned, split, 3, _global_batch(), _seed(uninterrupted))
-    logged = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses
+    logged = uninterrupted.figures("train", TrainiumTrainFigures).losses
     assert abs(base_loss - logged[3]) > 1e-2  # training moved the model
     np.testing.assert_allclose(loss, logged[3], rtol=2e-4)
     # The stage form consumes the newest checkpoint.
@@ -199,8 +200,8 @@ def test_sigkill_during_a_save_then_rerun_continues_exactly(
         figures.restored_on_resume
     )
     assert figures.not_restored_on_resume == ["xla_rng_state"]
-    expected = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses[3:]
-    assert figures.logged_losses == expected  # same data, LR and optimizer state from step 4 on
+    expected = uninterrupted.figures("train", TrainiumTrainFigures).losses[3:]
+    assert figures.losses == expected  # same data, LR and optimizer state from step 4 on
     mine = _adapter_tensors(train_dir / "checkpoint-6")
     theirs = _adapter_tensors(uninterrupted.root / "train" / "checkpoint-6")
     assert mine.keys() == theirs.keys()
@@ -257,8 +258,8 @@ def test_full_fine_tuning_resumes_exactly_and_consolidates(tmp_path, tiny_llama,
     assert torchrun(run, "train", env={"TRNFT_FAULT": "kill-during-save:6"}).returncode != 0
     resumed = ok(torchrun(run, "train"))
     assert "resuming from checkpoint-3 at step 3" in resumed.stdout
-    losses = run.figures("train", TrainiumTrainFigures).logged_losses
-    assert losses == straight.figures("train", TrainiumTrainFigures).logged_losses[3:]
+    losses = run.figures("train", TrainiumTrainFigures).losses
+    assert losses == straight.figures("train", TrainiumTrainFigures).losses[3:]
     consolidated = ok(run.stage("consolidate")).stdout
     assert "full from checkpoint-6" in consolidated
     from safetensors.torch import load_file
@@ -282,7 +283,7 @@ def test_eager_attention_keeps_packed_samples_apart(make_run, tiny_llama):
     )
     ok(torchrun(run, "train"))
     figures = run.figures("train", TrainiumTrainFigures)
-    logged = figures.logged_losses
+    logged = figures.losses
     assert figures.optimum_neuron.attn_implementation == "eager"
     split = TokenizeOutput(run.root / "tokenize").split("train")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -484,8 +485,8 @@ def test_two_processes_train_the_adapter_one_process_trains(layout, request, uni
     run: exactly at dp = 2 (gradients averaged over two ranks = accumulated over two micro-batches), within
     what matmuls summed in another order allow at tp = 2."""
     run = request.getfixturevalue(layout)
-    one = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses
-    two = run.figures("train", TrainiumTrainFigures).logged_losses
+    one = uninterrupted.figures("train", TrainiumTrainFigures).losses
+    two = run.figures("train", TrainiumTrainFigures).losses
     np.testing.assert_allclose(two, one, rtol=LOSS_RTOL)
     mine = _consolidated(run, 6, tmp_path / "two")
     theirs = _consolidated(uninterrupted, 6, tmp_path / "one")
@@ -518,7 +519,7 @@ def test_the_tp2_neuron_trainer_and_the_cpu_xla_trainer_train_the_same_adapter(
     )
     ok(xla.stage("train"))
     theirs = xla.figures("train", XlaTrainFigures).losses
-    mine = tp2.figures("train", TrainiumTrainFigures).logged_losses
+    mine = tp2.figures("train", TrainiumTrainFigures).losses
     assert len(mine) == len(theirs) == TRAIN["max_steps"]
     np.testing.assert_allclose(mine, theirs, rtol=LOSS_RTOL)
     a, b = _consolidated(tp2, 6, tmp_path / "neuron"), _consolidated(xla, 6, tmp_path / "cpu-xla")
@@ -542,7 +543,7 @@ def test_tp2_sigkill_during_a_save_resumes_exactly_and_force_restarts_on_every_r
     assert "resuming from checkpoint-3 at step 3" in resumed.stdout
     figures = run.figures("train", TrainiumTrainFigures)
     assert (figures.start_step, figures.end_step) == (3, 6)
-    assert figures.logged_losses == tp2.figures("train", TrainiumTrainFigures).logged_losses[3:]
+    assert figures.losses == tp2.figures("train", TrainiumTrainFigures).losses[3:]
     for tp_rank in (0, 1):
         mine = _adapter_tensors(run.root / "train" / "checkpoint-6", tp_rank)
         theirs = _adapter_tensors(tp2.root / "train" / "checkpoint-6", tp_rank)
@@ -552,10 +553,7 @@ def test_tp2_sigkill_during_a_save_resumes_exactly_and_force_restarts_on_every_r
     forced = ok(torchrun(run, "train", "--force", nproc=2))
     assert "resuming" not in forced.stdout
     again = run.figures("train", TrainiumTrainFigures)
-    assert (
-        again.start_step == 0
-        and again.logged_losses == tp2.figures("train", TrainiumTrainFigures).logged_losses
-    )
+    assert again.start_step == 0 and again.losses == tp2.figures("train", TrainiumTrainFigures).losses
 
 
 @pytest.mark.extended
@@ -569,8 +567,8 @@ def test_sigterm_saves_the_step_in_flight_and_the_rerun_ends_like_the_uninterrup
     assert (run.root / "train" / "checkpoint-4" / "trnft_state" / "state.json").is_file()
     resumed = ok(torchrun(run, "train"))
     assert "resuming from checkpoint-4 at step 4" in resumed.stdout
-    expected = uninterrupted.figures("train", TrainiumTrainFigures).logged_losses[4:]
-    assert run.figures("train", TrainiumTrainFigures).logged_losses == expected
+    expected = uninterrupted.figures("train", TrainiumTrainFigures).losses[4:]
+    assert run.figures("train", TrainiumTrainFigures).losses == expected
     mine = _adapter_tensors(run.root / "train" / "checkpoint-6")
     theirs = _adapter_tensors(uninterrupted.root / "train" / "checkpoint-6")
     assert all(torch.equal(mine[n], theirs[n]) for n in theirs)
@@ -625,10 +623,8 @@ def test_the_gqa_qkv_layer_at_tp2_trains_and_consolidates_to_a_peft_adapter(
     for name in (n for n in gqa if n.endswith(("lora_B.weight_k", "lora_B.weight_v"))):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         assert ranks[0][name].abs().max() > 0, name  # trained, not the zero init
-    first = two.figures("train", TrainiumTrainFigures).logged_losses[0]
-    np.testing.assert_allclose(
-        first, one.figures("train", TrainiumTrainFigures).logged_losses[0], rtol=LOSS_RTOL
-    )
+    first = two.figures("train", TrainiumTrainFigures).losses[0]
+    np.testing.assert_allclose(first, one.figures("train", TrainiumTrainFigures).losses[0], rtol=LOSS_RTOL)
     mine, theirs = _consolidated(two, 6, tmp_path / "c2"), _consolidated(one, 6, tmp_path / "c1")
     assert mine.keys() == theirs.keys()
     assert all(mine[n].shape == theirs[n].shape for n in mine)
@@ -705,7 +701,7 @@ def _sequence_parallel_run(tmp_path: Path, model: Path, tokenized: Path, tp: int
     peft = PeftModel.from_pretrained(base, adapter).eval()
     split = TokenizeOutput(tokenized).split("train")
     next_loss = step_batch_loss(peft, split, 3, _global_batch(), _seed(run))
-    np.testing.assert_allclose(figures.logged_losses[3], next_loss, rtol=1e-3)
+    np.testing.assert_allclose(figures.losses[3], next_loss, rtol=1e-3)
     return run
 
 
@@ -722,9 +718,7 @@ def test_at_tp2_with_sequence_parallelism_every_rank_trains_the_adapter_that_is_
     # And it is the adapter the CPU-XLA rehearsal (torch-xla SPMD, no sequence slices) trains.
     xla = _packed_run(tmp_path / "xla", tiny_llama, packed_tokenized, tp=2, backend="cpu")
     ok(xla.stage("train"))
-    np.testing.assert_allclose(
-        figures.logged_losses, xla.figures("train", XlaTrainFigures).losses, rtol=LOSS_RTOL
-    )
+    np.testing.assert_allclose(figures.losses, xla.figures("train", XlaTrainFigures).losses, rtol=LOSS_RTOL)
     a, b = _consolidated(run, 6, tmp_path / "neuron"), _consolidated(xla, 6, tmp_path / "cpu-xla")
     assert a.keys() == b.keys()
     # Adam moves an element by about lr a step whatever its gradient's size, so an element whose gradient
@@ -768,7 +762,7 @@ def test_full_fine_tuning_at_tp2_sums_the_norm_gradients_and_trains_what_one_pro
                         parallel={"tp": 2}, neuron={**neuron, "cpu_devices": 2})  # fmt: skip
     ok(torchrun(two, "train", nproc=2))
     assert two.figures("train", TrainiumTrainFigures).optimum_neuron.sequence_parallel_enabled
-    losses = [r.figures("train", TrainiumTrainFigures).logged_losses for r in (one, two)]
+    losses = [r.figures("train", TrainiumTrainFigures).losses for r in (one, two)]
     assert len(losses[1]) == TRAIN["max_steps"]
     np.testing.assert_allclose(losses[1], losses[0], rtol=LOSS_RTOL)
 
