@@ -374,8 +374,10 @@ class FsdpSection:
         "writes are done. false: training waits for each save.",
         runtime_only=True,  # the same checkpoint, written in the background or not
     )
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
-        "auto", "auto: flash_attention_2 when installed on CUDA, else sdpa."
+    attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = opt(
+        "auto",
+        "auto: on CUDA flash_attention_2 when installed (bf16), else flex_attention (document-causal "
+        "BlockMask: masked tiles skipped); sdpa elsewhere. sdpa and eager take a dense [B,1,S,S] mask.",
     )
     wandb: bool = opt(False, "Also log to Weights & Biases.", runtime_only=True)
     compile: Literal["auto", "on", "off"] = opt(

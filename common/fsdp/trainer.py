@@ -73,6 +73,7 @@ from ..training.data import (
     TokenizedSplit,
     TokenizeOutput,
     batch_indices,
+    document_causal_block_mask,
     packed_varlen,
     segment_allowed,
     segment_attention_mask,
@@ -263,12 +264,24 @@ def compile_backend(cfg: RunConfig, platform: DevicePlatform) -> str | None:
 
 
 def attention_implementation(cfg: RunConfig, device: str) -> str:
-    """flash_attention_2 on CUDA when flash_attn is installed and training in bf16 (auto; flash-attn has
-    no fp32 kernels), else sdpa; or what the config says."""
+    """What ``fsdp.attn_implementation: auto`` means on ``device``, or what the config says.
+
+    auto: on CUDA, flash_attention_2 when flash_attn is installed and training in bf16 (flash-attn has no
+    fp32 kernels; its varlen kernel skips other samples' tokens), else flex_attention (a compiled kernel
+    with the document-causal ``BlockMask``: no extra wheel, no dense mask); elsewhere sdpa (the CPU runs
+    eager, and the Neuron device has no inductor kernels for FlexAttention).
+    """
     wanted = cfg.fsdp.attn_implementation
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if wanted == "auto":
-        return "flash_attention_2" if device == "cuda" and has_flash and cfg.train.bf16 else "sdpa"
+        if device == "cuda":
+            return "flash_attention_2" if has_flash and cfg.train.bf16 else "flex_attention"
+        return "sdpa"
+    if wanted == "flex_attention" and device != "cuda":
+        raise ConfigError(
+            "fsdp.attn_implementation: flex_attention trains on CUDA only (torch has no FlexAttention backward "
+            "on the CPU, and the Neuron device no inductor kernels for it); use auto or sdpa"
+        )
     if wanted == "flash_attention_2" and (device != "cuda" or not has_flash):
         raise ConfigError(
             "fsdp.attn_implementation: flash_attention_2 needs CUDA and the flash_attn package; use auto or sdpa"
@@ -331,8 +344,9 @@ def forward_logits(model: Any, batch: dict[str, Any], attn_implementation: str) 
     are flattened into one row of ``B * S`` tokens and the logits reshaped back. The sample boundaries come
     with the batch (``cu_seq_lens`` and ``max_length``, from :func:`packed_varlen` on the host) and go to
     every layer's varlen kernel; without them transformers derives them from ``position_ids`` on the device
-    in every layer, with a sync each time. sdpa and eager get the block-diagonal causal mask of the
-    segment ids, row by row.
+    in every layer, with a sync each time. flex_attention gets the same rule as a ``BlockMask`` (tiles no
+    query may see are skipped, K/V heads are not repeated for GQA); sdpa and eager get it as the dense
+    block-diagonal causal mask of the segment ids, row by row (no tile is skipped).
     """
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     rows, length = input_ids.shape
@@ -348,7 +362,9 @@ def forward_logits(model: Any, batch: dict[str, Any], attn_implementation: str) 
             }
         flat = {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1)}
         return model(**flat, **varlen).logits.reshape(rows, length, -1)
-    if attn_implementation == "sdpa":
+    if attn_implementation == "flex_attention":
+        mask = document_causal_block_mask(batch["segment_ids"])
+    elif attn_implementation == "sdpa":
         mask = segment_allowed(batch["segment_ids"])
     else:
         mask = segment_attention_mask(batch["segment_ids"], dtype=torch.float32)

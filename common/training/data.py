@@ -128,6 +128,23 @@ def segment_allowed(segment_ids: Any) -> Any:
     return allowed[:, None, :, :]
 
 
+def document_causal_block_mask(segment_ids: Any, block_size: int = 128) -> Any:
+    """:func:`segment_allowed` as FlexAttention's ``BlockMask`` (``[B, 1, S, S]``, never materialised on
+    the device's attention path): the same rule per position, and tiles of ``block_size`` x ``block_size``
+    that no query of one sample may see (another sample, the future, padding) are skipped by the kernel.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segment_ids
+
+    def allowed(batch: Any, head: Any, q: Any, kv: Any) -> Any:
+        same = seg[batch, q] == seg[batch, kv]
+        return (same & (kv <= q) & (seg[batch, q] != 0)) | (q == kv)
+
+    rows, length = seg.shape
+    return create_block_mask(allowed, rows, None, length, length, device=seg.device, BLOCK_SIZE=block_size)
+
+
 def segment_attention_mask(segment_ids: Any, dtype: Any = None) -> Any:
     """Additive 4-D attention mask ``[B, 1, S, S]`` from segment ids ``[B, S]``: 0 where
     :func:`segment_allowed`, the dtype's minimum elsewhere (for eager attention)."""
