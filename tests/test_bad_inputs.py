@@ -693,6 +693,13 @@ CASES = [
         ("run/train",),
     ),
     Case(
+        "gpu-flex-on-cpu",
+        _tokenized("train", model={"platform": "gpu"}, fsdp={"attn_implementation": "flex_attention"}),
+        ("fsdp.attn_implementation", "trains on CUDA only"),
+        2,
+        ("run/train",),
+    ),
+    Case(
         "gpu-tp-vs-processes",
         _tokenized("train", model={"platform": "gpu"}, parallel={"tp": 2}),
         ("parallel.tp: 2 does not divide the 1 training processes",),
