@@ -364,7 +364,8 @@ class FsdpSection:
     reshard_after_forward: bool = opt(
         True,
         "FSDP2: free gathered weights after forward (ZeRO-3, FULL_SHARD); false keeps them until backward "
-        "(ZeRO-2, SHARD_GRAD_OP: more memory, less traffic).",
+        "(ZeRO-2, SHARD_GRAD_OP: more memory, less traffic). Where each parameter has one shard (a "
+        "data-parallel world of 1) they are always kept: there is nothing to gather back.",
     )
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state.")
     async_checkpoint: bool = opt(

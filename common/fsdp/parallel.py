@@ -74,6 +74,11 @@ class World:
         return 1 if self.hsdp_mesh is None else self.hsdp_mesh.size(0)
 
     @property
+    def shard_ranks(self) -> int:
+        """How many ranks FSDP2 splits each parameter over (dp, or dp / replicate under HSDP)."""
+        return self.dp // self.replicate
+
+    @property
     def fsdp_mesh(self) -> Any:
         """What FSDP2 shards over: the dp mesh, or HSDP's 2-D (replicate, shard) mesh."""
         if self.hsdp_mesh is None:
@@ -346,6 +351,13 @@ class ShardSettings:
     compile_backend: str | None = None  # torch.compile each decoder block with this backend; None: eager
 
 
+def reshard_after_forward(settings: ShardSettings, world: World) -> bool:
+    """``fsdp.reshard_after_forward``, except where FSDP2 splits parameters over one rank (a
+    data-parallel world of 1, or HSDP replica groups of one rank each): then the unsharded layers are kept
+    from forward to backward (what was resharded would be the whole parameter again)."""
+    return settings.reshard_after_forward and world.shard_ranks > 1
+
+
 def shard(model: Any, world: World, settings: ShardSettings) -> None:
     """Compile (when asked) and tensor-parallelise the decoder layers (and the lm_head along the vocabulary,
     :func:`loss_parallel_head`), then FSDP2-shard each of them and the root over ``dp``."""
@@ -374,9 +386,12 @@ def shard(model: Any, world: World, settings: ShardSettings) -> None:
     if settings.cpu_offload:
         # Pinned host memory makes the copies to a GPU asynchronous; there is nothing to pin for on a CPU.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
+    # With one shard there is nothing to gather back in the backward pass: resharding after forward would
+    # only free each layer's unsharded copy and copy it in again (a world-of-1 all-gather) per layer.
+    reshard = reshard_after_forward(settings, world)
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=settings.reshard_after_forward, **kwargs)
-    fully_shard(model, reshard_after_forward=settings.reshard_after_forward, **kwargs)
+        fully_shard(layer, reshard_after_forward=reshard, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard, **kwargs)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             # Sum, do not average: each rank's loss is already divided by the global batch's tokens.
