@@ -39,6 +39,7 @@ from ..common.training.data import (
 )
 from ..common.training.driver import FinishedStep
 from ..common.training.lora import ADAPTER, apply_lora, seed_lora_a, tie_lora_a
+from ..common.training.model_check import check_model_takes_the_data
 from ..common.training.optim import global_batch, lr_at, wants_decay
 from . import fused_groups, nxd_format
 from .parallel_layout import (
@@ -178,28 +179,12 @@ class XlaTrainer:
     # -- setup ------------------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Everything that can be refused without starting XLA: layout, LoRA targets, vocabulary."""
-        from transformers import AutoConfig
-
+        """Everything that can be refused without starting XLA: model and data, layout, LoRA targets."""
         cfg = self.cfg
-        try:
-            config = AutoConfig.from_pretrained(
-                cfg.model.name_or_path,
-                revision=cfg.model.revision,
-                trust_remote_code=cfg.model.trust_remote_code,
-            )
-        except Exception as exc:
-            raise TrnftError(
-                f"model.name_or_path: cannot load the model config of {cfg.model.name_or_path!r} ({exc})"
-            ) from exc
+        config = check_model_takes_the_data(cfg, self.tokenized)
         self.model_config = config
         self.layout = model_layout(cfg, config)
         self.targets = training_targets(cfg, self.layout) if cfg.lora.enabled else []
-        if self.tokenized.info["vocab_size"] > config.vocab_size:
-            raise TrnftError(
-                f"model.name_or_path: the tokenizer has {self.tokenized.info['vocab_size']} tokens but the model's "
-                f"vocabulary is {config.vocab_size}; retokenize with a pad token inside the vocabulary (dataset.pad_token)"
-            )
 
     def setup(self, *, cache_dir: str | None = None, resume: Path | None = None) -> None:
         """Model, LoRA, sharding and optimizer; weights/optimizer/step from ``resume`` when given."""

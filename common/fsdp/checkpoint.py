@@ -13,7 +13,8 @@
 Everything is written into ``checkpoint-<step>.staging-<id>/`` and renamed when complete (by rank 0,
 after every rank finished its shards), so an interrupted save never looks like a checkpoint. The shards
 may be written in the background (:class:`BackgroundWriters`, ``fsdp.async_checkpoint``) while training
-goes on; the rename still waits for every rank's writes. A checkpoint
+goes on; the rename still waits for every rank's writes. :class:`ShardedCheckpoints` is what the trainer
+calls (resume, save, commit). A checkpoint
 written on N ranks loads on any other number of ranks and tensor-parallel degree (DCP reshards).
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrnftError
+from ..io.hf_files import TOKENIZER_FILES, copy_present
 from ..pipeline import checkpoints
 
 MODEL_DIR = "model"
@@ -187,6 +189,116 @@ def load_sharded(folder: Path, model: Any, optimizer: Any) -> int:
         options=_state_dict_options(strict=False),
     )
     return len(model_state)
+
+
+@dataclass(frozen=True)
+class _InFlightSave:
+    """A checkpoint whose shards are being written (``futures``: this rank's background writes)."""
+
+    staged: Path
+    step: int
+    futures: list[Any]
+
+
+class ShardedCheckpoints:
+    """The FSDP2 trainer's checkpoints of one run, on every rank: resume, save, commit.
+
+    Collective: every rank calls each method at the same point. Rank 0 (``is_main``) decides what to
+    resume, creates and commits the staging folder and writes the files that are not shards; every rank
+    writes its own shards. :meth:`save` starts a checkpoint; :meth:`commit_written` makes it visible
+    (``done`` marker, rename, pruning) once every rank's shards are on disk, so a checkpoint appears whole or
+    not at all. With ``background`` writers (``fsdp.async_checkpoint``) the shards are copied to host memory
+    in :meth:`save` and written while training goes on; at most one save is in flight.
+    """
+
+    def __init__(
+        self,
+        train_dir: Path,
+        *,
+        fingerprint: str,
+        keep: int,
+        is_main: bool,
+        tokenizer_dir: Path | None,
+        log: Any,
+        background: BackgroundWriters | None = None,
+    ) -> None:
+        self.train_dir, self.fingerprint, self.keep = train_dir, fingerprint, keep
+        self.is_main, self.tokenizer_dir, self.log = is_main, tokenizer_dir, log
+        self.background = background
+        self._in_flight: _InFlightSave | None = None
+
+    def resume(self, model: Any, optimizer: Any) -> tuple[Path, dict[str, Any]] | None:
+        """Load the newest complete checkpoint of this run's settings (rank 0 picks it, every rank loads
+        its shards); its folder and ``trnft_state/state.json``, or None to start from step 0."""
+        import torch.distributed as dist
+
+        box: list[str | None] = [None]
+        if self.is_main:
+            found = checkpoints.resume_point(self.train_dir, self.fingerprint, self.log)
+            box = [str(found) if found else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return None
+        folder = Path(box[0])
+        state = checkpoint_state(folder)
+        load_sharded(folder, model, optimizer)
+        return folder, state
+
+    def save(self, step: int, model: Any, optimizer: Any, meta: CheckpointMeta, state: dict[str, Any]) -> str:
+        """Start checkpoint ``step``: every rank's shards, and on rank 0 ``trnft.json``, ``state`` (with the
+        step and fingerprint added) as ``trnft_state/state.json`` and the tokenizer. Committed by
+        :meth:`commit_written`; a save still in flight is committed first. Returns the folder's name."""
+        import torch.distributed as dist
+
+        self.commit_written(wait=True)
+        box = [str(checkpoints.staging_dir(self.train_dir, step)) if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        staged = Path(box[0])
+        if self.is_main:
+            staged.mkdir(parents=True)
+        dist.barrier()
+        futures = save_sharded(staged, model, optimizer, self.background)
+        if self.is_main:
+            meta.write(staged)
+            state_dir = staged / checkpoints.TRNFT_STATE
+            state_dir.mkdir()
+            record = {"step": step, "fingerprint": self.fingerprint, **state}
+            (state_dir / "state.json").write_text(json.dumps(record, indent=1))
+            if self.tokenizer_dir is not None:
+                copy_present(TOKENIZER_FILES, [self.tokenizer_dir], staged)
+        self._in_flight = _InFlightSave(staged, step, futures)
+        return f"checkpoint-{step}"
+
+    def commit_written(self, *, wait: bool) -> str | None:
+        """Commit the checkpoint in flight once every rank has written it; the committed folder's name.
+
+        ``wait=False`` (after each step) commits only when every rank's writes have already finished (a
+        synchronous save's always have) and otherwise returns None at once; ``wait=True`` (before a new
+        save, on a stop, at the end of training) waits for them.
+        """
+        import torch
+        import torch.distributed as dist
+
+        in_flight = self._in_flight
+        if in_flight is None:
+            return None
+        if not wait and in_flight.futures:
+            assert self.background is not None  # only background writes leave futures
+            # One small CPU all-reduce per step, only while a save is in flight.
+            finished = torch.tensor([int(written(in_flight.futures))])
+            dist.all_reduce(finished, op=dist.ReduceOp.MIN, group=self.background.control)
+            if not finished.item():
+                return None
+        wait_written(in_flight.futures)
+        self._in_flight = None
+        dist.barrier()  # every rank's shards are on disk
+        if self.is_main:
+            checkpoints.write_done(in_flight.staged)
+            checkpoints.fault_point("save", in_flight.step)
+            checkpoints.commit(self.train_dir, in_flight.staged, in_flight.step)
+            checkpoints.prune(self.train_dir, self.keep, self.log)
+        dist.barrier()
+        return f"checkpoint-{in_flight.step}"
 
 
 # --------------------------------------------------------------------------------------------------
