@@ -173,7 +173,7 @@ def run_mode(work: Path, mode: str, shape: Shape, layers: int, args, device: str
             "save_steps": args.steps,
             "logging_steps": 1,
             "eval_steps": 0,
-            "activation_checkpointing": "full",
+            "activation_checkpointing": args.recompute,
         },
         "fsdp": {"devices": 1, "attn_implementation": "auto"},
     }
@@ -228,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", choices=["lora", "full"], default=["lora", "full"])
     parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument(
+        "--recompute",
+        choices=["auto", "off", "selective", "full"],
+        default="auto",
+        help="train.activation_checkpointing (auto: off when the estimate fits the GPU; see the train log).",
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--layers-lora", type=int, default=32, help="Decoder layers for LoRA (8B has 32).")
     parser.add_argument(

@@ -93,7 +93,7 @@ def estimate(cfg: RunConfig, config: Any, inst: InstanceType) -> MemoryEstimate 
     heads = config.num_attention_heads
     scores = 0.0 if cfg.neuron.attention == "flash" else 5 * heads * s / (h * tp)
     per_layer = s * b * h * (10 + 24 / tp + scores)
-    if cfg.train.activation_checkpointing == "full":
+    if cfg.train.activation_checkpointing in ("full", "auto"):  # auto is full on this platform
         activations = layers * 2 * s * b * h + per_layer
     else:
         activations = layers * per_layer
@@ -107,7 +107,7 @@ def check(cfg: RunConfig, config: Any, inst: InstanceType) -> MemoryEstimate | N
     if found is None or found.fits():
         return found
     advice = []
-    if cfg.train.activation_checkpointing != "full":
+    if cfg.train.activation_checkpointing not in ("full", "auto"):
         advice.append("set train.activation_checkpointing=full")
     advice.append(f"raise parallel.tp (now {cfg.parallel.tp})")
     advice.append("lower dataset.max_seq_length or train.micro_batch_size")

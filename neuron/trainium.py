@@ -63,14 +63,11 @@ FLASH_SEQUENCE_MULTIPLE = 2048
 def check_settings(cfg: RunConfig) -> None:
     """Refuse settings the Trainium path cannot honour (one line each, before anything runs)."""
     t, n, d = cfg.train, cfg.neuron, cfg.dataset
-    from transformers import AutoConfig
-
     from ..common.cluster.instances import instance
+    from ..common.training.model_check import base_model_config
     from . import fused_groups, memory
 
-    config = AutoConfig.from_pretrained(
-        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    config = base_model_config(cfg)
     if cfg.lora.enabled:
         from .parallel_layout import model_layout
 
@@ -131,7 +128,7 @@ def training_arguments(cfg: RunConfig, output_dir: Path, *, logging_steps: int |
         use_autocast=t.bf16,
         seed=t.seed,
         # optimum-neuron enables it on the model (torch_xla's checkpoint) when pipeline parallelism is off.
-        gradient_checkpointing=t.activation_checkpointing == "full",
+        gradient_checkpointing=t.activation_checkpointing in ("full", "auto"),  # auto is full here
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps",
         save_steps=cadence.save_steps,

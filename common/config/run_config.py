@@ -253,13 +253,14 @@ class TrainSection:
         "What train does when it compiles a graph after step 1 although the compile stage ran.",
         runtime_only=True,
     )
-    activation_checkpointing: Literal["full", "selective", "off"] = opt(
-        "full",
+    activation_checkpointing: Literal["auto", "full", "selective", "off"] = opt(
+        "auto",
         "Recompute in backward instead of keeping activations. full: each decoder layer again (least memory, "
         "about a third more compute); selective (FSDP2 trainer: gpu, neuron-native): keeps attention outputs "
-        "and every other matmul's, so half the matmuls rerun; off: keep everything. Trainium uses "
-        "optimum-neuron's gradient checkpointing for full (not the CPU-XLA rehearsal, which keeps its "
-        "memory on the host).",
+        "and every other matmul's, so half the matmuls rerun; off: keep everything. auto (FSDP2 trainer): off "
+        "when the estimated peak fits the device, else selective, else full (the estimate and the choice are "
+        "in the train log and manifest); on the neuron platform auto is full. Trainium uses optimum-neuron's "
+        "gradient checkpointing for full (not the CPU-XLA rehearsal, which keeps its memory on the host).",
         runtime_only=True,  # recomputing gives the same numbers (dropout state is restored)
     )
 

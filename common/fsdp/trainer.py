@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -64,10 +63,11 @@ from .. import stop
 from ..config.run_config import RunConfig, dump_config
 from ..errors import ConfigError, ProcessFailed, TrnftError
 from ..exits import exit_code_of_process
-from ..io.hf_files import TOKENIZER_FILES, copy_present, resolve_model_dir
+from ..io.hf_files import resolve_model_dir
 from ..pipeline import checkpoints
 from ..pipeline.platform_stages import TRAIN
 from ..pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
+from ..training import memory_plan
 from ..training.data import (
     IGNORE_INDEX,
     TokenizedSplit,
@@ -83,6 +83,7 @@ from ..training.data import (
 from ..training.driver import RunRecord
 from ..training.lightning_policy import PolicyCallback
 from ..training.lora import ADAPTER, apply_lora, check_targets
+from ..training.model_check import check_model_takes_the_data
 from ..training.optim import decay_groups, global_batch
 from ..training.policy import TrainFigures
 from ..training.recompute import checkpointing_kwargs
@@ -111,7 +112,8 @@ def run(
 
     Everything that can be refused (upstream, layout, batch, targets, vocabulary) is refused first, in one
     line, before a process starts or a folder is made. ``graph_counter`` counts the graphs the device has
-    compiled (native Neuron's cache), for ``train.on_recompile``.
+    compiled (native Neuron's cache), for ``train.on_recompile``; without one, torch.compile's own count
+    (:func:`compiled_graphs`) is watched when the decoder blocks are compiled.
     """
     from ..pipeline.rundir import RunDir
     from ..pipeline.stages import current_manifest, upstream_manifests
@@ -263,6 +265,15 @@ def compile_backend(cfg: RunConfig, platform: DevicePlatform) -> str | None:
     return platform.compile_backend
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (Dynamo's ``unique_graphs`` count: a new
+    shape or a graph break after the first step shows up as one more), for ``train.on_recompile`` where the
+    decoder blocks are compiled (CUDA; the native Neuron device counts its NEFF cache instead)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def attention_implementation(cfg: RunConfig, device: str) -> str:
     """What ``fsdp.attn_implementation: auto`` means on ``device``, or what the config says.
 
@@ -294,24 +305,12 @@ def check(
 ) -> Any:
     """Refuse what cannot work before any weights load: batch, targets, vocabulary, validation (the layout
     itself was checked when it was computed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     global_batch(cfg.train, layout.dp)
-    try:
-        config = AutoConfig.from_pretrained(
-            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        )
-    except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad path or config
-        raise TrnftError(
-            f"model.name_or_path: cannot load the model config of {cfg.model.name_or_path!r} ({exc})"
-        ) from exc
+    config = check_model_takes_the_data(cfg, tokenized)
     parallel.check_tensor_parallel(config, cfg.parallel.tp)
     attention_implementation(cfg, platform.device_type)
-    if tokenized.info["vocab_size"] > config.vocab_size:
-        raise TrnftError(
-            f"model.name_or_path: the tokenizer has {tokenized.info['vocab_size']} tokens but the model's vocabulary "
-            f"is {config.vocab_size}; retokenize with a pad token inside the vocabulary (dataset.pad_token)"
-        )
     with torch.device("meta"):  # structure only: target names and decoder-layer classes, no weights
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.enabled:
@@ -328,8 +327,6 @@ def check(
             f"than one batch of train.micro_batch_size={cfg.train.micro_batch_size}; add validation data or set "
             "train.eval_steps=0"
         )
-    if len(tokenized.split("train")) == 0:
-        raise TrnftError("tokenize produced no training sequences; check the dataset and templates")
     return config
 
 
@@ -395,6 +392,8 @@ class ShardedTrainFigures(TrainFigures):
     backend: str  # fsdp2-<device>: fsdp2-cuda, fsdp2-neuron, fsdp2-cpu
     attention: str
     compile_backend: str | None  # torch.compile backend of the decoder blocks; None: eager
+    # train.activation_checkpointing as applied: choice, configured, device/budget GiB, estimated peaks
+    recompute: dict[str, Any]
     tp: int
     dp: int
     stopped_early: bool
@@ -476,8 +475,7 @@ class ShardedCausalLM(L.LightningModule):
         self.model: Any = None
         self.world: parallel.World | None = None
         self.loss_parallel = False  # set in configure_model: lm_head split along the vocabulary over tp
-        self._writers: ckpt.BackgroundWriters | None = None  # fsdp.async_checkpoint: set in configure_model
-        self._in_flight: _InFlightSave | None = None
+        self.checkpointer: ckpt.ShardedCheckpoints | None = None  # set in configure_model (needs the world)
 
     @property
     def is_main(self) -> bool:
@@ -495,8 +493,15 @@ class ShardedCausalLM(L.LightningModule):
         device = self.trainer.strategy.root_device
         assert self.device_mesh[parallel.DP_DIM].size() == self.layout.dp  # Lightning built our layout's mesh
         self.world = world = parallel.world_of(self.device_mesh, device, self.layout.replicate)
-        if cfg.fsdp.async_checkpoint:
-            self._writers = ckpt.BackgroundWriters.create()
+        self.checkpointer = ckpt.ShardedCheckpoints(
+            self.ctx.out_dir,
+            fingerprint=self.ctx.fingerprint,
+            keep=cfg.train.keep_checkpoints,
+            is_main=world.is_main,
+            tokenizer_dir=self.tokenized.tokenizer_dir,
+            log=self.ctx.log,
+            background=ckpt.BackgroundWriters.create() if cfg.fsdp.async_checkpoint else None,
+        )
         model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         # Frozen base weights in model.dtype; trained weights are fp32 masters.
@@ -512,11 +517,12 @@ class ShardedCausalLM(L.LightningModule):
                 model = apply_lora(model, cfg, cfg.lora.target_modules)
         model.config.use_cache = False
         base = model.get_base_model() if cfg.lora.enabled else model
-        recompute = checkpointing_kwargs(cfg.train.activation_checkpointing)
+        self.loss_parallel = cfg.parallel.tp > 1 and parallel.loss_parallel_head(model) is not None
+        self.recompute = self._recompute_plan(model, config, world)
+        recompute = checkpointing_kwargs(self.recompute.choice)
         if recompute is not None:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-        self.loss_parallel = cfg.parallel.tp > 1 and parallel.loss_parallel_head(model) is not None
         settings = parallel.ShardSettings(
             tp=cfg.parallel.tp,
             bf16=cfg.train.bf16,
@@ -533,6 +539,30 @@ class ShardedCausalLM(L.LightningModule):
         self.model = model
         self.model_config = config
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def _recompute_plan(self, model: Any, config: Any, world: parallel.World) -> memory_plan.RecomputePlan:
+        """``train.activation_checkpointing`` (``auto``: from the memory estimate of this rank, the same on
+        every rank: the smallest device memory over the ranks is the budget)."""
+        cfg = self.cfg
+        shape = memory_plan.shape_of(
+            model, config, parallel.decoder_layers(model), cfg.lora.target_modules if cfg.lora.enabled else []
+        )
+        rank = memory_plan.RankSetup(
+            tp=world.tp,
+            shard_ranks=world.shard_ranks,
+            micro_batch=cfg.train.micro_batch_size,
+            sequence=cfg.dataset.max_seq_length,
+            base_bytes=torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8 if cfg.lora.enabled else 4,
+            activation_bytes=2 if cfg.train.bf16 else 4,
+            lora_dropout=cfg.lora.dropout if cfg.lora.enabled else 0.0,
+            loss_parallel=self.loss_parallel,
+        )
+        device_bytes = _device_memory_bytes(cfg, world)
+        if device_bytes is not None:
+            smallest = torch.tensor([device_bytes], dtype=torch.int64, device=world.device)
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+            device_bytes = int(smallest.item())
+        return memory_plan.plan(cfg.train.activation_checkpointing, shape, rank, device_bytes)
 
     def configure_optimizers(self) -> Any:
         train = self.cfg.train
@@ -557,23 +587,17 @@ class ShardedCausalLM(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Resume from the newest complete checkpoint of these settings (rank 0 decides, all ranks load)."""
-        box: list[str | None] = [None]
-        if self.is_main:
-            found = checkpoints.resume_point(self.ctx.out_dir, self.ctx.fingerprint, self.ctx.log)
-            box = [str(found) if found else None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is None:
+        assert self.checkpointer is not None
+        found = self.checkpointer.resume(self.model, self._optimizer())
+        if found is None:
             return
-        checkpoint = Path(box[0])
-        state = ckpt.checkpoint_state(checkpoint)
-        ckpt.load_sharded(checkpoint, self.model, self._optimizer())
+        self.resumed_from, state = found
         self.step_count = int(state["step"])
         self.history = _History(
             list(state["losses"]),
             list(state.get("grad_norms", [])),
             [ValidationLoss(**v) for v in state.get("validation", [])],
         )
-        self.resumed_from = checkpoint
 
     def train_dataloader(self) -> Any:
         return torch.utils.data.DataLoader(
@@ -692,78 +716,23 @@ class ShardedCausalLM(L.LightningModule):
         )
 
     def save(self) -> str:
-        """Checkpoint the current step on every rank; rank 0 commits it. Returns its folder name.
-
-        The checkpoint is committed (``done`` marker, rename, pruning) by :meth:`commit_written`, which the
-        policy calls right after: a synchronous save is complete by then; with ``fsdp.async_checkpoint`` the
-        shards are copied to host memory here and written in the background while training goes on, and
-        the commit happens at the first step end where every rank's writes are on disk, so the checkpoint
-        appears whole or not at all. At most one save is in flight: a new one first commits the previous.
-        """
-        self.commit_written(wait=True)
-        world, train_dir, step = self.world, self.ctx.out_dir, self.step_count
-        box = [str(checkpoints.staging_dir(train_dir, step)) if world.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        staged = Path(box[0])
-        if world.is_main:
-            staged.mkdir(parents=True)
-        dist.barrier()
-        futures = ckpt.save_sharded(staged, self.model, self._optimizer(), self._writers)
-        if world.is_main:
-            self.meta().write(staged)
-            state_dir = staged / checkpoints.TRNFT_STATE
-            state_dir.mkdir()
-            state = {
-                "step": step,
-                "fingerprint": self.ctx.fingerprint,
-                "losses": self.history.losses,
-                "grad_norms": self.history.grad_norms,
-                "validation": [{"step": v.step, "loss": v.loss} for v in self.history.validation],
-                "layout": {"dp": world.dp, "tp": world.tp},
-                "data_position": {"step": step, "rule": "optimizer step s trains on batch_indices(s)"},
-            }
-            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
-            copy_present(TOKENIZER_FILES, [self.tokenized.tokenizer_dir], staged)
-        self._in_flight = _InFlightSave(staged, step, futures)
-        return f"checkpoint-{step}"
+        """Checkpoint the current step (every rank); committed by :meth:`commit_written`, which the step
+        driver calls right after (see :class:`~trnft.common.fsdp.checkpoint.ShardedCheckpoints`)."""
+        assert self.checkpointer is not None and self.world is not None
+        history = self.history
+        state = {
+            "losses": history.losses,
+            "grad_norms": history.grad_norms,
+            "validation": [{"step": v.step, "loss": v.loss} for v in history.validation],
+            "layout": {"dp": self.world.dp, "tp": self.world.tp},
+            "data_position": {"step": self.step_count, "rule": "optimizer step s trains on batch_indices(s)"},
+        }
+        return self.checkpointer.save(self.step_count, self.model, self._optimizer(), self.meta(), state)
 
     def commit_written(self, *, wait: bool) -> str | None:
-        """Commit the checkpoint in flight once every rank has written it; the committed folder's name.
-
-        Every rank calls this at the same points (it is collective). ``wait=False`` (after each step)
-        commits only when every rank's writes have already finished (a synchronous save's always have) and
-        otherwise returns None at once; ``wait=True`` (before a new save, on a stop, at the end of
-        training) waits for them.
-        """
-        in_flight = self._in_flight
-        if in_flight is None:
-            return None
-        world = self.world
-        if not wait and in_flight.futures:
-            # One small CPU all-reduce per step, only while a save is in flight.
-            finished = torch.tensor([int(ckpt.written(in_flight.futures))])
-            dist.all_reduce(finished, op=dist.ReduceOp.MIN, group=self._writers.control)
-            if not finished.item():
-                return None
-        ckpt.wait_written(in_flight.futures)
-        self._in_flight = None
-        dist.barrier()  # every rank's shards are on disk
-        if world.is_main:
-            checkpoints.write_done(in_flight.staged)
-            checkpoints.fault_point("save", in_flight.step)
-            checkpoints.commit(self.ctx.out_dir, in_flight.staged, in_flight.step)
-            checkpoints.prune(self.ctx.out_dir, self.cfg.train.keep_checkpoints, self.ctx.log)
-        dist.barrier()
-        return f"checkpoint-{in_flight.step}"
-
-
-@dataclass(frozen=True)
-class _InFlightSave:
-    """A checkpoint whose shards are being written (``futures``: this rank's background writes)."""
-
-    staged: Path
-    step: int
-    futures: list[Any]
+        """Commit the checkpoint in flight once every rank has written it (collective); its name."""
+        assert self.checkpointer is not None
+        return self.checkpointer.commit_written(wait=wait)
 
 
 def _local(value: Any) -> Any:
@@ -869,6 +838,8 @@ def train(
     tokenized = TokenizeOutput(ctx.upstream_dir("tokenize"))
     module = ShardedCausalLM(ctx, platform, tokenized, layout)
     record = RunRecord(start=0, resumed_from=None)
+    if graph_counter is None and module.compile_backend is not None:
+        graph_counter = compiled_graphs  # recompiles are watched wherever something is compiled
     policy = PolicyCallback(ctx, record, graph_counter=graph_counter)
     started = _Started(ctx, module, record)
     trainer = _lightning_trainer(platform, layout, local_size, [started, policy], _loggers(ctx))
@@ -910,10 +881,25 @@ class _Started(L.Callback):
                 f"train: FSDP2 on Lightning, {world.size} {module.platform.name} process(es) "
                 f"(dp {world.dp} x tp {world.tp}), {kind}, {module.trainable_parameters():,} trained "
                 f"parameters, attention {module.attn}, compile {module.compile_backend or 'off'}, "
+                f"{module.recompute.summary()}, "
                 + ("loss parallel over tp, " if module.loss_parallel else "")
                 + f"global batch {module.global_batch}"
                 + (f", resuming {record.resumed_from} at step {record.start}" if record.resumed_from else "")
             )
+
+
+def _device_memory_bytes(cfg: RunConfig, world: parallel.World) -> int | None:
+    """Memory one rank has: the CUDA device's, one Neuron process's HBM (the instance table), or this
+    machine's share per local process on the CPU; None when unknown."""
+    if world.device.type == "cuda":
+        return int(torch.cuda.get_device_properties(world.device).total_memory)
+    if world.device.type == "cpu":
+        return memory_plan.host_memory_bytes() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    from ..cluster.instances import instance
+
+    found = instance(cfg.cluster.instance_type)
+    gib = found.neuron_core_memory_gib(cfg.neuron.logical_nc_config) if found else None
+    return int(gib * memory_plan.GIB) if gib else None
 
 
 def _peak_device_memory_mb(world: parallel.World) -> float | None:
@@ -946,6 +932,7 @@ def _report(ctx: StageContext, module: ShardedCausalLM, record: RunRecord, wall:
         backend=f"fsdp2-{world.device.type}",
         attention=module.attn,
         compile_backend=module.compile_backend,
+        recompute=module.recompute.to_json(),
         tp=world.tp,
         dp=world.dp,
         steps_this_run=module.step_count - record.start,

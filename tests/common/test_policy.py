@@ -196,3 +196,25 @@ def test_only_rank_0_reads_the_compile_cache():
     assert _agreed_count(lambda: calls.append(1) or 7, SimpleNamespace(is_main=True, device=None)) == 7
     assert _agreed_count(lambda: calls.append(1) or 7, SimpleNamespace(is_main=False, device=None)) == 0
     assert len(calls) == 1
+
+
+def test_torch_compile_recompiles_after_the_first_step_are_watched(tmp_path):
+    """Where the FSDP2 trainer compiles its blocks, Dynamo's graph count is the driver's counter: a new
+    shape after the first step is one more graph, reported as train.on_recompile says."""
+    import torch
+
+    from trnft.common.fsdp.trainer import compiled_graphs
+
+    ctx, logged, _ = _ctx(tmp_path, max_steps=3, on_recompile="warn")
+    record = RunRecord(start=0, resumed_from=None)
+    block = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    driver = StepDriver(ctx, record)
+    driver.start(_Target(), graph_counter=compiled_graphs)
+    block(torch.ones(3))
+    assert driver._watch_graphs(1) == 1
+    block(torch.ones(3))
+    assert driver._watch_graphs(2) == 1 and not [line for line in logged if "compiled at" in line]
+    block(torch.ones(5))  # another shape: a recompile
+    driver._watch_graphs(3)
+    assert record.graphs_after_first_step == 1
+    assert "warning: train: 1 graph(s) compiled at step 3, after the first step" in logged[-1]
