@@ -558,10 +558,10 @@ class ShardedCausalLM(L.LightningModule):
             loss_parallel=self.loss_parallel,
         )
         device_bytes = _device_memory_bytes(cfg, world)
-        if device_bytes is not None:
-            smallest = torch.tensor([device_bytes], dtype=torch.int64, device=world.device)
+        if device_bytes is not None:  # in MiB as float32: a type every device's collectives reduce
+            smallest = torch.tensor([device_bytes / 2**20], dtype=torch.float32, device=world.device)
             dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-            device_bytes = int(smallest.item())
+            device_bytes = int(smallest.item()) * 2**20
         return memory_plan.plan(cfg.train.activation_checkpointing, shape, rank, device_bytes)
 
     def configure_optimizers(self) -> Any:

@@ -11,7 +11,8 @@ The estimate, per rank (every count in bytes):
   and data-parallel ranks FSDP2 shards over; FSDP2 gathers each layer whole for its forward and backward
   (two layers at once with prefetch), and with one shard per parameter the gathered copy is kept from
   forward to backward (:func:`trnft.common.fsdp.parallel.reshard_after_forward`);
-- **training state**: each trained parameter's gradient and two Adam moments (fp32);
+- **training state**: each trained parameter's gradient and two Adam moments (fp32), and LoRA's fp32
+  weights;
 - **activations** per token per decoder layer of a Llama-style block (hidden ``h``, MLP ``i``, query and
   K/V widths ``q`` and ``kv``), in the compute dtype: ``6h + 4q + 3kv + 4i`` with nothing recomputed (the
   norms' inputs and outputs, q/k/v before and after RoPE, the attention output, the MLP's four
@@ -123,7 +124,10 @@ def peak_bytes(shape: ModelShape, rank: RankSetup, mode: str) -> int:
     base = shape.base_parameters * rank.base_bytes / split
     gathered_layers = 2 if rank.shard_ranks > 1 else shape.layers  # prefetch, or kept whole (one shard)
     gathered = shape.largest_layer_parameters * rank.base_bytes / rank.tp * gathered_layers
-    trained = shape.trained_parameters * (4 + 4 + 8) / split  # fp32 weight, gradient, Adam moments
+    # Gradient and Adam moments in fp32; LoRA's own fp32 weights too (a full fine-tune's trained weights
+    # are the base, counted above).
+    per_trained = 4 + 8 + (4 if shape.lora_targets_per_layer else 0)
+    trained = shape.trained_parameters * per_trained / split
     tokens = rank.micro_batch * rank.sequence
     activations = tokens * shape.layers * activation_bytes_per_token_layer(shape, rank, mode)
     if mode == "full":  # one layer's activations while it is recomputed

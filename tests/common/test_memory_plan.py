@@ -70,3 +70,14 @@ def test_sharding_and_tensor_parallelism_lower_the_estimate():
     alone = mp.peak_bytes(LLAMA_8B, _rank(), "off")
     assert mp.peak_bytes(LLAMA_8B, _rank(shard_ranks=8), "off") < alone
     assert mp.peak_bytes(LLAMA_8B, _rank(tp=2, loss_parallel=True), "off") < alone
+
+
+def test_full_fine_tuning_counts_each_weight_once_with_its_gradient_and_moments():
+    full = mp.ModelShape(**{**LLAMA_8B.__dict__, "trained_parameters": LLAMA_8B.base_parameters,
+                            "lora_targets_per_layer": ()})  # fmt: skip
+    rank = _rank(base_bytes=4, shard_ranks=8)
+    lora = mp.peak_bytes(LLAMA_8B, _rank(base_bytes=4, shard_ranks=8), "full")
+    # 4 bytes of fp32 weight + 12 of gradient and moments per parameter, over 8 shards, beyond LoRA's run
+    extra = mp.peak_bytes(full, rank, "full") - lora
+    expected = LLAMA_8B.base_parameters * 12 / 8 - LLAMA_8B.trained_parameters * 16 / 8
+    assert extra == pytest.approx(expected, rel=1e-6)
