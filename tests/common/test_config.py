@@ -211,6 +211,7 @@ def test_a_bare_on_or_off_in_yaml_is_the_word_not_a_boolean(tmp_path):
     path.write_text(head + "train: {activation_checkpointing: on}\n")
     with pytest.raises(ConfigError) as err:  # no word "on" for this key: the boolean is still refused
         load_config(path)
-    assert "train.activation_checkpointing: must be one of 'auto', 'full', 'selective', 'off', got True" in str(
-        err.value
+    assert (
+        "train.activation_checkpointing: must be one of 'auto', 'full', 'selective', 'off', got True"
+        in str(err.value)
     )
