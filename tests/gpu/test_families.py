@@ -16,14 +16,11 @@ from trnft.common.testing.fixtures import build_tiny_model
 from trnft.common.training import families
 
 SHORT = {"max_steps": 4, "save_steps": 4, "logging_steps": 1, "warmup_steps": 1, "micro_batch_size": 2}
-# Each family on each platform, each at one of tp 1 and tp 2; the tp 1 runs are extended (beyond CI's budget):
-# the tp 2 runs cover both families and both platforms, and tp 1 is the default suite's layout.
+# Each family on each platform, at tp 1 and tp 2 (the tp 1 runs take seconds in the test process).
 CASES = [
     pytest.param("ministral3", "gpu", 2, id="ministral3-gpu-tp2"),
-    pytest.param(
-        "ministral3", "neuron-native", 1, id="ministral3-neuron-native-tp1", marks=pytest.mark.extended
-    ),
-    pytest.param("gemma4", "gpu", 1, id="gemma4-gpu-tp1", marks=pytest.mark.extended),
+    pytest.param("ministral3", "neuron-native", 1, id="ministral3-neuron-native-tp1"),
+    pytest.param("gemma4", "gpu", 1, id="gemma4-gpu-tp1"),
     pytest.param("gemma4", "neuron-native", 2, id="gemma4-neuron-native-tp2"),
 ]
 
