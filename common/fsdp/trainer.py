@@ -86,7 +86,7 @@ from ..training.lora import ADAPTER, apply_lora, check_targets
 from ..training.model_check import check_model_takes_the_data
 from ..training.optim import decay_groups, global_batch
 from ..training.policy import TrainFigures
-from ..training.recompute import checkpointing_kwargs
+from ..training.recompute import checkpoint_layers
 from . import checkpoint as ckpt
 from . import parallel
 from .platform import DevicePlatform
@@ -516,12 +516,10 @@ class ShardedCausalLM(L.LightningModule):
             if cfg.lora.enabled:
                 model = apply_lora(model, cfg, cfg.lora.target_modules)
         model.config.use_cache = False
-        base = model.get_base_model() if cfg.lora.enabled else model
         self.loss_parallel = cfg.parallel.tp > 1 and parallel.loss_parallel_head(model) is not None
         self.recompute = self._recompute_plan(model, config, world)
-        recompute = checkpointing_kwargs(self.recompute.choice)
-        if recompute is not None:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
+        # Before shard(), which compiles each layer: the checkpoint is then inside the compiled call.
+        checkpoint_layers(parallel.decoder_layers(model), self.recompute.choice)
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         settings = parallel.ShardSettings(
             tp=cfg.parallel.tp,

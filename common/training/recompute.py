@@ -19,9 +19,11 @@ memory and speed differ.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 # Operator names (namespace, op, overload) whose outputs are kept. Looked up when first needed: an op
 # this torch build or machine lacks (cuDNN attention, flash-attn's op without flash-attn) is skipped.
@@ -81,11 +83,37 @@ def selective_context() -> Any:
 
 
 def checkpointing_kwargs(mode: str) -> dict[str, Any] | None:
-    """The ``gradient_checkpointing_kwargs`` for a Hugging Face model's ``gradient_checkpointing_enable``
-    (non-reentrant ``torch.utils.checkpoint`` per decoder layer), or None for ``off``."""
+    """The keyword arguments of ``torch.utils.checkpoint.checkpoint`` for one decoder-layer call
+    (non-reentrant; with the selective policy for ``selective``), or None for ``off``."""
     if mode == "off":
         return None
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if mode == "selective":
         kwargs["context_fn"] = selective_context
     return kwargs
+
+
+def checkpoint_layers(layers: Sequence[nn.Module], mode: str) -> int:
+    """Make each decoder layer's ``forward`` a checkpointed call of itself; the number of layers changed.
+
+    The checkpoint goes *inside* the layer's ``forward`` (an instance attribute, so parameter names and the
+    module tree are untouched), not around the layer's call as Hugging Face's
+    ``gradient_checkpointing_enable`` puts it. Compiling the layer afterwards (``nn.Module.compile``
+    compiles the call, which runs this ``forward``) then traces the checkpoint as part of the graph:
+    torchtitan's order, checkpoint, then compile, then shard. With Hugging Face's placement the compiled
+    call runs inside the checkpoint, and with transformers 4.57 / torch 2.8 Dynamo compiles no frame of it
+    under the selective policy's dispatch mode (tests/common/test_recompute.py counts both).
+    """
+    kwargs = checkpointing_kwargs(mode)
+    if kwargs is None:
+        return 0
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        inner = layer.forward  # bound before any wrapper; FSDP2 and TP add hooks, not a new forward
+
+        def checkpointed(*args: Any, _inner: Any = inner, **call_kwargs: Any) -> Any:
+            return checkpoint(_inner, *args, **kwargs, **call_kwargs)
+
+        layer.forward = checkpointed  # type: ignore[method-assign]
+    return len(layers)

@@ -1,5 +1,6 @@
 """train.activation_checkpointing: full, selective and off compute the same gradients; selective reruns
-half of what full reruns of a layer's matmuls in the backward pass (counted at the ATen level)."""
+half of what full reruns of a layer's matmuls in the backward pass (counted at the ATen level); a compiled
+layer traces its checkpoint (selective policy included) inside its graph."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trnft.common.training.recompute import checkpointing_kwargs, matmul_ops
+from trnft.common.training.recompute import checkpoint_layers, checkpointing_kwargs, matmul_ops
 
 LAYERS = 2
 
@@ -23,7 +24,7 @@ class _CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _model(mode: str):
+def _model(mode: str, *, compile_backend=None):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
@@ -32,17 +33,23 @@ def _model(mode: str):
     )  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    kwargs = checkpointing_kwargs(mode)
-    if kwargs is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+    checkpoint_layers(model.model.layers, mode)
+    if compile_backend is not None:  # the trainer's order: checkpoint, then compile (then shard)
+        for layer in model.model.layers:
+            layer.compile(backend=compile_backend)
     model.train()
     return model
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 def _backward(mode: str) -> tuple[int, int, dict[str, torch.Tensor]]:
     """Matmuls in the forward and in the backward pass, and the gradients."""
     model = _model(mode)
-    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = _ids()
     with _CountMatmuls() as forward:
         loss = model(input_ids=ids, labels=ids).loss
     with _CountMatmuls() as backward:
@@ -76,7 +83,49 @@ def test_off_gives_no_checkpointing_and_full_no_selective_policy():
     assert set(checkpointing_kwargs("selective")) == {"use_reentrant", "context_fn"}
 
 
+class _GraphsSeen:
+    """A torch.compile backend that records the operators of each graph Dynamo captures and runs the graph
+    as captured (eagerly, so the checkpoint's own dispatch modes still see every ATen call)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[list[str]] = []
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+
+        return run
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_a_compiled_layer_traces_its_checkpoint_inside_the_graph_and_computes_the_same_gradients(mode):
+    """Issue 36: with Hugging Face's placement (the checkpoint around the compiled call), transformers
+    4.57 / torch 2.8 compiled no frame under the selective policy, while the manifest said inductor. Here
+    every graph Dynamo captures is the checkpoint itself (its higher-order op ``tag_activation_checkpoint``,
+    the selective policy travelling with it), and the compiled layers run: once per layer in the forward
+    pass (the recomputation happens inside the graph's backward)."""
+    seen = _GraphsSeen()
+    model = _model(mode, compile_backend=seen)
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()  # no dispatch mode around it: Dynamo skips under one
+    compiled = {n: p.grad for n, p in model.named_parameters()}
+    assert seen.graphs, "Dynamo compiled no frame of a checkpointed layer"
+    for ops in seen.graphs:
+        assert "tag_activation_checkpoint" in ops, ops
+    assert seen.calls == LAYERS
+    _, _, eager = _backward("off")
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_checkpointing_reaches_every_decoder_layer(mode):
     model = _model(mode)
-    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    # The module tree and parameter names are untouched (checkpoints and adapters keep their keys).
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in _model("off").named_parameters()]
+    assert checkpoint_layers(model.model.layers, "off") == 0
+    assert all("forward" in vars(layer) for layer in model.model.layers)
