@@ -64,6 +64,10 @@ class World:
     mesh: Any  # DeviceMesh
     # HSDP: the (replicate, shard, tensor_parallel) mesh over the same ranks; None: plain FSDP over dp.
     hsdp_mesh: Any = None
+    # A gloo group of every rank for what the hosts agree on between steps (a stop signal, compile
+    # counts): a collective of the device's backend would make the host wait for the device's queue.
+    # None on the CPU, where the default group is gloo.
+    host_group: Any = None
 
     @property
     def dp(self) -> int:
@@ -125,14 +129,15 @@ def world_of(mesh: Any, device: torch.device, replicate: int = 1) -> World:
     group still describe every rank.
     """
     size, tp = dist.get_world_size(), mesh[TP_DIM].size()
-    world = World(device, dist.get_rank(), size, tp, mesh)
+    host_group = dist.new_group(backend="gloo") if device.type != "cpu" and size > 1 else None
+    world = World(device, dist.get_rank(), size, tp, mesh, host_group=host_group)
     if replicate == 1:
         return world
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = (replicate, world.dp // replicate, tp)
     hsdp = init_device_mesh(device.type, shape, mesh_dim_names=(REPLICATE_DIM, SHARD_DIM, TP_DIM))
-    return World(device, world.rank, size, tp, mesh, hsdp)
+    return World(device, world.rank, size, tp, mesh, hsdp, host_group)
 
 
 def replica_groups(configured: int | None, *, lora: bool, dp: int, nodes: int) -> int:

@@ -33,6 +33,11 @@ class DevicePlatform:
     # Whether ``init_process_group`` gets ``device_id`` (Lightning passes the rank's device for every
     # non-CPU device). The Neuron backend is started with none, the device untouched until it exists.
     process_group_device_id: bool = True
+    # AdamW's fused kernel exists for this device: one kernel per parameter group, and a step with a
+    # non-finite loss or gradient norm is skipped on the device (its ``found_inf`` input), so the host
+    # never waits for a step's figures. Without it (Neuron: not measured) the host checks them before
+    # the update.
+    fused_optimizer: bool = False
 
     def device(self, local_rank: int) -> torch.device:
         if self.device_of is not None:
@@ -81,7 +86,12 @@ def _strategy_without_device_id() -> type:
 
 
 CPU = DevicePlatform(
-    name="cpu", device_type="cpu", process_group_backend="gloo", compile_backend=None, accelerator="cpu"
+    name="cpu",
+    device_type="cpu",
+    process_group_backend="gloo",
+    compile_backend=None,
+    accelerator="cpu",
+    fused_optimizer=True,
 )
 
 CUDA = DevicePlatform(
@@ -92,4 +102,5 @@ CUDA = DevicePlatform(
     accelerator="cuda",
     count_devices=lambda: torch.cuda.device_count(),
     device_of=lambda i: torch.device("cuda", i),
+    fused_optimizer=True,
 )

@@ -80,7 +80,7 @@ from ..training.data import (
     step_seed,
     summed_token_loss,
 )
-from ..training.driver import RunRecord
+from ..training.driver import RunRecord, host_numbers
 from ..training.lightning_policy import PolicyCallback
 from ..training.lora import ADAPTER, apply_lora, check_targets
 from ..training.model_check import check_model_takes_the_data
@@ -417,9 +417,16 @@ class ShardedTrainFigures(TrainFigures):
 
 @dataclass
 class _History:
-    losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
+    # Host floats, and 0-d device tensors for the steps not read yet (see ShardedCausalLM.step_loss).
+    losses: list[Any] = field(default_factory=list)
+    grad_norms: list[Any] = field(default_factory=list)
     validation: list[ValidationLoss] = field(default_factory=list)
+
+    def read(self) -> _History:
+        """Every figure as a host float (one device-to-host transfer); called where a step is saved."""
+        numbers = host_numbers(self.losses + self.grad_norms)
+        self.losses, self.grad_norms = numbers[: len(self.losses)], numbers[len(self.losses) :]
+        return self
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -467,8 +474,11 @@ class ShardedCausalLM(L.LightningModule):
         self.attn = attention_implementation(self.cfg, platform.device_type)
         self.compile_backend = compile_backend(self.cfg, platform)
         self.step_count = 0
-        self.step_loss = math.nan
-        self.step_grad_norm = math.nan
+        # The step's global loss and gradient norm: 0-d device tensors where the optimizer skips a non-finite
+        # step on the device (platform.fused_optimizer), host floats where the host checks them first.
+        self.step_loss: Any = math.nan
+        self.step_grad_norm: Any = math.nan
+        self.skips_on_device = platform.fused_optimizer and not self.cfg.fsdp.cpu_offload
         self.step_tokens = 0
         self.history = _History()
         self.resumed_from: Path | None = None
@@ -564,8 +574,10 @@ class ShardedCausalLM(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         train = self.cfg.train
-        # One fused kernel per parameter group on CUDA (DTensor parameters included); foreach elsewhere.
-        fused = self.world.device.type == "cuda" and not self.cfg.fsdp.cpu_offload
+        # One fused kernel per parameter group (DTensor parameters included) where the device has it; it
+        # also skips a non-finite step by itself (found_inf). Offloaded parameters keep foreach: their
+        # found_inf would have to come back from the device to the host, a wait.
+        fused = self.skips_on_device
         return torch.optim.AdamW(
             self._param_groups(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
             eps=train.adam_epsilon, **({"fused": True} if fused else {"foreach": True}),
@@ -613,11 +625,20 @@ class ShardedCausalLM(L.LightningModule):
 
     def _device_batch(self, split: TokenizedSplit, rows: np.ndarray) -> dict[str, Any]:
         host = split.rows(rows)
-        batch: dict[str, Any] = {k: torch.from_numpy(v).to(self.world.device) for k, v in host.items()}
         if self.attn == "flash_attention_2":
-            cu, longest = packed_varlen(host["position_ids"])
-            batch["cu_seq_lens"], batch["max_length"] = torch.from_numpy(cu).to(self.world.device), longest
+            host["cu_seq_lens"], longest = packed_varlen(host["position_ids"])
+        batch: dict[str, Any] = {k: self._to_device(v) for k, v in host.items()}
+        if self.attn == "flash_attention_2":
+            batch["max_length"] = longest
         return batch
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device. To a CUDA device from pinned memory without blocking: a copy from
+        pageable memory makes the host wait for the device's queue first."""
+        tensor = torch.from_numpy(array)
+        if self.world.device.type != "cuda":
+            return tensor.to(self.world.device)
+        return tensor.pin_memory().to(self.world.device, non_blocking=True)
 
     def _rows(self, idx: np.ndarray, micro: int) -> np.ndarray:
         """This data-parallel rank's rows of micro-batch ``micro`` of a step's global batch."""
@@ -657,10 +678,19 @@ class ShardedCausalLM(L.LightningModule):
             loss += _local(part.detach())
         norm = parallel.grad_norm(self.trainable, world)
         dist.all_reduce(loss, group=world.dp_group)
-        self.step_loss, self.step_grad_norm = float(loss), float(norm)
-        if train.max_grad_norm > 0 and math.isfinite(self.step_grad_norm):
-            parallel.clip_gradients(self.trainable, world, train.max_grad_norm, norm)
         optimizer = self.optimizers()
+        if self.skips_on_device:
+            # Nothing here waits for the device: clipping a non-finite norm gives non-finite gradients,
+            # whose update the fused kernel skips (found_inf); the step driver reads the figures later.
+            self.step_loss, self.step_grad_norm = loss, norm
+            fused: Any = self._optimizer()  # torch.optim.AdamW reads found_inf (as GradScaler sets it)
+            fused.found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+            if train.max_grad_norm > 0:
+                parallel.clip_gradients(self.trainable, world, train.max_grad_norm, norm)
+        else:
+            self.step_loss, self.step_grad_norm = float(loss), float(norm)
+            if train.max_grad_norm > 0 and math.isfinite(self.step_grad_norm):
+                parallel.clip_gradients(self.trainable, world, train.max_grad_norm, norm)
         try:
             optimizer.step()
         finally:
@@ -717,7 +747,7 @@ class ShardedCausalLM(L.LightningModule):
         """Checkpoint the current step (every rank); committed by :meth:`commit_written`, which the step
         driver calls right after (see :class:`~trnft.common.fsdp.checkpoint.ShardedCheckpoints`)."""
         assert self.checkpointer is not None and self.world is not None
-        history = self.history
+        history = self.history.read()
         state = {
             "losses": history.losses,
             "grad_norms": history.grad_norms,
@@ -925,7 +955,7 @@ def _report(ctx: StageContext, module: ShardedCausalLM, record: RunRecord, wall:
     final = checkpoints.newest_complete(ctx.out_dir)
     if final is None or final.step != module.step_count:
         raise TrnftError(f"train: ended at step {module.step_count} without checkpoint-{module.step_count}")
-    history = module.history
+    history = module.history.read()
     figures = ShardedTrainFigures(
         backend=f"fsdp2-{world.device.type}",
         attention=module.attn,

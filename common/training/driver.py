@@ -4,7 +4,8 @@ A trainer computes a step (its micro-batches, backward, the update); :class:`Ste
 else, so the FSDP2 trainer (through :class:`trnft.common.training.lightning_policy.PolicyCallback`) and the
 CPU-XLA rehearsal (:mod:`trnft.neuron.train`) cannot drift apart:
 
-- :meth:`StepDriver.before_update`: the non-finite refusal, before a step's update is applied or saved;
+- :meth:`StepDriver.before_update`: the non-finite refusal, before a step's update is applied or saved
+  (where the trainer's figures are host numbers);
 - :meth:`StepDriver.after_step`: throughput (the first step of a run, which includes start-up, is left
   out), graphs compiled after the first step (``train.on_recompile``), the log line and the metrics
   (TensorBoard / W&B through the trainer's sink), validation and early stopping, saving on the cadence and
@@ -15,13 +16,19 @@ CPU-XLA rehearsal (:mod:`trnft.neuron.train`) cannot drift apart:
 A trainer gives the driver a :class:`StepTarget` (what it can do when asked) and, per step,
 :class:`FinishedStep` (what the step measured). The rules themselves (schedule, cadence, patience,
 refusals) are :mod:`trnft.common.training.policy`'s.
+
+**Figures left on the device.** A trainer whose device skips a non-finite step's update by itself (AdamW's
+fused kernel with ``found_inf``) gives its loss and gradient norm as device tensors. The host then never
+waits for a step: the driver reads them in one transfer only where it needs numbers (a step that logs,
+validates or saves, a stop signal, the last step) and refuses the first non-finite one there, before any
+later step is saved, so the last checkpoint on disk is always one of finite steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import stop
 from ..errors import TrnftError
@@ -59,13 +66,29 @@ class StepTarget(Protocol):
 
 @dataclass(frozen=True)
 class FinishedStep:
-    """What a trainer measured for one finished optimizer step (1-based ``step``; global figures)."""
+    """What a trainer measured for one finished optimizer step (1-based ``step``; global figures).
+
+    ``loss`` and ``grad_norm`` are host numbers, or 0-d device tensors where the device skipped the
+    update of a non-finite step itself (see the module docstring); the driver hands on host numbers only.
+    """
 
     step: int
-    loss: float
-    grad_norm: float
+    loss: Any  # float, or a 0-d tensor on the device
+    grad_norm: Any
     tokens: int  # non-pad tokens of the step, all ranks
     seconds: float
+
+
+def host_numbers(values: Sequence[Any]) -> list[float]:
+    """``values`` (host numbers and 0-d device tensors, mixed) as host floats, with one device-to-host
+    transfer for all the tensors (what "reading a step's figures" costs: it waits for the device)."""
+    import torch
+
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 @dataclass
@@ -104,6 +127,8 @@ class StepDriver:
         self.target: StepTarget | None = None
         self.sink: MetricSink | None = None
         self.graph_counter: Callable[[], int] | None = None
+        self.pending: list[FinishedStep] = []  # steps whose figures are still on the device
+        self.last_loss = self.last_grad_norm = float("nan")  # the newest figures read on the host
 
     def start(
         self,
@@ -137,26 +162,37 @@ class StepDriver:
             record.seconds += done.seconds
         checkpoints.fault_point("step", step)
         compiled = self._watch_graphs(step)
+        self.pending.append(done)
+        signum = target.agreed_stop()  # every rank, every step: the same answer everywhere
+        validates = self.cadence.validates(step)
+        reads = (
+            self.cadence.logs(step, record.start + 1)
+            or validates
+            or self.cadence.saves(step, stopping=False)
+            or bool(signum)
+            or step >= self.train.max_steps
+        )
+        if reads:
+            self._read_figures(step)
         lr = lr_at(step - 1, self.train)
-        if target.is_main and self.cadence.logs(step, record.start + 1):
+        if reads and target.is_main and self.cadence.logs(step, record.start + 1):
             self.ctx.log(
-                f"train: step {step}/{self.train.max_steps} loss {done.loss:.4f} lr {lr:.2e} "
-                f"grad_norm {done.grad_norm:.3f} tokens/s {record.rate():,.0f}"
+                f"train: step {step}/{self.train.max_steps} loss {self.last_loss:.4f} lr {lr:.2e} "
+                f"grad_norm {self.last_grad_norm:.3f} tokens/s {record.rate():,.0f}"
                 + (f" compiles {compiled}" if compiled is not None else "")
             )
-        metrics = {"train/loss": done.loss, "train/learning_rate": lr, "train/grad_norm": done.grad_norm}
-        if record.seconds:
-            metrics["train/tokens_per_second"] = record.rate()
-        self._metrics(metrics, step)
-        if self.cadence.validates(step):
+        if reads and record.seconds:
+            self._metrics({"train/tokens_per_second": record.rate()}, step)
+        if validates:
             self._validate(step)
         saved_now = self.cadence.saves(step, stopping=record.stopped_early)
+        if saved_now and self.pending:  # an early stop saves a step the cadence did not read
+            self._read_figures(step)
         # A background save commits at the first step end its writes are done; before a new save, it must.
         self._committed(target.commit_written(wait=saved_now))
         if saved_now:
             record.saved.append(target.save())
             self._committed(target.commit_written(wait=False))
-        signum = target.agreed_stop()  # every rank, every step: the same answer everywhere
         if signum and step < self.train.max_steps:
             record.stopped_by = signum
             if not saved_now:
@@ -173,6 +209,24 @@ class StepDriver:
                 "train", {"summary": f"step {step} of {self.train.max_steps}", "step": step}
             )
         return record.stopped_early or bool(record.stopped_by)
+
+    def _read_figures(self, step: int) -> None:
+        """The pending steps' figures on the host (one transfer), each refused if non-finite, then their
+        metrics at their own steps. Called at step ``step``, before anything of it is saved."""
+        pending, self.pending = self.pending, []
+        numbers = host_numbers([x for done in pending for x in (done.loss, done.grad_norm)])
+        for i, done in enumerate(pending):
+            loss, grad_norm = numbers[2 * i], numbers[2 * i + 1]
+            try:
+                refuse_non_finite(done.step, loss, grad_norm, read_at=step)
+            except TrnftError:
+                self._committed(self._target.commit_written(wait=True))
+                raise
+            self.last_loss, self.last_grad_norm = loss, grad_norm
+            lr = lr_at(done.step - 1, self.train)
+            self._metrics(
+                {"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm}, done.step
+            )
 
     def end(self) -> None:
         """After the last step: the last save on disk."""

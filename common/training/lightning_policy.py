@@ -6,7 +6,8 @@ hands each step to the one :class:`~trnft.common.training.driver.StepDriver`, at
 on every rank:
 
 - ``on_before_optimizer_step`` (inside ``optimizer.step()``, before any parameter moves): sets the learning
-  rate of the step from the one schedule and lets the driver refuse a non-finite loss or gradient norm;
+  rate of the step from the one schedule and lets the driver refuse a non-finite loss or gradient norm
+  (where they are host numbers; device tensors are read and checked by the driver later);
 - ``on_train_batch_end``: the driver's after-step work; Lightning is told to stop when the driver says so.
 
 The module it drives implements :class:`PolicyTarget`.
@@ -32,11 +33,14 @@ class PolicyTarget(Protocol):
     :class:`~trnft.common.training.driver.StepTarget`, the figures of the step being applied."""
 
     step_count: int  # optimizer steps finished (the step being applied is step_count + 1)
-    step_loss: float  # the global loss of the step being applied (set before optimizer.step())
-    step_grad_norm: float  # its global gradient norm before clipping
+    # The global loss of the step being applied (set before optimizer.step()) and its gradient norm before
+    # clipping: host floats, or 0-d device tensors where the device skips a non-finite update itself.
+    step_loss: Any
+    step_grad_norm: Any
     step_tokens: int  # non-pad tokens of the finished step, all ranks
     is_main: bool
     device: Any
+    world: Any  # parallel.World: its host group carries what the hosts agree on
 
     def validate(self) -> float: ...
 
@@ -69,7 +73,7 @@ class _LightningTarget:
         return self.module.commit_written(wait=wait)
 
     def agreed_stop(self) -> int:
-        return stop.agreed_stop(self.module.device)
+        return stop.agreed_stop(*_host_collective(self.module))
 
 
 class PolicyCallback(L.Callback):
@@ -103,7 +107,8 @@ class PolicyCallback(L.Callback):
         step = pl_module.step_count
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, self.train)
-        self.driver.before_update(step + 1, pl_module.step_loss, pl_module.step_grad_norm)
+        if isinstance(pl_module.step_loss, float):  # else the driver reads and checks it later
+            self.driver.before_update(step + 1, pl_module.step_loss, pl_module.step_grad_norm)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._started = time.perf_counter()
@@ -118,12 +123,25 @@ class PolicyCallback(L.Callback):
             tokens=pl_module.step_tokens,
             seconds=time.perf_counter() - self._started,
         )
-        pl_module.log("loss", done.loss, prog_bar=True, logger=False, batch_size=1)
-        if self.driver.after_step(done):
+        stopping = self.driver.after_step(done)
+        if trainer.progress_bar_callback is not None:  # a terminal: the newest loss read on the host
+            pl_module.log("loss", self.driver.last_loss, prog_bar=True, logger=False, batch_size=1)
+        if stopping:
             trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.driver.end()
+
+
+def _host_collective(pl_module: Any) -> tuple[Any, Any]:
+    """The (device, group) of a collective among the hosts: the world's gloo group on the CPU where the
+    default group is a device's (whose collective would wait for the device's queue)."""
+    world = pl_module.world
+    if world is not None and world.host_group is not None:
+        import torch
+
+        return torch.device("cpu"), world.host_group
+    return pl_module.device, None
 
 
 def _agreed_count(counter: Any, pl_module: Any) -> int:
@@ -134,6 +152,7 @@ def _agreed_count(counter: Any, pl_module: Any) -> int:
     mine = counter() if pl_module.is_main else 0
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return mine
-    count = torch.tensor([mine], dtype=torch.int64, device=pl_module.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    device, group = _host_collective(pl_module)
+    count = torch.tensor([mine], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
     return int(count.item())

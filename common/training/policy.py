@@ -38,17 +38,28 @@ def lr_factor(step: int, train: TrainSection) -> float:
     return lr_at(step, train) / train.learning_rate
 
 
-def refuse_non_finite(step: int, loss: float, grad_norm: float | None) -> None:
-    """Stop at a non-finite loss or gradient norm of optimizer step ``step`` (1-based), before its update.
+def refuse_non_finite(step: int, loss: float, grad_norm: float | None, read_at: int | None = None) -> None:
+    """Stop at a non-finite loss or gradient norm of optimizer step ``step`` (1-based).
+
+    ``read_at``: None when the host checks the step before its update (nothing of it is applied); the step
+    at which the figures were read when the device skipped the update itself and the host reads figures
+    only now and then (the steps in between trained on, and none of them is saved).
 
     Raises:
         TrnftError: naming the step, the quantity and what to change; nothing of the step is saved.
     """
     for what, value in (("loss", loss), ("gradient norm", grad_norm)):
         if value is not None and not math.isfinite(float(value)):
+            if read_at is None:
+                happened = "stopped before the update, nothing of this step is saved"
+            else:
+                happened = (
+                    f"its update was skipped on the device; stopped at step {read_at}, where the figures "
+                    f"were read, with no checkpoint of step {step} or later saved"
+                )
             raise TrnftError(
-                f"train: step {step} has a non-finite {what} ({float(value)}); stopped before the update, "
-                "nothing of this step is saved. Lower train.learning_rate or check the data"
+                f"train: step {step} has a non-finite {what} ({float(value)}); {happened}. "
+                "Lower train.learning_rate or check the data"
             )
 
 

@@ -114,7 +114,9 @@ def test_the_driver_logs_saves_and_records_progress_on_the_cadence(tmp_path):
     # the first step of the run (start-up) is left out of the throughput
     assert (record.tokens, record.seconds, record.rate()) == (500, 2.5, 200.0)
     assert metrics[0] == (1, ["train/grad_norm", "train/learning_rate", "train/loss"])
-    assert metrics[1][1][-1] == "train/tokens_per_second"
+    # every step's figures at its own step; the throughput where the figures are read (not at step 1)
+    assert [s for s, names in metrics if "train/loss" in names] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, names in metrics if names == ["train/tokens_per_second"]] == [4, 6]
     driver.raise_if_stopped()  # no stop signal: nothing to raise
 
 
@@ -149,6 +151,31 @@ def test_a_non_finite_step_commits_the_last_save_before_it_is_refused(tmp_path):
     with pytest.raises(TrnftError, match="train: step 3 has a non-finite loss"):
         driver.before_update(3, math.nan, 1.0)
     assert logged == ["train: saved checkpoint-2"]
+
+
+def test_figures_left_on_the_device_are_read_where_needed_and_the_first_non_finite_one_is_refused(tmp_path):
+    """Steps whose loss and norm are device tensors (the device skipped a non-finite update itself): read
+    at the steps that log or save; a non-finite step 3 is refused when step 4 reads it, before step 4 is
+    saved, and the save of step 2 is committed."""
+    import torch
+
+    ctx, logged, _ = _ctx(tmp_path, max_steps=10, save_steps=2, logging_steps=4)
+    driver, target, metrics = StepDriver(ctx, RunRecord(start=0, resumed_from=None)), _Target(), []
+    driver.start(target, lambda m, step: metrics.append((step, m)))
+    losses = [2.0, 1.5, math.nan, 1.2]
+    with pytest.raises(TrnftError) as err:
+        for step, loss in enumerate(losses, start=1):
+            target.step_count = step
+            done = FinishedStep(step, torch.tensor(loss), torch.tensor(1.0), tokens=10, seconds=0.1)
+            driver.after_step(done)
+    assert str(err.value).startswith("train: step 3 has a non-finite loss (nan); its update was skipped")
+    assert "stopped at step 4, where the figures were read, with no checkpoint of step 3 or later" in str(
+        err.value
+    )
+    assert target.saves == [2] and "train: saved checkpoint-2" in logged
+    read = [(s, m["train/loss"]) for s, m in metrics if "train/loss" in m]
+    assert read == [(1, 2.0), (2, 1.5)] and all(type(v) is float for _, v in read)
+    assert logged[0].startswith("train: step 1/10 loss 2.0000")
 
 
 def test_only_the_main_rank_logs_and_writes_progress(tmp_path):

@@ -599,13 +599,20 @@ def test_fsdp2_and_tensor_parallel_on_two_cuda_devices(make_run, tmp_path):
     ok(runs["tp"].stage("consolidate"))
 
 
-def test_a_non_finite_step_stops_the_run_before_it_is_saved(make_run):
+@pytest.mark.parametrize(
+    ("save_steps", "read_at", "saved"),
+    [(1, 2, ["checkpoint-1"]), (4, 4, [])],
+    ids=["read-every-step", "read-two-steps-later"],
+)
+def test_a_non_finite_step_stops_the_run_before_it_is_saved(make_run, save_steps, read_at, saved):
+    """The fused optimizer skips the non-finite step's update on the device; the step driver reads the
+    figures at the next step that logs or saves and refuses there, before that step is saved."""
     run = _gpu_run(make_run, train={"learning_rate": 1e6, "min_lr": 0.0, "max_grad_norm": 0.0, "warmup_steps": 0,
-                                    "max_steps": 5, "save_steps": 1})  # fmt: skip
+                                    "max_steps": 5, "save_steps": save_steps, "logging_steps": save_steps})  # fmt: skip
     proc = run.stage("train")
     assert proc.returncode == 1
-    assert (
-        proc.stderr.strip().splitlines()[-1].startswith("trnft train: error: train: step 2 has a non-finite")
-    )
-    assert sorted(p.name for p in (run.root / "train").glob("checkpoint-*")) == ["checkpoint-1"]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("trnft train: error: train: step 2 has a non-finite"), line
+    assert f"its update was skipped on the device; stopped at step {read_at}" in line, line
+    assert sorted(p.name for p in (run.root / "train").glob("checkpoint-*")) == saved
     assert not (run.root / "train" / "manifest.json").exists()
