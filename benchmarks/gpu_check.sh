@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check: every `gpu`-marked test, then the throughput benchmark (LoRA, then full), on one CUDA
-# machine with its own torch, in steps that each end well inside a 10-minute command limit:
+# The GPU check: every figure of the GPU work in one command of at most 10 minutes, on one CUDA machine
+# with its own torch:
 #
-#   benchmarks/gpu_check.sh [--wheels DIR] [--tiny] [STEP...]     STEP: install tests lora full
+#   benchmarks/gpu_check.sh [--wheels DIR] [--tiny] [STEP...]     STEP: install probe lora full tests
 #
-#   benchmarks/gpu_check.sh --wheels .whl install tests    # about 5 min at most (tests cut at 330 s)
-#   benchmarks/gpu_check.sh --wheels .whl lora             # cut at 540 s
-#   benchmarks/gpu_check.sh --wheels .whl full             # cut at 540 s
+#   benchmarks/gpu_check.sh --wheels .whl           # install, probe, lora, full: each step cut at its
+#                                                   # budget (probe 100 s, lora 240 s, full 200 s)
+#   benchmarks/gpu_check.sh --wheels .whl tests     # the `gpu`-marked tests (cut at 330 s), a run of its own
 #
-# No step stops the others: each prints "gpu_check: <step> ok|FAILED (exit N) in S s", the benchmark
-# prints each row as soon as its mode is measured, and the exit status is the number of failed steps.
-# Without STEP every step runs, in that order.
+# probe (benchmarks/gpu_probe.py): one decoder layer's attention variants, recompute off/selective/full,
+# the LM head's cross-entropy and FSDP2's one-rank cost; lora and full (benchmarks/gpu_throughput.py):
+# Llama-3.1-8B shapes, 32 layers with LoRA and 16 (fewer where they do not fit) fully fine-tuned.
+# No step stops the others: each prints "gpu_check: <step> ok|FAILED (exit N) in S s", every row is
+# printed as soon as it is measured, and the exit status is the number of failed steps. Without STEP the
+# first four run, in that order.
 #
 # trnft and what it needs beyond the machine's CUDA PyTorch go into a folder of their own
 # ($TRNFT_GPU_SITE, default /tmp/trnft-gpu-site) put first on PYTHONPATH, so the machine's torch and
@@ -30,11 +33,11 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --wheels) wheels=${2:?gpu_check: --wheels needs a folder}; shift 2 ;;
         --tiny) tiny=--tiny; shift ;;
-        install | tests | lora | full) steps+=("$1"); shift ;;
-        *) echo "gpu_check: unknown argument $1 (steps: install tests lora full)" >&2; exit 2 ;;
+        install | probe | lora | full | tests) steps+=("$1"); shift ;;
+        *) echo "gpu_check: unknown argument $1 (steps: install probe lora full tests)" >&2; exit 2 ;;
     esac
 done
-[ "${#steps[@]}" -gt 0 ] || steps=(install tests lora full)
+[ "${#steps[@]}" -gt 0 ] || steps=(install probe lora full)
 site=${TRNFT_GPU_SITE:-/tmp/trnft-gpu-site}
 pip=(python -m pip install --quiet --no-deps --no-compile --target "$site")
 
@@ -73,7 +76,9 @@ run_step() {
     case "$1" in
         install) install && describe ;;
         tests) timeout 330 python -m pytest -q -p no:cacheprovider -m gpu -rs tests ;;
-        lora | full) timeout 540 python benchmarks/gpu_throughput.py --modes "$1" $tiny ;;
+        probe) timeout 100 python benchmarks/gpu_probe.py $tiny ;;
+        lora) timeout 240 python benchmarks/gpu_throughput.py --modes lora $tiny ;;
+        full) timeout 200 python benchmarks/gpu_throughput.py --modes full $tiny ;;
     esac
 }
 

@@ -81,6 +81,18 @@ class Shape:
         """bf16 safetensors of the model: every linear layer plus the embedding (not tied)."""
         return 2 * (self.linear_parameters(layers) + self.hidden * self.vocab)
 
+    def full_layers_that_fit(self, wanted: int, device_bytes: int) -> int:
+        """Decoder layers (at most ``wanted``) whose full fine-tuning state fits 80 % of the device: per
+        parameter a float32 master, its gradient and two Adam moments (16 bytes) and the bf16 copy FSDP2
+        gathers for compute (2 bytes); activations take the rest (recompute is chosen by auto)."""
+        per_parameter = 18
+        layers = wanted
+        while layers > 1 and per_parameter * (self.linear_parameters(layers) + self.hidden * self.vocab) > (
+            0.8 * device_bytes
+        ):
+            layers -= 1
+        return layers
+
     def flops_per_token(self, layers: int, seq: int, full: bool) -> float:
         """Model FLOPs per token: forward 2N (matmuls) + 4·L·h·S (attention scores and values). Backward:
         the input gradients cost the forward again for every matmul (2N + 4·L·h·S); full fine-tuning adds
@@ -171,7 +183,8 @@ def run_mode(work: Path, mode: str, shape: Shape, layers: int, args, device: str
             "warmup_steps": 1,
             "bf16": True,
             "save_steps": args.steps,
-            "logging_steps": 1,
+            # The first and last step log (reading figures waits for the device; none in between).
+            "logging_steps": args.steps,
             "eval_steps": 0,
             "activation_checkpointing": args.recompute,
         },
@@ -239,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layers-full",
         type=int,
-        default=4,
-        help="Decoder layers for full fine-tuning (fp32 weights + Adam).",
+        default=16,
+        help="Decoder layers for full fine-tuning (fp32 weights + Adam); fewer where they do not fit.",
     )
     parser.add_argument("--peak-tflops", type=float, help="Dense bf16 peak of this GPU, TFLOP/s.")
     parser.add_argument("--work", help="Folder for each mode's files (default: /dev/shm when it has room).")
@@ -273,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for mode in args.modes:
         layers = args.layers_lora if mode == "lora" else args.layers_full
+        if mode == "full" and device == "cuda":
+            fits = shape.full_layers_that_fit(layers, torch.cuda.get_device_properties(0).total_memory)
+            if fits < layers:
+                print(f"full: {layers} layers do not fit this GPU's memory; measuring {fits}", flush=True)
+                layers = fits
         needed = shape.model_bytes(layers) * (1 if mode == "lora" else 7)  # + fp32 weights and moments
         with tempfile.TemporaryDirectory(
             prefix=f"trnft-throughput-{mode}-", dir=work_folder(needed, args.work)

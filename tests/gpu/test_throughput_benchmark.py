@@ -50,8 +50,9 @@ _PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 @pytest.mark.slow
 def test_the_whole_gpu_check_runs_on_cpu_with_tiny_and_reports_every_step(tmp_path):
-    """--tiny: install (trnft alone), the gpu tests (skipping what needs CUDA), then the benchmark's LoRA
-    and full rows, each step reported, each row with its figures."""
+    """--tiny, the default steps in one run: install (trnft alone), the probe's rows (attention variants,
+    recompute modes, the loss, FSDP2 on one rank), then the benchmark's LoRA and full rows, each step
+    reported, each row with its figures."""
     site = tmp_path / "site"
     env = {**os.environ, "TRNFT_GPU_SITE": str(site), "PIP_NO_INDEX": "1", "PATH": _PATH}
     proc = subprocess.run(
@@ -60,7 +61,12 @@ def test_the_whole_gpu_check_runs_on_cpu_with_tiny_and_reports_every_step(tmp_pa
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     reports = [line.split()[1:3] for line in lines if line.startswith("gpu_check: ") and " in " in line]
-    assert reports == [["install", "ok"], ["tests", "ok"], ["lora", "ok"], ["full", "ok"]], lines
+    assert reports == [["install", "ok"], ["probe", "ok"], ["lora", "ok"], ["full", "ok"]], lines
+    probes = [line for line in lines if line.startswith("probe: ") and " ms " in line]
+    assert [p.split()[1] for p in probes] == ["attention"] + ["recompute"] * 3 + ["loss"] + ["fsdp"] * 3, (
+        probes
+    )
+    assert "probe: attention flex_attention (no backward on the CPU)" in "\n".join(lines)
     rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["lora"], ["full"])}
     assert set(rows) == {"lora", "full"}
     for row in rows.values():
@@ -88,7 +94,7 @@ def test_a_failed_step_does_not_stop_the_next_and_the_exit_counts_failures(tmp_p
 def test_an_unknown_step_is_one_line():
     proc = subprocess.run(["bash", str(CHECK), "bench"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "gpu_check: unknown argument bench (steps: install tests lora full)"
+    assert proc.stderr.strip() == "gpu_check: unknown argument bench (steps: install probe lora full tests)"
 
 
 def test_the_gpu_check_refuses_an_empty_wheel_folder(tmp_path):
