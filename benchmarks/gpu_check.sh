@@ -45,9 +45,12 @@ install() {
     rm -rf "$site"
     if [ -n "$wheels" ]; then
         shopt -s nullglob
-        local files=("$wheels"/*.whl)
+        local files=("$wheels"/*.whl) pins
         [ "${#files[@]}" -gt 0 ] || { echo "gpu_check: no wheels in $wheels (run benchmarks/gpu_wheels.sh)" >&2; return 1; }
-        "${pip[@]}" --no-index "${files[@]}" || return 1
+        # By name from the folder: pip takes the one wheel of each that fits this machine's Python.
+        mapfile -t pins < <(benchmarks/gpu_site_pins.sh)
+        [ "${#pins[@]}" -gt 0 ] || return 1
+        "${pip[@]}" --no-index --find-links "$wheels" "${pins[@]}" || return 1
     elif [ -z "$tiny" ]; then
         local pins
         mapfile -t pins < <(benchmarks/gpu_site_pins.sh)
