@@ -67,8 +67,10 @@ import sys
 import torch
 if not torch.cuda.is_available() and sys.argv[1] != "--tiny":
     sys.exit("gpu_check: no CUDA device")
-import peft, transformers
+# Everything the later steps import, so a missing package fails the install step, not a step minutes later.
+import datasets, lightning, peft, transformers
 import trnft
+import trnft.common.fsdp.trainer
 where = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 print(f"gpu_check: {where}; torch {torch.__version__}, transformers {transformers.__version__}, "
       f"peft {peft.__version__}; trnft from {trnft.__path__[0]}", flush=True)

@@ -14,6 +14,7 @@ import pytest
 from helpers import SHARDED_TRAIN, ok
 from packed_rows import check_every_sample_alone, two_packed_rows
 
+from trnft.common.fsdp import checkpoint as gpu_checkpoint
 from trnft.common.fsdp.trainer import ShardedTrainFigures
 
 pytestmark = pytest.mark.gpu
@@ -23,8 +24,10 @@ ON_CPU = {"CUDA_VISIBLE_DEVICES": ""}
 STEPS = SHARDED_TRAIN
 
 
-def _run(make_run, **train):
-    return make_run(platform="gpu", train={**STEPS, **train}, fsdp={"attn_implementation": "sdpa"})
+def _run(make_run, fsdp=None, **train):
+    return make_run(
+        platform="gpu", train={**STEPS, **train}, fsdp={"attn_implementation": "sdpa", **(fsdp or {})}
+    )
 
 
 def test_fp32_training_on_cuda_equals_training_on_the_cpu(make_run):
@@ -63,3 +66,26 @@ def test_every_packed_sample_sees_only_itself_under_cuda_sdpa(tiny_llama, tokeni
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").to("cuda").eval()
     check_every_sample_alone(model, two_packed_rows(tokenized, "cuda"), "sdpa", atol=1e-3)
+
+
+def test_background_saves_on_cuda_hold_the_same_tensors_as_waiting_saves(make_run):
+    """fsdp.async_checkpoint (the default) on the device's own torch: each checkpoint's shards are copied
+    off the GPU while the next steps already run, so a copy that raced them would hold a later step's
+    values. Every checkpoint of the background run equals the same step's checkpoint of a run that waited
+    for each save (fp32: the two runs compute the same numbers)."""
+    runs = {}
+    for background in (True, False):
+        runs[background] = run = _run(make_run, fsdp={"async_checkpoint": background})
+        ok(run.stage("train"))
+    steps = sorted(int(p.name.split("-")[1]) for p in (runs[True].root / "train").glob("checkpoint-*"))
+    assert len(steps) >= 2, steps
+    for step in steps:
+        a, b = (
+            dict(gpu_checkpoint.read_tensors(runs[flag].root / "train" / f"checkpoint-{step}"))
+            for flag in (True, False)
+        )
+        assert a.keys() == b.keys() and a
+        for name in a:
+            assert np.array_equal(a[name].numpy(), b[name].numpy()), (step, name)
+    a, b = (runs[flag].figures("train", ShardedTrainFigures) for flag in (True, False))
+    assert a.backend == "fsdp2-cuda" and a.losses == b.losses
