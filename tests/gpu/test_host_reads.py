@@ -9,7 +9,6 @@ Lightning hooks, the step driver, FSDP2, the model), seen through a ``TorchFunct
 
 from __future__ import annotations
 
-import os
 import traceback
 
 import pytest
@@ -95,10 +94,18 @@ def test_only_steps_that_log_validate_or_save_read_device_values(make_run, monke
 
 
 @pytest.fixture
-def one_rank_group():
+def one_rank_group(monkeypatch):
+    """A one-rank gloo group in this process on a free port; the variables it needs are restored after
+    (a MASTER_PORT left behind would send every later run in this process to that port)."""
+    import socket
+
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
