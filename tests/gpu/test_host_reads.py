@@ -9,6 +9,7 @@ Lightning hooks, the step driver, FSDP2, the model), seen through a ``TorchFunct
 
 from __future__ import annotations
 
+import os
 import traceback
 
 import pytest
@@ -154,3 +155,55 @@ def test_fused_adamw_skips_a_step_whose_found_inf_is_set_on_fsdp2_parameters(one
     step(0.0)
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.full_tensor(), q, rtol=1e-6, atol=1e-7)
+
+
+def _agree_over_the_host_group(rank: int, port: int, out: str) -> None:
+    """One of two ranks: a world whose host group is a gloo group of its own (as on CUDA or Neuron, where
+    the default group is the device's), rank 1 with a stop signal, rank 0 with 3 compiled graphs."""
+    import json
+    import types
+
+    import torch.distributed as dist
+
+    from trnft.common import stop
+    from trnft.common.training.lightning_policy import _agreed_count, _host_collective
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    host_group = dist.new_group(backend="gloo")
+    world = types.SimpleNamespace(host_group=host_group)
+    module = types.SimpleNamespace(world=world, device=torch.device("meta"), is_main=rank == 0)
+    stop.reset()
+    if rank == 1:
+        stop._remember(15, None)
+    device, group = _host_collective(module)
+    result = {
+        "device": str(device),
+        "group_is_host_group": group is host_group,
+        "stop": stop.agreed_stop(device, group),
+        "graphs": _agreed_count(lambda: 3, module),
+    }
+    with open(f"{out}/rank{rank}.json", "w") as fh:
+        json.dump(result, fh)
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_and_compile_counts_over_the_host_group(tmp_path):
+    """Where a world has a host group (every non-CPU device), the stop signal and the compiled-graph count
+    are agreed over it with CPU tensors: never on the device (here a meta device, which no collective could
+    use, so a device collective would fail), and every rank gets rank 1's stop and rank 0's count."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_agree_over_the_host_group, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == {"device": "cpu", "group_is_host_group": True, "stop": 15, "graphs": 3}, (
+            rank,
+            result,
+        )
