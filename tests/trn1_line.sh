@@ -8,6 +8,8 @@
 # collected) counts as success, any other failure is returned.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
+phase() { echo "trn1_line: [$((SECONDS - started)) s] $*"; }
 venv=${TRNFT_TRN1_VENV:-.venv-trn1}
 python=${TRNFT_TRN1_PYTHON:-python3.11}
 
@@ -25,8 +27,11 @@ run_pytest() {
     [ "$rc" -eq 5 ] && { echo "trn1_line: pytest $* collected no tests (exit 5)"; rc=0; }
     return "$rc"
 }
+phase "default selection"
 run_pytest "$@" || exit $?
 if [ $# -eq 0 ]; then
+    phase "slow selection"
     run_pytest -m slow || exit $?
 fi
+phase "done"
 echo "trn1_line: passed"
