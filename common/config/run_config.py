@@ -382,6 +382,22 @@ class FsdpSection:
         "BlockMask: masked tiles skipped); sdpa elsewhere. sdpa and eager take a dense [B,1,S,S] mask.",
     )
     wandb: bool = opt(False, "Also log to Weights & Biases.", runtime_only=True)
+    chunked_loss: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "Cross-entropy without the [B, S, V] logits: the output head and the loss over the supervised "
+        "positions only, fsdp.loss_chunk_tokens at a time, each chunk's logits recomputed in backward. auto: "
+        "on where it applies (tp 1, an un-adapted head, a family whose head output is its logits) on CUDA and "
+        "CPU, off on Neuron (its shape changes with each batch's supervised tokens); on: refused where it "
+        "does not apply.",
+        runtime_only=True,  # the same summed loss; only the order of float additions differs
+    )
+    loss_chunk_tokens: int = opt(
+        1024,
+        "Tokens per chunk of fsdp.chunked_loss: one chunk's fp32 logits (and their gradient) are the most "
+        "that exist at once.",
+        ge=1,
+        runtime_only=True,
+    )
     compile: Literal["auto", "on", "off"] = opt(
         "auto",
         "torch.compile each decoder block with the device's compile backend (inductor on CUDA, neuron on "

@@ -67,7 +67,7 @@ from ..io.hf_files import resolve_model_dir
 from ..pipeline import checkpoints
 from ..pipeline.platform_stages import TRAIN
 from ..pipeline.stages import StageContext, StageOutcome, StageResult, run_stage
-from ..training import memory_plan
+from ..training import chunked_loss, memory_plan
 from ..training.data import (
     IGNORE_INDEX,
     TokenizedSplit,
@@ -265,6 +265,22 @@ def compile_backend(cfg: RunConfig, platform: DevicePlatform) -> str | None:
     return platform.compile_backend
 
 
+def loss_chunk_tokens(
+    cfg: RunConfig, platform: DevicePlatform, model: Any, model_type: str | None
+) -> int | None:
+    """Tokens per chunk of the chunked cross-entropy (:mod:`trnft.common.training.chunked_loss`), or None for
+    the logits path: ``fsdp.chunked_loss`` where it applies; ``on`` where it does not is a config error."""
+    wanted = cfg.fsdp.chunked_loss
+    if wanted == "off" or (wanted == "auto" and platform.name == "neuron"):
+        return None
+    reason = chunked_loss.unchunkable_reason(model, model_type, cfg.parallel.tp)
+    if reason is None:
+        return cfg.fsdp.loss_chunk_tokens
+    if wanted == "on":
+        raise ConfigError(f"fsdp.chunked_loss: on, but {reason}; set fsdp.chunked_loss to auto or off")
+    return None
+
+
 def compiled_graphs() -> int:
     """Graphs torch.compile has compiled in this process so far (Dynamo's ``unique_graphs`` count: a new
     shape or a graph break after the first step shows up as one more), for ``train.on_recompile`` where the
@@ -335,7 +351,14 @@ def check(
 
 
 def forward_logits(model: Any, batch: dict[str, Any], attn_implementation: str) -> Any:
-    """Logits ``[B, S, V]`` of a batch of packed rows, each sample seeing only its own tokens.
+    """Logits ``[B, S, V]`` of a batch of packed rows, each sample seeing only its own tokens
+    (:func:`model_output`'s, as ``[B, S, V]`` whatever the attention)."""
+    rows, length = batch["input_ids"].shape
+    return model_output(model, batch, attn_implementation).logits.reshape(rows, length, -1)
+
+
+def model_output(model: Any, batch: dict[str, Any], attn_implementation: str) -> Any:
+    """The model's output for a batch of packed rows, each sample seeing only its own tokens.
 
     flash_attention_2 keeps samples apart only in a single row of concatenated samples, so the ``B`` rows
     are flattened into one row of ``B * S`` tokens and the logits reshaped back. The sample boundaries come
@@ -346,7 +369,6 @@ def forward_logits(model: Any, batch: dict[str, Any], attn_implementation: str) 
     block-diagonal causal mask of the segment ids, row by row (no tile is skipped).
     """
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
-    rows, length = input_ids.shape
     if attn_implementation == "flash_attention_2":
         varlen: dict[str, Any] = {}
         if "cu_seq_lens" in batch:
@@ -358,14 +380,14 @@ def forward_logits(model: Any, batch: dict[str, Any], attn_implementation: str) 
                 "max_length_k": longest,
             }
         flat = {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1)}
-        return model(**flat, **varlen).logits.reshape(rows, length, -1)
+        return model(**flat, **varlen)
     if attn_implementation == "flex_attention":
         mask = document_causal_block_mask(batch["segment_ids"])
     elif attn_implementation == "sdpa":
         mask = segment_allowed(batch["segment_ids"])
     else:
         mask = segment_attention_mask(batch["segment_ids"], dtype=torch.float32)
-    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
 
 
 def micro_batch_seed(seed: int, step: int, micro: int) -> int:
@@ -394,6 +416,7 @@ class ShardedTrainFigures(TrainFigures):
     compile_backend: str | None  # torch.compile backend of the decoder blocks; None: eager
     # train.activation_checkpointing as applied: choice, configured, device/budget GiB, estimated peaks
     recompute: dict[str, Any]
+    loss_chunk_tokens: int | None  # fsdp.chunked_loss's chunk as applied; None: the loss from full logits
     tp: int
     dp: int
     stopped_early: bool
@@ -485,6 +508,7 @@ class ShardedCausalLM(L.LightningModule):
         self.model: Any = None
         self.world: parallel.World | None = None
         self.loss_parallel = False  # set in configure_model: lm_head split along the vocabulary over tp
+        self.chunk_tokens: int | None = None  # set in configure_model: the chunked loss's chunk, or None
         self.checkpointer: ckpt.ShardedCheckpoints | None = None  # set in configure_model (needs the world)
 
     @property
@@ -527,6 +551,7 @@ class ShardedCausalLM(L.LightningModule):
                 model = apply_lora(model, cfg, cfg.lora.target_modules)
         model.config.use_cache = False
         self.loss_parallel = cfg.parallel.tp > 1 and parallel.loss_parallel_head(model) is not None
+        self.chunk_tokens = loss_chunk_tokens(cfg, self.platform, model, getattr(config, "model_type", None))
         self.recompute = self._recompute_plan(model, config, world)
         # Before shard(), which compiles each layer: the checkpoint is then inside the compiled call.
         checkpoint_layers(parallel.decoder_layers(model), self.recompute.choice)
@@ -564,6 +589,7 @@ class ShardedCausalLM(L.LightningModule):
             activation_bytes=2 if cfg.train.bf16 else 4,
             lora_dropout=cfg.lora.dropout if cfg.lora.enabled else 0.0,
             loss_parallel=self.loss_parallel,
+            loss_chunk_tokens=self.chunk_tokens,
         )
         device_bytes = _device_memory_bytes(cfg, world)
         if device_bytes is not None:  # in MiB as float32: a type every device's collectives reduce
@@ -627,6 +653,8 @@ class ShardedCausalLM(L.LightningModule):
         host = split.rows(rows)
         if self.attn == "flash_attention_2":
             host["cu_seq_lens"], longest = packed_varlen(host["position_ids"])
+        if self.chunk_tokens is not None:  # on the host: the device is never asked how many there are
+            host["loss_positions"], host["loss_targets"] = chunked_loss.supervised_positions(host["labels"])
         batch: dict[str, Any] = {k: self._to_device(v) for k, v in host.items()}
         if self.attn == "flash_attention_2":
             batch["max_length"] = longest
@@ -647,8 +675,14 @@ class ShardedCausalLM(L.LightningModule):
         return idx[start : start + self.micro]
 
     def _token_loss(self, batch: dict[str, Any]) -> Any:
-        """Summed cross-entropy of a batch (a replicated DTensor under loss parallelism)."""
-        return summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"])
+        """Summed cross-entropy of a batch (a replicated DTensor under loss parallelism): from the logits,
+        or chunk by chunk inside the model's forward where the chunked loss is on."""
+        if self.chunk_tokens is None:
+            return summed_token_loss(forward_logits(self.model, batch, self.attn), batch["labels"])
+        head = self.model.get_output_embeddings()
+        positions, targets = batch["loss_positions"], batch["loss_targets"]
+        with chunked_loss.head_returns_loss(head, positions, targets, self.chunk_tokens):
+            return model_output(self.model, batch, self.attn).logits
 
     def _loss_scope(self) -> contextlib.AbstractContextManager[None]:
         """Where logits sharded along the vocabulary may meet the cross-entropy (and its backward)."""
@@ -910,6 +944,11 @@ class _Started(L.Callback):
                 f"(dp {world.dp} x tp {world.tp}), {kind}, {module.trainable_parameters():,} trained "
                 f"parameters, attention {module.attn}, compile {module.compile_backend or 'off'}, "
                 f"{module.recompute.summary()}, "
+                + (
+                    f"chunked loss ({module.chunk_tokens} tokens a chunk), "
+                    if module.chunk_tokens
+                    else "loss from full logits, "
+                )
                 + ("loss parallel over tp, " if module.loss_parallel else "")
                 + f"global batch {module.global_batch}"
                 + (f", resuming {record.resumed_from} at step {record.start}" if record.resumed_from else "")
@@ -961,6 +1000,7 @@ def _report(ctx: StageContext, module: ShardedCausalLM, record: RunRecord, wall:
         attention=module.attn,
         compile_backend=module.compile_backend,
         recompute=module.recompute.to_json(),
+        loss_chunk_tokens=module.chunk_tokens,
         tp=world.tp,
         dp=world.dp,
         steps_this_run=module.step_count - record.start,

@@ -20,7 +20,9 @@ The estimate, per rank (every count in bytes):
   the 193 KiB/token (dropout 0) and 301 KiB/token (dropout 0.05) per layer measured for Llama-3.1-8B shapes
   in bf16 (over, not under). ``selective`` keeps about half of that (every other matmul's output and the attention output),
   ``full`` one hidden state per layer plus one layer's activations while it is recomputed;
-- **logits**: the micro-batch's fp32 logits and their gradient (split over tp with loss parallelism).
+- **logits**: the micro-batch's fp32 logits and their gradient (split over tp with loss parallelism); with
+  the chunked loss (``fsdp.chunked_loss``), one chunk's logits in the compute dtype and fp32, and their
+  gradient.
 
 The budget is the device's memory less a margin (:data:`MARGIN_FRACTION` of it and :data:`MARGIN_BYTES`
 for the runtime, the allocator's fragmentation and what the estimate leaves out).
@@ -65,6 +67,7 @@ class RankSetup:
     activation_bytes: int  # 2 in bf16, 4 in fp32
     lora_dropout: float
     loss_parallel: bool
+    loss_chunk_tokens: int | None = None  # fsdp.chunked_loss: tokens whose logits exist at once; None: all
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,10 @@ def peak_bytes(shape: ModelShape, rank: RankSetup, mode: str) -> int:
     if mode == "full":  # one layer's activations while it is recomputed
         activations += tokens * activation_bytes_per_token_layer(shape, rank, "off")
     vocab = shape.vocab / (rank.tp if rank.loss_parallel else 1)
-    logits = tokens * vocab * 4 * 2
+    if rank.loss_chunk_tokens:  # one chunk's logits in the compute dtype, in fp32, and their gradient
+        logits = min(tokens, rank.loss_chunk_tokens) * vocab * (rank.activation_bytes + 4 * 2)
+    else:
+        logits = tokens * vocab * 4 * 2
     return int(base + gathered + trained + activations + logits)
 
 

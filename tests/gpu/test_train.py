@@ -232,6 +232,7 @@ def test_two_ranks_train_exactly_like_one_process(one_process, two_ranks):
     single, make = one_process
     a, b = single.figures("train", ShardedTrainFigures), two_ranks.figures("train", ShardedTrainFigures)
     assert (b.dp, b.tp, a.dp) == (2, 1, 1) and two_ranks.manifest("train")["layout"]["world"] == 2
+    assert a.loss_chunk_tokens == b.loss_chunk_tokens == 1024  # fsdp.chunked_loss: auto, on at tp 1
     np.testing.assert_allclose(b.losses, a.losses, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(b.grad_norms, a.grad_norms, rtol=1e-4, atol=1e-4)
     assert [v.step for v in b.validation] == [v.step for v in a.validation] == [3, 6]
@@ -341,6 +342,7 @@ def test_tensor_parallel_two_ranks_train_like_one_process(one_process, tmp_path,
     a, b = single.figures("train", ShardedTrainFigures), tp.figures("train", ShardedTrainFigures)
     assert (b.dp, b.tp) == (1, 2)
     assert tp.manifest("train")["layout"]["loss_parallel"] is True  # logits split along the vocabulary
+    assert b.loss_chunk_tokens is None and a.loss_chunk_tokens == 1024  # the logits path against the chunked
     np.testing.assert_allclose(b.losses, a.losses, rtol=1e-4, atol=1e-4)
     mine, theirs = _consolidated(tp, 6, tmp_path / "tp2"), _consolidated(single, 6, tmp_path / "one")
     assert mine.keys() == theirs.keys()
