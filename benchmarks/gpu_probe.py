@@ -9,7 +9,8 @@ or is unavailable prints one line saying why and the next part still runs:
   flash-attn's varlen kernel (where installed);
 - ``recompute``: the same layer with LoRA r16 on every linear layer and ``off`` / ``selective`` / ``full``
   recompute (time and peak memory: what ``train.activation_checkpointing: auto`` trades);
-- ``loss``: the LM head and the float32 cross-entropy over the full vocabulary for one row;
+- ``loss``: the LM head and the float32 cross-entropy over the full vocabulary for one row, from the whole
+  row's logits and chunk by chunk (``fsdp.chunked_loss``);
 - ``fsdp``: one LoRA layer step without FSDP2, and under ``fully_shard`` on one rank with and without
   resharding after forward (the cost the trainer avoids at a data-parallel world of 1).
 
@@ -171,6 +172,8 @@ def probe_recompute(shape, seq, iters, device, attn) -> list[tuple[str, float, f
 def probe_loss(shape, seq, iters, device) -> list[tuple[str, float, float | None]]:
     import torch
 
+    from trnft.common.config.run_config import FsdpSection
+    from trnft.common.training.chunked_loss import chunked_token_loss, supervised_positions
     from trnft.common.training.data import summed_token_loss
 
     hidden, vocab = shape[0], shape[4]
@@ -184,7 +187,18 @@ def probe_loss(shape, seq, iters, device) -> list[tuple[str, float, float | None
         states.grad = None
 
     ms, peak = measure(step, iters, device)
-    return [(f"loss lm_head + float32 cross-entropy, vocabulary {vocab:,}", ms, peak)]
+    rows = [(f"loss lm_head + float32 cross-entropy, vocabulary {vocab:,}", ms, peak)]
+    # fsdp.chunked_loss's path at its default chunk: every position supervised here (its worst case).
+    chunk = FsdpSection.__dataclass_fields__["loss_chunk_tokens"].default
+    positions, targets = supervised_positions(labels.cpu().numpy())
+    positions, targets = torch.from_numpy(positions).to(device), torch.from_numpy(targets).to(device)
+
+    def chunked() -> None:
+        chunked_token_loss(states, head.weight, None, positions, targets, chunk).backward()
+        states.grad = None
+
+    ms, peak = measure(chunked, iters, device)
+    return [*rows, (f"loss chunked, {chunk} tokens a chunk (fsdp.chunked_loss)", ms, peak)]
 
 
 def probe_fsdp(shape, seq, iters, device, attn) -> list[tuple[str, float, float | None]]:

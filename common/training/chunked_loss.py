@@ -38,7 +38,6 @@ from .data import IGNORE_INDEX
 # model against the logits path. Gemma (final_logit_softcapping), Granite (logits_scaling) and Cohere
 # (logit_scale) change the logits after the head and are not here.
 CHUNKABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "ministral3", "phi3", "olmo2")
-DEFAULT_CHUNK_TOKENS = 1024
 
 
 def supervised_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
