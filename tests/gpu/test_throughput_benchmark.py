@@ -63,9 +63,8 @@ def test_the_whole_gpu_check_runs_on_cpu_with_tiny_and_reports_every_step(tmp_pa
     reports = [line.split()[1:3] for line in lines if line.startswith("gpu_check: ") and " in " in line]
     assert reports == [["install", "ok"], ["probe", "ok"], ["lora", "ok"], ["full", "ok"]], lines
     probes = [line for line in lines if line.startswith("probe: ") and " ms " in line]
-    assert [p.split()[1] for p in probes] == ["attention"] + ["recompute"] * 3 + ["loss"] * 2 + [
-        "fsdp"
-    ] * 3, probes
+    parts = ["attention"] + ["recompute"] * 3 + ["loss"] * 2 + ["fsdp"] * 3  # whole and chunked loss
+    assert [p.split()[1] for p in probes] == parts, probes
     assert "probe: attention flex_attention (no backward on the CPU)" in "\n".join(lines)
     rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["lora"], ["full"])}
     assert set(rows) == {"lora", "full"}
