@@ -164,9 +164,12 @@ def test_a_missing_test_split_names_the_setting(make_run, tiny_llama, capsys):
     assert "set dataset.test_ratio > 0 and rerun tokenize" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # 300 steps; `trnft smoke` in the slow suite checks the same on both platforms
+# The smoke recipe run stage by stage: tests/e2e/test_smoke.py runs the same recipe through `trnft smoke` on
+# every platform in the slow suite and asserts all of this there, so CI runs it once (extended here).
+@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.integration
-@pytest.mark.trn1  # the smoke recipe's CPU-XLA training; test_smoke.py checks the same on the FSDP2 platforms
+@pytest.mark.trn1
 def test_after_training_the_model_beats_its_base(tmp_path, tiny_llama):
     """The smoke recipe (300 LoRA steps, CPU-XLA): BERTScore F1 and exact match above the base model's."""
     from helpers import Run
