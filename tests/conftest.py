@@ -126,3 +126,21 @@ def make_run(tmp_path, tiny_llama, tokenized):
         return Run(root, raw)
 
     return make
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A one-rank gloo group in this process on a free port; the variables it needs are restored after
+    (a MASTER_PORT left behind would send every later run in this process to that port)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import traceback
 
-import pytest
 import torch
 from helpers import ok
 from torch.overrides import TorchFunctionMode
@@ -92,24 +91,6 @@ def test_only_steps_that_log_validate_or_save_read_device_values(make_run, monke
     figures = run.figures("train", ShardedTrainFigures)
     assert len(figures.losses) == len(figures.grad_norms) == 9
     assert all(isinstance(x, float) for x in figures.losses + figures.grad_norms)
-
-
-@pytest.fixture
-def one_rank_group(monkeypatch):
-    """A one-rank gloo group in this process on a free port; the variables it needs are restored after
-    (a MASTER_PORT left behind would send every later run in this process to that port)."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_fused_adamw_skips_a_step_whose_found_inf_is_set_on_fsdp2_parameters(one_rank_group):
