@@ -16,8 +16,8 @@ chunks use is the gathered one, and FSDP2's pre-backward hook on the model's out
 the recomputation when the root reshards after forward. The loss is the same sum the logits path computes
 (positions without a supervised next token add nothing to either); only float rounding differs (the
 order of the sum). With bf16 parameters and a trained head (full fine-tuning), the head's weight gradient
-is the sum of one bf16 matmul per chunk (autograd accumulates it in the weight's dtype, as Liger-Kernel's
-fused linear cross-entropy does), within about one bf16 step of the gradient's scale of the single matmul's.
+is the sum of one bf16 matmul per chunk (autograd accumulates it in the weight's dtype): within about one
+bf16 step of the gradient's scale of the single matmul's (tests/common/test_chunked_loss.py measures it).
 
 It applies where the head's output *is* the logits: families whose causal-LM forward is
 ``lm_head(hidden_states)`` and nothing after it (:data:`CHUNKABLE_FAMILIES`; Gemma's soft-capping or
