@@ -16,9 +16,13 @@ pytestmark = pytest.mark.slow
 
 
 TRN1 = pytest.param("neuron", marks=pytest.mark.trn1)  # the XLA path: the trn1 line's environment
+# neuron-native trains with the gpu platform's FSDP2 trainer on the CPU, so its smoke repeats the gpu one's
+# numbers; CI runs every neuron-native stage in tests/gpu/test_families.py (two families, tp 1 and 2) and its
+# two-rank resume and compile in tests/neuron/test_native.py, and this before a release (extended).
+NATIVE = pytest.param("neuron-native", marks=pytest.mark.extended)
 
 
-@pytest.mark.parametrize("platform", [TRN1, "gpu", "neuron-native"])
+@pytest.mark.parametrize("platform", [TRN1, "gpu", NATIVE])
 def test_smoke_runs_every_stage_and_the_tuned_model_beats_its_base(tmp_path, platform):
     root = tmp_path / f"smoke-{platform}"
     cmd = [sys.executable, "-m", "trnft.common.cli", "smoke", "--root", str(root), "--platform", platform]
