@@ -138,13 +138,3 @@ def test_every_lora_config_field_has_a_merge_rule_and_unknown_keys_are_refused(t
     ):
         with pytest.raises(TrnftError, match=words.replace("(", r"\(").replace(")", r"\)")):
             check_merge_settings({**written, **extra}, tmp_path / "adapter_config.json")
-
-
-def test_lora_dropout_defaults_to_peft_s_own_default_of_none():
-    """lora.dropout is 0 unless set, as PEFT's LoraConfig (peft/tuners/lora/config.py: lora_dropout 0.0):
-    no mask per adapted layer kept for backward (issue 36: 193 instead of 301 KiB per token and layer)."""
-    from peft import LoraConfig
-
-    from trnft.common.config.run_config import LoraSection
-
-    assert LoraSection().dropout == LoraConfig().lora_dropout == 0.0

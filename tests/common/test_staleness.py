@@ -172,7 +172,8 @@ def test_runtime_only_keys_keep_every_stage_complete_and_an_output_key_does_not(
     }
     assert declared == {
         "train.logging_steps", "train.on_recompile", "train.keep_checkpoints", "train.activation_checkpointing",
-        "fsdp.wandb", "fsdp.async_checkpoint", "neuron.parallel_compile_workers",
+        "fsdp.wandb", "fsdp.async_checkpoint", "fsdp.chunked_loss", "fsdp.loss_chunk_tokens",
+        "neuron.parallel_compile_workers",
     }  # fmt: skip
     for platform in ("gpu", "neuron-native"):
         run = make_run(platform=platform)
