@@ -138,3 +138,15 @@ def test_every_lora_config_field_has_a_merge_rule_and_unknown_keys_are_refused(t
     ):
         with pytest.raises(TrnftError, match=words.replace("(", r"\(").replace(")", r"\)")):
             check_merge_settings({**written, **extra}, tmp_path / "adapter_config.json")
+
+
+def test_peft_s_own_lora_dropout_default_is_zero_the_setting_the_readme_calls_fast():
+    """README ("LoRA dropout 0 is the fast setting", PEFT's own default) and the GPU example rely on it:
+    peft 0.21.2, peft/tuners/lora/config.py ``LoraConfig.lora_dropout = 0.0``. trnft's schema default stays
+    0.05 (it is in existing runs' train fingerprints)."""
+    from peft import LoraConfig
+
+    from trnft.common.config.run_config import LoraSection
+
+    assert LoraConfig().lora_dropout == 0.0
+    assert LoraSection().dropout == 0.05
